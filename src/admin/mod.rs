@@ -1,0 +1,9 @@
+//! Administration: the admin console (the database `reprise` on the client
+//! port), HTTP (/status, /metrics, a status page) and the metrics.
+
+pub mod console;
+pub mod http;
+pub mod metrics;
+
+/// The database name that opens the admin console.
+pub const ADMIN_DATABASE: &str = "reprise";

@@ -1,0 +1,231 @@
+//! One monitor per node: a probe every `interval_ms`, each failing after
+//! `timeout_ms`; `failures_before_down` consecutive failures mark the node
+//! down, one success marks it up. Probes are started on schedule even while
+//! an earlier one hangs, so a paused node (accepting TCP, never answering)
+//! is found as fast as a dead one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinSet;
+use tokio::time::{MissedTickBehavior, interval, timeout};
+use tokio_postgres::{Client, NoTls};
+
+use super::{Group, Node, NodeState};
+use crate::backend::Target;
+use crate::config::HealthConfig;
+use crate::route::catalog::FunctionCatalog;
+
+/// A control connection to a node, reconnected on demand.
+#[derive(Clone, Default)]
+pub struct ControlConn {
+    client: Arc<Mutex<Option<Arc<Client>>>>,
+}
+
+impl ControlConn {
+    /// The connection, opened if needed.
+    pub async fn get(&self, target: &Target) -> Result<Arc<Client>, tokio_postgres::Error> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref()
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let (client, conn) = connect_config(target).connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let client = Arc::new(client);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Drops the connection so the next use reconnects.
+    pub async fn reset(&self) {
+        *self.client.lock().await = None;
+    }
+}
+
+/// tokio-postgres settings for a node.
+pub fn connect_config(target: &Target) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host(&target.host)
+        .port(target.port)
+        .user(&target.user)
+        .dbname(&target.dbname)
+        .application_name("reprise-control")
+        .connect_timeout(Duration::from_secs(5));
+    if !target.password.is_empty() {
+        c.password(&target.password);
+    }
+    c
+}
+
+/// One probe: a round trip on the control connection.
+async fn probe(conn: &ControlConn, node: &Node) -> Result<(), String> {
+    let client = conn.get(&node.target).await.map_err(|e| e.to_string())?;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Probes once with the timeout, resetting the connection on failure.
+pub async fn probe_once(conn: &ControlConn, node: &Node, limit: Duration) -> Result<(), String> {
+    let r = match timeout(limit, probe(conn, node)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+    };
+    if r.is_err() {
+        conn.reset().await;
+    }
+    r
+}
+
+/// Counts consecutive failures and decides the state: the pure part.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    failures: u32,
+    threshold: u32,
+}
+
+impl Verdict {
+    pub fn new(threshold: u32) -> Verdict {
+        Verdict {
+            failures: 0,
+            threshold,
+        }
+    }
+
+    /// Feeds one probe result; returns the state to set, if it changes.
+    pub fn observe(&mut self, ok: bool, current: NodeState) -> Option<NodeState> {
+        if ok {
+            self.failures = 0;
+            (current != NodeState::Up).then_some(NodeState::Up)
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            (self.failures >= self.threshold && current != NodeState::Down)
+                .then_some(NodeState::Down)
+        }
+    }
+}
+
+/// Runs a node's monitor until `shutdown` turns true.
+pub async fn monitor(
+    group: Arc<Group>,
+    index: usize,
+    health: HealthConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let node = group.nodes[index].clone();
+    let conn = ControlConn::default();
+    let limit = Duration::from_millis(health.timeout_ms);
+    let mut tick = interval(Duration::from_millis(health.interval_ms));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut verdict = Verdict::new(health.failures_before_down);
+    let mut probes = JoinSet::new();
+    let mut catalog_loaded = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let (conn, node) = (conn.clone(), node.clone());
+                probes.spawn(async move { probe_once(&conn, &node, limit).await });
+            }
+            Some(done) = probes.join_next() => {
+                let result = done.unwrap_or_else(|e| Err(e.to_string()));
+                if let Err(e) = &result {
+                    tracing::debug!(group = %group.name, node = %node.name, error = %e, "probe failed");
+                }
+                if let Some(state) = verdict.observe(result.is_ok(), node.state()) {
+                    if state == NodeState::Down {
+                        tracing::warn!(group = %group.name, node = %node.name, error = ?result.err(), "node is down");
+                    }
+                    node.set_state(state);
+                }
+                if node.is_up() && !catalog_loaded && index == group.primary() {
+                    catalog_loaded = load_catalog(&group, &conn, &node).await;
+                }
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() { break; }
+            }
+        }
+    }
+    probes.abort_all();
+}
+
+/// Loads function volatility from a node into the group's classifier.
+pub async fn load_catalog(group: &Group, conn: &ControlConn, node: &Node) -> bool {
+    let Ok(client) = conn.get(&node.target).await else {
+        return false;
+    };
+    match client.query(FunctionCatalog::LOAD_SQL, &[]).await {
+        Ok(rows) => {
+            let rows = rows.iter().map(|r| {
+                let vol: i8 = r.get(2);
+                (
+                    r.get::<_, String>(0),
+                    r.get::<_, String>(1),
+                    vol as u8 as char,
+                )
+            });
+            group
+                .classifier
+                .set_catalog(FunctionCatalog::from_rows(rows));
+            true
+        }
+        Err(e) => {
+            tracing::warn!(group = %group.name, node = %node.name, error = %e, "could not load the function catalog");
+            false
+        }
+    }
+}
+
+/// Probes every node once, in parallel, to start with true states.
+pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig) {
+    let limit = Duration::from_millis(health.timeout_ms);
+    let mut set = JoinSet::new();
+    for (i, node) in group.nodes.iter().enumerate() {
+        let (node, group) = (node.clone(), group.clone());
+        set.spawn(async move {
+            let conn = ControlConn::default();
+            let ok = probe_once(&conn, &node, limit).await;
+            if let Err(e) = &ok {
+                tracing::warn!(group = %group.name, node = %node.name, error = %e, "node is not reachable at start");
+            }
+            node.set_state(if ok.is_ok() { NodeState::Up } else { NodeState::Down });
+            if ok.is_ok() && i == group.primary() {
+                load_catalog(&group, &conn, &node).await;
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_after_threshold_up_after_one_success() {
+        let mut v = Verdict::new(3);
+        let mut s = NodeState::Up;
+        for expect in [None, None, Some(NodeState::Down)] {
+            let r = v.observe(false, s);
+            assert_eq!(r, expect);
+            if let Some(n) = r {
+                s = n;
+            }
+        }
+        assert_eq!(v.observe(false, s), None);
+        assert_eq!(v.observe(true, s), Some(NodeState::Up));
+        s = NodeState::Up;
+        // A single failure between successes does not mark it down.
+        assert_eq!(v.observe(false, s), None);
+        assert_eq!(v.observe(true, s), None);
+        assert_eq!(v.observe(false, s), None);
+        assert_eq!(v.observe(false, s), None);
+    }
+}

@@ -1,0 +1,1048 @@
+//! What a client statement does, as far as routing cares.
+//!
+//! [`classify`] parses a query string with pg_query (PostgreSQL's own
+//! parser) and reports whether every statement only reads, whether it opens
+//! or ends a transaction block, which session settings it makes and whether
+//! it creates session state that pins the session to the primary.
+//! [`Classifier`] adds a cache keyed by [`cache_key`], so statements that
+//! differ only in literal values are parsed once.
+//!
+//! When unsure, the answer is always the conservative one: not read-only.
+//!
+//! Known limits (the classifier sees text, not the catalog): volatile
+//! functions hidden behind views, operators, casts, domain checks or
+//! attribute notation (`t.f` for `f(t)`) are not seen; the text is lexed
+//! with `standard_conforming_strings = on`, so a session that sets it is
+//! pinned (see [`Classification::pin_reason`]).
+
+use std::collections::HashMap;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use pg_query::NodeEnum;
+use pg_query::protobuf::{self, TransactionStmtKind, VariableSetKind, a_const};
+use serde_json::Value;
+
+use super::catalog::FunctionCatalog;
+use super::normalize::{cache_key, trim_sql};
+
+/// `DECLARE … WITH HOLD` (CURSOR_OPT_HOLD in parsenodes.h).
+const CURSOR_OPT_HOLD: i32 = 0x0020;
+
+/// Cache entries per generation; the cache holds at most two generations.
+const CACHE_GENERATION: usize = 5_000;
+
+/// Longer keys are not cached (bulk statements rarely repeat and would
+/// make the cache's memory unbounded).
+const MAX_CACHED_KEY: usize = 4096;
+
+/// Session-level advisory locks, held until released or the session ends.
+const SESSION_ADVISORY_LOCKS: &[&str] = &[
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+/// Settings that only last for the current transaction: never replayed.
+const TRANSACTION_SETTINGS: &[&str] = &[
+    "transaction_read_only",
+    "transaction_isolation",
+    "transaction_deferrable",
+    "TRANSACTION",
+    "TRANSACTION SNAPSHOT",
+];
+
+/// What a query string does, as far as routing cares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    /// Every statement only reads and may run on a subscriber in autocommit:
+    /// SELECT/VALUES/TABLE without locking clauses, INTO or data-modifying
+    /// CTEs and calling only read-safe functions; SHOW; EXPLAIN without
+    /// ANALYZE of such a query; `COPY … TO STDOUT` of a table or such a
+    /// query. True for a string with no statement at all.
+    pub read_only: bool,
+    /// `Some(read_only)` when a statement is BEGIN or START TRANSACTION (the
+    /// last one if several): `Some(true)` for `READ ONLY`.
+    pub begin: Option<bool>,
+    /// A statement makes the current or following transactions read-only:
+    /// `SET TRANSACTION READ ONLY`, `SET SESSION CHARACTERISTICS AS
+    /// TRANSACTION READ ONLY`, `SET [default_]transaction_read_only = on`.
+    pub sets_tx_read_only: bool,
+    /// A statement ends a transaction block: COMMIT, END, ROLLBACK, ABORT,
+    /// PREPARE TRANSACTION, COMMIT PREPARED, ROLLBACK PREPARED.
+    pub ends_tx: bool,
+    /// The transaction state the string leaves behind if it all succeeds,
+    /// judged by its last transaction-control statement; `None` if it has
+    /// none.
+    pub tx_after: Option<TxAfter>,
+    /// Session-level settings to replay on every backend the session uses,
+    /// as their source text without surrounding comments or `;` (so they
+    /// can be joined with `;`): SET, RESET, RESET ALL, SET ROLE, SET SESSION
+    /// AUTHORIZATION, SET SESSION CHARACTERISTICS, DISCARD ALL. Not SET
+    /// LOCAL nor transaction-scoped settings.
+    pub session_settings: Vec<String>,
+    /// Why the session must be pinned to the primary from now on, if it
+    /// must: "LISTEN", "temporary table", "temporary object", "advisory
+    /// lock", "cursor WITH HOLD", "PREPARE", "set_config",
+    /// "standard_conforming_strings".
+    pub pin_reason: Option<&'static str>,
+    /// The text did not parse: route it to the primary, which reports the
+    /// real error.
+    pub parse_error: bool,
+    /// Number of statements in the string (0 when it did not parse).
+    pub statements: usize,
+}
+
+/// The transaction state a query string leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxAfter {
+    /// A transaction block is open (BEGIN, START TRANSACTION).
+    Open {
+        /// It was declared `READ ONLY`.
+        read_only: bool,
+    },
+    /// `COMMIT AND CHAIN` / `ROLLBACK AND CHAIN`: a new block is open with
+    /// the characteristics of the one that ended.
+    Chained,
+    /// No transaction block is open.
+    Closed,
+}
+
+impl Classification {
+    /// The classification of a string with no statements.
+    fn empty() -> Classification {
+        Classification {
+            read_only: true,
+            begin: None,
+            sets_tx_read_only: false,
+            ends_tx: false,
+            tx_after: None,
+            session_settings: Vec::new(),
+            pin_reason: None,
+            parse_error: false,
+            statements: 0,
+        }
+    }
+
+    /// The classification of a string that did not parse.
+    fn parse_error() -> Classification {
+        Classification {
+            read_only: false,
+            parse_error: true,
+            ..Classification::empty()
+        }
+    }
+
+    fn pin(&mut self, reason: &'static str) {
+        self.pin_reason.get_or_insert(reason);
+    }
+}
+
+/// Classify one query string (which may hold several statements) against
+/// `catalog`. Never panics, whatever the input.
+pub fn classify(sql: &str, catalog: &FunctionCatalog) -> Classification {
+    analyze(sql, catalog).0
+}
+
+/// The classification, and whether it may be cached under the text's
+/// [`cache_key`] (it may not when it depends on literal values or keeps
+/// source text: SET and friends).
+fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
+    let Some(tree) = parse(sql) else {
+        return (Classification::parse_error(), true);
+    };
+    let mut out = Classification::empty();
+    let mut cacheable = true;
+    out.statements = tree.stmts.len();
+    for raw in &tree.stmts {
+        let Some(stmt) = raw.stmt.as_deref() else {
+            out.read_only = false;
+            continue;
+        };
+        let Some(node) = stmt.node.as_ref() else {
+            out.read_only = false;
+            continue;
+        };
+        let scan = Scan::of(stmt, catalog);
+        if let Some(reason) = scan.pin {
+            out.pin(reason);
+        }
+        out.read_only &= reads_only(node) && scan.read_safe();
+        match node {
+            NodeEnum::TransactionStmt(t) => transaction(&mut out, t),
+            NodeEnum::VariableSetStmt(v) => {
+                cacheable = false;
+                variable_set(&mut out, v, || statement_text(sql, raw));
+            }
+            NodeEnum::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
+                cacheable = false;
+                out.session_settings.push(statement_text(sql, raw));
+            }
+            NodeEnum::ListenStmt(_) => out.pin("LISTEN"),
+            NodeEnum::PrepareStmt(_) => out.pin("PREPARE"),
+            NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => {
+                out.pin("cursor WITH HOLD")
+            }
+            _ => {}
+        }
+    }
+    (out, cacheable)
+}
+
+/// Parse with pg_query; `None` when the text does not parse (or holds a NUL
+/// byte, which pg_query cannot take). pg_query's Rust wrapper indexes into
+/// the tree while summarizing it; a panic there is treated as "did not
+/// parse" rather than taking the session down.
+fn parse(sql: &str) -> Option<protobuf::ParseResult> {
+    if sql.contains('\0') {
+        return None;
+    }
+    let result = panic::catch_unwind(AssertUnwindSafe(|| pg_query::parse(sql, 0))).ok()?;
+    match result {
+        Ok(parsed) => Some(parsed.protobuf),
+        Err(e) => {
+            tracing::trace!(error = %e, "statement did not parse");
+            None
+        }
+    }
+}
+
+/// The source text of one statement: `stmt_len` 0 means "to the end".
+fn statement_text(sql: &str, raw: &protobuf::RawStmt) -> String {
+    let start = usize::try_from(raw.stmt_location).unwrap_or(0);
+    let end = match usize::try_from(raw.stmt_len) {
+        Ok(0) | Err(_) => sql.len(),
+        Ok(len) => start.saturating_add(len).min(sql.len()),
+    };
+    if let Some(text) = sql.get(start..end) {
+        return trim_sql(text).to_owned();
+    }
+    // Offsets not on a character boundary: rebuild the statement instead.
+    let single = protobuf::ParseResult {
+        version: 0,
+        stmts: vec![raw.clone()],
+    };
+    single.deparse(Default::default()).unwrap_or_default()
+}
+
+/// Whether a statement's kind only reads, before looking inside it.
+fn reads_only(node: &NodeEnum) -> bool {
+    match node {
+        NodeEnum::SelectStmt(s) => s.into_clause.is_none(),
+        NodeEnum::VariableShowStmt(_) => true,
+        NodeEnum::ExplainStmt(e) => {
+            // Any ANALYZE option, even `ANALYZE false`, counts: literal
+            // values are not part of the cache key.
+            let analyze = e.options.iter().any(|o| match &o.node {
+                Some(NodeEnum::DefElem(d)) => d.defname.eq_ignore_ascii_case("analyze"),
+                _ => true,
+            });
+            !analyze && inner(&e.query).is_some_and(reads_only)
+        }
+        NodeEnum::CopyStmt(c) => {
+            !c.is_from
+                && !c.is_program
+                && c.filename.is_empty()
+                && match inner(&c.query) {
+                    Some(q) => reads_only(q),
+                    None => c.relation.is_some(),
+                }
+        }
+        _ => false,
+    }
+}
+
+/// The statement inside EXPLAIN, COPY (…) or DECLARE.
+fn inner(query: &Option<Box<protobuf::Node>>) -> Option<&NodeEnum> {
+    query.as_deref().and_then(|n| n.node.as_ref())
+}
+
+/// BEGIN, COMMIT and friends.
+fn transaction(out: &mut Classification, t: &protobuf::TransactionStmt) {
+    match TransactionStmtKind::try_from(t.kind) {
+        Ok(TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart) => {
+            let read_only = tx_read_only(&t.options).unwrap_or(false);
+            out.begin = Some(read_only);
+            out.tx_after = Some(TxAfter::Open { read_only });
+        }
+        Ok(TransactionStmtKind::TransStmtCommit | TransactionStmtKind::TransStmtRollback) => {
+            out.ends_tx = true;
+            out.tx_after = Some(if t.chain {
+                TxAfter::Chained
+            } else {
+                TxAfter::Closed
+            });
+        }
+        Ok(
+            TransactionStmtKind::TransStmtPrepare
+            | TransactionStmtKind::TransStmtCommitPrepared
+            | TransactionStmtKind::TransStmtRollbackPrepared,
+        ) => {
+            out.ends_tx = true;
+            out.tx_after = Some(TxAfter::Closed);
+        }
+        _ => {}
+    }
+}
+
+/// `Some(read_only)` if transaction options (`DefElem`s as the grammar
+/// builds them for READ ONLY / READ WRITE) set the access mode.
+fn tx_read_only(options: &[protobuf::Node]) -> Option<bool> {
+    options.iter().rev().find_map(|o| match &o.node {
+        Some(NodeEnum::DefElem(d)) if d.defname == "transaction_read_only" => {
+            Some(d.arg.as_deref().is_some_and(is_on))
+        }
+        _ => None,
+    })
+}
+
+/// Whether a setting's value means "on": 1, true, on, yes (only exact
+/// spellings: a missed "on" just routes to the primary).
+fn is_on(node: &protobuf::Node) -> bool {
+    let Some(NodeEnum::AConst(c)) = &node.node else {
+        return false;
+    };
+    match &c.val {
+        Some(a_const::Val::Ival(i)) => i.ival != 0,
+        Some(a_const::Val::Boolval(b)) => b.boolval,
+        Some(a_const::Val::Sval(s)) => ["on", "true", "yes", "1", "t", "y"]
+            .iter()
+            .any(|v| s.sval.eq_ignore_ascii_case(v)),
+        _ => false,
+    }
+}
+
+/// SET, RESET and SET TRANSACTION.
+fn variable_set(
+    out: &mut Classification,
+    v: &protobuf::VariableSetStmt,
+    text: impl FnOnce() -> String,
+) {
+    let kind = VariableSetKind::try_from(v.kind).unwrap_or(VariableSetKind::Undefined);
+    let is_set = matches!(
+        kind,
+        VariableSetKind::VarSetValue | VariableSetKind::VarSetMulti
+    );
+    let read_only = match v.name.as_str() {
+        "TRANSACTION" | "SESSION CHARACTERISTICS" => tx_read_only(&v.args).unwrap_or(false),
+        "transaction_read_only" | "default_transaction_read_only" => {
+            v.args.first().is_some_and(is_on)
+        }
+        _ => false,
+    };
+    if is_set && read_only {
+        out.sets_tx_read_only = true;
+    }
+    if v.name == "standard_conforming_strings" {
+        out.pin("standard_conforming_strings");
+    }
+    if !v.is_local && !TRANSACTION_SETTINGS.contains(&v.name.as_str()) {
+        out.session_settings.push(text());
+    }
+}
+
+/// What a walk over a whole statement tree found.
+#[derive(Debug, Default)]
+struct Scan {
+    /// A function call that is not known to be read-safe.
+    unsafe_call: bool,
+    /// FOR UPDATE / SHARE / NO KEY UPDATE / KEY SHARE somewhere.
+    locking: bool,
+    /// INSERT, UPDATE, DELETE or MERGE somewhere (e.g. in a CTE).
+    modifies: bool,
+    /// SELECT … INTO somewhere.
+    into: bool,
+    /// The first reason found to pin the session.
+    pin: Option<&'static str>,
+}
+
+impl Scan {
+    /// Walk every node of `stmt`. pg_query's own `nodes()` visits only the
+    /// node types it needs for table lists (not LIMIT, VALUES, function
+    /// arguments…), so the tree is walked through its serde form instead:
+    /// complete by construction, whatever node types hold the call.
+    fn of(stmt: &protobuf::Node, catalog: &FunctionCatalog) -> Scan {
+        let mut scan = Scan::default();
+        match serde_json::to_value(stmt) {
+            Ok(tree) => scan.walk(&tree, catalog),
+            Err(_) => scan.unsafe_call = true,
+        }
+        scan
+    }
+
+    /// Nothing found that writes, locks or calls something volatile.
+    fn read_safe(&self) -> bool {
+        !(self.unsafe_call || self.locking || self.modifies || self.into)
+    }
+
+    fn pin(&mut self, reason: &'static str) {
+        self.pin.get_or_insert(reason);
+    }
+
+    fn walk(&mut self, value: &Value, catalog: &FunctionCatalog) {
+        match value {
+            Value::Array(items) => items.iter().for_each(|item| self.walk(item, catalog)),
+            Value::Object(fields) => {
+                for (key, value) in fields {
+                    match key.as_str() {
+                        "FuncCall" => self.call(value, catalog),
+                        "LockingClause" => self.locking = true,
+                        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                            self.modifies = true
+                        }
+                        "into_clause" if !value.is_null() => self.into = true,
+                        "relpersistence" if value == "t" => self.pin("temporary table"),
+                        "schemaname" if value.as_str().is_some_and(is_temp_schema) => {
+                            self.pin("temporary table")
+                        }
+                        "String" if value["sval"].as_str().is_some_and(is_temp_schema) => {
+                            self.pin("temporary object")
+                        }
+                        _ => {}
+                    }
+                    self.walk(value, catalog);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A `FuncCall` node: `funcname` is a list of String nodes, optionally
+    /// qualified (`schema.name` or `catalog.schema.name`).
+    fn call(&mut self, call: &Value, catalog: &FunctionCatalog) {
+        let names: Vec<&str> = call["funcname"]
+            .as_array()
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| n["node"]["String"]["sval"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (schema, name) = match names.as_slice() {
+            [.., schema, name] => (Some(*schema), *name),
+            [name] => (None, *name),
+            [] => {
+                self.unsafe_call = true;
+                return;
+            }
+        };
+        if !catalog.is_read_safe(schema, name) {
+            self.unsafe_call = true;
+        }
+        if SESSION_ADVISORY_LOCKS.contains(&name) {
+            self.pin("advisory lock");
+        }
+        // set_config(name, value, is_local): only a literal TRUE keeps the
+        // setting inside the transaction (literals other than the keyword
+        // are not part of the cache key).
+        if name == "set_config" {
+            let local = &call["args"][2]["node"]["AConst"]["val"]["Boolval"]["boolval"];
+            if local != true {
+                self.pin("set_config");
+            }
+        }
+    }
+}
+
+/// `pg_temp` or a backend's `pg_temp_N`.
+fn is_temp_schema(name: &str) -> bool {
+    name == "pg_temp"
+        || name
+            .strip_prefix("pg_temp_")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Thread-safe [`classify`] with a bounded cache keyed by [`cache_key`], so
+/// statements that differ only in literal values are parsed once. A hit
+/// costs one lexer pass and one hash lookup under a read lock.
+///
+/// Classifications that carry source text or depend on literal values
+/// (SET, RESET, DISCARD ALL) are never cached. The cache keeps two
+/// generations of [`CACHE_GENERATION`] entries: when the newer one fills
+/// up, the older one is dropped, so entries used recently survive.
+pub struct Classifier {
+    state: RwLock<State>,
+}
+
+struct State {
+    catalog: Arc<FunctionCatalog>,
+    recent: HashMap<String, Arc<Classification>>,
+    older: HashMap<String, Arc<Classification>>,
+}
+
+impl Classifier {
+    /// A classifier judging function calls by `catalog`.
+    pub fn new(catalog: FunctionCatalog) -> Classifier {
+        Classifier {
+            state: RwLock::new(State {
+                catalog: Arc::new(catalog),
+                recent: HashMap::new(),
+                older: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Replace the catalog (e.g. once loaded from a node) and clear the cache.
+    pub fn set_catalog(&self, catalog: FunctionCatalog) {
+        let mut state = self.write();
+        state.catalog = Arc::new(catalog);
+        state.recent.clear();
+        state.older.clear();
+    }
+
+    /// Classify `sql`, from the cache when a statement of the same shape was
+    /// seen before.
+    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+        let key = cache_key(sql).filter(|k| k.len() <= MAX_CACHED_KEY);
+        let catalog = {
+            let state = self.read();
+            if let Some(key) = &key {
+                if let Some(hit) = state.recent.get(key) {
+                    return Arc::clone(hit);
+                }
+                if let Some(hit) = state.older.get(key) {
+                    let hit = Arc::clone(hit);
+                    let catalog = Arc::clone(&state.catalog);
+                    drop(state);
+                    self.insert(key.clone(), &catalog, Arc::clone(&hit));
+                    return hit;
+                }
+            }
+            Arc::clone(&state.catalog)
+        };
+        let (classification, cacheable) = analyze(sql, &catalog);
+        let classification = Arc::new(classification);
+        if let (Some(key), true) = (key, cacheable) {
+            self.insert(key, &catalog, Arc::clone(&classification));
+        }
+        classification
+    }
+
+    /// Number of cached classifications.
+    pub fn cached(&self) -> usize {
+        let state = self.read();
+        state.recent.len() + state.older.len()
+    }
+
+    /// Cache `classification`, unless the catalog it was made with has been
+    /// replaced meanwhile.
+    fn insert(
+        &self,
+        key: String,
+        catalog: &Arc<FunctionCatalog>,
+        classification: Arc<Classification>,
+    ) {
+        let mut state = self.write();
+        if !Arc::ptr_eq(&state.catalog, catalog) {
+            return;
+        }
+        if state.recent.len() >= CACHE_GENERATION {
+            state.older = std::mem::take(&mut state.recent);
+        }
+        state.recent.insert(key, classification);
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.read();
+        f.debug_struct("Classifier")
+            .field("functions", &state.catalog.len())
+            .field("cached", &(state.recent.len() + state.older.len()))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(sql: &str) -> Classification {
+        classify(sql, &FunctionCatalog::builtin())
+    }
+
+    #[test]
+    fn reads() {
+        for sql in [
+            "",
+            "-- nothing but a comment",
+            "select 1",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "select lower('A')",
+            "select now()",
+            "select count(*), max(a) from t group by b having sum(c) > 1",
+            "select pg_catalog.lower(x) from t",
+            "select * from t join u using (id) where t.x in (select y from v)",
+            "select a from t union all select b from u",
+            "values (1), (2)",
+            "table t",
+            "with x as (select 1) select * from x",
+            "select * from generate_series(1, 10)",
+            "select extract(epoch from now()), substring('abc' from 2), trim(' a ')",
+            "select coalesce(a, 1), nullif(b, 2), greatest(1, 2), case when a then 1 end from t",
+            "select current_date, current_user, localtimestamp",
+            "select row_number() over (partition by a order by b) from t",
+            "select string_agg(a, ',' order by a) filter (where a > 1) from t",
+            "show search_path",
+            "show all",
+            "explain select 1",
+            "explain (costs off, verbose) select * from t",
+            "copy t to stdout",
+            "copy (select * from t) to stdout with (format csv)",
+            "select 1; select 2",
+            "select $1::int + 1",
+        ] {
+            let got = c(sql);
+            assert!(got.read_only, "{sql}: {got:?}");
+            assert!(!got.parse_error, "{sql}");
+            assert_eq!(got.pin_reason, None, "{sql}");
+            assert!(got.session_settings.is_empty(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn not_reads() {
+        for sql in [
+            "select nextval('s')",
+            "select currval('s'), setval('s', 1)",
+            "select * from t where id = nextval('s')",
+            "select * from t limit (select nextval('s'))",
+            "values (nextval('s'))",
+            "select * from t for update",
+            "select * from t for share",
+            "select * from t for no key update",
+            "select * from t for key share skip locked",
+            "select * from (select * from t for update) x",
+            "select * from t where a in (select b from u for share)",
+            "with x as (delete from t returning *) select * from x",
+            "with x as (insert into t values (1) returning *) select * from x",
+            "with x as (update t set a = 1 returning *) select * from x",
+            "select * into newt from t",
+            "select my_volatile_func()",
+            "select public.lower('A')",
+            "select random()",
+            "select * from t order by random()",
+            "select count(*) filter (where random() > 0.5) from t",
+            "select sum(a) over (order by nextval('s')) from t",
+            "select lo_import('/etc/passwd')",
+            "select pg_advisory_xact_lock(1)",
+            "select txid_current()",
+            "select pg_notify('c', 'x')",
+            "insert into t values (1)",
+            "update t set a = 1",
+            "delete from t",
+            "merge into t using u on t.id = u.id when matched then delete",
+            "create table t (a int)",
+            "drop table t",
+            "truncate t",
+            "call p()",
+            "do $$ begin end $$",
+            "lock table t",
+            "vacuum t",
+            "analyze t",
+            "notify ch",
+            "set search_path = a",
+            "begin",
+            "commit",
+            "explain analyze delete from t",
+            "explain analyze select 1",
+            "explain (analyze false) select 1",
+            "explain delete from t",
+            "explain select nextval('s')",
+            "copy t from stdin",
+            "copy t to '/tmp/file'",
+            "copy t to program 'cat'",
+            "copy (delete from t returning *) to stdout",
+            "copy (select nextval('s')) to stdout",
+            "refresh materialized view m",
+            "select 1; delete from t",
+            "execute p(1)",
+            "fetch 10 from c",
+        ] {
+            let got = c(sql);
+            assert!(!got.read_only, "{sql}: {got:?}");
+            assert!(!got.parse_error, "{sql}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_go_to_the_primary() {
+        for sql in ["selec 1", "select (", "select 'unterminated", "select 1\0"] {
+            let got = c(sql);
+            assert!(got.parse_error, "{sql}");
+            assert!(!got.read_only, "{sql}");
+            assert_eq!(got.statements, 0, "{sql}");
+        }
+    }
+
+    #[test]
+    fn statement_counts() {
+        assert_eq!(c("").statements, 0);
+        assert_eq!(c("  ;  ").statements, 0);
+        assert_eq!(c("select 1").statements, 1);
+        assert_eq!(c("select 1; select 2;").statements, 2);
+        assert_eq!(c("select 1; select 2").read_only, true);
+        assert!(c("").read_only);
+    }
+
+    #[test]
+    fn transactions() {
+        assert_eq!(c("BEGIN").begin, Some(false));
+        assert_eq!(c("begin read only").begin, Some(true));
+        assert_eq!(c("begin read write").begin, Some(false));
+        assert_eq!(
+            c("start transaction isolation level serializable, read only").begin,
+            Some(true)
+        );
+        assert_eq!(
+            c("start transaction read only deferrable").begin,
+            Some(true)
+        );
+        assert_eq!(
+            c("begin isolation level repeatable read").begin,
+            Some(false)
+        );
+        assert_eq!(
+            c("begin").tx_after,
+            Some(TxAfter::Open { read_only: false })
+        );
+        assert_eq!(c("select 1").begin, None);
+        assert_eq!(c("select 1").tx_after, None);
+        for sql in [
+            "commit",
+            "end",
+            "rollback",
+            "abort",
+            "prepare transaction 'x'",
+            "commit prepared 'x'",
+            "rollback prepared 'x'",
+        ] {
+            let got = c(sql);
+            assert!(got.ends_tx, "{sql}");
+            assert_eq!(got.tx_after, Some(TxAfter::Closed), "{sql}");
+            assert_eq!(got.begin, None, "{sql}");
+        }
+        assert_eq!(c("commit and chain").tx_after, Some(TxAfter::Chained));
+        for sql in ["savepoint a", "release a", "rollback to a"] {
+            let got = c(sql);
+            assert!(!got.ends_tx, "{sql}");
+            assert_eq!(got.tx_after, None, "{sql}");
+        }
+        let got = c("begin; insert into t values (1); commit");
+        assert_eq!(
+            (got.begin, got.ends_tx, got.tx_after),
+            (Some(false), true, Some(TxAfter::Closed))
+        );
+        assert!(!got.read_only);
+        let got = c("commit; begin read only");
+        assert_eq!(got.tx_after, Some(TxAfter::Open { read_only: true }));
+    }
+
+    #[test]
+    fn transaction_read_only_settings() {
+        for sql in [
+            "set transaction read only",
+            "set transaction isolation level serializable, read only",
+            "set session characteristics as transaction read only",
+            "set transaction_read_only = on",
+            "set default_transaction_read_only to true",
+            "set local transaction_read_only = 1",
+        ] {
+            assert!(c(sql).sets_tx_read_only, "{sql}");
+        }
+        for sql in [
+            "set transaction read write",
+            "set transaction_read_only = off",
+            "set transaction isolation level serializable",
+            "begin read only",
+            "select 1",
+        ] {
+            assert!(!c(sql).sets_tx_read_only, "{sql}");
+        }
+        // SET TRANSACTION is for this transaction only; the session default is replayed.
+        assert!(c("set transaction read only").session_settings.is_empty());
+        assert!(
+            c("set transaction_isolation = 'serializable'")
+                .session_settings
+                .is_empty()
+        );
+        assert_eq!(
+            c("set session characteristics as transaction read only").session_settings,
+            ["set session characteristics as transaction read only"]
+        );
+    }
+
+    #[test]
+    fn session_settings_keep_their_source_text() {
+        let got = c("set search_path = a; select 1");
+        assert_eq!(got.session_settings, ["set search_path = a"]);
+        assert!(!got.read_only);
+        assert_eq!(got.statements, 2);
+        assert!(c("set local x.y = 1").session_settings.is_empty());
+        let cases: [(&str, &[&str]); 10] = [
+            ("SET TIME ZONE 'UTC'", &["SET TIME ZONE 'UTC'"]),
+            ("reset all", &["reset all"]),
+            ("RESET search_path", &["RESET search_path"]),
+            ("set role bob", &["set role bob"]),
+            ("reset role", &["reset role"]),
+            (
+                "set session authorization bob",
+                &["set session authorization bob"],
+            ),
+            ("DISCARD ALL", &["DISCARD ALL"]),
+            ("discard plans", &[]),
+            (
+                "/* c */ set a.b = 'x -- y' -- trailing",
+                &["set a.b = 'x -- y'"],
+            ),
+            (
+                "set a.b = 1;\n  set a.c = 'é' ; select 1",
+                &["set a.b = 1", "set a.c = 'é'"],
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(c(sql).session_settings, want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn pins() {
+        let cases = [
+            ("listen ch", Some("LISTEN")),
+            ("unlisten ch", None),
+            ("create temp table x(a int)", Some("temporary table")),
+            (
+                "create temporary table x as select 1",
+                Some("temporary table"),
+            ),
+            ("select 1 into temp x", Some("temporary table")),
+            ("create table pg_temp.x(a int)", Some("temporary table")),
+            ("create temp view v as select 1", Some("temporary table")),
+            ("create temp sequence s", Some("temporary table")),
+            (
+                "create function pg_temp.f() returns int as 'select 1' language sql",
+                Some("temporary object"),
+            ),
+            ("create table x(a int)", None),
+            ("select pg_advisory_lock(1)", Some("advisory lock")),
+            (
+                "select pg_try_advisory_lock_shared(1, 2)",
+                Some("advisory lock"),
+            ),
+            (
+                "select * from t where pg_try_advisory_lock(id)",
+                Some("advisory lock"),
+            ),
+            ("select pg_advisory_xact_lock(1)", None),
+            ("select pg_advisory_unlock(1)", None),
+            (
+                "declare c cursor with hold for select 1",
+                Some("cursor WITH HOLD"),
+            ),
+            ("declare c cursor for select 1", None),
+            ("prepare p as select 1", Some("PREPARE")),
+            ("deallocate p", None),
+            ("select set_config('a.b', 'c', false)", Some("set_config")),
+            ("select set_config('a.b', 'c', true)", None),
+            (
+                "set standard_conforming_strings = off",
+                Some("standard_conforming_strings"),
+            ),
+            ("select 1; listen a; create temp table x()", Some("LISTEN")),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(c(sql).pin_reason, want, "{sql}");
+        }
+        let got = c("select pg_advisory_lock(1)");
+        assert!(!got.read_only);
+    }
+
+    #[test]
+    fn catalog_from_rows_decides_functions() {
+        let catalog = FunctionCatalog::from_rows([
+            ("pg_catalog".to_owned(), "lower".to_owned(), 'i'),
+            ("app".to_owned(), "price".to_owned(), 's'),
+            ("app".to_owned(), "bump".to_owned(), 'v'),
+        ]);
+        assert!(classify("select lower(a), app.price(1), price(2) from t", &catalog).read_only);
+        assert!(!classify("select bump()", &catalog).read_only);
+        assert!(
+            !classify("select now()", &catalog).read_only,
+            "not in pg_proc rows"
+        );
+    }
+
+    #[test]
+    fn classifier_caches_by_shape() {
+        let classifier = Classifier::new(FunctionCatalog::builtin());
+        let a = classifier.classify("select * from t where id = 1");
+        let b = classifier.classify("select * from t where id = 2");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(a.read_only);
+        assert_eq!(classifier.cached(), 1);
+
+        // SET results carry source text: never shared.
+        let s1 = classifier.classify("set search_path = a");
+        let s2 = classifier.classify("set search_path = b");
+        assert_eq!(s1.session_settings, ["set search_path = a"]);
+        assert_eq!(s2.session_settings, ["set search_path = b"]);
+        assert_eq!(classifier.cached(), 1);
+
+        // Unsure keys bypass the cache but still classify.
+        assert!(classifier.classify("select 'oops").parse_error);
+        assert_eq!(classifier.cached(), 1);
+
+        // A new catalog clears the cache and changes answers.
+        assert!(!classifier.classify("select app_fn(1)").read_only);
+        classifier.set_catalog(FunctionCatalog::from_rows([(
+            "public".to_owned(),
+            "app_fn".to_owned(),
+            'i',
+        )]));
+        assert_eq!(classifier.cached(), 0);
+        assert!(classifier.classify("select app_fn(2)").read_only);
+    }
+
+    #[test]
+    fn classifier_cache_is_bounded() {
+        let classifier = Classifier::new(FunctionCatalog::builtin());
+        for i in 0..(3 * CACHE_GENERATION) {
+            classifier.classify(&format!("select c{i} from t"));
+        }
+        assert!(classifier.cached() <= 2 * CACHE_GENERATION);
+        assert!(classifier.cached() >= CACHE_GENERATION);
+    }
+
+    #[test]
+    fn classifier_is_shared_across_threads() {
+        let classifier = Arc::new(Classifier::new(FunctionCatalog::builtin()));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let classifier = Arc::clone(&classifier);
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        let got =
+                            classifier.classify(&format!("select a from t{} where b = {i}", i % 7));
+                        assert!(got.read_only);
+                        if t == 0 && i % 50 == 0 {
+                            classifier.set_catalog(FunctionCatalog::builtin());
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    /// Same shape ⇒ same answer: texts that share a cache key classify alike.
+    #[test]
+    fn shared_keys_classify_alike() {
+        let pairs = [
+            (
+                "select * from t where a = 1",
+                "select * from t where a = 22.5e3",
+            ),
+            (
+                "explain (analyze 1) select 1",
+                "explain (analyze 0) select 1",
+            ),
+            (
+                "select set_config('a', 'b', 'on')",
+                "select set_config('a', 'b', 'off')",
+            ),
+            ("select $$x$$", "select E'y'"),
+        ];
+        for (a, b) in pairs {
+            assert_eq!(cache_key(a), cache_key(b), "{a} / {b}");
+            assert_eq!(c(a), c(b), "{a} / {b}");
+        }
+    }
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn random_input_never_panics() {
+        const FRAGMENTS: &[&str] = &[
+            "select ",
+            "from t ",
+            "where ",
+            "1",
+            "'a'",
+            "'",
+            "\"",
+            "$$",
+            "$1",
+            "(",
+            ")",
+            ";",
+            "--",
+            "/*",
+            "*/",
+            "nextval(",
+            "for update ",
+            "with x as (",
+            "delete from t ",
+            "begin ",
+            "commit ",
+            "set x = ",
+            "explain ",
+            "analyze ",
+            "copy t to stdout ",
+            "E'\\'",
+            "U&\"",
+            "é",
+            "\0",
+            "\n",
+            ",",
+            "::int",
+            "listen ",
+            "create temp table x ",
+            "values ",
+            "union ",
+            "over (",
+            "order by ",
+        ];
+        let mut rng = Rng(0x9e3779b97f4a7c15);
+        let catalog = FunctionCatalog::builtin();
+        let classifier = Classifier::new(FunctionCatalog::builtin());
+        for _ in 0..3000 {
+            let mut sql = String::new();
+            for _ in 0..rng.below(12) {
+                sql.push_str(FRAGMENTS[rng.below(FRAGMENTS.len())]);
+            }
+            let _ = classify(&sql, &catalog);
+            let _ = classifier.classify(&sql);
+            let bytes: Vec<u8> = (0..rng.below(24)).map(|_| rng.below(256) as u8).collect();
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = classify(&text, &catalog);
+            let _ = cache_key(&text);
+        }
+        // Deep nesting is refused by the parser's stack check, not a crash.
+        let deep = format!("select {}1{}", "(select ".repeat(5000), ")".repeat(5000));
+        let got = classify(&deep, &catalog);
+        assert!(!got.read_only);
+        let deep = format!("select {}1", "- ".repeat(100_000));
+        let _ = classify(&deep, &catalog);
+    }
+}

@@ -1,0 +1,534 @@
+//! Units of work and where they go: classification, the routing decision,
+//! preparing statements on demand, replaying SETs, and what happens when a
+//! backend is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use super::statements::{self, StmtDef};
+use super::{End, MAX_BATCH_BYTES, Session};
+use crate::backend::{BackendConn, ConnectError, Expect};
+use crate::route::Classification;
+use crate::wire::Frame;
+use crate::wire::messages::{self, PgError};
+
+/// Where a unit may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Only reads: any live node, preferably a subscriber.
+    Read,
+    /// Must run on the primary.
+    Write,
+    /// Runs anywhere and changes nothing (Parse/Describe only): the primary.
+    Any,
+}
+
+/// A message and the statement definition it refers to.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub frame: Frame,
+    /// For Parse: the definition and the generation the name had before.
+    /// For Bind/Describe-statement: the definition to make sure of.
+    pub stmt: Option<(Arc<StmtDef>, Option<u64>)>,
+}
+
+/// A client unit: a simple Query, or extended messages ending in a Sync
+/// (or a Flush, or a slice of a large batch).
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub items: Vec<Item>,
+    pub route: Route,
+    /// SET statements the unit makes, to replay on other backends.
+    pub settings: Vec<String>,
+    /// The unit pins the session to the primary.
+    pub pin: Option<&'static str>,
+    /// ReadyForQuery messages the unit will produce.
+    pub syncs: usize,
+    /// It is a simple Query (destroys the unnamed statement).
+    pub simple: bool,
+    /// A node not to use (a retry after it failed).
+    pub avoid: Option<usize>,
+    /// It may change data (more than settings and transaction control).
+    pub writes: bool,
+}
+
+/// Whether a classified string may change data: anything beyond session
+/// settings, transaction control and pure reads.
+fn may_write(c: &Classification) -> bool {
+    if c.read_only {
+        return false;
+    }
+    let control =
+        c.session_settings.len() + usize::from(c.begin.is_some()) + usize::from(c.ends_tx);
+    c.parse_error || c.statements > control
+}
+
+impl Session {
+    /// A simple Query as a unit, classified.
+    pub(super) fn query_unit(&mut self, f: Frame) -> Unit {
+        let sql = messages::Reader::new(f.body()).cstr().unwrap_or("");
+        let class = self.group.classifier.classify(sql);
+        let route = if class.pin_reason.is_some() || class.parse_error {
+            Route::Write
+        } else if class.read_only || class.begin == Some(true) {
+            Route::Read
+        } else {
+            Route::Write
+        };
+        Unit {
+            items: vec![Item {
+                frame: f,
+                stmt: None,
+            }],
+            route,
+            settings: class.session_settings.clone(),
+            pin: class.pin_reason,
+            syncs: 1,
+            simple: true,
+            avoid: None,
+            writes: may_write(&class),
+        }
+    }
+
+    /// An extended-protocol message: buffered until Sync, or streamed into
+    /// an open batch.
+    pub(super) async fn extended(&mut self, f: Frame) -> Result<(), End> {
+        if self.discard_until_sync {
+            return Ok(());
+        }
+        if let Some(i) = self.open_batch {
+            let mut unit = self.batch_unit(vec![f]);
+            unit.syncs = 0;
+            return self.send_unit(i, unit).await;
+        }
+        self.batch_bytes += f.raw.len();
+        self.batch.push(f);
+        if self.batch_bytes > MAX_BATCH_BYTES {
+            // Too much to hold: stream this batch to the primary.
+            self.open_partial_batch().await?;
+        }
+        Ok(())
+    }
+
+    /// Flush: send what is buffered now and keep the batch open on that node.
+    pub(super) async fn flush_message(&mut self, f: Frame) -> Result<(), End> {
+        if self.discard_until_sync {
+            return Ok(());
+        }
+        self.batch_bytes += f.raw.len();
+        self.batch.push(f);
+        if let Some(i) = self.open_batch {
+            let frames = std::mem::take(&mut self.batch);
+            self.batch_bytes = 0;
+            let mut unit = self.batch_unit(frames);
+            unit.syncs = 0;
+            return self.send_unit(i, unit).await;
+        }
+        self.open_partial_batch().await
+    }
+
+    /// Sync: the batch is complete; route it as one unit.
+    pub(super) async fn sync(&mut self, f: Frame) -> Result<(), End> {
+        if self.discard_until_sync {
+            self.discard_until_sync = false;
+            self.batch.clear();
+            self.batch_bytes = 0;
+            messages::ready_for_query(b'I', &mut self.out);
+            return Ok(());
+        }
+        let mut frames = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        frames.push(f);
+        let unit = self.batch_unit(frames);
+        match self.open_batch.take() {
+            Some(i) => self.send_unit(i, unit).await,
+            None => self.dispatch(unit).await,
+        }
+    }
+
+    /// A Query in the middle of an unfinished batch: send the batch first.
+    pub(super) async fn flush_partial_batch(&mut self) -> Result<(), End> {
+        if !self.batch.is_empty() && self.open_batch.is_none() {
+            self.open_partial_batch().await?;
+        }
+        if let Some(i) = self.open_batch.take() {
+            let frames = std::mem::take(&mut self.batch);
+            self.batch_bytes = 0;
+            if !frames.is_empty() {
+                let mut unit = self.batch_unit(frames);
+                unit.syncs = 0;
+                self.send_unit(i, unit).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts streaming the buffered batch: to the transaction's node, or the
+    /// primary (a batch without its Sync cannot be judged a pure read).
+    async fn open_partial_batch(&mut self) -> Result<(), End> {
+        let frames = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let mut unit = self.batch_unit(frames);
+        unit.syncs = 0;
+        unit.route = Route::Write;
+        let target = match self.busy_backend() {
+            Some(b) => b,
+            None => match self.choose(&unit) {
+                Ok(i) => i,
+                Err(e) => {
+                    e.encode(&mut self.out);
+                    self.discard_until_sync = true;
+                    return Ok(());
+                }
+            },
+        };
+        self.open_batch = Some(target);
+        self.send_unit(target, unit).await
+    }
+
+    /// Classifies extended messages and records their statements.
+    fn batch_unit(&mut self, frames: Vec<Frame>) -> Unit {
+        let mut unit = Unit {
+            items: Vec::with_capacity(frames.len()),
+            route: Route::Any,
+            settings: Vec::new(),
+            pin: None,
+            syncs: 0,
+            simple: false,
+            avoid: None,
+            writes: false,
+        };
+        for frame in frames {
+            let mut stmt = None;
+            match frame.tag {
+                b'P' => {
+                    if let Some((name, query)) = statements::parse_fields(frame.body()) {
+                        let name = name.to_string();
+                        let class = self.group.classifier.classify(query);
+                        stmt = Some(self.statements.define(&name, frame.clone(), class));
+                    } else {
+                        unit.route = Route::Write;
+                    }
+                }
+                b'B' => match statements::bind_statement(frame.body()) {
+                    Some(name) => match self.statements.get(name) {
+                        Some(def) => {
+                            let c = &def.class;
+                            let read = c.pin_reason.is_none()
+                                && !c.parse_error
+                                && (c.read_only || c.begin == Some(true));
+                            if !read {
+                                unit.route = Route::Write;
+                            } else if unit.route == Route::Any {
+                                unit.route = Route::Read;
+                            }
+                            unit.writes |= may_write(c);
+                            unit.settings.extend(c.session_settings.iter().cloned());
+                            unit.pin = unit.pin.or(c.pin_reason);
+                            stmt = Some((def, None));
+                        }
+                        None => unit.route = Route::Write,
+                    },
+                    None => unit.route = Route::Write,
+                },
+                b'D' => {
+                    if let Some((b'S', name)) = statements::target(frame.body()) {
+                        stmt = self.statements.get(name).map(|d| (d, None));
+                    }
+                }
+                b'C' => {
+                    if let Some((b'S', name)) = statements::target(frame.body()) {
+                        self.statements.close(name);
+                    }
+                }
+                b'S' => unit.syncs += 1,
+                _ => {}
+            }
+            unit.items.push(Item { frame, stmt });
+        }
+        unit
+    }
+
+    /// The backend with client units in flight, if any.
+    pub(super) fn busy_backend(&self) -> Option<usize> {
+        self.backends
+            .iter()
+            .position(|b| b.as_ref().is_some_and(|c| c.tracker.client_units() > 0))
+    }
+
+    /// Picks the node for a unit that is not forced elsewhere.
+    fn choose(&self, unit: &Unit) -> Result<usize, PgError> {
+        if let Some(i) = self.tx_node {
+            return Ok(i);
+        }
+        let primary = self.group.primary();
+        if self.pinned.is_some() || unit.pin.is_some() {
+            return Ok(primary);
+        }
+        match unit.route {
+            // Read-your-writes: until replication tracks positions, only
+            // the primary is known to have this session's writes.
+            Route::Read if self.wrote && self.shared.config().routing.read_your_writes => {
+                Ok(primary)
+            }
+            Route::Read => self.group.pick_reader(unit.avoid).ok_or_else(no_node),
+            Route::Write | Route::Any => Ok(primary),
+        }
+    }
+
+    /// Whether a unit may join the work in flight on backend `b`.
+    fn may_join(&self, b: usize, unit: &Unit) -> bool {
+        let primary = self.group.primary();
+        if b == primary || self.tx_node == Some(b) {
+            return true;
+        }
+        // A subscriber: only more reads, and never when pinning.
+        self.pinned.is_none()
+            && unit.pin.is_none()
+            && unit.route == Route::Read
+            && self.group.nodes[b].is_up()
+    }
+
+    /// Routes a complete unit: now, or after the busy backend finishes.
+    pub(super) async fn dispatch(&mut self, unit: Unit) -> Result<(), End> {
+        if let Some(b) = self.busy_backend() {
+            if self.may_join(b, &unit) {
+                self.retry = None;
+                return self.send_unit(b, unit).await;
+            }
+            self.pending = Some(unit);
+            return Ok(());
+        }
+        if let Some(reason) = unit.pin
+            && self.pinned.is_none()
+        {
+            tracing::debug!(reason, "session pinned to the primary");
+            self.pinned = Some(reason);
+        }
+        let target = match self.choose(&unit) {
+            Ok(i) => i,
+            Err(e) => return self.fail_unit(&unit, e),
+        };
+        if unit.route == Route::Read && self.tx_node.is_none() {
+            self.retry = Some((target, unit.clone()));
+        } else {
+            self.retry = None;
+        }
+        self.send_unit(target, unit).await
+    }
+
+    /// Answers a unit with an error instead of running it.
+    fn fail_unit(&mut self, unit: &Unit, e: PgError) -> Result<(), End> {
+        for _ in 0..unit.syncs.max(1) {
+            e.encode(&mut self.out);
+            messages::ready_for_query(self.status_byte(), &mut self.out);
+        }
+        Ok(())
+    }
+
+    fn status_byte(&self) -> u8 {
+        if self.tx_node.is_some() { b'T' } else { b'I' }
+    }
+
+    /// Opens the backend connection to node `i`.
+    pub(super) async fn connect(&mut self, i: usize) -> Result<(), PgError> {
+        if self.backends[i].is_some() {
+            return Ok(());
+        }
+        let node = self.group.nodes[i].clone();
+        let timeout = Duration::from_millis(self.shared.config().health.connect_timeout_ms);
+        match BackendConn::connect(&node.target, &self.params, timeout).await {
+            Ok(conn) => {
+                self.backends[i] = Some(conn);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(node = %node.name, error = %e, "backend connection failed");
+                Err(match e {
+                    ConnectError::Server { code, message, .. } => {
+                        let code = static_code(&code);
+                        PgError::error(code, format!("node {}: {message}", node.name))
+                    }
+                    other => PgError::error(
+                        "08006",
+                        format!("could not connect to node {}: {other}", node.name),
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Sends a unit to node `i`, connecting and catching it up first.
+    pub(super) async fn send_unit(&mut self, i: usize, unit: Unit) -> Result<(), End> {
+        let mut target = i;
+        if let Err(e) = self.connect(target).await {
+            // A read may go elsewhere; anything else fails.
+            let other = (unit.route == Route::Read && self.tx_node.is_none())
+                .then(|| self.group.pick_reader(Some(i)))
+                .flatten();
+            match other {
+                Some(o) if self.connect(o).await.is_ok() => target = o,
+                _ => {
+                    if unit.syncs == 0 {
+                        e.encode(&mut self.out);
+                        self.open_batch = None;
+                        self.discard_until_sync = true;
+                        return Ok(());
+                    }
+                    return self.fail_unit(&unit, e);
+                }
+            }
+        }
+        if let Some((r, _)) = &mut self.retry
+            && *r == i
+        {
+            *r = target;
+        }
+        let mut buf = BytesMut::new();
+        let conn = self.backends[target].as_mut().expect("connected");
+        // Replay SETs this backend has not seen.
+        while conn.settings_applied < self.settings.len() {
+            buf.extend_from_slice(&messages::query(&self.settings[conn.settings_applied]));
+            conn.tracker.push(Expect::Sync { injected: true });
+            conn.settings_applied += 1;
+        }
+        for item in &unit.items {
+            emit(conn, item, &mut buf);
+        }
+        if unit.simple {
+            conn.prepared.remove("");
+        }
+        if !unit.settings.is_empty() {
+            self.settings.extend(unit.settings.iter().cloned());
+            conn.settings_applied = self.settings.len();
+        }
+        for _ in 0..unit.syncs {
+            self.group.nodes[target].begin_unit();
+        }
+        self.wrote |= unit.writes;
+        self.current = Some(target);
+        self.set_cancel_target(target);
+        self.send_raw(target, &buf).await
+    }
+
+    /// Backend `i` is gone: answer what it owed, or queue a read for one
+    /// retry on another node.
+    pub(super) fn backend_lost(&mut self, i: usize, why: String) {
+        let Some(mut conn) = self.backends[i].take() else {
+            return;
+        };
+        let node = self.group.nodes[i].clone();
+        tracing::warn!(node = %node.name, error = %why, "lost backend connection");
+        let owed = conn.tracker.client_units();
+        conn.tracker.clear();
+        node.end_units(owed);
+        if self.current == Some(i) {
+            self.current = None;
+        }
+        if self.cancel_target == Some(i) {
+            self.cancel_target = None;
+        }
+        let in_tx = self.tx_node == Some(i);
+        if in_tx {
+            self.tx_node = None;
+        }
+        if let Some((r, mut unit)) = self.retry.take()
+            && r == i
+            && owed == 1
+            && !in_tx
+            && self.pending.is_none()
+            && self.group.pick_reader(Some(i)).is_some()
+        {
+            tracing::info!(node = %node.name, "retrying a read on another node");
+            unit.avoid = Some(i);
+            self.pending = Some(unit);
+            return;
+        }
+        let e = PgError::error(
+            "08006",
+            format!("lost the connection to node {}: {why}", node.name),
+        )
+        .with_hint("the statement did not complete; the session is still usable");
+        for _ in 0..owed {
+            e.encode(&mut self.out);
+            messages::ready_for_query(b'I', &mut self.out);
+        }
+        if self.open_batch == Some(i) {
+            self.open_batch = None;
+            if owed == 0 {
+                e.encode(&mut self.out);
+            }
+            self.discard_until_sync = true;
+        }
+    }
+}
+
+/// Writes one item for `conn`, preparing its statement there first if the
+/// client prepared it elsewhere.
+fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut) {
+    let f = &item.frame;
+    match (f.tag, &item.stmt) {
+        (b'P', Some((def, previous))) => {
+            if !def.name.is_empty()
+                && let Some(g) = conn.prepared.get(&def.name)
+                && Some(*g) != *previous
+            {
+                // A stale copy from before the client closed the name here.
+                buf.extend_from_slice(&statements::close_statement(&def.name).raw);
+                conn.tracker.push(Expect::Close { injected: true });
+            }
+            conn.prepared.insert(def.name.clone(), def.generation);
+            conn.tracker.push(Expect::Parse {
+                injected: false,
+                name: def.name.clone(),
+            });
+        }
+        (b'B' | b'D', Some((def, _))) => {
+            if conn.prepared.get(&def.name) != Some(&def.generation) {
+                if !def.name.is_empty() && conn.prepared.contains_key(&def.name) {
+                    buf.extend_from_slice(&statements::close_statement(&def.name).raw);
+                    conn.tracker.push(Expect::Close { injected: true });
+                }
+                buf.extend_from_slice(&def.parse.raw);
+                conn.tracker.push(Expect::Parse {
+                    injected: true,
+                    name: def.name.clone(),
+                });
+                conn.prepared.insert(def.name.clone(), def.generation);
+            }
+        }
+        (b'P', None) => conn.tracker.push(Expect::Parse {
+            injected: false,
+            name: String::new(),
+        }),
+        (b'C', _) => {
+            if let Some((b'S', name)) = statements::target(f.body()) {
+                conn.prepared.remove(name);
+            }
+            conn.tracker.push(Expect::Close { injected: false });
+        }
+        (b'S' | b'Q', _) => conn.tracker.push(Expect::Sync { injected: false }),
+        _ => {}
+    }
+    buf.extend_from_slice(&f.raw);
+}
+
+fn no_node() -> PgError {
+    PgError::error("08006", "no node of the group is available")
+        .with_hint("check the nodes' state at /status")
+}
+
+/// SQLSTATEs are five ASCII characters; keep the server's if it is one we
+/// know, else report a connection failure.
+fn static_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "28P01", "28000", "3D000", "53300", "57P03", "08006", "08001", "42501",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("08006")
+}

@@ -1,0 +1,456 @@
+//! One client session: the startup phase, then a loop that reads client
+//! messages, groups them into units (a simple Query, or extended-protocol
+//! messages up to a Sync), routes each unit to a node and relays the node's
+//! responses untouched.
+
+pub mod cancel;
+mod dispatch;
+pub mod startup;
+pub mod statements;
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+
+use crate::backend::BackendConn;
+use crate::group::Group;
+use crate::server::Shared;
+use crate::wire::messages::{self, PgError};
+use crate::wire::{Frame, FrameError, MessageStream};
+
+use cancel::{CancelGuard, CancelTarget};
+use dispatch::Unit;
+use statements::Statements;
+
+/// Bytes of extended-protocol messages buffered before a Sync; past this
+/// the batch is streamed to the primary instead of buffered.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Flush to the client once this much output is waiting.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// Serves one client connection to the end.
+pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = MessageStream::new(rd, shared.config().max_message_size);
+    let result = open(&shared, &mut reader, &mut wr).await;
+    let (params, group, user) = match result {
+        Ok(Some(v)) => v,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "connection refused");
+            refuse(&mut wr, &e).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("session", group = %group.name, %user, %peer);
+    let _enter = span.enter();
+    drop(_enter);
+    let guard = shared.cancel.register();
+    reader.set_max_len(shared.config().max_message_size);
+    let mut session = Session::new(shared.clone(), group, reader, wr, params, guard);
+    let result = {
+        use tracing::Instrument;
+        session.run().instrument(span).await
+    };
+    session.finish(result).await;
+}
+
+/// Startup and authentication; returns the parameters, group and user.
+async fn open(
+    shared: &Arc<Shared>,
+    reader: &mut MessageStream<OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+) -> Result<Option<(Vec<(String, String)>, Arc<Group>, String)>, PgError> {
+    let params = match startup::read_startup(shared, reader, wr).await? {
+        startup::Opening::Session { params } => params,
+        _ => return Ok(None),
+    };
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let Some(user) = get("user") else {
+        return Err(PgError::fatal(
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        ));
+    };
+    if let Some(r) = get("replication")
+        && r != "false"
+        && r != "0"
+        && r != "off"
+    {
+        return Err(PgError::fatal(
+            "0A000",
+            "replication connections are not supported by Reprise: connect to a node directly",
+        ));
+    }
+    let database = get("database").unwrap_or_else(|| user.clone());
+    startup::authenticate(shared, &user, reader, wr).await?;
+    if database == crate::admin::ADMIN_DATABASE {
+        crate::admin::console::serve(shared.clone(), reader, wr).await;
+        return Ok(None);
+    }
+    let Some(group) = shared.group(&database) else {
+        return Err(
+            PgError::fatal("3D000", format!("database \"{database}\" does not exist")).with_hint(
+                format!(
+                    "Reprise serves the groups {}; connect with one of them as the database name",
+                    shared.group_names().join(", ")
+                ),
+            ),
+        );
+    };
+    Ok(Some((params, group, user)))
+}
+
+async fn refuse(wr: &mut OwnedWriteHalf, e: &PgError) {
+    let mut out = BytesMut::new();
+    e.encode(&mut out);
+    let _ = wr.write_all(&out).await;
+    let _ = wr.shutdown().await;
+}
+
+/// Why the session loop ended.
+enum End {
+    /// The client said Terminate or closed its socket.
+    Client,
+    /// A fatal error to report to the client first.
+    Fatal(PgError),
+}
+
+/// The state of one client session.
+pub struct Session {
+    shared: Arc<Shared>,
+    group: Arc<Group>,
+    client: MessageStream<OwnedReadHalf>,
+    client_wr: OwnedWriteHalf,
+    /// Output for the client, flushed when input runs dry.
+    out: BytesMut,
+    params: Vec<(String, String)>,
+    /// Backend connections by node index, opened on first use.
+    backends: Vec<Option<BackendConn>>,
+    /// The backend we are talking to (polled for its messages).
+    current: Option<usize>,
+    /// The backend holding the client's open transaction.
+    tx_node: Option<usize>,
+    /// Why the session is pinned to the primary, if it is.
+    pinned: Option<&'static str>,
+    /// The session has sent something that may change data.
+    wrote: bool,
+    /// Session-level SET statements, replayed on every backend used.
+    settings: Vec<String>,
+    statements: Statements,
+    /// Extended-protocol messages waiting for their Sync.
+    batch: Vec<Frame>,
+    batch_bytes: usize,
+    /// A batch already streaming to this node until its Sync.
+    open_batch: Option<usize>,
+    /// Drop client messages until the next Sync (its backend was lost).
+    discard_until_sync: bool,
+    /// A unit that must wait until the busy backend is idle.
+    pending: Option<Unit>,
+    /// The last read unit, for one transparent retry if its node dies
+    /// before answering.
+    retry: Option<(usize, Unit)>,
+    cancel: CancelGuard,
+    cancel_target: Option<usize>,
+    shutdown: watch::Receiver<bool>,
+    draining: bool,
+}
+
+impl Session {
+    fn new(
+        shared: Arc<Shared>,
+        group: Arc<Group>,
+        client: MessageStream<OwnedReadHalf>,
+        client_wr: OwnedWriteHalf,
+        params: Vec<(String, String)>,
+        cancel: CancelGuard,
+    ) -> Session {
+        let n = group.nodes.len();
+        let shutdown = shared.shutdown_signal();
+        Session {
+            shared,
+            group,
+            client,
+            client_wr,
+            out: BytesMut::with_capacity(8192),
+            params,
+            backends: (0..n).map(|_| None).collect(),
+            current: None,
+            tx_node: None,
+            pinned: None,
+            wrote: false,
+            settings: Vec::new(),
+            statements: Statements::default(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            open_batch: None,
+            discard_until_sync: false,
+            pending: None,
+            retry: None,
+            cancel,
+            cancel_target: None,
+            shutdown,
+            draining: false,
+        }
+    }
+
+    /// Connects to the primary (or any live node), relays its parameters,
+    /// sends our cancel key and the first ReadyForQuery.
+    async fn greet(&mut self) -> Result<(), End> {
+        let primary = self.group.primary();
+        let mut order = vec![primary];
+        order.extend((0..self.group.nodes.len()).filter(|&i| i != primary));
+        let mut last_error = None;
+        for i in order {
+            if i != primary && !self.group.nodes[i].is_up() {
+                continue;
+            }
+            match self.connect(i).await {
+                Ok(()) => {
+                    let conn = self.backends[i].as_ref().expect("connected");
+                    for (k, v) in &conn.params {
+                        messages::parameter_status(k, v, &mut self.out);
+                    }
+                    messages::backend_key_data(self.cancel.pid, self.cancel.secret, &mut self.out);
+                    messages::ready_for_query(b'I', &mut self.out);
+                    self.current = Some(i);
+                    return Ok(());
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        let e = last_error.unwrap_or_else(|| PgError::fatal("08006", "no node is available"));
+        Err(End::Fatal(PgError {
+            severity: "FATAL",
+            ..e
+        }))
+    }
+
+    async fn run(&mut self) -> Result<(), End> {
+        self.greet().await?;
+        self.shared.metrics.client_connected(&self.group.name);
+        let r = self.main_loop().await;
+        self.shared.metrics.client_disconnected(&self.group.name);
+        r
+    }
+
+    async fn main_loop(&mut self) -> Result<(), End> {
+        loop {
+            // A unit that waited for a busy backend (or a read to retry).
+            if let Some(unit) = self.pending.take() {
+                if self.busy_backend().is_none() {
+                    self.dispatch(unit).await?;
+                } else {
+                    self.pending = Some(unit);
+                }
+            }
+            // Take every complete client message we may act on now.
+            while self.pending.is_none() {
+                match self.client.try_next() {
+                    Ok(Some(f)) => self.on_client_frame(f).await?,
+                    Ok(None) => break,
+                    Err(e) => return Err(End::Fatal(frame_error(e))),
+                }
+            }
+            self.flush().await?;
+            if self.draining && self.is_idle() {
+                return Err(End::Fatal(shutting_down()));
+            }
+            let reading_client = self.pending.is_none();
+            let polled = self.current.filter(|&i| self.backends[i].is_some());
+            tokio::select! {
+                r = self.client.fill(), if reading_client => match r {
+                    Ok(true) => {}
+                    Ok(false) => return Err(End::Client),
+                    Err(FrameError::Io(_)) => return Err(End::Client),
+                    Err(e) => return Err(End::Fatal(frame_error(e))),
+                },
+                r = fill_backend(&mut self.backends, polled), if polled.is_some() => {
+                    let i = polled.expect("guarded");
+                    match r {
+                        Ok(true) => self.drain_backend(i).await?,
+                        Ok(false) => self.backend_lost(i, "the node closed the connection".into()),
+                        Err(e) => self.backend_lost(i, e.to_string()),
+                    }
+                },
+                _ = self.shutdown.changed(), if !self.draining => {
+                    self.draining = true;
+                }
+            }
+        }
+    }
+
+    /// No unit in flight and no open transaction.
+    fn is_idle(&self) -> bool {
+        self.tx_node.is_none()
+            && self.open_batch.is_none()
+            && self.batch.is_empty()
+            && self.pending.is_none()
+            && self
+                .backends
+                .iter()
+                .flatten()
+                .all(|b| b.tracker.client_units() == 0)
+    }
+
+    /// Writes waiting output to the client.
+    async fn flush(&mut self) -> Result<(), End> {
+        if !self.out.is_empty() {
+            self.client_wr
+                .write_all(&self.out)
+                .await
+                .map_err(|_| End::Client)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Handles one message from the client.
+    async fn on_client_frame(&mut self, f: Frame) -> Result<(), End> {
+        match f.tag {
+            b'Q' => {
+                self.flush_partial_batch().await?;
+                let unit = self.query_unit(f);
+                self.dispatch(unit).await
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' => self.extended(f).await,
+            b'H' => self.flush_message(f).await,
+            b'S' => self.sync(f).await,
+            b'd' | b'c' | b'f' => {
+                // COPY data goes to the backend running the COPY.
+                if let Some(i) = self.current
+                    && self.backends[i].is_some()
+                {
+                    self.send_raw(i, &f.raw).await?;
+                }
+                Ok(())
+            }
+            b'X' => Err(End::Client),
+            other => Err(End::Fatal(PgError::fatal(
+                "08P01",
+                format!("invalid frontend message type {}", other),
+            ))),
+        }
+    }
+
+    /// Relays everything complete from backend `i`.
+    async fn drain_backend(&mut self, i: usize) -> Result<(), End> {
+        loop {
+            let Some(conn) = self.backends[i].as_mut() else {
+                return Ok(());
+            };
+            let frame = match conn.reader.try_next() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    self.backend_lost(i, e.to_string());
+                    return Ok(());
+                }
+            };
+            let outcome = conn.tracker.on_message(frame.tag);
+            for name in &outcome.not_prepared {
+                conn.prepared.remove(name);
+            }
+            if outcome.forward {
+                self.retry = None;
+                self.out.extend_from_slice(&frame.raw);
+            }
+            if frame.tag == b'Z' && outcome.unit_done {
+                let status = frame.body().first().copied().unwrap_or(b'I');
+                self.tx_node = (status != b'I').then_some(i);
+                self.group.nodes[i].end_units(1);
+                if conn.tracker.client_units() == 0 && self.pending.is_some() {
+                    // The main loop sends the waiting unit next.
+                    self.flush().await?;
+                    return Ok(());
+                }
+            }
+            if self.out.len() >= FLUSH_AT {
+                self.flush().await?;
+            }
+        }
+    }
+
+    /// Sends raw bytes to backend `i`; a failure counts as losing it.
+    async fn send_raw(&mut self, i: usize, bytes: &[u8]) -> Result<(), End> {
+        let Some(conn) = self.backends[i].as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = conn.send(bytes).await {
+            self.backend_lost(i, e.to_string());
+        }
+        Ok(())
+    }
+
+    /// Points cancel requests at backend `i`.
+    fn set_cancel_target(&mut self, i: usize) {
+        if self.cancel_target == Some(i) {
+            return;
+        }
+        if let Some(conn) = &self.backends[i] {
+            self.cancel.slot.set(CancelTarget {
+                host: conn.host.clone(),
+                port: conn.port,
+                pid: conn.pid,
+                secret: conn.secret,
+            });
+            self.cancel_target = Some(i);
+        }
+    }
+
+    /// Reports a fatal error (if any) and closes everything.
+    async fn finish(mut self, result: Result<(), End>) {
+        if let Err(End::Fatal(e)) = result {
+            tracing::info!(error = %e, "closing session");
+            e.encode(&mut self.out);
+        }
+        let _ = self.flush().await;
+        for (i, b) in self.backends.iter_mut().enumerate() {
+            if let Some(mut conn) = b.take() {
+                self.group.nodes[i].end_units(conn.tracker.client_units());
+                let _ = conn.send(&[b'X', 0, 0, 0, 4]).await;
+            }
+        }
+        let _ = self.client_wr.shutdown().await;
+    }
+}
+
+/// Reads from the polled backend (cancel-safe).
+async fn fill_backend(
+    backends: &mut [Option<BackendConn>],
+    i: Option<usize>,
+) -> Result<bool, FrameError> {
+    match i.and_then(|i| backends[i].as_mut()) {
+        Some(conn) => conn.reader.fill().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn frame_error(e: FrameError) -> PgError {
+    match e {
+        FrameError::TooLarge { .. } => PgError::fatal("54000", format!("message refused: {e}"))
+            .with_hint("raise max_message_size in the Reprise config if this is legitimate"),
+        _ => PgError::fatal("08P01", format!("invalid message from the client: {e}")),
+    }
+}
+
+fn shutting_down() -> PgError {
+    PgError::fatal(
+        "57P01",
+        "terminating connection because Reprise is shutting down",
+    )
+}

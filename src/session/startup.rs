@@ -1,0 +1,191 @@
+//! The start of a client connection: SSL/GSS refusal, cancel requests,
+//! protocol negotiation, and authentication.
+
+use std::sync::OnceLock;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+
+use crate::config::AuthMethod;
+use crate::server::Shared;
+use crate::wire::messages::{self, PgError, Reader};
+use crate::wire::scram::{ScramError, ScramSecret, ScramServer};
+use crate::wire::startup::{self, MAX_STARTUP_PACKET, StartupPacket};
+use crate::wire::{FrameError, MessageStream};
+
+/// What the client asked for once the startup phase is over.
+pub enum Opening {
+    /// A session: its startup parameters.
+    Session { params: Vec<(String, String)> },
+    /// A cancel request, already handled.
+    Cancelled,
+    /// The client went away.
+    Gone,
+}
+
+/// Reads startup packets until a session starts or the connection ends.
+pub async fn read_startup<W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    reader: &mut MessageStream<OwnedReadHalf>,
+    writer: &mut W,
+) -> Result<Opening, PgError> {
+    reader.set_max_len(MAX_STARTUP_PACKET);
+    loop {
+        let packet = match reader.next_startup().await {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(Opening::Gone),
+            Err(FrameError::Io(_)) | Err(FrameError::Truncated) => return Ok(Opening::Gone),
+            Err(e) => {
+                return Err(PgError::fatal(
+                    "08P01",
+                    format!("invalid startup packet: {e}"),
+                ));
+            }
+        };
+        match startup::parse(&packet) {
+            Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) => {
+                // No TLS yet: 'N' tells the client to go on in plain text.
+                writer.write_all(b"N").await.map_err(|_| gone())?;
+            }
+            Ok(StartupPacket::Cancel { pid, secret }) => {
+                if let Some(t) = shared.cancel.lookup(pid, secret) {
+                    tracing::info!(pid, backend_pid = t.pid, node = %format!("{}:{}", t.host, t.port), "forwarding cancel request");
+                    let _ = crate::backend::cancel(&t.host, t.port, t.pid, t.secret).await;
+                }
+                return Ok(Opening::Cancelled);
+            }
+            Ok(StartupPacket::Startup { minor, params }) => {
+                if minor > 0 {
+                    negotiate(writer, &params).await?;
+                }
+                let params = params
+                    .into_iter()
+                    .filter(|(k, _)| !k.starts_with("_pq_."))
+                    .collect();
+                return Ok(Opening::Session { params });
+            }
+            Err(e) => {
+                let code = match e {
+                    startup::StartupError::Version { .. } => "0A000",
+                    startup::StartupError::Malformed(_) => "08P01",
+                };
+                return Err(PgError::fatal(code, e.to_string()));
+            }
+        }
+    }
+}
+
+fn gone() -> PgError {
+    PgError::fatal("08006", "client connection lost")
+}
+
+/// Tells a 3.x (x > 0) client that we speak 3.0 and no `_pq_` options.
+async fn negotiate<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    params: &[(String, String)],
+) -> Result<(), PgError> {
+    let unsupported: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let mut body = BytesMut::new();
+    body.extend_from_slice(&0i32.to_be_bytes());
+    body.extend_from_slice(&(unsupported.len() as i32).to_be_bytes());
+    for o in unsupported {
+        messages::put_cstr(&mut body, o);
+    }
+    let mut out = BytesMut::new();
+    messages::put_message(b'v', &body, &mut out);
+    writer.write_all(&out).await.map_err(|_| gone())
+}
+
+/// A secret for users that do not exist, so a failed login does not tell
+/// whether the user exists.
+fn decoy_secret() -> &'static ScramSecret {
+    static DECOY: OnceLock<ScramSecret> = OnceLock::new();
+    DECOY.get_or_init(|| ScramSecret::from_password(&format!("{:x}", rand::random::<u128>())))
+}
+
+fn auth_failed(user: &str) -> PgError {
+    PgError::fatal(
+        "28P01",
+        format!("password authentication failed for user \"{user}\""),
+    )
+}
+
+/// Authenticates the client as `user` by the configured method.
+pub async fn authenticate<W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    user: &str,
+    reader: &mut MessageStream<OwnedReadHalf>,
+    writer: &mut W,
+) -> Result<(), PgError> {
+    let mut out = BytesMut::new();
+    if shared.auth_method() == AuthMethod::Trust {
+        messages::auth_ok(&mut out);
+        return writer.write_all(&out).await.map_err(|_| gone());
+    }
+    let secret = shared.user_secret(user);
+    let known = secret.is_some();
+    let mut server = ScramServer::new(secret.unwrap_or_else(|| decoy_secret().clone()));
+    messages::auth_sasl(ScramServer::mechanisms(), &mut out);
+    writer.write_all(&out).await.map_err(|_| gone())?;
+
+    let first = read_password_message(reader).await?;
+    let mut r = Reader::new(first.body());
+    let mechanism = r.cstr().ok_or_else(|| malformed("SASLInitialResponse"))?;
+    let len = r.i32().ok_or_else(|| malformed("SASLInitialResponse"))?;
+    let data = if len < 0 { &[][..] } else { r.rest() };
+    let reply = server
+        .client_first(mechanism, data)
+        .map_err(|e| scram_error(e, user))?;
+    let mut out = BytesMut::new();
+    messages::auth_sasl_continue(reply, &mut out);
+    writer.write_all(&out).await.map_err(|_| gone())?;
+
+    let last = read_password_message(reader).await?;
+    let reply = server
+        .client_final(last.body())
+        .map_err(|e| scram_error(e, user))?;
+    if !known {
+        return Err(auth_failed(user));
+    }
+    let mut out = BytesMut::new();
+    messages::auth_sasl_final(reply, &mut out);
+    messages::auth_ok(&mut out);
+    writer.write_all(&out).await.map_err(|_| gone())
+}
+
+fn malformed(what: &str) -> PgError {
+    PgError::fatal("08P01", format!("malformed {what} message"))
+}
+
+fn scram_error(e: ScramError, user: &str) -> PgError {
+    match e {
+        ScramError::WrongPassword => auth_failed(user),
+        ScramError::UnsupportedMechanism(m) => PgError::fatal(
+            "28000",
+            format!("SASL authentication mechanism {m} is not supported; use SCRAM-SHA-256"),
+        ),
+        ScramError::Protocol(m) => PgError::fatal("08P01", format!("malformed SCRAM message: {m}")),
+    }
+}
+
+async fn read_password_message(
+    reader: &mut MessageStream<OwnedReadHalf>,
+) -> Result<crate::wire::Frame, PgError> {
+    match reader.next().await {
+        Ok(Some(f)) if f.tag == b'p' => Ok(f),
+        Ok(Some(f)) => Err(PgError::fatal(
+            "08P01",
+            format!(
+                "expected a password message during authentication, got message type {:?}",
+                f.tag as char
+            ),
+        )),
+        Ok(None) => Err(gone()),
+        Err(e) => Err(PgError::fatal("08P01", format!("invalid message: {e}"))),
+    }
+}

@@ -1,0 +1,10 @@
+//! Bytes in and out: message framing with a maximum size, the startup
+//! packet, the few messages the proxy builds or inspects, and client auth.
+
+pub mod frame;
+pub mod messages;
+pub mod scram;
+pub mod startup;
+
+pub use frame::{Frame, FrameError, MessageStream};
+pub use messages::PgError;
