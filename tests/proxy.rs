@@ -215,7 +215,9 @@ async fn cancel_request_reaches_the_running_query() {
             .await
             .expect("cancel took effect")
             .unwrap();
-        let e = r.err().expect("the query was cancelled");
+        let Err(e) = r else {
+            panic!("{sql}: the query was not cancelled")
+        };
         assert_eq!(e.code().unwrap().code(), "57014", "{sql}: {e}");
     }
     // psql's cancel path (SIGINT → CancelRequest) works the same way.

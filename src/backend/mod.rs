@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::wire::messages::{self, Reader, put_cstr, put_message};
 use crate::wire::{FrameError, MessageStream};
@@ -50,10 +49,45 @@ pub enum ConnectError {
     Protocol { addr: String, reason: String },
 }
 
+/// The read half of a TCP or Unix-socket connection.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a TCP or Unix-socket connection.
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+impl Target {
+    /// A host starting with `/` is a Unix-socket directory (as in libpq).
+    pub fn is_unix(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// Where to connect, for messages.
+    pub fn addr(&self) -> String {
+        if self.is_unix() {
+            format!("{}/.s.PGSQL.{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Opens the socket: TCP with TCP_NODELAY, or Unix.
+    pub async fn open(&self) -> std::io::Result<(ReadHalf, WriteHalf)> {
+        if self.is_unix() {
+            let s = UnixStream::connect(self.addr()).await?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        } else {
+            let s = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            s.set_nodelay(true)?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+    }
+}
+
 /// A live, authenticated connection to one node.
 pub struct BackendConn {
-    pub reader: MessageStream<OwnedReadHalf>,
-    pub writer: OwnedWriteHalf,
+    pub reader: MessageStream<ReadHalf>,
+    pub writer: WriteHalf,
     /// The server process id and secret, for CancelRequest.
     pub pid: i32,
     pub secret: i32,
@@ -79,7 +113,7 @@ impl BackendConn {
         client_params: &[(String, String)],
         timeout: Duration,
     ) -> Result<BackendConn, ConnectError> {
-        let addr = format!("{}:{}", target.host, target.port);
+        let addr = target.addr();
         match tokio::time::timeout(timeout, Self::connect_inner(target, client_params, &addr)).await
         {
             Ok(r) => r,
@@ -96,11 +130,7 @@ impl BackendConn {
             addr: addr.to_string(),
             source,
         };
-        let stream = TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(io)?;
-        stream.set_nodelay(true).map_err(io)?;
-        let (rd, mut writer) = stream.into_split();
+        let (rd, mut writer) = target.open().await.map_err(io)?;
         let mut reader = MessageStream::new(rd, MAX_BACKEND_MESSAGE);
 
         let mut body = BytesMut::new();
@@ -254,7 +284,14 @@ fn auth_reply(
 
 /// Sends a CancelRequest for a backend process.
 pub async fn cancel(host: &str, port: u16, pid: i32, secret: i32) -> std::io::Result<()> {
-    let mut s = TcpStream::connect((host, port)).await?;
+    let target = Target {
+        host: host.to_string(),
+        port,
+        user: String::new(),
+        password: String::new(),
+        dbname: String::new(),
+    };
+    let (_, mut s) = target.open().await?;
     let mut packet = Vec::with_capacity(16);
     packet.extend_from_slice(&16i32.to_be_bytes());
     packet.extend_from_slice(&crate::wire::startup::CANCEL_REQUEST.to_be_bytes());

@@ -74,17 +74,17 @@ impl Tracker {
         };
         match tag {
             b'1' => {
-                if let Some(i) = self.position(|e| matches!(e, Expect::Parse { .. })) {
-                    if let Some(Expect::Parse { injected: true, .. }) = self.queue.remove(i) {
-                        out.forward = false;
-                    }
+                if let Some(i) = self.position(|e| matches!(e, Expect::Parse { .. }))
+                    && let Some(Expect::Parse { injected: true, .. }) = self.queue.remove(i)
+                {
+                    out.forward = false;
                 }
             }
             b'3' => {
-                if let Some(i) = self.position(|e| matches!(e, Expect::Close { .. })) {
-                    if let Some(Expect::Close { injected: true }) = self.queue.remove(i) {
-                        out.forward = false;
-                    }
+                if let Some(i) = self.position(|e| matches!(e, Expect::Close { .. }))
+                    && let Some(Expect::Close { injected: true }) = self.queue.remove(i)
+                {
+                    out.forward = false;
                 }
             }
             b'E' => {

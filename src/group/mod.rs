@@ -13,7 +13,7 @@ use crate::backend::Target;
 use crate::config::{GroupConfig, NodeConfig};
 use crate::route::Classifier;
 use crate::route::catalog::FunctionCatalog;
-use crate::route::policy::{Candidate, least_outstanding};
+use crate::route::policy::{Candidate, least_outstanding_of};
 
 /// A node's health as the monitor sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -181,23 +181,53 @@ impl Group {
     pub fn pick_reader(&self, exclude: Option<usize>) -> Option<usize> {
         let primary = self.primary();
         if self.read_scaling {
-            let candidates: Vec<Candidate> = self
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(i, n)| *i != primary && Some(*i) != exclude && n.is_up())
-                .map(|(i, n)| Candidate {
+            let n = self.nodes.len();
+            let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
+            let candidates = (0..n)
+                .map(|k| (start + k) % n)
+                .filter(|&i| i != primary && Some(i) != exclude && self.nodes[i].is_up())
+                .map(|i| Candidate {
                     index: i,
-                    outstanding: n.outstanding.load(Ordering::Relaxed),
-                    weight: n.config.weight,
-                })
-                .collect();
-            let rot = self.rotation.fetch_add(1, Ordering::Relaxed);
-            if let Some(pick) = least_outstanding(&candidates, rot) {
+                    outstanding: self.nodes[i].outstanding.load(Ordering::Relaxed),
+                    weight: self.nodes[i].config.weight,
+                });
+            if let Some(pick) = least_outstanding_of(candidates) {
                 return Some(pick);
             }
         }
         (Some(primary) != exclude && self.nodes[primary].is_up()).then_some(primary)
+    }
+
+    /// Like [`Group::pick_reader`], but keeps `prefer` (the session's last
+    /// reader) while its load is within one request of the best choice, so
+    /// a session's reads stay on one backend connection.
+    pub fn pick_reader_near(&self, exclude: Option<usize>, prefer: Option<usize>) -> Option<usize> {
+        let best = self.pick_reader(exclude)?;
+        let Some(p) = prefer else {
+            return Some(best);
+        };
+        if p == best {
+            return Some(best);
+        }
+        let node = &self.nodes[p];
+        let eligible = self.read_scaling
+            && p != self.primary()
+            && node.is_up()
+            && node.config.weight > 0
+            && best != self.primary();
+        if !eligible {
+            return Some(best);
+        }
+        let load = |i: usize| self.nodes[i].outstanding.load(Ordering::Relaxed) as u64 + 1;
+        let (wp, wb) = (
+            node.config.weight as u64,
+            self.nodes[best].config.weight as u64,
+        );
+        if load(p) * wb <= (load(best) + 1) * wp {
+            Some(p)
+        } else {
+            Some(best)
+        }
     }
 
     /// Status for /status and the admin console.

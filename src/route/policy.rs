@@ -16,9 +16,19 @@ pub fn least_outstanding(candidates: &[Candidate], rotation: usize) -> Option<us
     if n == 0 {
         return None;
     }
+    let start = rotation % n;
+    least_outstanding_of(
+        candidates[start..]
+            .iter()
+            .chain(&candidates[..start])
+            .copied(),
+    )
+}
+
+/// The same over candidates in tie-breaking order, without allocating.
+pub fn least_outstanding_of(candidates: impl Iterator<Item = Candidate>) -> Option<usize> {
     let mut best: Option<(u64, u64, usize)> = None; // (outstanding+1, weight, index)
-    for k in 0..n {
-        let c = candidates[(rotation + k) % n];
+    for c in candidates {
         if c.weight == 0 {
             continue;
         }

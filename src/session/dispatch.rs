@@ -101,7 +101,7 @@ impl Session {
         if let Some(i) = self.open_batch {
             let mut unit = self.batch_unit(vec![f]);
             unit.syncs = 0;
-            return self.send_unit(i, unit).await;
+            return self.send_unit(i, unit, false).await;
         }
         self.batch_bytes += f.raw.len();
         self.batch.push(f);
@@ -124,7 +124,7 @@ impl Session {
             self.batch_bytes = 0;
             let mut unit = self.batch_unit(frames);
             unit.syncs = 0;
-            return self.send_unit(i, unit).await;
+            return self.send_unit(i, unit, false).await;
         }
         self.open_partial_batch().await
     }
@@ -143,7 +143,7 @@ impl Session {
         frames.push(f);
         let unit = self.batch_unit(frames);
         match self.open_batch.take() {
-            Some(i) => self.send_unit(i, unit).await,
+            Some(i) => self.send_unit(i, unit, false).await,
             None => self.dispatch(unit).await,
         }
     }
@@ -159,7 +159,7 @@ impl Session {
             if !frames.is_empty() {
                 let mut unit = self.batch_unit(frames);
                 unit.syncs = 0;
-                self.send_unit(i, unit).await?;
+                self.send_unit(i, unit, false).await?;
             }
         }
         Ok(())
@@ -185,7 +185,7 @@ impl Session {
             },
         };
         self.open_batch = Some(target);
-        self.send_unit(target, unit).await
+        self.send_unit(target, unit, false).await
     }
 
     /// Classifies extended messages and records their statements.
@@ -273,7 +273,13 @@ impl Session {
             Route::Read if self.wrote && self.shared.config().routing.read_your_writes => {
                 Ok(primary)
             }
-            Route::Read => self.group.pick_reader(unit.avoid).ok_or_else(no_node),
+            Route::Read => self
+                .group
+                .pick_reader_near(
+                    unit.avoid,
+                    self.last_reader.filter(|&r| Some(r) != unit.avoid),
+                )
+                .ok_or_else(no_node),
             Route::Write | Route::Any => Ok(primary),
         }
     }
@@ -296,7 +302,7 @@ impl Session {
         if let Some(b) = self.busy_backend() {
             if self.may_join(b, &unit) {
                 self.retry = None;
-                return self.send_unit(b, unit).await;
+                return self.send_unit(b, unit, false).await;
             }
             self.pending = Some(unit);
             return Ok(());
@@ -311,12 +317,8 @@ impl Session {
             Ok(i) => i,
             Err(e) => return self.fail_unit(&unit, e),
         };
-        if unit.route == Route::Read && self.tx_node.is_none() {
-            self.retry = Some((target, unit.clone()));
-        } else {
-            self.retry = None;
-        }
-        self.send_unit(target, unit).await
+        let retryable = unit.route == Route::Read && self.tx_node.is_none();
+        self.send_unit(target, unit, retryable).await
     }
 
     /// Answers a unit with an error instead of running it.
@@ -360,8 +362,15 @@ impl Session {
         }
     }
 
-    /// Sends a unit to node `i`, connecting and catching it up first.
-    pub(super) async fn send_unit(&mut self, i: usize, unit: Unit) -> Result<(), End> {
+    /// Sends a unit to node `i`, connecting and catching it up first. A
+    /// `retryable` unit is kept until its first response, so that it can run
+    /// elsewhere if the node dies before answering.
+    pub(super) async fn send_unit(
+        &mut self,
+        i: usize,
+        unit: Unit,
+        retryable: bool,
+    ) -> Result<(), End> {
         let mut target = i;
         if let Err(e) = self.connect(target).await {
             // A read may go elsewhere; anything else fails.
@@ -381,12 +390,8 @@ impl Session {
                 }
             }
         }
-        if let Some((r, _)) = &mut self.retry
-            && *r == i
-        {
-            *r = target;
-        }
-        let mut buf = BytesMut::new();
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
         let conn = self.backends[target].as_mut().expect("connected");
         // Replay SETs this backend has not seen.
         while conn.settings_applied < self.settings.len() {
@@ -408,9 +413,15 @@ impl Session {
             self.group.nodes[target].begin_unit();
         }
         self.wrote |= unit.writes;
+        if unit.route == Route::Read {
+            self.last_reader = Some(target);
+        }
         self.current = Some(target);
         self.set_cancel_target(target);
-        self.send_raw(target, &buf).await
+        self.retry = retryable.then_some((target, unit));
+        let r = self.send_raw(target, &buf).await;
+        self.scratch = buf;
+        r
     }
 
     /// Backend `i` is gone: answer what it owed, or queue a read for one
@@ -485,19 +496,17 @@ fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut) {
                 name: def.name.clone(),
             });
         }
-        (b'B' | b'D', Some((def, _))) => {
-            if conn.prepared.get(&def.name) != Some(&def.generation) {
-                if !def.name.is_empty() && conn.prepared.contains_key(&def.name) {
-                    buf.extend_from_slice(&statements::close_statement(&def.name).raw);
-                    conn.tracker.push(Expect::Close { injected: true });
-                }
-                buf.extend_from_slice(&def.parse.raw);
-                conn.tracker.push(Expect::Parse {
-                    injected: true,
-                    name: def.name.clone(),
-                });
-                conn.prepared.insert(def.name.clone(), def.generation);
+        (b'B' | b'D', Some((def, _))) if conn.prepared.get(&def.name) != Some(&def.generation) => {
+            if !def.name.is_empty() && conn.prepared.contains_key(&def.name) {
+                buf.extend_from_slice(&statements::close_statement(&def.name).raw);
+                conn.tracker.push(Expect::Close { injected: true });
             }
+            buf.extend_from_slice(&def.parse.raw);
+            conn.tracker.push(Expect::Parse {
+                injected: true,
+                name: def.name.clone(),
+            });
+            conn.prepared.insert(def.name.clone(), def.generation);
         }
         (b'P', None) => conn.tracker.push(Expect::Parse {
             injected: false,

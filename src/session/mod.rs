@@ -14,7 +14,6 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::watch;
 
 use crate::backend::BackendConn;
 use crate::group::Group;
@@ -138,11 +137,16 @@ pub struct Session {
     client_wr: OwnedWriteHalf,
     /// Output for the client, flushed when input runs dry.
     out: BytesMut,
+    /// Reused buffer for what goes to a backend.
+    scratch: BytesMut,
     params: Vec<(String, String)>,
     /// Backend connections by node index, opened on first use.
     backends: Vec<Option<BackendConn>>,
     /// The backend we are talking to (polled for its messages).
     current: Option<usize>,
+    /// The subscriber this session last read from: it keeps reading there
+    /// while that is about as idle as the best choice.
+    last_reader: Option<usize>,
     /// The backend holding the client's open transaction.
     tx_node: Option<usize>,
     /// Why the session is pinned to the primary, if it is.
@@ -166,7 +170,6 @@ pub struct Session {
     retry: Option<(usize, Unit)>,
     cancel: CancelGuard,
     cancel_target: Option<usize>,
-    shutdown: watch::Receiver<bool>,
     draining: bool,
 }
 
@@ -180,16 +183,17 @@ impl Session {
         cancel: CancelGuard,
     ) -> Session {
         let n = group.nodes.len();
-        let shutdown = shared.shutdown_signal();
         Session {
             shared,
             group,
             client,
             client_wr,
             out: BytesMut::with_capacity(8192),
+            scratch: BytesMut::with_capacity(8192),
             params,
             backends: (0..n).map(|_| None).collect(),
             current: None,
+            last_reader: None,
             tx_node: None,
             pinned: None,
             wrote: false,
@@ -203,7 +207,6 @@ impl Session {
             retry: None,
             cancel,
             cancel_target: None,
-            shutdown,
             draining: false,
         }
     }
@@ -249,6 +252,10 @@ impl Session {
     }
 
     async fn main_loop(&mut self) -> Result<(), End> {
+        // One long-lived wait for shutdown, not one per iteration.
+        let mut shutdown = self.shared.shutdown_signal();
+        let shutdown_changed = shutdown.changed();
+        tokio::pin!(shutdown_changed);
         loop {
             // A unit that waited for a busy backend (or a read to retry).
             if let Some(unit) = self.pending.take() {
@@ -287,7 +294,7 @@ impl Session {
                         Err(e) => self.backend_lost(i, e.to_string()),
                     }
                 },
-                _ = self.shutdown.changed(), if !self.draining => {
+                _ = &mut shutdown_changed, if !self.draining => {
                     self.draining = true;
                 }
             }
