@@ -34,6 +34,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub routing: RoutingConfig,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupConfig>,
 }
@@ -142,6 +144,42 @@ pub struct RoutingConfig {
     /// writes (until replication tracks positions: from the primary).
     #[serde(default = "default_true")]
     pub read_your_writes: bool,
+    /// A subscriber further behind than this is not read from (0: no limit).
+    #[serde(default = "default_max_lag_ms")]
+    pub max_lag_ms: u64,
+}
+
+fn default_max_lag_ms() -> u64 {
+    10_000
+}
+
+/// Replaying committed write transactions on the subscribers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Log write transactions and replay them on every subscriber.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Acknowledge a COMMIT only after this many subscribers applied it.
+    #[serde(default)]
+    pub sync_replicas: usize,
+    /// How long a COMMIT waits for `sync_replicas` before failing (ms).
+    #[serde(default = "default_sync_timeout_ms")]
+    pub sync_timeout_ms: u64,
+}
+
+fn default_sync_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            enabled: true,
+            sync_replicas: 0,
+            sync_timeout_ms: default_sync_timeout_ms(),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -153,6 +191,7 @@ impl Default for RoutingConfig {
         RoutingConfig {
             read_scaling: true,
             read_your_writes: true,
+            max_lag_ms: default_max_lag_ms(),
         }
     }
 }
@@ -281,7 +320,19 @@ impl Config {
             ));
         }
         self.validate_auth()?;
-        self.validate_groups()
+        self.validate_groups()?;
+        let most = self.groups.iter().map(|g| g.nodes.len()).min().unwrap_or(1);
+        if self.replication.sync_replicas >= most.max(1) && self.replication.sync_replicas > 0 {
+            return Err((
+                "replication.sync_replicas".into(),
+                format!(
+                    "is {} but a group has only {} subscriber(s)",
+                    self.replication.sync_replicas,
+                    most.saturating_sub(1)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_auth(&self) -> Result<(), (String, String)> {

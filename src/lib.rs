@@ -9,6 +9,7 @@ pub mod backend;
 pub mod config;
 pub mod group;
 pub mod local;
+pub mod replication;
 pub mod route;
 pub mod server;
 pub mod session;

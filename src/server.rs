@@ -86,7 +86,11 @@ impl Server {
         let mut groups = HashMap::new();
         let mut group_order = Vec::new();
         for g in &config.groups {
-            let group = Arc::new(Group::new(g, config.routing.read_scaling));
+            let group = Arc::new(Group::new(
+                g,
+                config.routing.read_scaling,
+                config.routing.max_lag_ms,
+            ));
             health::initial_probe(&group, &config.health).await;
             for i in 0..group.nodes.len() {
                 tokio::spawn(health::monitor(
@@ -95,6 +99,13 @@ impl Server {
                     config.health.clone(),
                     shutdown_rx.clone(),
                 ));
+                if config.replication.enabled {
+                    tokio::spawn(crate::replication::applier::run(
+                        group.clone(),
+                        i,
+                        shutdown_rx.clone(),
+                    ));
+                }
             }
             group_order.push(g.name.clone());
             groups.insert(g.name.clone(), group);

@@ -14,7 +14,7 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::wire::messages::{self, Reader, put_cstr, put_message};
 use crate::wire::{FrameError, MessageStream};
 
-pub use tracker::{Expect, Tracker};
+pub use tracker::{Expect, Tracker, UnitOwner};
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]

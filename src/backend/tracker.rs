@@ -15,6 +15,21 @@ pub enum Expect {
     /// ReadyForQuery ending a unit (a Sync or a simple Query). An injected
     /// unit's responses are all swallowed.
     Sync { injected: bool },
+    /// ReadyForQuery ending a client unit that is part of a write
+    /// transaction: its command tags are recorded for replay checks.
+    Captured,
+    /// ReadyForQuery ending a unit the proxy sent for itself whose rows and
+    /// errors it reads (the write lock, the log append).
+    Own,
+}
+
+/// Whom the unit being answered belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitOwner {
+    Client,
+    ClientCaptured,
+    Injected,
+    Own,
 }
 
 /// What to do with one message from the node.
@@ -27,6 +42,8 @@ pub struct Outcome {
     /// Statements whose Parse was skipped because of an error: they do not
     /// exist on this connection.
     pub not_prepared: Vec<String>,
+    /// The unit the message belongs to.
+    pub owner: Option<UnitOwner>,
 }
 
 /// The ordered list of expected responses.
@@ -38,10 +55,20 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn push(&mut self, e: Expect) {
-        if e == (Expect::Sync { injected: false }) {
+        if matches!(e, Expect::Sync { injected: false } | Expect::Captured) {
             self.client_units += 1;
         }
         self.queue.push_back(e);
+    }
+
+    fn unit_end(e: &Expect) -> Option<UnitOwner> {
+        match e {
+            Expect::Sync { injected: false } => Some(UnitOwner::Client),
+            Expect::Sync { injected: true } => Some(UnitOwner::Injected),
+            Expect::Captured => Some(UnitOwner::ClientCaptured),
+            Expect::Own => Some(UnitOwner::Own),
+            _ => None,
+        }
     }
 
     /// Client units sent but not finished.
@@ -54,22 +81,18 @@ impl Tracker {
         self.queue.is_empty()
     }
 
-    /// Whether the unit now being answered was injected by the proxy.
-    fn current_unit_injected(&self) -> bool {
-        self.queue
-            .iter()
-            .find_map(|e| match e {
-                Expect::Sync { injected } => Some(*injected),
-                _ => None,
-            })
-            .unwrap_or(false)
+    /// Whom the unit now being answered belongs to.
+    fn current_owner(&self) -> Option<UnitOwner> {
+        self.queue.iter().find_map(Self::unit_end)
     }
 
     /// Accounts for one message from the node.
     pub fn on_message(&mut self, tag: u8) -> Outcome {
-        let injected_unit = self.current_unit_injected();
+        let owner = self.current_owner();
+        let injected_unit = matches!(owner, Some(UnitOwner::Injected | UnitOwner::Own));
         let mut out = Outcome {
             forward: !injected_unit,
+            owner,
             ..Outcome::default()
         };
         match tag {
@@ -90,7 +113,7 @@ impl Tracker {
             b'E' => {
                 // Everything up to the unit's Sync is skipped by the server.
                 let end = self
-                    .position(|e| matches!(e, Expect::Sync { .. }))
+                    .position(|e| Self::unit_end(e).is_some())
                     .unwrap_or(self.queue.len());
                 for e in self.queue.drain(..end) {
                     if let Expect::Parse { name, .. } = e {
@@ -100,9 +123,10 @@ impl Tracker {
             }
             b'Z' => {
                 while let Some(e) = self.queue.pop_front() {
-                    if let Expect::Sync { injected } = e {
-                        out.forward = !injected;
-                        if !injected {
+                    if let Some(o) = Self::unit_end(&e) {
+                        let client = matches!(o, UnitOwner::Client | UnitOwner::ClientCaptured);
+                        out.forward = client;
+                        if client {
                             self.client_units = self.client_units.saturating_sub(1);
                             out.unit_done = true;
                         }
@@ -121,7 +145,7 @@ impl Tracker {
         let end = self
             .queue
             .iter()
-            .position(|e| matches!(e, Expect::Sync { .. }))
+            .position(|e| Self::unit_end(e).is_some())
             .map(|i| i + 1)
             .unwrap_or(self.queue.len());
         self.queue.iter().take(end).position(f)

@@ -103,10 +103,12 @@ impl Verdict {
     pub fn observe(&mut self, ok: bool, current: NodeState) -> Option<NodeState> {
         if ok {
             self.failures = 0;
-            (current != NodeState::Up).then_some(NodeState::Up)
+            (current == NodeState::Down).then_some(NodeState::Up)
         } else {
             self.failures = self.failures.saturating_add(1);
-            (self.failures >= self.threshold && current != NodeState::Down)
+            (self.failures >= self.threshold
+                && current != NodeState::Down
+                && current != NodeState::Divergent)
                 .then_some(NodeState::Down)
         }
     }
@@ -144,12 +146,12 @@ pub async fn monitor(
                     }
                     node.set_state(state);
                 }
-                if node.is_up() && !catalog_loaded && index == group.primary() {
+                if node.is_reachable() && !catalog_loaded && index == group.primary() {
                     catalog_loaded = load_catalog(&group, &conn, &node).await;
                 }
             }
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() { break; }
+            r = shutdown.changed() => {
+                if r.is_err() || *shutdown.borrow() { break; }
             }
         }
     }
@@ -183,6 +185,37 @@ pub async fn load_catalog(group: &Group, conn: &ControlConn, node: &Node) -> boo
     }
 }
 
+/// Installs the `reprise` schema if missing and reads the node's position.
+pub async fn install_schema(
+    group: &Group,
+    conn: &ControlConn,
+    node: &Node,
+    primary: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let client = conn.get(&node.target).await?;
+    let exists = client
+        .query_one("SELECT to_regclass('reprise.log') IS NOT NULL", &[])
+        .await?
+        .get::<_, bool>(0);
+    if !exists {
+        tracing::info!(group = %group.name, node = %node.name, "installing the reprise schema");
+        client.batch_execute(crate::replication::SCHEMA_SQL).await?;
+    }
+    let role = if primary { "primary" } else { "subscriber" };
+    client
+        .execute("UPDATE reprise.node SET role = $1", &[&role])
+        .await?;
+    let seq: i64 = client
+        .query_one("SELECT coalesce(max(seq), 0) FROM reprise.log", &[])
+        .await?
+        .get(0);
+    node.set_applied(seq as u64);
+    if primary {
+        group.observe_head(seq as u64);
+    }
+    Ok(())
+}
+
 /// Probes every node once, in parallel, to start with true states.
 pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig) {
     let limit = Duration::from_millis(health.timeout_ms);
@@ -196,8 +229,13 @@ pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig) {
                 tracing::warn!(group = %group.name, node = %node.name, error = %e, "node is not reachable at start");
             }
             node.set_state(if ok.is_ok() { NodeState::Up } else { NodeState::Down });
-            if ok.is_ok() && i == group.primary() {
-                load_catalog(&group, &conn, &node).await;
+            if ok.is_ok() {
+                if let Err(e) = install_schema(&group, &conn, &node, i == group.primary()).await {
+                    tracing::error!(group = %group.name, node = %node.name, error = %e, "could not install the reprise schema");
+                }
+                if i == group.primary() {
+                    load_catalog(&group, &conn, &node).await;
+                }
             }
         });
     }

@@ -4,7 +4,7 @@
 pub mod health;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use metrics::{Counter, Gauge};
 use serde::Serialize;
@@ -21,12 +21,18 @@ use crate::route::policy::{Candidate, least_outstanding_of};
 pub enum NodeState {
     Up = 0,
     Down = 1,
+    /// Reachable and replaying a backlog.
+    CatchingUp = 2,
+    /// Its copy stopped matching the primary: it needs re-seeding.
+    Divergent = 3,
 }
 
 impl NodeState {
     fn from_u8(v: u8) -> NodeState {
         match v {
             0 => NodeState::Up,
+            2 => NodeState::CatchingUp,
+            3 => NodeState::Divergent,
             _ => NodeState::Down,
         }
     }
@@ -35,6 +41,8 @@ impl NodeState {
         match self {
             NodeState::Up => "up",
             NodeState::Down => "down",
+            NodeState::CatchingUp => "catching_up",
+            NodeState::Divergent => "divergent",
         }
     }
 }
@@ -67,6 +75,12 @@ pub struct Node {
     pub outstanding: AtomicUsize,
     pub queries: Counter,
     up_gauge: Gauge,
+    applied: AtomicU64,
+    applied_commit_ms: AtomicI64,
+    applied_gauge: Gauge,
+    applied_total: Counter,
+    /// Why the node is divergent, and at which seq.
+    pub divergence: std::sync::Mutex<Option<(i64, String)>>,
 }
 
 impl Node {
@@ -87,6 +101,11 @@ impl Node {
             outstanding: AtomicUsize::new(0),
             queries: metrics::counter!("reprise_node_queries_total", &labels),
             up_gauge: metrics::gauge!("reprise_node_up", &labels),
+            applied: AtomicU64::new(0),
+            applied_commit_ms: AtomicI64::new(0),
+            applied_gauge: metrics::gauge!("reprise_node_applied_seq", &labels),
+            applied_total: metrics::counter!("reprise_node_applied_entries_total", &labels),
+            divergence: std::sync::Mutex::new(None),
         }
     }
 
@@ -94,7 +113,39 @@ impl Node {
         NodeState::from_u8(self.state.load(Ordering::Relaxed))
     }
 
-    /// Records a new state; returns the previous one.
+    /// The highest seq this node has committed.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    pub fn set_applied(&self, seq: u64) {
+        let old = self.applied.swap(seq, Ordering::AcqRel);
+        if seq > old {
+            self.applied_total.increment(seq - old);
+        }
+        self.applied_gauge.set(seq as f64);
+    }
+
+    /// Commit time (ms since the epoch) of the last applied entry.
+    pub fn set_applied_commit_ms(&self, ms: i64) {
+        self.applied_commit_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn applied_commit_ms(&self) -> i64 {
+        self.applied_commit_ms.load(Ordering::Relaxed)
+    }
+
+    /// The applier found a difference: stop routing here.
+    pub fn mark_divergent(&self, seq: i64, reason: String) {
+        *self.divergence.lock().expect("divergence") = Some((seq, reason));
+        self.set_state(NodeState::Divergent);
+        metrics::counter!("reprise_divergence_events_total",
+            "group" => self.group.clone(), "node" => self.name.clone())
+        .increment(1);
+    }
+
+    /// Records a new state; returns the previous one. A divergent node
+    /// stays divergent until it is re-seeded (health probes do not clear it).
     pub fn set_state(&self, s: NodeState) -> NodeState {
         let old = NodeState::from_u8(self.state.swap(s as u8, Ordering::Relaxed));
         self.up_gauge
@@ -110,6 +161,12 @@ impl Node {
 
     pub fn is_up(&self) -> bool {
         self.state() == NodeState::Up
+    }
+
+    /// Reachable: up or catching up (the primary and the health monitor
+    /// care; reads only go to `Up` nodes).
+    pub fn is_reachable(&self) -> bool {
+        matches!(self.state(), NodeState::Up | NodeState::CatchingUp)
     }
 
     /// A unit was sent here.
@@ -140,10 +197,16 @@ pub struct Group {
     rotation: AtomicUsize,
     /// Send autocommit reads to subscribers.
     pub read_scaling: bool,
+    /// The highest seq known committed on the primary.
+    head: AtomicU64,
+    /// Woken whenever a node applies entries.
+    pub applied_notify: tokio::sync::Notify,
+    /// Readers skip subscribers further behind than this (ms).
+    pub max_lag_ms: u64,
 }
 
 impl Group {
-    pub fn new(config: &GroupConfig, read_scaling: bool) -> Group {
+    pub fn new(config: &GroupConfig, read_scaling: bool, max_lag_ms: u64) -> Group {
         Group {
             name: config.name.clone(),
             nodes: config
@@ -156,7 +219,69 @@ impl Group {
             classifier: Classifier::new(FunctionCatalog::builtin()),
             rotation: AtomicUsize::new(0),
             read_scaling,
+            head: AtomicU64::new(0),
+            applied_notify: tokio::sync::Notify::new(),
+            max_lag_ms,
         }
+    }
+
+    /// The log head: the highest committed seq seen.
+    pub fn head_seq(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    /// Raises the head to `seq` if it is higher.
+    pub fn observe_head(&self, seq: u64) {
+        self.head.fetch_max(seq, Ordering::AcqRel);
+        let p = &self.nodes[self.primary()];
+        if p.applied() < seq {
+            p.set_applied(seq);
+        }
+    }
+
+    /// Wakes everyone waiting for nodes to apply entries.
+    pub fn applied_changed(&self) {
+        self.applied_notify.notify_waiters();
+    }
+
+    /// Subscribers that have applied `seq`.
+    pub fn subscribers_at(&self, seq: u64) -> usize {
+        let p = self.primary();
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i != p && n.applied() >= seq)
+            .count()
+    }
+
+    /// Replication lag of node `i`: (entries, milliseconds).
+    pub fn lag(&self, i: usize) -> (u64, u64) {
+        let head = self.head_seq();
+        let node = &self.nodes[i];
+        let seqs = head.saturating_sub(node.applied());
+        if seqs == 0 || i == self.primary() {
+            return (0, 0);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let since = node.applied_commit_ms();
+        let ms = if since > 0 {
+            (now - since).max(0) as u64
+        } else {
+            0
+        };
+        (seqs, ms)
+    }
+
+    /// Whether node `i` may serve a read that must see `min_seq`.
+    pub fn fresh_enough(&self, i: usize, min_seq: u64) -> bool {
+        let node = &self.nodes[i];
+        if node.applied() < min_seq {
+            return false;
+        }
+        self.max_lag_ms == 0 || self.lag(i).1 <= self.max_lag_ms
     }
 
     /// Index of the primary node.
@@ -179,13 +304,24 @@ impl Group {
     /// The node for an autocommit read, never `exclude`: a live subscriber by
     /// least outstanding requests and weight, else the primary.
     pub fn pick_reader(&self, exclude: Option<usize>) -> Option<usize> {
+        self.pick_reader_at(exclude, 0)
+    }
+
+    /// A reader that has applied at least `min_seq` and is within the lag
+    /// limit; the primary if no subscriber is.
+    pub fn pick_reader_at(&self, exclude: Option<usize>, min_seq: u64) -> Option<usize> {
         let primary = self.primary();
         if self.read_scaling {
             let n = self.nodes.len();
             let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
             let candidates = (0..n)
                 .map(|k| (start + k) % n)
-                .filter(|&i| i != primary && Some(i) != exclude && self.nodes[i].is_up())
+                .filter(|&i| {
+                    i != primary
+                        && Some(i) != exclude
+                        && self.nodes[i].is_up()
+                        && self.fresh_enough(i, min_seq)
+                })
                 .map(|i| Candidate {
                     index: i,
                     outstanding: self.nodes[i].outstanding.load(Ordering::Relaxed),
@@ -201,8 +337,13 @@ impl Group {
     /// Like [`Group::pick_reader`], but keeps `prefer` (the session's last
     /// reader) while its load is within one request of the best choice, so
     /// a session's reads stay on one backend connection.
-    pub fn pick_reader_near(&self, exclude: Option<usize>, prefer: Option<usize>) -> Option<usize> {
-        let best = self.pick_reader(exclude)?;
+    pub fn pick_reader_near(
+        &self,
+        exclude: Option<usize>,
+        prefer: Option<usize>,
+        min_seq: u64,
+    ) -> Option<usize> {
+        let best = self.pick_reader_at(exclude, min_seq)?;
         let Some(p) = prefer else {
             return Some(best);
         };
@@ -213,6 +354,7 @@ impl Group {
         let eligible = self.read_scaling
             && p != self.primary()
             && node.is_up()
+            && self.fresh_enough(p, min_seq)
             && node.config.weight > 0
             && best != self.primary();
         if !eligible {
@@ -237,6 +379,7 @@ impl Group {
             name: self.name.clone(),
             term: self.term(),
             primary: self.nodes[primary].name.clone(),
+            head_seq: self.head_seq(),
             nodes: self
                 .nodes
                 .iter()
@@ -245,6 +388,19 @@ impl Group {
                     name: n.name.clone(),
                     role: self.role(i),
                     state: n.state(),
+                    applied_seq: if i == primary {
+                        self.head_seq()
+                    } else {
+                        n.applied()
+                    },
+                    lag_seq: self.lag(i).0,
+                    lag_ms: self.lag(i).1,
+                    divergence: n
+                        .divergence
+                        .lock()
+                        .expect("divergence")
+                        .as_ref()
+                        .map(|(seq, why)| format!("at seq {seq}: {why}")),
                     host: n.config.host.clone(),
                     port: n.config.port,
                     weight: n.config.weight,
@@ -261,6 +417,7 @@ pub struct GroupStatus {
     pub name: String,
     pub term: u64,
     pub primary: String,
+    pub head_seq: u64,
     pub nodes: Vec<NodeStatus>,
 }
 
@@ -270,6 +427,11 @@ pub struct NodeStatus {
     pub name: String,
     pub role: Role,
     pub state: NodeState,
+    pub applied_seq: u64,
+    pub lag_seq: u64,
+    pub lag_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub divergence: Option<String>,
     pub host: String,
     pub port: u16,
     pub weight: u32,

@@ -52,6 +52,12 @@ pub struct Unit {
     pub avoid: Option<usize>,
     /// It may change data (more than settings and transaction control).
     pub writes: bool,
+    /// It begins a transaction block: Some(read only).
+    pub begin: Option<bool>,
+    /// It ends a transaction block.
+    pub ends_tx: bool,
+    /// It must not run: answer with this error instead.
+    pub refused: Option<PgError>,
 }
 
 /// Whether a classified string may change data: anything beyond session
@@ -68,8 +74,22 @@ fn may_write(c: &Classification) -> bool {
 impl Session {
     /// A simple Query as a unit, classified.
     pub(super) fn query_unit(&mut self, f: Frame) -> Unit {
-        let sql = messages::Reader::new(f.body()).cstr().unwrap_or("");
-        let class = self.group.classifier.classify(sql);
+        let sql = messages::Reader::new(f.body())
+            .cstr()
+            .unwrap_or("")
+            .to_string();
+        let class = self.group.classifier.classify(&sql);
+        let (f, refused) = match self.deterministic(&class, &sql) {
+            Ok(Some(new_sql)) => (
+                Frame {
+                    tag: b'Q',
+                    raw: messages::query(&new_sql),
+                },
+                None,
+            ),
+            Ok(None) => (f, None),
+            Err(e) => (f, Some(e)),
+        };
         let route = if class.pin_reason.is_some() || class.parse_error {
             Route::Write
         } else if class.read_only || class.begin == Some(true) {
@@ -89,6 +109,9 @@ impl Session {
             simple: true,
             avoid: None,
             writes: may_write(&class),
+            begin: class.begin,
+            ends_tx: class.ends_tx,
+            refused,
         }
     }
 
@@ -199,6 +222,9 @@ impl Session {
             simple: false,
             avoid: None,
             writes: false,
+            begin: None,
+            ends_tx: false,
+            refused: None,
         };
         for frame in frames {
             let mut stmt = None;
@@ -206,8 +232,17 @@ impl Session {
                 b'P' => {
                     if let Some((name, query)) = statements::parse_fields(frame.body()) {
                         let name = name.to_string();
-                        let class = self.group.classifier.classify(query);
-                        stmt = Some(self.statements.define(&name, frame.clone(), class));
+                        let query = query.to_string();
+                        let class = self.group.classifier.classify(&query);
+                        let parse = match self.deterministic(&class, &query) {
+                            Ok(Some(new_sql)) => statements::rewrite_parse(&frame, &new_sql),
+                            Ok(None) => frame.clone(),
+                            Err(e) => {
+                                unit.refused.get_or_insert(e);
+                                frame.clone()
+                            }
+                        };
+                        stmt = Some(self.statements.define(&name, parse, class));
                     } else {
                         unit.route = Route::Write;
                     }
@@ -225,6 +260,8 @@ impl Session {
                                 unit.route = Route::Read;
                             }
                             unit.writes |= may_write(c);
+                            unit.begin = unit.begin.or(c.begin);
+                            unit.ends_tx |= c.ends_tx;
                             unit.settings.extend(c.session_settings.iter().cloned());
                             unit.pin = unit.pin.or(c.pin_reason);
                             stmt = Some((def, None));
@@ -253,9 +290,12 @@ impl Session {
 
     /// The backend with client units in flight, if any.
     pub(super) fn busy_backend(&self) -> Option<usize> {
+        if !self.write.own.is_empty() || self.write.sync_wait.is_some() {
+            return Some(self.group.primary());
+        }
         self.backends
             .iter()
-            .position(|b| b.as_ref().is_some_and(|c| c.tracker.client_units() > 0))
+            .position(|b| b.as_ref().is_some_and(|c| !c.tracker.is_idle()))
     }
 
     /// Picks the node for a unit that is not forced elsewhere.
@@ -268,18 +308,27 @@ impl Session {
             return Ok(primary);
         }
         match unit.route {
-            // Read-your-writes: until replication tracks positions, only
-            // the primary is known to have this session's writes.
-            Route::Read if self.wrote && self.shared.config().routing.read_your_writes => {
-                Ok(primary)
+            Route::Read => {
+                let routing = &self.shared.config().routing;
+                let replicating = self.shared.config().replication.enabled;
+                if self.wrote && routing.read_your_writes && !replicating {
+                    // Without replication only the primary has this session's writes.
+                    return Ok(primary);
+                }
+                // Read-your-writes: only nodes that applied the session's last commit.
+                let min_seq = if routing.read_your_writes {
+                    self.write.last_seq
+                } else {
+                    0
+                };
+                self.group
+                    .pick_reader_near(
+                        unit.avoid,
+                        self.last_reader.filter(|&r| Some(r) != unit.avoid),
+                        min_seq,
+                    )
+                    .ok_or_else(no_node)
             }
-            Route::Read => self
-                .group
-                .pick_reader_near(
-                    unit.avoid,
-                    self.last_reader.filter(|&r| Some(r) != unit.avoid),
-                )
-                .ok_or_else(no_node),
             Route::Write | Route::Any => Ok(primary),
         }
     }
@@ -287,6 +336,15 @@ impl Session {
     /// Whether a unit may join the work in flight on backend `b`.
     fn may_join(&self, b: usize, unit: &Unit) -> bool {
         let primary = self.group.primary();
+        if !self.write.own.is_empty()
+            || self.write.sync_wait.is_some()
+            || self.write.tx.as_ref().is_some_and(|t| t.implicit)
+            || (self.write.tx.is_some() && unit.ends_tx)
+            || (self.write.tx.is_none() && unit.writes && b == primary)
+        {
+            // The write path needs the answers so far before going on.
+            return false;
+        }
         if b == primary || self.tx_node == Some(b) {
             return true;
         }
@@ -299,6 +357,18 @@ impl Session {
 
     /// Routes a complete unit: now, or after the busy backend finishes.
     pub(super) async fn dispatch(&mut self, unit: Unit) -> Result<(), End> {
+        let refusal = unit
+            .refused
+            .clone()
+            .or_else(|| self.write_check(&unit).err());
+        if let Some(e) = refusal {
+            // Answers keep their order: wait for what is in flight first.
+            if self.busy_backend().is_some() {
+                self.pending = Some(unit);
+                return Ok(());
+            }
+            return self.fail_unit(&unit, e);
+        }
         if let Some(b) = self.busy_backend() {
             if self.may_join(b, &unit) {
                 self.retry = None;
@@ -390,8 +460,22 @@ impl Session {
                 }
             }
         }
+        let primary = self.group.primary();
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
+        let captured = target == primary && self.before_primary_unit(&unit, &mut buf);
+        if !buf.is_empty()
+            && let Some(conn) = self.backends[target].as_mut()
+        {
+            // The write lock query before_primary_unit added.
+            conn.tracker.push(Expect::Own);
+        }
+        if target == primary {
+            self.before_commit(&unit, &mut buf, target);
+        }
+        if captured {
+            self.capture_unit(&unit.items);
+        }
         let conn = self.backends[target].as_mut().expect("connected");
         // Replay SETs this backend has not seen.
         while conn.settings_applied < self.settings.len() {
@@ -400,7 +484,7 @@ impl Session {
             conn.settings_applied += 1;
         }
         for item in &unit.items {
-            emit(conn, item, &mut buf);
+            emit(conn, item, &mut buf, captured);
         }
         if unit.simple {
             conn.prepared.remove("");
@@ -478,7 +562,7 @@ impl Session {
 
 /// Writes one item for `conn`, preparing its statement there first if the
 /// client prepared it elsewhere.
-fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut) {
+fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut, captured: bool) {
     let f = &item.frame;
     match (f.tag, &item.stmt) {
         (b'P', Some((def, previous))) => {
@@ -518,10 +602,15 @@ fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut) {
             }
             conn.tracker.push(Expect::Close { injected: false });
         }
+        (b'S' | b'Q', _) if captured => conn.tracker.push(Expect::Captured),
         (b'S' | b'Q', _) => conn.tracker.push(Expect::Sync { injected: false }),
         _ => {}
     }
-    buf.extend_from_slice(&f.raw);
+    match (f.tag, &item.stmt) {
+        // A Parse goes out as recorded (possibly rewritten for determinism).
+        (b'P', Some((def, _))) => buf.extend_from_slice(&def.parse.raw),
+        _ => buf.extend_from_slice(&f.raw),
+    }
 }
 
 fn no_node() -> PgError {

@@ -7,6 +7,7 @@ pub mod cancel;
 mod dispatch;
 pub mod startup;
 pub mod statements;
+mod write;
 
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::backend::BackendConn;
+use crate::backend::{BackendConn, UnitOwner};
 use crate::group::Group;
 use crate::server::Shared;
 use crate::wire::messages::{self, PgError};
@@ -153,6 +154,8 @@ pub struct Session {
     pinned: Option<&'static str>,
     /// The session has sent something that may change data.
     wrote: bool,
+    /// The write path: lock, capture, log append, sync wait.
+    write: write::WriteState,
     /// Session-level SET statements, replayed on every backend used.
     settings: Vec<String>,
     statements: Statements,
@@ -197,6 +200,7 @@ impl Session {
             tx_node: None,
             pinned: None,
             wrote: false,
+            write: write::WriteState::default(),
             settings: Vec::new(),
             statements: Statements::default(),
             batch: Vec::new(),
@@ -257,6 +261,11 @@ impl Session {
         let shutdown_changed = shutdown.changed();
         tokio::pin!(shutdown_changed);
         loop {
+            if self.write.sync_wait.is_some() {
+                self.wait_sync().await;
+                self.set_tx_from_out();
+                continue;
+            }
             // A unit that waited for a busy backend (or a read to retry).
             if let Some(unit) = self.pending.take() {
                 if self.busy_backend().is_none() {
@@ -342,6 +351,7 @@ impl Session {
                 if let Some(i) = self.current
                     && self.backends[i].is_some()
                 {
+                    self.capture_copy(&f);
                     self.send_raw(i, &f.raw).await?;
                 }
                 Ok(())
@@ -372,24 +382,66 @@ impl Session {
             for name in &outcome.not_prepared {
                 conn.prepared.remove(name);
             }
-            if outcome.forward {
-                self.retry = None;
-                self.out.extend_from_slice(&frame.raw);
+            let idle = conn.tracker.client_units() == 0;
+            match outcome.owner {
+                Some(UnitOwner::Own) => {
+                    self.on_own_message(&frame);
+                    if frame.tag == b'Z' {
+                        let kind = self.write.last_own.take();
+                        if let Some(rfq) = kind.and_then(|k| self.on_own_done(k, true)) {
+                            self.forward_rfq(rfq, i);
+                        }
+                    }
+                    continue;
+                }
+                Some(UnitOwner::ClientCaptured) if frame.tag == b'C' => {
+                    if let Some(tx) = self.write.tx.as_mut() {
+                        tx.tags.push(
+                            messages::Reader::new(frame.body())
+                                .cstr()
+                                .unwrap_or("")
+                                .to_string(),
+                        );
+                    }
+                }
+                _ => {}
             }
             if frame.tag == b'Z' && outcome.unit_done {
-                let status = frame.body().first().copied().unwrap_or(b'I');
-                self.tx_node = (status != b'I').then_some(i);
+                self.retry = None;
                 self.group.nodes[i].end_units(1);
-                if conn.tracker.client_units() == 0 && self.pending.is_some() {
+                let rfq = if i == self.group.primary() {
+                    self.on_primary_rfq(frame, i).await?
+                } else {
+                    Some(frame)
+                };
+                if let Some(rfq) = rfq {
+                    self.forward_rfq(rfq, i);
+                }
+                if idle && self.pending.is_some() {
                     // The main loop sends the waiting unit next.
                     self.flush().await?;
                     return Ok(());
                 }
+            } else if outcome.forward {
+                self.retry = None;
+                self.out.extend_from_slice(&frame.raw);
             }
             if self.out.len() >= FLUSH_AT {
                 self.flush().await?;
             }
         }
+    }
+
+    /// Forwards a ReadyForQuery from node `i` and follows its status.
+    fn forward_rfq(&mut self, rfq: Frame, i: usize) {
+        let status = rfq.body().first().copied().unwrap_or(b'I');
+        self.tx_node = (status != b'I').then_some(i);
+        self.out.extend_from_slice(&rfq.raw);
+    }
+
+    /// After a held ReadyForQuery went out: the transaction is over.
+    fn set_tx_from_out(&mut self) {
+        self.tx_node = None;
     }
 
     /// Sends raw bytes to backend `i`; a failure counts as losing it.

@@ -83,6 +83,25 @@ pub fn target(body: &[u8]) -> Option<(u8, &str)> {
     Some((kind, r.cstr()?))
 }
 
+/// The same Parse with another query text (parameter types kept).
+pub fn rewrite_parse(parse: &Frame, sql: &str) -> Frame {
+    let body = parse.body();
+    let mut r = Reader::new(body);
+    let (Some(name), Some(_)) = (r.cstr(), r.cstr()) else {
+        return parse.clone();
+    };
+    let mut b = BytesMut::new();
+    put_cstr(&mut b, name);
+    put_cstr(&mut b, sql);
+    b.extend_from_slice(r.rest());
+    let mut raw = BytesMut::new();
+    put_message(b'P', &b, &mut raw);
+    Frame {
+        tag: b'P',
+        raw: raw.freeze(),
+    }
+}
+
 /// A Close of a prepared statement.
 pub fn close_statement(name: &str) -> Frame {
     let mut body = BytesMut::new();

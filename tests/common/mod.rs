@@ -61,6 +61,15 @@ impl Proxy {
         }
     }
 
+    /// Kills the proxy abruptly: its tasks are dropped mid-flight, like a
+    /// SIGKILL of the process (every client and node connection is cut).
+    pub fn kill(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
     /// libpq URL of a database through the proxy.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@{}/{db}", self.addr)

@@ -1,0 +1,87 @@
+-- The reprise schema, installed by the proxy on every node of a group when
+-- missing. It never touches user tables. Version 1.
+CREATE SCHEMA IF NOT EXISTS reprise;
+
+-- This node's own state: its term and role.
+CREATE TABLE IF NOT EXISTS reprise.node (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    schema_version integer NOT NULL,
+    term bigint NOT NULL DEFAULT 1,
+    role text NOT NULL DEFAULT 'subscriber'
+);
+
+-- The log: one entry per committed write transaction, in commit order.
+-- A node's highest seq is its applied position.
+CREATE TABLE IF NOT EXISTS reprise.log (
+    seq bigint PRIMARY KEY,
+    term bigint NOT NULL,
+    payload bytea NOT NULL,
+    prev_hash text NOT NULL,
+    hash text NOT NULL,
+    -- Sequence states before and after, when the transaction changed any:
+    -- a JSON array [before, after] of reprise.sequences() results.
+    sequences text,
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Appends an entry on the primary inside the writing transaction. The
+-- caller holds the group's write lock, so seq order is commit order.
+-- Refuses entries of another term (fencing a stale primary).
+CREATE OR REPLACE FUNCTION reprise.append(p_term bigint, p_payload bytea, p_seqs_before text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_term bigint;
+    v_seq bigint;
+    v_prev text;
+    v_after text;
+BEGIN
+    SELECT term INTO v_term FROM reprise.node;
+    IF v_term IS DISTINCT FROM p_term THEN
+        RAISE EXCEPTION 'reprise: this node is at term %, the entry is of term %', v_term, p_term
+            USING ERRCODE = '40P02', HINT = 'a newer primary exists; retry the transaction';
+    END IF;
+    SELECT seq, hash INTO v_seq, v_prev FROM reprise.log ORDER BY seq DESC LIMIT 1;
+    v_seq := coalesce(v_seq, 0) + 1;
+    v_prev := coalesce(v_prev, '');
+    v_after := reprise.sequences();
+    INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences)
+    VALUES (v_seq, p_term, p_payload, v_prev,
+            encode(sha256(convert_to(v_prev, 'UTF8') || p_payload), 'hex'),
+            CASE WHEN v_after = coalesce(p_seqs_before, '[]') THEN NULL
+                 ELSE '[' || coalesce(p_seqs_before, '[]') || ',' || v_after || ']' END);
+    PERFORM pg_notify('reprise_log', v_seq::text);
+    RETURN v_seq;
+END
+$fn$;
+
+-- Records an entry replayed on a subscriber, in the replaying transaction:
+-- exactly once (primary key) and only right after the previous one.
+CREATE OR REPLACE FUNCTION reprise.applied(p_seq bigint, p_term bigint, p_payload bytea,
+                                           p_prev_hash text, p_hash text, p_sequences text,
+                                           p_committed_at timestamptz)
+RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_seq bigint;
+    v_prev text;
+BEGIN
+    SELECT seq, hash INTO v_seq, v_prev FROM reprise.log ORDER BY seq DESC LIMIT 1;
+    IF coalesce(v_seq, 0) + 1 <> p_seq OR coalesce(v_prev, '') <> p_prev_hash THEN
+        RAISE EXCEPTION 'reprise: entry % does not follow this node''s log (at seq %)', p_seq, coalesce(v_seq, 0)
+            USING ERRCODE = '40P03';
+    END IF;
+    INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences, committed_at)
+    VALUES (p_seq, p_term, p_payload, p_prev_hash, p_hash, p_sequences, p_committed_at);
+END
+$fn$;
+
+-- Sequence states, to make replayed nextval calls give the same numbers.
+CREATE OR REPLACE FUNCTION reprise.sequences()
+RETURNS text LANGUAGE sql STABLE AS $fn$
+    SELECT coalesce(json_agg(json_build_array(format('%I.%I', schemaname, sequencename),
+                                              last_value, start_value)
+                             ORDER BY schemaname, sequencename)::text, '[]')
+    FROM pg_sequences
+    WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'reprise')
+$fn$;
+
+INSERT INTO reprise.node (schema_version) VALUES (1) ON CONFLICT DO NOTHING;

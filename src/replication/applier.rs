@@ -1,0 +1,344 @@
+//! One applier per subscriber: it reads the primary's log after the node's
+//! applied seq and replays each entry in one transaction on the node,
+//! inserting the same log row there (exactly once, crash-safe). A statement
+//! that fails, or reports another command tag than on the primary, stops
+//! the applier and marks the node divergent — never skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::{Notify, watch};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use super::{Entry, SeqState, sequences_column, setval_sql};
+use crate::backend::BackendConn;
+use crate::group::health::connect_config;
+use crate::group::{Group, NodeState};
+use crate::wire::messages::{self, Reader, put_cstr, put_message};
+
+/// Why applying stopped.
+#[derive(Debug)]
+enum Stop {
+    /// The node or the primary is unreachable: retry later.
+    Transient(String),
+    /// The node's copy no longer matches: mark it divergent.
+    Divergent { seq: i64, reason: String },
+}
+
+/// Runs the applier of node `index` until shutdown.
+pub async fn run(group: Arc<Group>, index: usize, mut shutdown: watch::Receiver<bool>) {
+    let node = group.nodes[index].clone();
+    loop {
+        if stopped(&shutdown) {
+            return;
+        }
+        let pause = if node.state() == NodeState::Divergent || index == group.primary() {
+            Duration::from_millis(500)
+        } else {
+            match apply_loop(&group, index, &mut shutdown).await {
+                Ok(()) => return,
+                Err(Stop::Transient(e)) => {
+                    tracing::debug!(group = %group.name, node = %node.name, error = %e, "applier will retry");
+                    Duration::from_millis(300)
+                }
+                Err(Stop::Divergent { seq, reason }) => {
+                    tracing::error!(group = %group.name, node = %node.name, seq, %reason, "node is divergent: its applier stopped");
+                    node.mark_divergent(seq, reason);
+                    Duration::from_millis(500)
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Shutdown was asked for, or the server is gone.
+fn stopped(rx: &watch::Receiver<bool>) -> bool {
+    rx.has_changed().is_err() || *rx.borrow()
+}
+
+/// Connects to the primary, LISTENs, and applies until an error.
+async fn apply_loop(
+    group: &Arc<Group>,
+    index: usize,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), Stop> {
+    let node = group.nodes[index].clone();
+    let primary = group.nodes[group.primary()].clone();
+    let transient = |e: &dyn std::fmt::Display| Stop::Transient(e.to_string());
+
+    // The node: a control connection for its position, a raw one to replay.
+    let (local, conn) = connect_config(&node.target)
+        .connect(NoTls)
+        .await
+        .map_err(|e| transient(&e))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let row = local
+        .query_one("SELECT coalesce(max(seq), 0) FROM reprise.log", &[])
+        .await
+        .map_err(|e| transient(&e))?;
+    let mut applied: i64 = row.get(0);
+    node.set_applied(applied as u64);
+    let mut replay = BackendConn::connect(&node.target, &[], Duration::from_secs(5))
+        .await
+        .map_err(|e| transient(&e))?;
+
+    // The primary: LISTEN for new entries.
+    let (source, mut pconn) = connect_config(&primary.target)
+        .connect(NoTls)
+        .await
+        .map_err(|e| transient(&e))?;
+    let wake = Arc::new(Notify::new());
+    let w = wake.clone();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| pconn.poll_message(cx));
+        while let Some(Ok(m)) = stream.next().await {
+            if let AsyncMessage::Notification(_) = m {
+                w.notify_one();
+            }
+        }
+        w.notify_one();
+    });
+    source
+        .batch_execute(&format!("LISTEN {}", super::LOG_CHANNEL))
+        .await
+        .map_err(|e| transient(&e))?;
+    if node.state() == NodeState::Up && group.head_seq() > applied as u64 {
+        node.set_state(NodeState::CatchingUp);
+    }
+
+    let fetch = source
+        .prepare(
+            "SELECT seq, term, payload, prev_hash, hash, \
+             (extract(epoch FROM committed_at) * 1000000)::bigint, sequences \
+             FROM reprise.log WHERE seq > $1 ORDER BY seq LIMIT 100",
+        )
+        .await
+        .map_err(|e| transient(&e))?;
+    loop {
+        if stopped(shutdown) {
+            return Ok(());
+        }
+        if index == group.primary() {
+            return Err(Stop::Transient("this node is the primary now".into()));
+        }
+        let rows = source
+            .query(&fetch, &[&applied])
+            .await
+            .map_err(|e| transient(&e))?;
+        if let Some(last) = rows.last() {
+            group.observe_head(last.get::<_, i64>(0) as u64);
+        }
+        for row in &rows {
+            let seq: i64 = row.get(0);
+            let term: i64 = row.get(1);
+            let payload: Vec<u8> = row.get(2);
+            let prev_hash: String = row.get(3);
+            let hash: String = row.get(4);
+            let committed_us: i64 = row.get(5);
+            let sequences: Option<String> = row.get(6);
+            let entry =
+                Entry::decode(&payload).map_err(|reason| Stop::Divergent { seq, reason })?;
+            let logged = Logged {
+                seq,
+                term,
+                payload: &payload,
+                prev_hash: &prev_hash,
+                hash: &hash,
+                sequences: sequences.as_deref(),
+                committed_us,
+            };
+            apply_one(&mut replay, &logged, &entry).await?;
+            applied = seq;
+            node.set_applied(seq as u64);
+            node.set_applied_commit_ms(committed_us / 1000);
+            group.applied_changed();
+        }
+        if rows.is_empty() {
+            if node.state() == NodeState::CatchingUp {
+                node.set_state(NodeState::Up);
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                _ = shutdown.changed() => {}
+            }
+            if source.is_closed() {
+                return Err(Stop::Transient("lost the connection to the primary".into()));
+            }
+        }
+    }
+}
+
+/// A log row as read from the primary.
+struct Logged<'a> {
+    seq: i64,
+    term: i64,
+    payload: &'a [u8],
+    prev_hash: &'a str,
+    hash: &'a str,
+    sequences: Option<&'a str>,
+    /// The primary's commit time, µs since the epoch.
+    committed_us: i64,
+}
+
+/// Replays one entry in one transaction on the node.
+async fn apply_one(conn: &mut BackendConn, row: &Logged<'_>, entry: &Entry) -> Result<(), Stop> {
+    let seq = row.seq;
+    let h = &entry.header;
+    let (before, after): (Vec<SeqState>, Vec<SeqState>) = sequences_column(row.sequences);
+    let mut setup = String::from("BEGIN; RESET ALL; DEALLOCATE ALL; ");
+    for s in &h.settings {
+        setup.push_str(s);
+        setup.push_str("; ");
+    }
+    setup.push_str(&format!(
+        "SET LOCAL reprise.now = '{}'; {}",
+        h.now.replace('\'', "''"),
+        setval_sql(&before)
+    ));
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&messages::query(&setup));
+    buf.extend_from_slice(&entry.messages);
+    let captured_units = count_units(&entry.messages);
+    append_applied(&mut buf, row);
+    buf.extend_from_slice(&messages::query(&format!("{} COMMIT", setval_sql(&after))));
+    conn.send(&buf)
+        .await
+        .map_err(|e| Stop::Transient(e.to_string()))?;
+
+    // Read until the last ReadyForQuery; tags of the captured part.
+    let total = captured_units + 3;
+    let mut rfqs = 0;
+    let mut tags = Vec::new();
+    let mut error: Option<String> = None;
+    while rfqs < total {
+        let f = match conn.reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(Stop::Transient("the node closed the connection".into())),
+            Err(e) => return Err(Stop::Transient(e.to_string())),
+        };
+        match f.tag {
+            b'Z' => rfqs += 1,
+            b'C' if rfqs >= 1 && rfqs <= captured_units => {
+                tags.push(Reader::new(f.body()).cstr().unwrap_or_default().to_string());
+            }
+            b'E' if error.is_none() => {
+                let part = match rfqs {
+                    0 => "setting up the transaction",
+                    r if r <= captured_units => "replaying a statement",
+                    r if r == captured_units + 1 => "recording the entry",
+                    _ => "committing",
+                };
+                error = Some(format!(
+                    "{part}: {} (SQLSTATE {})",
+                    messages::error_message(f.body()),
+                    messages::error_code(f.body()).unwrap_or_default()
+                ));
+            }
+            _ => {}
+        }
+    }
+    if let Some(reason) = error {
+        let _ = conn.send(&messages::query("ROLLBACK")).await;
+        return Err(Stop::Divergent { seq, reason });
+    }
+    if tags != h.tags {
+        return Err(Stop::Divergent {
+            seq,
+            reason: format!(
+                "the statements reported {tags:?} here but {:?} on the primary",
+                h.tags
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Units (each ending in a ReadyForQuery) in raw frontend messages.
+pub fn count_units(messages: &[u8]) -> usize {
+    let mut n = 0;
+    let mut rest = messages;
+    while rest.len() >= 5 {
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if matches!(rest[0], b'Q' | b'S') {
+            n += 1;
+        }
+        rest = rest.get(len + 1..).unwrap_or(&[]);
+    }
+    n
+}
+
+/// `SELECT reprise.applied(…)` with the payload as a binary parameter.
+fn append_applied(buf: &mut BytesMut, row: &Logged<'_>) {
+    let mut parse = BytesMut::new();
+    put_cstr(&mut parse, "");
+    put_cstr(
+        &mut parse,
+        "SELECT reprise.applied($1::bigint, $2::bigint, $3::bytea, $4::text, $5::text, $6::text, \
+         to_timestamp($7::bigint / 1000000.0))",
+    );
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    put_message(b'P', &parse, buf);
+    let params: [(i16, Option<Bytes>); 7] = [
+        (0, Some(Bytes::from(row.seq.to_string()))),
+        (0, Some(Bytes::from(row.term.to_string()))),
+        (1, Some(Bytes::copy_from_slice(row.payload))),
+        (0, Some(Bytes::from(row.prev_hash.to_string()))),
+        (0, Some(Bytes::from(row.hash.to_string()))),
+        (0, row.sequences.map(|s| Bytes::from(s.to_string()))),
+        (0, Some(Bytes::from(row.committed_us.to_string()))),
+    ];
+    put_message(b'B', &bind_body(&params), buf);
+    put_message(b'E', b"\0\0\0\0\0", buf);
+    put_message(b'S', b"", buf);
+}
+
+/// A Bind body for the unnamed portal and statement (None is NULL).
+pub fn bind_body(params: &[(i16, Option<Bytes>)]) -> BytesMut {
+    let mut b = BytesMut::new();
+    put_cstr(&mut b, "");
+    put_cstr(&mut b, "");
+    b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for (fmt, _) in params {
+        b.extend_from_slice(&fmt.to_be_bytes());
+    }
+    b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for (_, v) in params {
+        match v {
+            Some(v) => {
+                b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                b.extend_from_slice(v);
+            }
+            None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_units_in_raw_messages() {
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&messages::query("insert into t values (1)"));
+        put_message(b'P', b"\0select 1\0\0\0", &mut b);
+        put_message(b'B', b"\0\0\0\0\0\0\0\0", &mut b);
+        put_message(b'E', b"\0\0\0\0\0", &mut b);
+        put_message(b'S', b"", &mut b);
+        put_message(b'd', b"1\t2\n", &mut b);
+        assert_eq!(count_units(&b), 2);
+        assert_eq!(count_units(&[]), 0);
+        assert_eq!(count_units(&[b'Q', 0, 0]), 0);
+    }
+}

@@ -1,0 +1,1335 @@
+//! Determinism check for write statements (DESIGN.md, "Determinism: what
+//! replay must neutralise").
+//!
+//! Every write statement the primary runs is replayed later on the
+//! subscribers, so it must produce the same rows there. [`analyze_write`]
+//! inspects one write SQL string (possibly several statements) before it runs
+//! on the primary and says whether to run it unchanged, run a rewritten text
+//! (on the primary *and* on replay), or refuse it (SQLSTATE 0A000).
+//!
+//! Time functions are rewritten to read the per-transaction timestamp that
+//! the proxy stores with `SET LOCAL reprise.now = '…'` ([`NOW_EXPR`]).
+//!
+//! Detection walks the parse tree as serde JSON (so no node kind is missed);
+//! rewriting splices replacements into the client's own text at the token
+//! positions the parser reports, so everything else in the text (comments,
+//! `$n` parameters, formatting) stays exactly as the client wrote it. The
+//! result is parsed again before it is handed out.
+
+use std::panic::{self, AssertUnwindSafe};
+
+use pg_query::protobuf::{ScanToken, Token};
+use serde_json::Value;
+
+/// The setting the proxy fills with the primary's transaction timestamp.
+pub const NOW_SETTING: &str = "reprise.now";
+
+/// What every time function is rewritten to: the transaction timestamp taken
+/// on the primary when set, else the local `now()` (e.g. a column default
+/// evaluated by an INSERT made directly on a node).
+pub const NOW_EXPR: &str =
+    "COALESCE(NULLIF(current_setting('reprise.now', true), '')::timestamptz, now())";
+
+/// The outcome of [`analyze_write`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WriteAnalysis {
+    /// Some(new text) when the text must be rewritten (run the new text on the
+    /// primary and on replay).
+    pub rewritten: Option<String>,
+    /// Some(reason) when the statement must be refused (SQLSTATE 0A000).
+    pub refused: Option<String>,
+    /// Target tables of `INSERT … SELECT` (not `INSERT … VALUES`), as written
+    /// (`schema.table` when qualified).
+    pub insert_select_targets: Vec<String>,
+    /// A call to `nextval` or `setval` appears somewhere.
+    pub uses_nextval: bool,
+}
+
+/// Functions whose result differs between runs.
+const VOLATILE_FUNCTIONS: &[&str] = &[
+    "random",
+    "random_normal",
+    "setseed",
+    "gen_random_uuid",
+    "uuidv4",
+    "uuidv7",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "uuid_generate_v4",
+    "gen_random_bytes",
+    "gen_salt",
+    "clock_timestamp",
+    "timeofday",
+];
+
+/// Functions whose result belongs to one server.
+const SERVER_FUNCTIONS: &[&str] = &[
+    "txid_current",
+    "txid_current_if_assigned",
+    "txid_current_snapshot",
+    "pg_current_xact_id",
+    "pg_current_xact_id_if_assigned",
+    "pg_current_snapshot",
+    "pg_backend_pid",
+    "inet_server_addr",
+    "inet_server_port",
+    "pg_postmaster_start_time",
+];
+
+/// Functions rewritten to [`NOW_EXPR`].
+const NOW_FUNCTIONS: &[&str] = &["now", "transaction_timestamp", "statement_timestamp"];
+
+/// System columns: physical, different on each copy.
+const SYSTEM_COLUMNS: &[&str] = &["ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"];
+
+/// The SQL value functions that read the clock (`CURRENT_TIMESTAMP` …).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Svf {
+    CurrentDate,
+    CurrentTime,
+    CurrentTimestamp,
+    LocalTime,
+    LocalTimestamp,
+}
+
+impl Svf {
+    /// From pg_query's `SqlValueFunctionOp` (1..=9) and its typmod.
+    fn from_op(op: i64, typmod: i64) -> Option<(Svf, Option<i64>)> {
+        let p = (typmod >= 0).then_some(typmod);
+        Some(match op {
+            1 => (Svf::CurrentDate, None),
+            2 => (Svf::CurrentTime, None),
+            3 => (Svf::CurrentTime, p),
+            4 => (Svf::CurrentTimestamp, None),
+            5 => (Svf::CurrentTimestamp, p),
+            6 => (Svf::LocalTime, None),
+            7 => (Svf::LocalTime, p),
+            8 => (Svf::LocalTimestamp, None),
+            9 => (Svf::LocalTimestamp, p),
+            _ => return None,
+        })
+    }
+
+    fn from_keyword(word: &str) -> Option<Svf> {
+        Some(match word {
+            "current_date" => Svf::CurrentDate,
+            "current_time" => Svf::CurrentTime,
+            "current_timestamp" => Svf::CurrentTimestamp,
+            "localtime" => Svf::LocalTime,
+            "localtimestamp" => Svf::LocalTimestamp,
+            _ => return None,
+        })
+    }
+
+    /// The replacement text, of the same SQL type as the original.
+    fn replacement(self, precision: Option<i64>) -> String {
+        let ty = match self {
+            Svf::CurrentDate => "date",
+            Svf::CurrentTime => "timetz",
+            Svf::CurrentTimestamp => "timestamptz",
+            Svf::LocalTime => "time",
+            Svf::LocalTimestamp => "timestamp",
+        };
+        match (self, precision) {
+            (Svf::CurrentTimestamp, None) => NOW_EXPR.to_string(),
+            (Svf::CurrentDate, _) | (_, None) => format!("(({NOW_EXPR})::{ty})"),
+            (_, Some(p)) => format!("(({NOW_EXPR})::{ty}({p}))"),
+        }
+    }
+}
+
+/// The expression replacing a special datetime literal (`'now'`, `'today'`,
+/// …) cast to `type_name`; None when the pair is not time-dependent.
+fn special_literal_expr(literal: &str, type_name: &str) -> Option<String> {
+    let literal = literal.trim().to_ascii_lowercase();
+    let date_like = matches!(type_name, "timestamptz" | "timestamp" | "date");
+    let time_like = matches!(type_name, "time" | "timetz");
+    match literal.as_str() {
+        "now" if date_like || time_like => Some(NOW_EXPR.to_string()),
+        "today" if date_like => Some(format!("(({NOW_EXPR})::date)")),
+        "tomorrow" if date_like => Some(format!("(({NOW_EXPR})::date + 1)")),
+        "yesterday" if date_like => Some(format!("(({NOW_EXPR})::date - 1)")),
+        _ => None,
+    }
+}
+
+fn volatile_reason(name: &str) -> String {
+    format!(
+        "{name}() is not deterministic: its value would differ on each copy of the group; \
+         generate the value in the application and pass it as a parameter"
+    )
+}
+
+fn server_reason(name: &str) -> String {
+    format!(
+        "{name}() returns a value that belongs to one server, so it would differ on each copy \
+         of the group; compute it in the application and pass it as a parameter"
+    )
+}
+
+fn refused_function_reason(name: &str) -> Option<String> {
+    if VOLATILE_FUNCTIONS.contains(&name) {
+        Some(volatile_reason(name))
+    } else if SERVER_FUNCTIONS.contains(&name) {
+        Some(server_reason(name))
+    } else {
+        None
+    }
+}
+
+fn is_refused_function(name: &str) -> bool {
+    VOLATILE_FUNCTIONS.contains(&name) || SERVER_FUNCTIONS.contains(&name)
+}
+
+/// Inspect one write SQL string before it runs on the primary.
+///
+/// Never panics on any input. A string that does not parse gives the
+/// all-default analysis (no rewrite, not refused: the server will report the
+/// syntax error).
+pub fn analyze_write(sql: &str) -> WriteAnalysis {
+    if !might_matter(sql) {
+        return WriteAnalysis::default();
+    }
+    panic::catch_unwind(AssertUnwindSafe(|| analyze(sql))).unwrap_or_default()
+}
+
+/// Substrings (lower case) one of which any statement [`analyze`] would
+/// rewrite, refuse or report contains.
+const NEEDLES: &[&str] = &[
+    "now",
+    "current_",
+    "localtime",
+    "today",
+    "tomorrow",
+    "yesterday",
+    "_timestamp",
+    "random",
+    "uuid",
+    "gen_salt",
+    "setseed",
+    "timeofday",
+    "txid",
+    "xact",
+    "snapshot",
+    "pid",
+    "inet_server",
+    "postmaster",
+    "ctid",
+    "xmin",
+    "xmax",
+    "cmin",
+    "cmax",
+    "tableoid",
+    "tablesample",
+    "skip",
+    "insert",
+    "nextval",
+    "setval",
+    "function",
+    "procedure",
+];
+
+/// Cheap pre-filter so that the common statement without any of the
+/// constructs is not parsed at all.
+fn might_matter(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    NEEDLES.iter().any(|n| lower.contains(n))
+        || lower
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|w| w == "do")
+}
+
+fn analyze(sql: &str) -> WriteAnalysis {
+    if sql.contains('\0') {
+        return WriteAnalysis::default();
+    }
+    let tree = match pg_query::parse(sql, 0) {
+        Ok(parsed) => parsed.protobuf,
+        // Valid SQL nested deeper than prost's decode limit: no tree to walk.
+        Err(pg_query::Error::Decode(_)) => return crude_analysis(sql),
+        Err(_) => return WriteAnalysis::default(),
+    };
+    let Ok(json) = serde_json::to_value(&tree) else {
+        return crude_analysis(sql);
+    };
+    let tokens = scan(sql).unwrap_or_default();
+    let mut walker = Walker {
+        sql,
+        tokens: &tokens,
+        edits: Vec::new(),
+        refused: None,
+        insert_select_targets: Vec::new(),
+        uses_nextval: false,
+    };
+    if let Some(stmts) = json.get("stmts").and_then(Value::as_array) {
+        for stmt in stmts {
+            let ctx = Ctx {
+                data_modifying: has_data_modification(stmt),
+                ddl_expression: false,
+            };
+            walker.walk(stmt, ctx);
+        }
+    }
+    let mut analysis = WriteAnalysis {
+        rewritten: None,
+        refused: walker.refused,
+        insert_select_targets: walker.insert_select_targets,
+        uses_nextval: walker.uses_nextval,
+    };
+    if analysis.refused.is_some() || walker.edits.is_empty() {
+        return analysis;
+    }
+    match apply_edits(sql, walker.edits) {
+        Some(text) if parses(&text) => analysis.rewritten = Some(text),
+        _ => {
+            analysis.refused = Some(
+                "reprise could not rewrite the time functions of this statement safely \
+                 (now(), CURRENT_TIMESTAMP, …); pass the timestamp as a parameter instead"
+                    .to_string(),
+            )
+        }
+    }
+    analysis
+}
+
+/// The scanner's tokens. (`pg_query::scan_tokens` builds a slice from a null
+/// pointer when there are no tokens, which aborts in debug builds.)
+fn scan(sql: &str) -> Option<Vec<ScanToken>> {
+    if sql.trim().is_empty() {
+        return Some(Vec::new());
+    }
+    pg_query::scan(sql).ok().map(|r| r.tokens)
+}
+
+fn parses(sql: &str) -> bool {
+    panic::catch_unwind(AssertUnwindSafe(|| pg_query::parse(sql, 0).is_ok())).unwrap_or(false)
+}
+
+/// A replacement of `sql[start..end]`.
+#[derive(Debug, Clone, PartialEq)]
+struct Edit {
+    start: usize,
+    end: usize,
+    text: String,
+}
+
+/// Splice non-overlapping edits into `text`; None if they overlap or do not
+/// fall on character boundaries.
+fn apply_edits(text: &str, mut edits: Vec<Edit>) -> Option<String> {
+    edits.sort_by_key(|e| (e.start, e.end));
+    let mut out = String::with_capacity(text.len() + edits.len() * NOW_EXPR.len());
+    let mut pos = 0;
+    for edit in &edits {
+        if edit.start < pos || edit.end < edit.start {
+            return None;
+        }
+        out.push_str(text.get(pos..edit.start)?);
+        out.push_str(&edit.text);
+        pos = edit.end;
+    }
+    out.push_str(text.get(pos..)?);
+    Some(out)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    /// The top-level statement changes data (INSERT/UPDATE/DELETE/MERGE
+    /// anywhere in it, or SELECT INTO / CREATE TABLE AS).
+    data_modifying: bool,
+    /// Inside a column definition, constraint or ALTER TABLE command.
+    ddl_expression: bool,
+}
+
+struct Walker<'a> {
+    sql: &'a str,
+    tokens: &'a [ScanToken],
+    edits: Vec<Edit>,
+    refused: Option<String>,
+    insert_select_targets: Vec<String>,
+    uses_nextval: bool,
+}
+
+impl Walker<'_> {
+    fn refuse(&mut self, reason: String) {
+        if self.refused.is_none() {
+            self.refused = Some(reason);
+        }
+    }
+
+    fn cannot_rewrite(&mut self, what: &str) {
+        self.refuse(format!(
+            "reprise could not rewrite {what} in this statement so that every copy of the \
+             group gets the same value; pass the timestamp as a parameter instead"
+        ));
+    }
+
+    fn walk(&mut self, value: &Value, ctx: Ctx) {
+        match value {
+            Value::Array(items) => {
+                for item in items {
+                    self.walk(item, ctx);
+                }
+            }
+            Value::Object(map) => {
+                for (key, child) in map {
+                    if !self.visit(key, child, ctx) {
+                        continue;
+                    }
+                    let child_ctx = match key.as_str() {
+                        "ColumnDef" | "Constraint" | "AlterTableCmd" => Ctx {
+                            ddl_expression: true,
+                            ..ctx
+                        },
+                        _ => ctx,
+                    };
+                    self.walk(child, child_ctx);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Look at one node (`kind` is the node type tag); false to skip its
+    /// subtree.
+    fn visit(&mut self, kind: &str, node: &Value, ctx: Ctx) -> bool {
+        match kind {
+            "FuncCall" => self.visit_func_call(node, ctx),
+            "SqlvalueFunction" => {
+                let op = node.get("op").and_then(Value::as_i64).unwrap_or(0);
+                let typmod = node.get("typmod").and_then(Value::as_i64).unwrap_or(-1);
+                if let Some((svf, precision)) = Svf::from_op(op, typmod) {
+                    let loc = location(node);
+                    match self.svf_span(loc, precision.is_some()) {
+                        Some((start, end)) => self.edits.push(Edit {
+                            start,
+                            end,
+                            text: svf.replacement(precision),
+                        }),
+                        None => self.cannot_rewrite("a CURRENT_TIMESTAMP-like expression"),
+                    }
+                }
+            }
+            "TypeCast" => self.visit_type_cast(node),
+            "ColumnRef" => {
+                let last = node
+                    .get("fields")
+                    .and_then(Value::as_array)
+                    .and_then(|f| f.last())
+                    .and_then(string_node);
+                if let Some(col) = last.filter(|c| SYSTEM_COLUMNS.contains(c)) {
+                    self.refuse(format!(
+                        "the system column {col} is not the same on each copy of the group \
+                         (it reflects where and when a row was stored); identify rows by a key \
+                         instead"
+                    ));
+                }
+            }
+            "RangeTableSample" => self.refuse(
+                "TABLESAMPLE picks different rows on each copy of the group; select the rows \
+                 by key instead"
+                    .to_string(),
+            ),
+            // wait_policy 2 is LockWaitPolicy::LockWaitSkip.
+            "LockingClause"
+                if ctx.data_modifying
+                    && node.get("wait_policy").and_then(Value::as_i64) == Some(2) =>
+            {
+                self.refuse(
+                    "FOR UPDATE/SHARE SKIP LOCKED inside a write picks rows depending on \
+                     concurrent locks, so replay could change different rows; select the \
+                     rows by key instead"
+                        .to_string(),
+                );
+            }
+            "InsertStmt" => self.visit_insert(node),
+            // Our own NOW_EXPR (e.g. analysing an already rewritten text):
+            // its fallback now() must stay as it is.
+            "CoalesceExpr" => return !is_now_expr(node),
+            "CreateFunctionStmt" => {
+                let what = if node.get("is_procedure").and_then(Value::as_bool) == Some(true) {
+                    "procedure"
+                } else {
+                    "function"
+                };
+                let options = node.get("options");
+                self.visit_routine_body(options, what, "sql");
+            }
+            "DoStmt" => self.visit_routine_body(node.get("args"), "DO block", "plpgsql"),
+            _ => {}
+        }
+        true
+    }
+
+    fn visit_func_call(&mut self, node: &Value, ctx: Ctx) {
+        let names: Vec<&str> = node
+            .get("funcname")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(string_node).collect())
+            .unwrap_or_default();
+        let Some(&name) = names.last() else { return };
+        let builtin = names.len() == 1 || (names.len() == 2 && names[0] == "pg_catalog");
+        if builtin && (name == "nextval" || name == "setval") {
+            self.uses_nextval = true;
+        }
+        if let Some(reason) = refused_function_reason(name) {
+            if ctx.ddl_expression {
+                self.refuse(format!(
+                    "a column DEFAULT or CHECK that calls {name}() would give a different value \
+                     on each copy of the group; generate the value in the application and pass \
+                     it as a parameter"
+                ));
+            } else {
+                self.refuse(reason);
+            }
+            return;
+        }
+        let no_args = node
+            .get("args")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty);
+        if builtin && no_args && NOW_FUNCTIONS.contains(&name) {
+            match self.call_span(location(node)) {
+                Some((start, end)) => self.edits.push(Edit {
+                    start,
+                    end,
+                    text: NOW_EXPR.to_string(),
+                }),
+                None => self.cannot_rewrite(&format!("{name}()")),
+            }
+        }
+    }
+
+    fn visit_type_cast(&mut self, node: &Value) {
+        let Some(literal) = node
+            .get("arg")
+            .and_then(|a| a.get("node"))
+            .and_then(|n| n.get("AConst"))
+        else {
+            return;
+        };
+        let Some(sval) = literal
+            .get("val")
+            .and_then(|v| v.get("Sval"))
+            .and_then(|s| s.get("sval"))
+            .and_then(Value::as_str)
+        else {
+            return;
+        };
+        let Some(type_name) = node.get("type_name") else {
+            return;
+        };
+        let is_array = type_name
+            .get("array_bounds")
+            .and_then(Value::as_array)
+            .is_some_and(|b| !b.is_empty());
+        let last = type_name
+            .get("names")
+            .and_then(Value::as_array)
+            .and_then(|n| n.last())
+            .and_then(string_node);
+        let Some(ty) = last.filter(|_| !is_array) else {
+            return;
+        };
+        let Some(expr) = special_literal_expr(sval, ty) else {
+            return;
+        };
+        let lit_loc = location(literal);
+        let type_loc = location(type_name);
+        let Some(lit) = self
+            .token_at(lit_loc)
+            .filter(|&i| is_string_token(&self.tokens[i]))
+        else {
+            self.cannot_rewrite(&format!("'{sval}'::{ty}"));
+            return;
+        };
+        let lit_tok = &self.tokens[lit];
+        let (start, end) = (lit_tok.start as usize, lit_tok.end as usize);
+        if type_loc >= 0 && type_loc < lit_loc {
+            // `timestamp 'now'`: replace the type and the literal together.
+            let Some(type_text) = self.sql.get(type_loc as usize..start) else {
+                self.cannot_rewrite(&format!("{ty} '{sval}'"));
+                return;
+            };
+            let text = format!("(({expr})::{})", type_text.trim());
+            self.edits.push(Edit {
+                start: type_loc as usize,
+                end,
+                text,
+            });
+        } else {
+            // `'now'::timestamptz`, `CAST('now' AS date)`: replace the literal,
+            // keep the cast.
+            self.edits.push(Edit {
+                start,
+                end,
+                text: format!("({expr})"),
+            });
+        }
+    }
+
+    fn visit_insert(&mut self, node: &Value) {
+        let Some(select) = node
+            .get("select_stmt")
+            .and_then(|s| s.get("node"))
+            .filter(|s| !s.is_null())
+        else {
+            return; // DEFAULT VALUES
+        };
+        let plain_values = select
+            .get("SelectStmt")
+            .and_then(|s| s.get("values_lists"))
+            .and_then(Value::as_array)
+            .is_some_and(|v| !v.is_empty());
+        if plain_values {
+            return;
+        }
+        let Some(rel) = node.get("relation") else {
+            return;
+        };
+        let schema = rel.get("schemaname").and_then(Value::as_str).unwrap_or("");
+        let name = rel.get("relname").and_then(Value::as_str).unwrap_or("");
+        if name.is_empty() {
+            return;
+        }
+        let target = if schema.is_empty() {
+            name.to_string()
+        } else {
+            format!("{schema}.{name}")
+        };
+        if !self.insert_select_targets.contains(&target) {
+            self.insert_select_targets.push(target);
+        }
+    }
+
+    /// `CREATE FUNCTION … AS $$ body $$` and `DO $$ body $$`: the body is a
+    /// string the parser does not look into.
+    fn visit_routine_body(&mut self, options: Option<&Value>, what: &str, default_lang: &str) {
+        let mut language = default_lang.to_string();
+        let mut body: Option<(&str, i64)> = None;
+        for opt in options.and_then(Value::as_array).into_iter().flatten() {
+            let Some(def) = opt.get("node").and_then(|n| n.get("DefElem")) else {
+                continue;
+            };
+            let arg = def.get("arg");
+            match def.get("defname").and_then(Value::as_str) {
+                Some("language") => {
+                    if let Some(l) = arg.and_then(string_node) {
+                        language = l.to_ascii_lowercase();
+                    }
+                }
+                Some("as") => {
+                    let arg_loc = def
+                        .get("arg_location")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(-1);
+                    if let Some(s) = arg.and_then(string_node) {
+                        body = Some((s, arg_loc));
+                    } else if let Some(items) = arg
+                        .and_then(|a| a.get("node"))
+                        .and_then(|n| n.get("List"))
+                        .and_then(|l| l.get("items"))
+                        .and_then(Value::as_array)
+                    {
+                        // Two strings: object file and symbol of a C function.
+                        if let [only] = items.as_slice() {
+                            body = string_node(only).map(|s| (s, arg_loc));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some((body, arg_loc)) = body else { return };
+        match language.as_str() {
+            "sql" | "plpgsql" => {}
+            "c" | "internal" => return,
+            _ => {
+                // Another procedural language: look for calls, do not rewrite.
+                if let Some(name) = crude_find_call(body, is_refused_function) {
+                    self.refuse(routine_reason(what, &name));
+                }
+                return;
+            }
+        }
+        let (edits, refused) = analyze_body(body);
+        if let Some(name) = refused {
+            self.refuse(routine_reason(what, &name));
+            return;
+        }
+        if edits.is_empty() {
+            return;
+        }
+        let new_body = apply_edits(body, edits);
+        let tok = self
+            .token_at(arg_loc)
+            .filter(|&i| is_string_token(&self.tokens[i]));
+        match (new_body, tok) {
+            (Some(new_body), Some(i)) => {
+                let tok = &self.tokens[i];
+                self.edits.push(Edit {
+                    start: tok.start as usize,
+                    end: tok.end as usize,
+                    text: dollar_quote(&new_body),
+                });
+            }
+            _ => self.cannot_rewrite(&format!("the time functions in the body of this {what}")),
+        }
+    }
+
+    fn token_at(&self, loc: i64) -> Option<usize> {
+        let loc = i32::try_from(loc).ok().filter(|l| *l >= 0)?;
+        self.tokens.binary_search_by_key(&loc, |t| t.start).ok()
+    }
+
+    /// Span of a function call starting at `loc`: name … matching `)`.
+    fn call_span(&self, loc: i64) -> Option<(usize, usize)> {
+        let first = self.token_at(loc)?;
+        let open = (first..self.tokens.len().min(first + 6))
+            .find(|&i| self.tokens[i].token == Token::Ascii40 as i32)?;
+        let close = matching_paren(self.tokens, open)?;
+        Some((
+            self.tokens[first].start as usize,
+            self.tokens[close].end as usize,
+        ))
+    }
+
+    /// Span of `CURRENT_TIMESTAMP` or `CURRENT_TIMESTAMP(p)` at `loc`.
+    fn svf_span(&self, loc: i64, has_precision: bool) -> Option<(usize, usize)> {
+        let first = self.token_at(loc)?;
+        let mut last = first;
+        if has_precision {
+            let open = first + 1;
+            if self.tokens.get(open)?.token != Token::Ascii40 as i32 {
+                return None;
+            }
+            last = matching_paren(self.tokens, open)?;
+        }
+        Some((
+            self.tokens[first].start as usize,
+            self.tokens[last].end as usize,
+        ))
+    }
+}
+
+fn routine_reason(what: &str, name: &str) -> String {
+    if what == "DO block" {
+        format!(
+            "a DO block that calls {name}() would give a different result on each copy of the \
+             group; generate the value in the application and pass it as a parameter"
+        )
+    } else {
+        format!(
+            "a {what} that calls {name}() would give different results on each copy of the group \
+             when a write calls it; generate the value in the application and pass it as a \
+             parameter"
+        )
+    }
+}
+
+/// Rewrite time functions in a `sql`/`plpgsql` body. Returns the edits of the
+/// body text and the first refused function called, if any.
+fn analyze_body(body: &str) -> (Vec<Edit>, Option<String>) {
+    let Some(tokens) = scan(body) else {
+        // Not scannable as SQL: be conservative about refused calls, and
+        // refuse time functions we cannot rewrite.
+        let name = crude_find_call(body, |w| {
+            is_refused_function(w) || NOW_FUNCTIONS.contains(&w) || Svf::from_keyword(w).is_some()
+        });
+        return (Vec::new(), name);
+    };
+    // Our own NOW_EXPR (an already rewritten body) stays as it is.
+    let protected: Vec<(usize, usize)> = body
+        .match_indices(NOW_EXPR)
+        .map(|(i, m)| (i, i + m.len()))
+        .collect();
+    let text = |t: &ScanToken| body.get(t.start as usize..t.end as usize).unwrap_or("");
+    let is_word = |t: &ScanToken| t.token == Token::Ident as i32 || t.keyword_kind != 0;
+    let is_tok = |i: usize, kind: Token| tokens.get(i).is_some_and(|t| t.token == kind as i32);
+    let word = |i: usize| {
+        tokens
+            .get(i)
+            .filter(|t| is_word(t))
+            .map(|t| text(t).to_ascii_lowercase())
+    };
+    let mut edits = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        let tok = &tokens[i];
+        let start = tok.start as usize;
+        if protected.iter().any(|&(s, e)| start >= s && start < e) {
+            i += 1;
+            continue;
+        }
+        let after_dot = i > 0 && is_tok(i - 1, Token::Ascii46);
+        if let Some(w) = word(i) {
+            let call = is_tok(i + 1, Token::Ascii40);
+            if call && is_refused_function(&w) {
+                return (edits, Some(w));
+            }
+            if call && NOW_FUNCTIONS.contains(&w.as_str()) && is_tok(i + 2, Token::Ascii41) {
+                let qualified_start = if after_dot {
+                    (i >= 2 && word(i - 2).as_deref() == Some("pg_catalog"))
+                        .then(|| tokens[i - 2].start as usize)
+                } else {
+                    Some(start)
+                };
+                if let Some(s) = qualified_start {
+                    edits.push(Edit {
+                        start: s,
+                        end: tokens[i + 2].end as usize,
+                        text: NOW_EXPR.to_string(),
+                    });
+                    i += 3;
+                    continue;
+                }
+            }
+            if !after_dot
+                && tok.token != Token::Ident as i32
+                && let Some(svf) = Svf::from_keyword(&w)
+            {
+                let precision = (svf != Svf::CurrentDate
+                    && call
+                    && is_tok(i + 2, Token::Iconst)
+                    && is_tok(i + 3, Token::Ascii41))
+                .then(|| text(&tokens[i + 2]).parse::<i64>().ok())
+                .flatten();
+                let end = if precision.is_some() {
+                    tokens[i + 3].end as usize
+                } else {
+                    tok.end as usize
+                };
+                edits.push(Edit {
+                    start,
+                    end,
+                    text: svf.replacement(precision),
+                });
+                i += if precision.is_some() { 4 } else { 1 };
+                continue;
+            }
+        } else if tok.token == Token::Sconst as i32 && is_tok(i + 1, Token::Typecast) {
+            // 'now'::timestamptz
+            let lit = text(tok);
+            let inner = lit
+                .strip_prefix('\'')
+                .and_then(|l| l.strip_suffix('\''))
+                .unwrap_or("");
+            let ty = word(i + 2).unwrap_or_default();
+            if !is_tok(i + 3, Token::Ascii91)
+                && let Some(expr) = special_literal_expr(inner, &ty)
+            {
+                edits.push(Edit {
+                    start,
+                    end: tok.end as usize,
+                    text: format!("({expr})"),
+                });
+            }
+        }
+        i += 1;
+    }
+    (edits, None)
+}
+
+/// Quote `body` as a dollar-quoted string whose tag does not occur in it.
+fn dollar_quote(body: &str) -> String {
+    let mut n = 0u32;
+    loop {
+        let tag = if n == 0 {
+            "$reprise$".to_string()
+        } else {
+            format!("$reprise{n}$")
+        };
+        if !body.contains(&tag) && !body.ends_with('$') {
+            return format!("{tag}{body}{tag}");
+        }
+        if !body.contains(&tag) {
+            // A body ending in `$` would run into the closing tag.
+            return format!("{tag}{body}\n{tag}");
+        }
+        n += 1;
+    }
+}
+
+fn matching_paren(tokens: &[ScanToken], open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, t) in tokens.iter().enumerate().skip(open) {
+        if t.token == Token::Ascii40 as i32 {
+            depth += 1;
+        } else if t.token == Token::Ascii41 as i32 {
+            depth = depth.checked_sub(1)?;
+            if depth == 0 {
+                return Some(i);
+            }
+        }
+    }
+    None
+}
+
+fn is_string_token(t: &ScanToken) -> bool {
+    t.token == Token::Sconst as i32 || t.token == Token::Usconst as i32
+}
+
+fn location(node: &Value) -> i64 {
+    node.get("location").and_then(Value::as_i64).unwrap_or(-1)
+}
+
+/// The text of a `{"node": {"String": {"sval": …}}}` node.
+fn string_node(v: &Value) -> Option<&str> {
+    v.get("node")?.get("String")?.get("sval")?.as_str()
+}
+
+/// Is this CoalesceExpr our own [`NOW_EXPR`]?
+fn is_now_expr(node: &Value) -> bool {
+    let Some([first, second]) = node
+        .get("args")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+    else {
+        return false;
+    };
+    let fallback = second.get("node").and_then(|n| n.get("FuncCall"));
+    let fallback_is_now = fallback.is_some_and(|f| {
+        f.get("args")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+            && f.get("funcname")
+                .and_then(Value::as_array)
+                .is_some_and(|n| n.len() == 1 && string_node(&n[0]) == Some("now"))
+    });
+    if !fallback_is_now {
+        return false;
+    }
+    let text = first.to_string();
+    text.contains("\"current_setting\"") && text.contains(&format!("\"{NOW_SETTING}\""))
+}
+
+/// Does a statement change data (so SKIP LOCKED in it matters)?
+fn has_data_modification(v: &Value) -> bool {
+    match v {
+        Value::Array(items) => items.iter().any(has_data_modification),
+        Value::Object(map) => map.iter().any(|(k, child)| {
+            matches!(
+                k.as_str(),
+                "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" | "CreateTableAsStmt"
+            ) || (k == "into_clause" && !child.is_null())
+                || has_data_modification(child)
+        }),
+        _ => false,
+    }
+}
+
+/// First word (case-insensitive, ASCII) matching `pred` that is followed by
+/// `(`; ignores strings and comments, so it errs on the side of finding.
+fn crude_find_call(text: &str, pred: impl Fn(&str) -> bool) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c.is_ascii_alphabetic() || c == b'_' {
+            let start = i;
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                i += 1;
+            }
+            let w = text[start..i].to_ascii_lowercase();
+            let next = bytes[i..].iter().find(|b| !b.is_ascii_whitespace());
+            if pred(&w) && (next == Some(&b'(') || Svf::from_keyword(&w).is_some()) {
+                return Some(w);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+/// For statements we could not get a tree for (too deeply nested): refuse
+/// if anything we would have rewritten or refused might be in it.
+fn crude_analysis(sql: &str) -> WriteAnalysis {
+    let lower = sql.to_ascii_lowercase();
+    let mut analysis = WriteAnalysis {
+        uses_nextval: lower.contains("nextval") || lower.contains("setval"),
+        ..WriteAnalysis::default()
+    };
+    let call = crude_find_call(sql, |w| {
+        is_refused_function(w) || NOW_FUNCTIONS.contains(&w) || Svf::from_keyword(w).is_some()
+    });
+    let words: Vec<&str> = lower
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    let other = words
+        .iter()
+        .find(|w| SYSTEM_COLUMNS.contains(w) || **w == "tablesample" || **w == "now");
+    if let Some(what) = call.or(other.map(|w| w.to_string())) {
+        analysis.refused = Some(format!(
+            "this statement is nested too deeply for reprise to check that it gives the same \
+             result on each copy of the group (it mentions {what}); simplify it or pass the \
+             value as a parameter"
+        ));
+    }
+    analysis
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewritten(sql: &str) -> String {
+        let a = analyze_write(sql);
+        assert_eq!(a.refused, None, "{sql}");
+        let out = a
+            .rewritten
+            .unwrap_or_else(|| panic!("no rewrite for {sql}"));
+        assert!(parses(&out), "rewrite does not parse: {out}");
+        assert!(out.contains("current_setting('reprise.now'"), "{out}");
+        // Idempotent: the rewritten text needs no further rewrite.
+        let again = analyze_write(&out);
+        assert_eq!(again.rewritten, None, "rewrite of {out}");
+        assert_eq!(again.refused, None, "{out}");
+        out
+    }
+
+    fn refused(sql: &str) -> String {
+        let a = analyze_write(sql);
+        assert_eq!(a.rewritten, None, "{sql}");
+        a.refused.unwrap_or_else(|| panic!("not refused: {sql}"))
+    }
+
+    #[test]
+    fn rewrites_time_functions() {
+        let cases: &[(&str, &[&str])] = &[
+            ("INSERT INTO h (mtime) VALUES (CURRENT_TIMESTAMP)", &[]),
+            (
+                "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)",
+                &["$1", "$2", "$3", "$4"],
+            ),
+            ("UPDATE t SET d = now() WHERE id = $1", &["$1"]),
+            ("UPDATE t SET d = pg_catalog.now() WHERE id = $1", &["$1"]),
+            ("update t set d = NOW ( ) returning id, now()", &[]),
+            (
+                "CREATE TABLE e (id bigserial primary key, at timestamptz DEFAULT now())",
+                &["bigserial"],
+            ),
+            (
+                "ALTER TABLE e ALTER COLUMN at SET DEFAULT current_timestamp",
+                &["SET DEFAULT"],
+            ),
+            (
+                "alter table e add column c date default current_date",
+                &["::date"],
+            ),
+            ("insert into t values ('now'::timestamptz)", &[]),
+            ("insert into t values (timestamp 'now')", &["::timestamp"]),
+            (
+                "insert into t values (timestamp with time zone 'NOW')",
+                &["::timestamp with time zone"],
+            ),
+            ("insert into t values (cast('today' as date))", &["::date"]),
+            (
+                "insert into t values (CURRENT_TIMESTAMP(3))",
+                &["timestamptz(3)"],
+            ),
+            (
+                "insert into t values (localtimestamp(2), localtime)",
+                &["timestamp(2)", "::time)"],
+            ),
+            ("insert into t values (current_time(1))", &["timetz(1)"]),
+            (
+                "insert into t values (transaction_timestamp(), statement_timestamp())",
+                &[],
+            ),
+            (
+                "delete from t where at < now() - interval '1 day'",
+                &["interval '1 day'"],
+            ),
+            (
+                "insert into a values (1); -- keep me\nupdate b set x = now() where y = $1",
+                &["-- keep me", "$1", "insert into a values (1);"],
+            ),
+            (
+                "with x as (update t set d = now() returning *) insert into l select * from x",
+                &[],
+            ),
+            (
+                "insert into t values (1) on conflict (id) do update set d = now()",
+                &[],
+            ),
+        ];
+        for (sql, keep) in cases {
+            let out = rewritten(sql);
+            for k in *keep {
+                assert!(out.contains(k), "{out} lacks {k}");
+            }
+            assert!(
+                !out.to_ascii_lowercase().contains("current_timestamp"),
+                "{out}"
+            );
+        }
+    }
+
+    #[test]
+    fn exact_replacement_text() {
+        assert_eq!(
+            analyze_write("UPDATE t SET d = now() WHERE id = $1").rewritten,
+            Some(format!("UPDATE t SET d = {NOW_EXPR} WHERE id = $1"))
+        );
+        assert_eq!(
+            analyze_write("insert into t values (CURRENT_DATE)").rewritten,
+            Some(format!("insert into t values ((({NOW_EXPR})::date))"))
+        );
+        assert_eq!(
+            analyze_write("insert into t values ('now'::timestamptz)").rewritten,
+            Some(format!("insert into t values (({NOW_EXPR})::timestamptz)"))
+        );
+    }
+
+    #[test]
+    fn passes_through_unchanged() {
+        for sql in [
+            "select 1",
+            "insert into t values (1)",
+            "INSERT INTO t VALUES ($1, 'now')",
+            "update t set a = a + 1 where id = $1",
+            "select pg_sleep(1)",
+            "insert into t values (uuid_generate_v5(uuid_ns_url(), 'x'))",
+            "insert into t values ('epoch'::timestamptz, 'today'::time)",
+            "insert into t (x) values (myschema.now())",
+            "select * from q for update skip locked",
+            "create table t (a int)",
+        ] {
+            let a = analyze_write(sql);
+            assert_eq!(a.rewritten, None, "{sql}");
+            assert_eq!(a.refused, None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn refuses_functions() {
+        for name in VOLATILE_FUNCTIONS.iter().chain(SERVER_FUNCTIONS) {
+            let sql = format!("insert into t (v) values ({name}())");
+            let reason = refused(&sql);
+            assert!(reason.contains(&format!("{name}()")), "{reason}");
+            let sql = format!("UPDATE t SET v = {}() WHERE id = $1", name.to_uppercase());
+            refused(&sql);
+        }
+        let reason = refused("UPDATE t SET token = md5(random()::text)");
+        assert!(reason.contains("random()"), "{reason}");
+        refused("insert into t select * from s order by random() limit 1");
+        refused("insert into t values (public.uuid_generate_v4())");
+        refused("insert into t values (now(), gen_random_uuid())");
+        // Something that looks like our own NOW_EXPR but is not.
+        refused(
+            "insert into t values (coalesce(current_setting('reprise.now', true)::timestamptz, clock_timestamp()))",
+        );
+        rewritten("UPDATE t SET d = now() WHERE id = $1; update u set e = CURRENT_DATE");
+    }
+
+    #[test]
+    fn refuses_other_constructs() {
+        let r = refused("delete from t where ctid in (select ctid from t limit 10)");
+        assert!(r.contains("ctid"), "{r}");
+        let r = refused("update t set a = 1 where t.xmin = 5");
+        assert!(r.contains("xmin"), "{r}");
+        refused("insert into t select * from s tablesample system (10)");
+        let r = refused(
+            "delete from q where id = (select id from q order by id for update skip locked limit 1)",
+        );
+        assert!(r.contains("SKIP LOCKED"), "{r}");
+        refused(
+            "with j as (select id from q for update skip locked limit 1) update q set done = true from j where q.id = j.id",
+        );
+        let r = refused("CREATE TABLE t (id uuid DEFAULT gen_random_uuid() PRIMARY KEY)");
+        assert!(
+            r.contains("DEFAULT") && r.contains("gen_random_uuid()"),
+            "{r}"
+        );
+        let r = refused("alter table t alter column id set default gen_random_uuid()");
+        assert!(r.contains("gen_random_uuid()"), "{r}");
+        refused("create table t (a float check (a < random()))");
+    }
+
+    #[test]
+    fn function_bodies() {
+        let r = refused(
+            "CREATE FUNCTION f() RETURNS timestamptz LANGUAGE plpgsql AS $$ BEGIN RETURN clock_timestamp(); END $$",
+        );
+        assert!(
+            r.contains("clock_timestamp()") && r.contains("function"),
+            "{r}"
+        );
+        refused("create procedure p() language sql as 'insert into t values (random())'");
+        refused("do $$ begin insert into t values (gen_random_uuid()); end $$");
+        refused(
+            "create function f() returns int language plpython3u as $$ import random; return random.random() $$",
+        );
+        // A comment or string mentioning the name is fine.
+        assert_eq!(
+            analyze_write(
+                "create function f() returns text language sql as $$ select 'random()' -- random()\n$$"
+            )
+            .refused,
+            None
+        );
+
+        let out = rewritten(
+            "CREATE OR REPLACE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n  NEW.mtime := now();\n  NEW.d := CURRENT_DATE;\n  NEW.s := 'now'::timestamptz;\n  RETURN NEW;\nEND\n$$",
+        );
+        assert!(out.contains("$reprise$"), "{out}");
+        assert!(!out.contains("now();"), "{out}");
+        let out =
+            rewritten("create function f() returns timestamptz language sql as 'select now()'");
+        assert!(out.contains("$reprise$select COALESCE("), "{out}");
+        rewritten("create function f() returns timestamptz begin atomic select now(); end");
+        rewritten(
+            "create function f(t timestamptz default now()) returns int language sql as 'select 1'",
+        );
+        rewritten("do $$ begin update t set d = current_timestamp; end $$");
+        // No time function: text unchanged.
+        assert_eq!(
+            analyze_write("create function f() returns int language sql as $$ select 1 $$"),
+            WriteAnalysis::default()
+        );
+        // C functions are not looked into.
+        assert_eq!(
+            analyze_write("create function f() returns int language c as 'random', 'random' "),
+            WriteAnalysis::default()
+        );
+    }
+
+    #[test]
+    fn insert_select_targets_and_nextval() {
+        assert_eq!(
+            analyze_write("insert into t (a) select x from s").insert_select_targets,
+            vec!["t".to_string()]
+        );
+        assert_eq!(
+            analyze_write("insert into public.t select * from s where a = $1")
+                .insert_select_targets,
+            vec!["public.t".to_string()]
+        );
+        assert_eq!(
+            analyze_write("insert into t select 1 union all select 2").insert_select_targets,
+            vec!["t".to_string()]
+        );
+        assert!(
+            analyze_write("insert into t values (1)")
+                .insert_select_targets
+                .is_empty()
+        );
+        assert!(
+            analyze_write("insert into t default values")
+                .insert_select_targets
+                .is_empty()
+        );
+        let a = analyze_write("insert into t values (nextval('s'))");
+        assert!(a.uses_nextval);
+        assert_eq!(a.rewritten, None);
+        assert!(analyze_write("select setval('s', 5)").uses_nextval);
+        assert!(!analyze_write("insert into t values (1)").uses_nextval);
+    }
+
+    #[test]
+    fn unparsable_is_default() {
+        for sql in [
+            "",
+            "insert into",
+            "update t set d = now( where",
+            "\0",
+            "select $$",
+        ] {
+            assert_eq!(analyze_write(sql), WriteAnalysis::default(), "{sql:?}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_checked_crudely() {
+        let nest = |inner: &str| {
+            format!(
+                "insert into t values ({}{inner}{})",
+                "abs(".repeat(200),
+                ")".repeat(200)
+            )
+        };
+        assert!(matches!(
+            pg_query::parse(&nest("1"), 0),
+            Err(pg_query::Error::Decode(_))
+        ));
+        assert_eq!(analyze_write(&nest("1")), WriteAnalysis::default());
+        // Never passed through as is.
+        let a = analyze_write(&nest("now()"));
+        assert!(a.rewritten.is_some() || a.refused.is_some());
+        assert!(analyze_write(&nest("random()")).refused.is_some());
+        // Parentheses are not nodes: deeply parenthesised text is analysed.
+        let parens = format!(
+            "insert into t values ({}now(){})",
+            "(".repeat(300),
+            ")".repeat(300)
+        );
+        assert!(analyze_write(&parens).rewritten.is_some());
+    }
+
+    #[test]
+    fn no_panic_on_garbage() {
+        let fragments = [
+            "insert into t values (",
+            "now()",
+            "CURRENT_TIMESTAMP(",
+            "'now'::",
+            "timestamp 'now'",
+            "$$",
+            "$1",
+            ")",
+            "select ctid from",
+            "create function f() returns int language plpgsql as $$",
+            "begin",
+            "end",
+            ";",
+            "'",
+            "\"",
+            "--",
+            "/*",
+            "*/",
+            "é",
+            "日本",
+            "random()",
+            "update t set a =",
+            "where",
+            "tablesample",
+            "E'\\\\'",
+            "U&'\\0041'",
+            "do $x$",
+            "$x$",
+            "(",
+            "::timestamptz",
+            "current_date",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..3000 {
+            let n = next() % 8;
+            let mut sql = String::new();
+            for _ in 0..n {
+                if next() % 5 == 0 {
+                    let len = next() % 12;
+                    for _ in 0..len {
+                        let c = char::from_u32((next() % 0x3000) as u32).unwrap_or('x');
+                        sql.push(c);
+                    }
+                } else {
+                    sql.push_str(fragments[(next() as usize) % fragments.len()]);
+                }
+                sql.push(' ');
+            }
+            let a = analyze_write(&sql);
+            let unfiltered =
+                panic::catch_unwind(AssertUnwindSafe(|| analyze(&sql))).unwrap_or_default();
+            assert_eq!(a, unfiltered, "{sql:?}");
+            if let Some(out) = &a.rewritten {
+                assert!(parses(out), "{sql:?} -> {out:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! The write path of a session: the group's write lock from the first write
+//! statement, capture of every write with its bound parameters, the log
+//! append inside the same transaction just before COMMIT, and the wait for
+//! `sync_replicas`.
+
+use std::collections::{HashSet, VecDeque};
+
+use bytes::BytesMut;
+
+use super::dispatch::{Item, Unit};
+use super::{End, Session};
+use crate::backend::Expect;
+use crate::replication::{self, Entry, EntryHeader, determinism};
+use crate::route::Classification;
+use crate::wire::Frame;
+use crate::wire::messages::{self, PgError, Reader};
+
+/// A write transaction in progress on the primary.
+#[derive(Debug, Default)]
+pub struct WriteTx {
+    /// The proxy opened it around an autocommit write: it commits it too.
+    pub implicit: bool,
+    /// Raw frontend messages to replay.
+    pub capture: BytesMut,
+    /// Statements whose Parse is already in the capture: (name, generation).
+    parsed: HashSet<(String, u64)>,
+    pub tags: Vec<String>,
+    pub now: String,
+    /// `reprise.sequences()` when the lock was taken.
+    pub seqs_before: String,
+    pub settings: Vec<String>,
+    /// The lock or append failed: the transaction must not commit.
+    pub failed: Option<PgError>,
+    /// The seq the append returned.
+    pub seq: Option<u64>,
+    /// The client's own ReadyForQuery, held until the commit is settled.
+    pub held_rfq: Option<Frame>,
+}
+
+/// A unit the proxy sent for itself on the primary, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Own {
+    Lock,
+    Append,
+    Commit,
+    Rollback,
+}
+
+/// The write-path part of a session's state.
+#[derive(Debug, Default)]
+pub struct WriteState {
+    pub tx: Option<WriteTx>,
+    pub own: VecDeque<Own>,
+    /// Highest seq this session committed (read-your-writes).
+    pub last_seq: u64,
+    /// A committed transaction's ReadyForQuery waiting for subscribers.
+    pub sync_wait: Option<(u64, Frame)>,
+    /// The own unit whose ReadyForQuery just arrived.
+    pub last_own: Option<Own>,
+}
+
+/// Statements that are per-node maintenance: never logged.
+pub fn is_maintenance(sql: &str) -> bool {
+    let first = first_word(sql);
+    matches!(
+        first.as_str(),
+        "VACUUM" | "ANALYZE" | "ANALYSE" | "CHECKPOINT" | "CLUSTER" | "REINDEX" | "LOAD"
+    )
+}
+
+/// Statements that cannot run inside a transaction block.
+pub fn not_in_transaction(sql: &str) -> Option<&'static str> {
+    let upper = sql.to_ascii_uppercase();
+    let words: Vec<&str> = upper.split_whitespace().collect();
+    let has = |a: &str, b: &str| words.windows(2).any(|w| w[0] == a && w[1] == b);
+    if has("INDEX", "CONCURRENTLY") {
+        return Some("CREATE/DROP INDEX CONCURRENTLY");
+    }
+    match words.first().copied() {
+        Some("CREATE") if words.get(1) == Some(&"DATABASE") => Some("CREATE DATABASE"),
+        Some("DROP") if words.get(1) == Some(&"DATABASE") => Some("DROP DATABASE"),
+        Some("ALTER") if words.get(1) == Some(&"SYSTEM") => Some("ALTER SYSTEM"),
+        Some("CREATE") if words.get(1) == Some(&"TABLESPACE") => Some("CREATE TABLESPACE"),
+        _ => None,
+    }
+}
+
+/// Whether a transaction-ending statement is a rollback.
+pub fn is_rollback(sql: &str) -> bool {
+    let w = first_word(sql);
+    w == "ROLLBACK" || w == "ABORT"
+}
+
+fn first_word(sql: &str) -> String {
+    crate::route::normalize::trim_sql(sql)
+        .trim_start_matches('(')
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase()
+}
+
+/// The SQL text of a unit's statements (simple Query or Parses).
+pub fn unit_sql(unit: &Unit) -> Vec<String> {
+    unit.items
+        .iter()
+        .filter_map(|i| match i.frame.tag {
+            b'Q' => Reader::new(i.frame.body()).cstr().map(str::to_string),
+            b'B' => i.stmt.as_ref().and_then(|(d, _)| {
+                super::statements::parse_fields(d.parse.body()).map(|(_, q)| q.to_string())
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Session {
+    fn replicating(&self) -> bool {
+        self.shared.config().replication.enabled
+    }
+
+    /// For a statement that may write: the text to run instead (same on the
+    /// primary and on replay), or the 0A000 refusal of a construct that
+    /// replay cannot reproduce.
+    pub(super) fn deterministic(
+        &self,
+        class: &Classification,
+        sql: &str,
+    ) -> Result<Option<String>, PgError> {
+        if !self.replicating() || class.read_only || class.parse_error {
+            return Ok(None);
+        }
+        let a = determinism::analyze_write(sql);
+        if let Some(reason) = a.refused {
+            return Err(PgError::error("0A000", reason));
+        }
+        Ok(a.rewritten)
+    }
+
+    /// Whether the unit at the primary must be logged, and how: called
+    /// before it is sent. Returns an error to answer instead of running it.
+    pub(super) fn write_check(&self, unit: &Unit) -> Result<(), PgError> {
+        if !self.replicating() || !unit.writes {
+            return Ok(());
+        }
+        for sql in unit_sql(unit) {
+            if let Some(what) = not_in_transaction(&sql) {
+                return Err(PgError::error(
+                    "0A000",
+                    format!("{what} is not replicated by Reprise yet"),
+                )
+                .with_hint("run it on each node directly"));
+            }
+        }
+        if unit.ends_tx {
+            return Err(PgError::error(
+                "0A000",
+                "Reprise needs COMMIT in a query of its own after writes, so that it can log the transaction first",
+            )
+            .with_hint("send the writes and COMMIT as separate queries"));
+        }
+        Ok(())
+    }
+
+    /// A unit about to go to the primary: takes the write lock first if it
+    /// writes and this transaction holds none. Returns whether to capture it.
+    pub(super) fn before_primary_unit(&mut self, unit: &Unit, buf: &mut BytesMut) -> bool {
+        if !self.replicating() {
+            return false;
+        }
+        let maintenance = unit_sql(unit).iter().all(|s| is_maintenance(s));
+        if self.write.tx.is_some() {
+            return unit.writes && !maintenance;
+        }
+        if !unit.writes || maintenance {
+            return false;
+        }
+        let implicit = self.tx_node.is_none() && unit.begin.is_none();
+        let begin = if self.tx_node.is_none() {
+            "BEGIN; "
+        } else {
+            ""
+        };
+        let lock = format!("{begin}{}", replication::lock_query(&self.group.name));
+        buf.extend_from_slice(&messages::query(&lock));
+        self.write.own.push_back(Own::Lock);
+        self.write.tx = Some(WriteTx {
+            implicit,
+            settings: self.settings.clone(),
+            ..WriteTx::default()
+        });
+        true
+    }
+
+    /// Copies a sent unit into the capture.
+    pub(super) fn capture_unit(&mut self, items: &[Item]) {
+        let Some(tx) = self.write.tx.as_mut() else {
+            return;
+        };
+        for item in items {
+            if let Some((def, _)) = &item.stmt {
+                let key = (def.name.clone(), def.generation);
+                if item.frame.tag == b'P' {
+                    tx.parsed.insert(key);
+                } else if !tx.parsed.contains(&key) {
+                    tx.capture.extend_from_slice(&def.parse.raw);
+                    tx.parsed.insert(key);
+                }
+            }
+            if item.frame.tag != b'H' {
+                tx.capture.extend_from_slice(&item.frame.raw);
+            }
+        }
+    }
+
+    /// COPY data of a captured COPY FROM STDIN.
+    pub(super) fn capture_copy(&mut self, f: &Frame) {
+        if let Some(tx) = self.write.tx.as_mut()
+            && self.current == Some(self.group.primary())
+        {
+            tx.capture.extend_from_slice(&f.raw);
+        }
+    }
+
+    /// A COMMIT unit in a write transaction: append the entry first.
+    pub(super) fn before_commit(&mut self, unit: &Unit, buf: &mut BytesMut, p: usize) {
+        if self.write.tx.is_none() || !unit.ends_tx || unit.writes {
+            return;
+        }
+        if unit_sql(unit).iter().any(|s| is_rollback(s)) {
+            return;
+        }
+        self.inject_append(buf, p);
+    }
+
+    /// Adds the log append (Parse/Bind/Execute/Sync) to `buf`.
+    fn inject_append(&mut self, buf: &mut BytesMut, p: usize) {
+        let Some(tx) = self.write.tx.as_mut() else {
+            return;
+        };
+        let entry = Entry {
+            header: EntryHeader {
+                now: tx.now.clone(),
+                settings: tx.settings.clone(),
+                tags: tx.tags.clone(),
+            },
+            messages: tx.capture.split().freeze(),
+        };
+        let payload = entry.encode();
+        let term = self.group.term();
+        let mut parse = BytesMut::new();
+        messages::put_cstr(&mut parse, "");
+        messages::put_cstr(
+            &mut parse,
+            "SELECT reprise.append($1::bigint, $2::bytea, $3::text)",
+        );
+        parse.extend_from_slice(&0i16.to_be_bytes());
+        messages::put_message(b'P', &parse, buf);
+        let params = [
+            (0i16, Some(bytes::Bytes::from(term.to_string()))),
+            (1, Some(payload)),
+            (0, Some(bytes::Bytes::from(tx.seqs_before.clone()))),
+        ];
+        messages::put_message(b'B', &crate::replication::applier::bind_body(&params), buf);
+        messages::put_message(b'E', b"\0\0\0\0\0", buf);
+        messages::put_message(b'S', b"", buf);
+        if let Some(conn) = self.backends[p].as_mut() {
+            conn.tracker.push(Expect::Parse {
+                injected: true,
+                name: String::new(),
+            });
+            conn.tracker.push(Expect::Own);
+            conn.prepared.remove("");
+        }
+        self.write.own.push_back(Own::Append);
+    }
+
+    /// A message from the primary that belongs to one of our own units.
+    pub(super) fn on_own_message(&mut self, f: &Frame) {
+        let Some(kind) = self.write.own.front().copied() else {
+            return;
+        };
+        match f.tag {
+            b'D' => {
+                let cols = data_row(f.body());
+                if let Some(tx) = self.write.tx.as_mut() {
+                    match kind {
+                        Own::Lock if cols.len() >= 3 => {
+                            tx.now = cols[1].clone().unwrap_or_default();
+                            tx.seqs_before = cols[2].clone().unwrap_or_else(|| "[]".into());
+                        }
+                        Own::Append => {
+                            tx.seq = cols.first().cloned().flatten().and_then(|v| v.parse().ok());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            b'E' => {
+                let e = PgError::error(
+                    "XX000",
+                    format!(
+                        "Reprise could not log the transaction: {}",
+                        messages::error_message(f.body())
+                    ),
+                );
+                tracing::error!(error = %e, ?kind, "write path failed");
+                if let Some(tx) = self.write.tx.as_mut()
+                    && tx.failed.is_none()
+                {
+                    tx.failed = Some(e);
+                }
+            }
+            b'Z' => {
+                self.write.last_own = self.write.own.pop_front();
+            }
+            _ => {}
+        }
+    }
+
+    /// The ReadyForQuery of a client unit from the primary. Returns the frame
+    /// to forward now, if any (None: held until the commit is settled).
+    pub(super) async fn on_primary_rfq(
+        &mut self,
+        f: Frame,
+        p: usize,
+    ) -> Result<Option<Frame>, End> {
+        let status = f.body().first().copied().unwrap_or(b'I');
+        let Some(tx) = self.write.tx.as_mut() else {
+            return Ok(Some(f));
+        };
+        if tx.implicit {
+            // Our own transaction around an autocommit write: settle it.
+            let mut buf = BytesMut::new();
+            let failed = status == b'E' || tx.failed.is_some();
+            tx.held_rfq = Some(f);
+            if failed {
+                buf.extend_from_slice(&messages::query("ROLLBACK"));
+                self.write.own.push_back(Own::Rollback);
+            } else {
+                self.inject_append(&mut buf, p);
+                buf.extend_from_slice(&messages::query("COMMIT"));
+                self.write.own.push_back(Own::Commit);
+            }
+            if let Some(conn) = self.backends[p].as_mut() {
+                conn.tracker.push(Expect::Own);
+            }
+            self.send_raw(p, &buf).await?;
+            return Ok(None);
+        }
+        if status == b'I' {
+            // An explicit transaction ended (COMMIT or ROLLBACK).
+            let tx = self.write.tx.take().expect("checked");
+            if let Some(seq) = tx.seq {
+                return Ok(self.committed(seq, f));
+            }
+        }
+        Ok(Some(f))
+    }
+
+    /// Our own COMMIT/ROLLBACK of an implicit transaction finished.
+    pub(super) fn on_own_done(&mut self, kind: Own, ok: bool) -> Option<Frame> {
+        if !matches!(kind, Own::Commit | Own::Rollback) {
+            return None;
+        }
+        let tx = self.write.tx.take()?;
+        let held = tx.held_rfq?;
+        let idle = Frame::new(b'Z', b"I");
+        match (kind, ok, tx.seq, tx.failed) {
+            (Own::Commit, true, Some(seq), None) => self.committed(seq, idle),
+            (_, _, _, Some(e)) => {
+                e.encode(&mut self.out);
+                Some(idle)
+            }
+            (Own::Commit, _, _, None) => {
+                PgError::error(
+                    "40000",
+                    "the transaction could not be committed; it was rolled back",
+                )
+                .encode(&mut self.out);
+                Some(idle)
+            }
+            _ => {
+                let _ = held;
+                Some(idle)
+            }
+        }
+    }
+
+    /// A transaction committed at `seq`: remember it, maybe wait for subscribers.
+    fn committed(&mut self, seq: u64, rfq: Frame) -> Option<Frame> {
+        self.write.last_seq = self.write.last_seq.max(seq);
+        self.group.observe_head(seq);
+        let need = self.shared.config().replication.sync_replicas;
+        if need > 0 && self.group.subscribers_at(seq) < need {
+            self.write.sync_wait = Some((seq, rfq));
+            return None;
+        }
+        Some(rfq)
+    }
+
+    /// Waits until `sync_replicas` subscribers applied the pending commit.
+    pub(super) async fn wait_sync(&mut self) {
+        let Some((seq, _)) = &self.write.sync_wait else {
+            return std::future::pending().await;
+        };
+        let seq = *seq;
+        let need = self.shared.config().replication.sync_replicas;
+        let limit =
+            std::time::Duration::from_millis(self.shared.config().replication.sync_timeout_ms);
+        let group = self.group.clone();
+        let waited = tokio::time::timeout(limit, async {
+            loop {
+                let notified = group.applied_notify.notified();
+                if group.subscribers_at(seq) >= need {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        let (_, rfq) = self.write.sync_wait.take().expect("waiting");
+        if waited.is_err() {
+            messages::notice(
+                &format!(
+                    "the transaction committed on the primary (seq {seq}) but fewer than {need} subscribers applied it within {} ms",
+                    limit.as_millis()
+                ),
+                &mut self.out,
+            );
+        }
+        self.out.extend_from_slice(&rfq.raw);
+    }
+}
+
+/// Columns of a DataRow as text.
+fn data_row(body: &[u8]) -> Vec<Option<String>> {
+    let mut r = Reader::new(body);
+    let n = r.i16().unwrap_or(0).max(0) as usize;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        match r.i32() {
+            Some(len) if len >= 0 => out.push(
+                r.bytes(len as usize)
+                    .map(|b| String::from_utf8_lossy(b).to_string()),
+            ),
+            _ => out.push(None),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_kinds() {
+        assert!(is_maintenance("vacuum analyze pgbench_accounts"));
+        assert!(is_maintenance("  ANALYZE t"));
+        assert!(!is_maintenance("insert into vacuum values (1)"));
+        assert_eq!(
+            not_in_transaction("create index concurrently i on t (a)"),
+            Some("CREATE/DROP INDEX CONCURRENTLY")
+        );
+        assert_eq!(not_in_transaction("create index i on t (a)"), None);
+        assert!(is_rollback("rollback"));
+        assert!(is_rollback(" ABORT;"));
+        assert!(!is_rollback("commit"));
+    }
+
+    #[test]
+    fn data_row_columns() {
+        let mut b = BytesMut::new();
+        messages::data_row(&[Some("1"), None, Some("x")], &mut b);
+        assert_eq!(
+            data_row(&b[5..]),
+            vec![Some("1".to_string()), None, Some("x".to_string())]
+        );
+    }
+}

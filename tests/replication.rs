@@ -1,0 +1,374 @@
+//! Replication: every committed write transaction is replayed on every
+//! subscriber in commit order, leaving identical copies.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// Waits until every node has applied the head, then checks that every
+/// user table and sequence is identical on every copy.
+async fn assert_identical(g: &TestGroup) {
+    let proxy = &g.proxy;
+    let caught_up = wait_until(Duration::from_secs(60), || async {
+        let s = proxy.status().await;
+        let head = s["groups"][0]["head_seq"].as_u64().unwrap_or(0);
+        s["groups"][0]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["applied_seq"].as_u64() == Some(head) && n["state"] == "up")
+    })
+    .await;
+    let status = g.proxy.status().await;
+    assert!(caught_up.is_some(), "copies did not catch up: {status:#}");
+    let mut digests = Vec::new();
+    for i in 0..g.cluster.nodes.len() {
+        digests.push(digest(&g.direct(i).await).await);
+    }
+    for (i, d) in digests.iter().enumerate().skip(1) {
+        assert_eq!(&digests[0], d, "node n{} differs from the primary", i + 1);
+    }
+}
+
+/// A digest of every user table's rows and every sequence's state.
+async fn digest(c: &tokio_postgres::Client) -> Vec<(String, String)> {
+    let tables = c
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema') \
+             AND (schemaname, tablename) <> ('reprise', 'node') ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for t in tables {
+        let name: String = t.get(0);
+        let row = c
+            .query_one(
+                &format!(
+                    "SELECT count(*)::text || ':' || coalesce(md5(string_agg(x::text, ',' ORDER BY x::text)), '') FROM {name} x"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        out.push((name, row.get(0)));
+    }
+    let seqs = c
+        .query(
+            "SELECT format('%I.%I', schemaname, sequencename), coalesce(last_value::text, 'null') \
+             FROM pg_sequences WHERE schemaname <> 'reprise' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    for s in seqs {
+        out.push((s.get(0), s.get(1)));
+    }
+    out
+}
+
+fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = run(Command::new(pg_tool("pgbench")).args(args).args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "postgres",
+        "app",
+    ]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_init_and_tpcb_leave_identical_copies() {
+    let g = TestGroup::start_with(3, "", |_| {}).await;
+    let port = g.proxy.addr.port();
+    tokio::task::spawn_blocking(move || {
+        pgbench(port, &["-i", "-q", "-s", "2"]);
+        for mode in ["simple", "prepared"] {
+            let out = pgbench(port, &["-c", "8", "-j", "2", "-T", "5", "-M", mode]);
+            assert!(out.contains("number of failed transactions: 0"), "{out}");
+        }
+    })
+    .await
+    .unwrap();
+    assert_identical(&g).await;
+    // The history rows carry the primary's timestamps on every copy.
+    let n: i64 = g
+        .direct(2)
+        .await
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n > 50, "history rows: {n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_cases_that_break_naive_replay_stay_identical() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let setup = g.proxy.client("app").await;
+    setup
+        .batch_execute(
+            "CREATE TABLE events (id serial PRIMARY KEY, v int);
+             CREATE TABLE totals (n bigint);
+             CREATE TABLE counters (id int PRIMARY KEY, x int, hits int);
+             INSERT INTO counters SELECT g, 0, 0 FROM generate_series(1, 5) g;",
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let url = g.proxy.url("app");
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&url).await;
+            for k in 0..25 {
+                match w % 4 {
+                    0 => {
+                        c.execute("INSERT INTO events (v) VALUES ($1)", &[&k])
+                            .await
+                            .unwrap();
+                    }
+                    1 => {
+                        c.execute("INSERT INTO totals SELECT count(*) FROM events", &[])
+                            .await
+                            .unwrap();
+                    }
+                    2 => {
+                        c.execute(
+                            "UPDATE counters SET x = x + 1, hits = hits + 1 WHERE id = $1",
+                            &[&(k % 5 + 1)],
+                        )
+                        .await
+                        .unwrap();
+                    }
+                    _ => {
+                        c.execute("DELETE FROM counters WHERE hits = 10", &[])
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_identical(&g).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nondeterministic_writes_are_identical_or_refused() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute(
+        "CREATE TABLE stamped (id bigserial PRIMARY KEY, at timestamptz DEFAULT now(), d date DEFAULT CURRENT_DATE);
+         CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);
+         CREATE TABLE src (v text);
+         INSERT INTO src VALUES ('x'), ('y');",
+    )
+    .await
+    .unwrap();
+    for i in 0..5 {
+        c.execute("INSERT INTO stamped DEFAULT VALUES", &[])
+            .await
+            .unwrap();
+        // Rolled-back inserts consume sequence numbers on the primary only.
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute("INSERT INTO stamped DEFAULT VALUES", &[])
+            .await
+            .unwrap();
+        c.execute("INSERT INTO ident (v) VALUES ($1)", &[&format!("r{i}")])
+            .await
+            .unwrap();
+        c.batch_execute("ROLLBACK").await.unwrap();
+        c.execute("INSERT INTO ident (v) VALUES ($1)", &[&format!("v{i}")])
+            .await
+            .unwrap();
+        c.execute(
+            "UPDATE stamped SET at = now() WHERE id = (SELECT max(id) FROM stamped)",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    c.execute("INSERT INTO ident (v) SELECT v FROM src ORDER BY v", &[])
+        .await
+        .unwrap();
+    for (sql, construct) in [
+        (
+            "CREATE TABLE u (id uuid DEFAULT gen_random_uuid())",
+            "gen_random_uuid",
+        ),
+        ("UPDATE src SET v = md5(random()::text)", "random"),
+        (
+            "INSERT INTO stamped (at) VALUES (clock_timestamp())",
+            "clock_timestamp",
+        ),
+        (
+            "CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.at := clock_timestamp(); RETURN NEW; END $$",
+            "clock_timestamp",
+        ),
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        let text = db_text(&e);
+        assert!(
+            text.starts_with("0A000") && text.contains(construct),
+            "{sql}: {text}"
+        );
+    }
+    // The session still works after refusals.
+    c.execute("INSERT INTO stamped DEFAULT VALUES", &[])
+        .await
+        .unwrap();
+    assert_identical(&g).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_ddl_settings_and_read_your_writes() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let url = g.proxy.url("app");
+    let (ok, out, err) = psql(
+        &url,
+        "CREATE SCHEMA s2; SET search_path = s2, public;\n\
+         CREATE TABLE kv (k int PRIMARY KEY, v text);\n\
+         COPY kv FROM STDIN;\n1\tone\n2\ttwo\n3\tthree\n\\.\n\
+         CREATE INDEX kv_v ON kv (v); CREATE VIEW kv2 AS SELECT k * 2 AS k2 FROM kv;\n\
+         CREATE SEQUENCE sq; SELECT nextval('sq'); SELECT nextval('sq');\n\
+         SELECT count(*) FROM kv;\n",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "1\n2\n3");
+    // A session that wrote reads its write at once, wherever the read goes.
+    let c = g.proxy.client("app").await;
+    for i in 0..30 {
+        c.execute("INSERT INTO notes (body) VALUES ($1)", &[&format!("n{i}")])
+            .await
+            .unwrap();
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM notes WHERE body = $1",
+                &[&format!("n{i}")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "read-your-writes");
+    }
+    assert_identical(&g).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_subscriber_catches_up_and_a_killed_proxy_loses_nothing() {
+    let mut g = TestGroup::start(3, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.execute("INSERT INTO notes (body) VALUES ('first')", &[])
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| g.cluster.nodes[2].stop(reprise::local::StopMode::Fast))
+        .unwrap();
+    for i in 0..50 {
+        c.execute(
+            "INSERT INTO notes (body) VALUES ($1)",
+            &[&format!("while down {i}")],
+        )
+        .await
+        .unwrap();
+    }
+    tokio::task::block_in_place(|| g.cluster.nodes[2].start()).unwrap();
+    drop(c);
+
+    // Writers run while the proxy is killed (its tasks dropped mid-flight).
+    let config = {
+        let mut cfg = g.cluster.config("app", "127.0.0.1:0", "127.0.0.1:0");
+        cfg.health.interval_ms = 200;
+        cfg.health.timeout_ms = 500;
+        cfg.health.failures_before_down = 2;
+        cfg
+    };
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let url = g.proxy.url("app");
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&url).await;
+            let mut acked = Vec::new();
+            for k in 0..1000 {
+                let body = format!("w{w}-{k}");
+                match c
+                    .execute("INSERT INTO notes (body) VALUES ($1)", &[&body])
+                    .await
+                {
+                    Ok(_) => acked.push(body),
+                    Err(_) => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    g.proxy.kill();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert!(!acked.is_empty());
+    g.proxy = Proxy::start(config).await;
+    // A transaction cut off by the kill consumed a sequence number on the
+    // primary only; the next logged write carries the sequence state over.
+    let c = g.proxy.client("app").await;
+    c.execute("INSERT INTO notes (body) VALUES ('after restart')", &[])
+        .await
+        .unwrap();
+    assert_identical(&g).await;
+    // Every acknowledged insert is there exactly once, on every copy.
+    for i in 0..3 {
+        let d = g.direct(i).await;
+        for body in &acked {
+            let n: i64 = d
+                .query_one("SELECT count(*) FROM notes WHERE body = $1", &[body])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1, "{body} on n{}", i + 1);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_replicas_acknowledges_only_applied_commits() {
+    let g = TestGroup::start(3, |c| c.replication.sync_replicas = 1).await;
+    let c = g.proxy.client("app").await;
+    let subs = [g.direct(1).await, g.direct(2).await];
+    for i in 0..40 {
+        let body = format!("sync {i}");
+        c.execute("INSERT INTO notes (body) VALUES ($1)", &[&body])
+            .await
+            .unwrap();
+        let mut present = 0;
+        for s in &subs {
+            let n: i64 = s
+                .query_one("SELECT count(*) FROM notes WHERE body = $1", &[&body])
+                .await
+                .unwrap()
+                .get(0);
+            present += n;
+        }
+        assert!(
+            present >= 1,
+            "{body} was acknowledged before any subscriber had it"
+        );
+    }
+    assert_identical(&g).await;
+}
