@@ -26,6 +26,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// pgbench TPC-B direct to one node vs through Reprise with 3 copies,
+    /// with subscriber lag during the run.
+    Write {
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        #[arg(long, default_value_t = 20)]
+        duration: u32,
+        #[arg(long, default_value_t = 10)]
+        scale: u32,
+        #[arg(long, value_delimiter = ',', default_value = "simple,prepared")]
+        modes: Vec<String>,
+        #[arg(long, default_value = "bench/results/write.json")]
+        out: PathBuf,
+    },
     /// pgbench -S direct vs through Reprise (1 and 3 copies).
     Overhead {
         #[arg(long, default_value_t = 8)]
@@ -72,6 +86,13 @@ fn main() -> anyhow::Result<()> {
             modes,
             out,
         } => overhead(clients, duration, scale, &modes, &out),
+        Cmd::Write {
+            clients,
+            duration,
+            scale,
+            modes,
+            out,
+        } => write(clients, duration, scale, &modes, &out),
     }
 }
 
@@ -83,8 +104,19 @@ fn pgbench(
     clients: u32,
     duration: u32,
 ) -> anyhow::Result<(f64, f64)> {
+    pgbench_run(bin, port, &["-S", "-n", "-M", mode], clients, duration)
+}
+
+/// Runs pgbench with `args` and returns (tps, average latency ms).
+fn pgbench_run(
+    bin: &PgBin,
+    port: u16,
+    args: &[&str],
+    clients: u32,
+    duration: u32,
+) -> anyhow::Result<(f64, f64)> {
     let out = Command::new(bin.tool("pgbench"))
-        .args(["-S", "-n", "-M", mode])
+        .args(args)
         .args([
             "-c",
             &clients.to_string(),
@@ -315,4 +347,167 @@ impl Drop for PgBouncer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[derive(Debug, Serialize)]
+struct WriteMeasurement {
+    mode: String,
+    direct_tps: f64,
+    reprise_tps: f64,
+    ratio_to_direct: f64,
+    lag_seq_p50: u64,
+    lag_seq_p99: u64,
+    lag_seq_max: u64,
+    lag_ms_p50: u64,
+    lag_ms_p99: u64,
+    catch_up_ms: u128,
+    copies_identical: bool,
+}
+
+/// A digest of the pgbench tables on one node.
+fn pgbench_digest(node: &reprise::local::LocalNode) -> anyhow::Result<String> {
+    Ok(node.psql(
+        "app",
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || '/' || \
+                (SELECT sum(bbalance) FROM pgbench_branches) || '/' || \
+                (SELECT sum(tbalance) FROM pgbench_tellers) || '/' || \
+                (SELECT count(*) || ':' || md5(string_agg(h::text, ',' ORDER BY h::text)) FROM pgbench_history h)",
+    )?)
+}
+
+fn write(
+    clients: u32,
+    duration: u32,
+    scale: u32,
+    modes: &[String],
+    out: &PathBuf,
+) -> anyhow::Result<()> {
+    let bin = PgBin::find()?;
+    let dir = tempfile::Builder::new().prefix("reprise-bench").tempdir()?;
+    eprintln!("creating 4 local copies with pgbench scale {scale} (n4 is the direct reference) …");
+    let bin2 = bin.clone();
+    let mut cluster = LocalCluster::create(
+        dir.path(),
+        4,
+        "app",
+        &[
+            ("fsync", "off"),
+            ("max_connections", "200"),
+            ("shared_buffers", "256MB"),
+        ],
+        |node| {
+            let st = Command::new(bin2.tool("pgbench"))
+                .args([
+                    "-i",
+                    "-q",
+                    "-s",
+                    &scale.to_string(),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                ])
+                .arg(node.port().to_string())
+                .args(["-U", "postgres", "app"])
+                .output()
+                .map_err(|e| reprise::local::LocalError::Spawn {
+                    cmd: "pgbench -i".into(),
+                    source: e,
+                })?;
+            if !st.status.success() {
+                eprintln!("{}", String::from_utf8_lossy(&st.stderr));
+            }
+            Ok(())
+        },
+    )?;
+    let direct = cluster.nodes.pop().expect("four nodes");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let config = cluster.config("app", "127.0.0.1:0", "127.0.0.1:0");
+    let mut results = Vec::new();
+    println!(
+        "pgbench TPC-B, {clients} clients, {duration} s each, scale {scale}, 3 copies through Reprise"
+    );
+    println!(
+        "{:<10} {:>11} {:>12} {:>7} {:>14} {:>14} {:>12}",
+        "mode", "direct tps", "reprise tps", "ratio", "lag p50/p99", "lag ms p50/99", "identical"
+    );
+    for mode in modes {
+        let args = ["-n", "-M", mode.as_str()];
+        let (d_tps, _) = pgbench_run(&bin, direct.port(), &args, clients, duration)?;
+        let server = rt.block_on(reprise::Server::bind(config.clone()))?;
+        let port = server.client_addr().port();
+        let shared = server.shared();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        let group = shared.group("app").expect("group app");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (group, stop) = (group.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seqs = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                let mut ms = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for i in 1..group.nodes.len() {
+                        let (s, m) = group.lag(i);
+                        let _ = seqs.record(s);
+                        let _ = ms.record(m);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                (seqs, ms)
+            })
+        };
+        let (r_tps, _) = pgbench_run(&bin, port, &args, clients, duration)?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (seqs, ms) = sampler.join().expect("sampler");
+        let start = std::time::Instant::now();
+        while (1..group.nodes.len()).any(|i| group.lag(i).0 > 0)
+            && start.elapsed() < Duration::from_secs(120)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let catch_up = start.elapsed().as_millis();
+        let digests: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(pgbench_digest)
+            .collect::<anyhow::Result<_>>()?;
+        let identical = digests.iter().all(|d| d == &digests[0]);
+        let _ = tx.send(());
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+        let m = WriteMeasurement {
+            mode: mode.clone(),
+            direct_tps: d_tps,
+            reprise_tps: r_tps,
+            ratio_to_direct: r_tps / d_tps,
+            lag_seq_p50: seqs.value_at_quantile(0.5),
+            lag_seq_p99: seqs.value_at_quantile(0.99),
+            lag_seq_max: seqs.max(),
+            lag_ms_p50: ms.value_at_quantile(0.5),
+            lag_ms_p99: ms.value_at_quantile(0.99),
+            catch_up_ms: catch_up,
+            copies_identical: identical,
+        };
+        println!(
+            "{:<10} {:>11.0} {:>12.0} {:>7.2} {:>14} {:>14} {:>12}",
+            m.mode,
+            m.direct_tps,
+            m.reprise_tps,
+            m.ratio_to_direct,
+            format!("{}/{}", m.lag_seq_p50, m.lag_seq_p99),
+            format!("{}/{}", m.lag_ms_p50, m.lag_ms_p99),
+            m.copies_identical
+        );
+        results.push(m);
+    }
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&results)?)?;
+    eprintln!("results written to {}", out.display());
+    drop(direct);
+    Ok(())
 }

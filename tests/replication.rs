@@ -39,6 +39,7 @@ async fn digest(c: &tokio_postgres::Client) -> Vec<(String, String)> {
         .query(
             "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
              WHERE schemaname NOT IN ('pg_catalog', 'information_schema') \
+             AND schemaname NOT LIKE 'pg_temp%' \
              AND (schemaname, tablename) <> ('reprise', 'node') ORDER BY 1",
             &[],
         )
@@ -371,4 +372,44 @@ async fn sync_replicas_acknowledges_only_applied_commits() {
         );
     }
     assert_identical(&g).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_time_zone_and_temporary_tables() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let url = format!(
+        "{}?options=-c%20TimeZone%3DAsia%2FTokyo",
+        g.proxy.url("app")
+    );
+    let c = connect(&url).await;
+    c.batch_execute(
+        "CREATE TABLE tz (t timestamptz);
+         INSERT INTO tz VALUES ('2024-01-01 10:00');
+         CREATE TEMP TABLE scratch (a int);
+         INSERT INTO scratch VALUES (1), (2);
+         UPDATE scratch SET a = a + 1;",
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO tz SELECT '2024-06-01 12:00'::timestamptz FROM scratch LIMIT 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    let n: i64 = c
+        .query_one("SELECT sum(a) FROM scratch", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 5);
+    assert_identical(&g).await;
+    let t: String = g
+        .direct(1)
+        .await
+        .query_one("SELECT min(t)::text FROM tz", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(t, "2024-01-01 01:00:00+00");
 }

@@ -63,11 +63,16 @@ fn handle<B>(shared: &Shared, req: Request<B>) -> Response<Full<Bytes>> {
             let body = serde_json::to_string_pretty(&status(shared)).expect("serializable");
             reply(StatusCode::OK, "application/json", body)
         }
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            shared.metrics.render(),
-        ),
+        "/metrics" => {
+            for g in shared.groups() {
+                g.publish_lag();
+            }
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                shared.metrics.render(),
+            )
+        }
         "/" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.into()),
         _ => reply(
             StatusCode::NOT_FOUND,

@@ -275,6 +275,18 @@ impl Group {
         (seqs, ms)
     }
 
+    /// Sets the lag and log-size gauges (called before metrics are read).
+    pub fn publish_lag(&self) {
+        metrics::gauge!("reprise_log_head_seq", "group" => self.name.clone())
+            .set(self.head_seq() as f64);
+        for (i, n) in self.nodes.iter().enumerate() {
+            let (seqs, ms) = self.lag(i);
+            let labels = [("group", self.name.clone()), ("node", n.name.clone())];
+            metrics::gauge!("reprise_node_lag_seq", &labels).set(seqs as f64);
+            metrics::gauge!("reprise_node_lag_ms", &labels).set(ms as f64);
+        }
+    }
+
     /// Whether node `i` may serve a read that must see `min_seq`.
     pub fn fresh_enough(&self, i: usize, min_seq: u64) -> bool {
         let node = &self.nodes[i];

@@ -546,6 +546,25 @@ impl Session {
             format!("lost the connection to node {}: {why}", node.name),
         )
         .with_hint("the statement did not complete; the session is still usable");
+        let mut owed = owed;
+        let e = if i == self.group.primary() {
+            let (unknown, held) = self.write_lost();
+            owed += usize::from(held);
+            if unknown {
+                PgError::error(
+                    "08007",
+                    format!(
+                        "lost the connection to the primary {} while committing: the transaction may or may not have committed",
+                        node.name
+                    ),
+                )
+                .with_hint("check whether its changes are present before retrying")
+            } else {
+                e
+            }
+        } else {
+            e
+        };
         for _ in 0..owed {
             e.encode(&mut self.out);
             messages::ready_for_query(b'I', &mut self.out);

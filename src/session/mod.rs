@@ -186,6 +186,10 @@ impl Session {
         cancel: CancelGuard,
     ) -> Session {
         let n = group.nodes.len();
+        let write = write::WriteState {
+            startup_settings: write::startup_settings(&params),
+            ..write::WriteState::default()
+        };
         Session {
             shared,
             group,
@@ -200,7 +204,7 @@ impl Session {
             tx_node: None,
             pinned: None,
             wrote: false,
-            write: write::WriteState::default(),
+            write,
             settings: Vec::new(),
             statements: Statements::default(),
             batch: Vec::new(),

@@ -35,6 +35,8 @@ pub struct WriteTx {
     pub seq: Option<u64>,
     /// The client's own ReadyForQuery, held until the commit is settled.
     pub held_rfq: Option<Frame>,
+    /// The append (and so the COMMIT) has been sent.
+    pub committing: bool,
 }
 
 /// A unit the proxy sent for itself on the primary, in order.
@@ -53,10 +55,53 @@ pub struct WriteState {
     pub own: VecDeque<Own>,
     /// Highest seq this session committed (read-your-writes).
     pub last_seq: u64,
+    /// Temporary tables of this session: writes to them are not logged.
+    pub temps: HashSet<String>,
+    /// SET statements for the client's startup parameters that change how
+    /// values are read (TimeZone, DateStyle…), replayed with every entry.
+    pub startup_settings: Vec<String>,
     /// A committed transaction's ReadyForQuery waiting for subscribers.
     pub sync_wait: Option<(u64, Frame)>,
     /// The own unit whose ReadyForQuery just arrived.
     pub last_own: Option<Own>,
+}
+
+/// SET statements for startup parameters that change how replayed
+/// statements read their input.
+pub fn startup_settings(params: &[(String, String)]) -> Vec<String> {
+    const REPLAYED: &[&str] = &[
+        "client_encoding",
+        "DateStyle",
+        "IntervalStyle",
+        "TimeZone",
+        "search_path",
+        "extra_float_digits",
+        "bytea_output",
+        "standard_conforming_strings",
+    ];
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (k, v) in params {
+        if k == "options" {
+            // `-c name=value`, `-cname=value` and `--name=value` settings.
+            let mut words = v.split_whitespace().peekable();
+            while let Some(w) = words.next() {
+                let setting = match w {
+                    "-c" => words.next(),
+                    _ => w.strip_prefix("-c").or_else(|| w.strip_prefix("--")),
+                };
+                if let Some((name, value)) = setting.and_then(|s| s.split_once('=')) {
+                    pairs.push((name.to_string(), value.to_string()));
+                }
+            }
+        } else {
+            pairs.push((k.clone(), v.clone()));
+        }
+    }
+    pairs
+        .iter()
+        .filter(|(k, _)| REPLAYED.iter().any(|r| r.eq_ignore_ascii_case(k)))
+        .map(|(k, v)| format!("SET {k} = '{}'", v.replace('\'', "''")))
+        .collect()
 }
 
 /// Statements that are per-node maintenance: never logged.
@@ -83,6 +128,83 @@ pub fn not_in_transaction(sql: &str) -> Option<&'static str> {
         Some("CREATE") if words.get(1) == Some(&"TABLESPACE") => Some("CREATE TABLESPACE"),
         _ => None,
     }
+}
+
+/// Whether every statement of `sql` only touches temporary tables (which
+/// live on the primary alone and are not logged). Learns the names of the
+/// temporary tables it creates or drops.
+pub fn temp_only(sql: &str, temps: &mut HashSet<String>) -> bool {
+    // The wrapper can panic on odd trees: treat that as "not temporary".
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return false;
+    };
+    let mut all = !parsed.protobuf.stmts.is_empty();
+    for raw in &parsed.protobuf.stmts {
+        let Some(node) = raw.stmt.as_ref() else {
+            return false;
+        };
+        let Ok(v) = serde_json::to_value(node) else {
+            return false;
+        };
+        let v = v.get("node").unwrap_or(&v);
+        let relation_is_temp = |rel: &serde_json::Value, temps: &HashSet<String>| {
+            rel["schemaname"].as_str() == Some("pg_temp")
+                || rel["relpersistence"].as_str() == Some("t")
+                || rel["relname"].as_str().is_some_and(|n| temps.contains(n))
+        };
+        let this = if let Some(c) = v.get("CreateStmt") {
+            let rel = &c["relation"];
+            let t = rel["relpersistence"].as_str() == Some("t");
+            if t && let Some(n) = rel["relname"].as_str() {
+                temps.insert(n.to_string());
+            }
+            t
+        } else if let Some(c) = v.get("CreateTableAsStmt") {
+            let rel = &c["into"]["rel"];
+            let t = rel["relpersistence"].as_str() == Some("t");
+            if t && let Some(n) = rel["relname"].as_str() {
+                temps.insert(n.to_string());
+            }
+            t
+        } else if let Some(st) = ["InsertStmt", "UpdateStmt", "DeleteStmt"]
+            .iter()
+            .find_map(|k| v.get(*k))
+        {
+            relation_is_temp(&st["relation"], temps)
+        } else if let Some(t) = v.get("TruncateStmt") {
+            t["relations"].as_array().is_some_and(|rels| {
+                rels.iter()
+                    .all(|r| relation_is_temp(&r["node"]["RangeVar"], temps))
+            })
+        } else if let Some(d) = v.get("DropStmt") {
+            let names: Vec<String> = d["objects"]
+                .as_array()
+                .map(|objs| {
+                    objs.iter()
+                        .filter_map(|o| {
+                            o["node"]["List"]["items"]
+                                .as_array()
+                                .and_then(|items| items.last())
+                                .and_then(|i| i["node"]["String"]["sval"].as_str())
+                                .map(str::to_string)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let t = !names.is_empty() && names.iter().all(|n| temps.contains(n));
+            if t {
+                for n in &names {
+                    temps.remove(n);
+                }
+            }
+            t
+        } else {
+            false
+        };
+        all &= this;
+    }
+    all
 }
 
 /// Whether a transaction-ending statement is a rollback.
@@ -168,7 +290,12 @@ impl Session {
         if !self.replicating() {
             return false;
         }
-        let maintenance = unit_sql(unit).iter().all(|s| is_maintenance(s));
+        let sqls = unit_sql(unit);
+        let maintenance = sqls.iter().all(|s| is_maintenance(s))
+            || (self.pinned.is_some() && {
+                let temps = &mut self.write.temps;
+                sqls.iter().all(|s| temp_only(s, temps))
+            });
         if self.write.tx.is_some() {
             return unit.writes && !maintenance;
         }
@@ -184,9 +311,11 @@ impl Session {
         let lock = format!("{begin}{}", replication::lock_query(&self.group.name));
         buf.extend_from_slice(&messages::query(&lock));
         self.write.own.push_back(Own::Lock);
+        let mut settings = self.write.startup_settings.clone();
+        settings.extend(self.settings.iter().cloned());
         self.write.tx = Some(WriteTx {
             implicit,
-            settings: self.settings.clone(),
+            settings,
             ..WriteTx::default()
         });
         true
@@ -246,6 +375,7 @@ impl Session {
             },
             messages: tx.capture.split().freeze(),
         };
+        tx.committing = true;
         let payload = entry.encode();
         let term = self.group.term();
         let mut parse = BytesMut::new();
@@ -273,6 +403,17 @@ impl Session {
             conn.prepared.remove("");
         }
         self.write.own.push_back(Own::Append);
+    }
+
+    /// The primary connection is gone: forget the write transaction.
+    /// Returns (its outcome is unknown, a client ReadyForQuery was held).
+    pub(super) fn write_lost(&mut self) -> (bool, bool) {
+        self.write.own.clear();
+        self.write.last_own = None;
+        match self.write.tx.take() {
+            Some(tx) => (tx.committing, tx.held_rfq.is_some()),
+            None => (false, false),
+        }
     }
 
     /// A message from the primary that belongs to one of our own units.
@@ -467,6 +608,51 @@ mod tests {
         assert!(is_rollback("rollback"));
         assert!(is_rollback(" ABORT;"));
         assert!(!is_rollback("commit"));
+    }
+
+    #[test]
+    fn startup_parameters_become_settings() {
+        let p = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let s = startup_settings(&[
+            p("user", "app"),
+            p("TimeZone", "Asia/Tokyo"),
+            p(
+                "options",
+                "-c DateStyle=German --search_path=a,b -cwork_mem=1MB",
+            ),
+        ]);
+        assert_eq!(
+            s,
+            vec![
+                "SET TimeZone = 'Asia/Tokyo'",
+                "SET DateStyle = 'German'",
+                "SET search_path = 'a,b'",
+            ]
+        );
+    }
+
+    #[test]
+    fn temporary_table_writes_are_recognised() {
+        let mut temps = HashSet::new();
+        assert!(temp_only("create temp table tt (a int)", &mut temps));
+        assert!(temps.contains("tt"));
+        assert!(temp_only(
+            "insert into tt values (1); update tt set a = 2",
+            &mut temps
+        ));
+        assert!(!temp_only(
+            "insert into tt values (1); insert into real values (1)",
+            &mut temps
+        ));
+        assert!(!temp_only("insert into real values (1)", &mut temps));
+        assert!(temp_only(
+            "insert into pg_temp.other values (1)",
+            &mut temps
+        ));
+        assert!(temp_only("drop table tt", &mut temps));
+        assert!(!temps.contains("tt"));
+        assert!(!temp_only("create table t (a int)", &mut temps));
+        assert!(!temp_only("selec", &mut temps));
     }
 
     #[test]
