@@ -47,7 +47,7 @@ BEGIN
     INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences)
     VALUES (v_seq, p_term, p_payload, v_prev,
             encode(sha256(convert_to(v_prev, 'UTF8') || p_payload), 'hex'),
-            CASE WHEN v_after = coalesce(p_seqs_before, '[]') THEN NULL
+            CASE WHEN p_seqs_before IS NULL OR v_after = p_seqs_before THEN NULL
                  ELSE '[' || coalesce(p_seqs_before, '[]') || ',' || v_after || ']' END);
     PERFORM pg_notify('reprise_log', v_seq::text);
     RETURN v_seq;

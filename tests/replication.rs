@@ -413,3 +413,45 @@ async fn startup_time_zone_and_temporary_tables() {
         .get(0);
     assert_eq!(t, "2024-01-01 01:00:00+00");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_outside_transactions_get_their_own_entries() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute("CREATE INDEX CONCURRENTLY items_name ON items (name)")
+        .await
+        .unwrap();
+    c.batch_execute("VACUUM ANALYZE items").await.unwrap();
+    // Inside a transaction block PostgreSQL refuses it, as without Reprise.
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c
+        .batch_execute("CREATE INDEX CONCURRENTLY items_price ON items (price)")
+        .await
+        .unwrap_err();
+    assert!(
+        db_text(&e).starts_with("0A000") || db_text(&e).starts_with("25001"),
+        "{e:?}"
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+    c.batch_execute("DROP INDEX CONCURRENTLY items_name")
+        .await
+        .unwrap();
+    c.batch_execute("CREATE INDEX CONCURRENTLY items_id_name ON items (id, name)")
+        .await
+        .unwrap();
+    assert_identical(&g).await;
+    for i in 0..3 {
+        let d = g.direct(i).await;
+        let idx: Vec<String> = d
+            .query(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'items' ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(idx, vec!["items_id_name", "items_pkey"], "n{}", i + 1);
+    }
+}

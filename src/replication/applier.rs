@@ -194,6 +194,11 @@ async fn apply_one(conn: &mut BackendConn, row: &Logged<'_>, entry: &Entry) -> R
     let seq = row.seq;
     let h = &entry.header;
     let (before, after): (Vec<SeqState>, Vec<SeqState>) = sequences_column(row.sequences);
+    let nontx = h.kind == super::NONTX;
+    if nontx {
+        run_outside_transaction(conn, seq, entry).await?;
+    }
+    let messages: &[u8] = if nontx { &[] } else { &entry.messages };
     let mut setup = String::from("BEGIN; RESET ALL; DEALLOCATE ALL; ");
     for s in &h.settings {
         setup.push_str(s);
@@ -206,8 +211,8 @@ async fn apply_one(conn: &mut BackendConn, row: &Logged<'_>, entry: &Entry) -> R
     ));
     let mut buf = BytesMut::new();
     buf.extend_from_slice(&messages::query(&setup));
-    buf.extend_from_slice(&entry.messages);
-    let captured_units = count_units(&entry.messages);
+    buf.extend_from_slice(messages);
+    let captured_units = count_units(messages);
     append_applied(&mut buf, row);
     buf.extend_from_slice(&messages::query(&format!("{} COMMIT", setval_sql(&after))));
     conn.send(&buf)
@@ -250,7 +255,7 @@ async fn apply_one(conn: &mut BackendConn, row: &Logged<'_>, entry: &Entry) -> R
         let _ = conn.send(&messages::query("ROLLBACK")).await;
         return Err(Stop::Divergent { seq, reason });
     }
-    if tags != h.tags {
+    if !nontx && tags != h.tags {
         return Err(Stop::Divergent {
             seq,
             reason: format!(
@@ -260,6 +265,54 @@ async fn apply_one(conn: &mut BackendConn, row: &Logged<'_>, entry: &Entry) -> R
         });
     }
     Ok(())
+}
+
+/// Runs a command that cannot run in a transaction block (CREATE INDEX
+/// CONCURRENTLY), idempotently: "already exists" / "does not exist" mean a
+/// previous attempt got that far.
+async fn run_outside_transaction(
+    conn: &mut BackendConn,
+    seq: i64,
+    entry: &Entry,
+) -> Result<(), Stop> {
+    let mut setup = String::from("RESET ALL");
+    for s in &entry.header.settings {
+        setup.push_str("; ");
+        setup.push_str(s);
+    }
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&messages::query(&setup));
+    buf.extend_from_slice(&entry.messages);
+    conn.send(&buf)
+        .await
+        .map_err(|e| Stop::Transient(e.to_string()))?;
+    let total = 1 + count_units(&entry.messages);
+    let mut rfqs = 0;
+    let mut error = None;
+    while rfqs < total {
+        let f = match conn.reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(Stop::Transient("the node closed the connection".into())),
+            Err(e) => return Err(Stop::Transient(e.to_string())),
+        };
+        match f.tag {
+            b'Z' => rfqs += 1,
+            b'E' if error.is_none() => {
+                let code = messages::error_code(f.body()).unwrap_or_default();
+                if !matches!(code.as_str(), "42P07" | "42704") {
+                    error = Some(format!(
+                        "replaying a non-transactional command: {} (SQLSTATE {code})",
+                        messages::error_message(f.body())
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    match error {
+        Some(reason) => Err(Stop::Divergent { seq, reason }),
+        None => Ok(()),
+    }
 }
 
 /// Units (each ending in a ReadyForQuery) in raw frontend messages.

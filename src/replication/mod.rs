@@ -46,7 +46,15 @@ pub struct EntryHeader {
     pub settings: Vec<String>,
     /// Command tags the primary reported for the replayed messages.
     pub tags: Vec<String>,
+    /// `""` for a transaction; `"nontx"` for a command that cannot run in
+    /// a transaction block (CREATE INDEX CONCURRENTLY): replayed on its
+    /// own, idempotently, before the entry is recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
 }
+
+/// The entry kind of commands that run outside a transaction block.
+pub const NONTX: &str = "nontx";
 
 /// A sequence's state in `reprise.sequences()`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,6 +158,7 @@ mod tests {
                 now: "2026-01-01T00:00:00.000001Z".into(),
                 settings: vec!["SET search_path = a".into()],
                 tags: vec!["INSERT 0 2".into()],
+                kind: String::new(),
             },
             messages: Bytes::from_static(b"Q\0\0\0\x0dselect 1\0"),
         };

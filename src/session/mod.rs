@@ -428,6 +428,9 @@ impl Session {
                 }
             } else if outcome.forward {
                 self.retry = None;
+                if frame.tag == b'E' && i == self.group.primary() {
+                    self.write.unit_failed = true;
+                }
                 self.out.extend_from_slice(&frame.raw);
             }
             if self.out.len() >= FLUSH_AT {

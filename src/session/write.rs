@@ -37,6 +37,8 @@ pub struct WriteTx {
     pub held_rfq: Option<Frame>,
     /// The append (and so the COMMIT) has been sent.
     pub committing: bool,
+    /// The entry kind (see `replication::NONTX`).
+    pub kind: String,
 }
 
 /// A unit the proxy sent for itself on the primary, in order.
@@ -60,6 +62,10 @@ pub struct WriteState {
     /// SET statements for the client's startup parameters that change how
     /// values are read (TimeZone, DateStyle…), replayed with every entry.
     pub startup_settings: Vec<String>,
+    /// A command that runs outside a transaction, logged once it succeeded.
+    pub nontx: Option<Frame>,
+    /// The primary reported an error for the client unit in flight.
+    pub unit_failed: bool,
     /// A committed transaction's ReadyForQuery waiting for subscribers.
     pub sync_wait: Option<(u64, Frame)>,
     /// The own unit whose ReadyForQuery just arrived.
@@ -113,13 +119,16 @@ pub fn is_maintenance(sql: &str) -> bool {
     )
 }
 
+/// The commands logged as their own (non-transactional) entries.
+pub const INDEX_CONCURRENTLY: &str = "CREATE/DROP INDEX CONCURRENTLY";
+
 /// Statements that cannot run inside a transaction block.
 pub fn not_in_transaction(sql: &str) -> Option<&'static str> {
     let upper = sql.to_ascii_uppercase();
     let words: Vec<&str> = upper.split_whitespace().collect();
     let has = |a: &str, b: &str| words.windows(2).any(|w| w[0] == a && w[1] == b);
     if has("INDEX", "CONCURRENTLY") {
-        return Some("CREATE/DROP INDEX CONCURRENTLY");
+        return Some(INDEX_CONCURRENTLY);
     }
     match words.first().copied() {
         Some("CREATE") if words.get(1) == Some(&"DATABASE") => Some("CREATE DATABASE"),
@@ -267,6 +276,9 @@ impl Session {
         }
         for sql in unit_sql(unit) {
             if let Some(what) = not_in_transaction(&sql) {
+                if what == INDEX_CONCURRENTLY && unit.simple && self.tx_node.is_none() {
+                    continue;
+                }
                 return Err(PgError::error(
                     "0A000",
                     format!("{what} is not replicated by Reprise yet"),
@@ -302,15 +314,13 @@ impl Session {
         if !unit.writes || maintenance {
             return false;
         }
+        if sqls.len() == 1 && not_in_transaction(&sqls[0]) == Some(INDEX_CONCURRENTLY) {
+            // Runs on its own; logged after it succeeded.
+            self.write.nontx = Some(unit.items[0].frame.clone());
+            return false;
+        }
         let implicit = self.tx_node.is_none() && unit.begin.is_none();
-        let begin = if self.tx_node.is_none() {
-            "BEGIN; "
-        } else {
-            ""
-        };
-        let lock = format!("{begin}{}", replication::lock_query(&self.group.name));
-        buf.extend_from_slice(&messages::query(&lock));
-        self.write.own.push_back(Own::Lock);
+        self.push_lock(buf, self.tx_node.is_none());
         let mut settings = self.write.startup_settings.clone();
         settings.extend(self.settings.iter().cloned());
         self.write.tx = Some(WriteTx {
@@ -319,6 +329,14 @@ impl Session {
             ..WriteTx::default()
         });
         true
+    }
+
+    /// Adds the write-lock query (after a BEGIN if asked) to `buf`.
+    fn push_lock(&mut self, buf: &mut BytesMut, begin: bool) {
+        let begin = if begin { "BEGIN; " } else { "" };
+        let lock = format!("{begin}{}", replication::lock_query(&self.group.name));
+        buf.extend_from_slice(&messages::query(&lock));
+        self.write.own.push_back(Own::Lock);
     }
 
     /// Copies a sent unit into the capture.
@@ -372,6 +390,7 @@ impl Session {
                 now: tx.now.clone(),
                 settings: tx.settings.clone(),
                 tags: tx.tags.clone(),
+                kind: tx.kind.clone(),
             },
             messages: tx.capture.split().freeze(),
         };
@@ -389,7 +408,10 @@ impl Session {
         let params = [
             (0i16, Some(bytes::Bytes::from(term.to_string()))),
             (1, Some(payload)),
-            (0, Some(bytes::Bytes::from(tx.seqs_before.clone()))),
+            (
+                0,
+                (!tx.seqs_before.is_empty()).then(|| bytes::Bytes::from(tx.seqs_before.clone())),
+            ),
         ];
         messages::put_message(b'B', &crate::replication::applier::bind_body(&params), buf);
         messages::put_message(b'E', b"\0\0\0\0\0", buf);
@@ -467,6 +489,35 @@ impl Session {
         p: usize,
     ) -> Result<Option<Frame>, End> {
         let status = f.body().first().copied().unwrap_or(b'I');
+        let failed_unit = std::mem::take(&mut self.write.unit_failed);
+        if let Some(q) = self.write.nontx.take()
+            && !failed_unit
+        {
+            // It ran: log it in a small transaction of its own.
+            let mut settings = self.write.startup_settings.clone();
+            settings.extend(self.settings.iter().cloned());
+            self.write.tx = Some(WriteTx {
+                implicit: true,
+                capture: BytesMut::from(&q.raw[..]),
+                settings,
+                kind: replication::NONTX.to_string(),
+                held_rfq: Some(f),
+                ..WriteTx::default()
+            });
+            let mut buf = BytesMut::new();
+            self.push_lock(&mut buf, true);
+            if let Some(conn) = self.backends[p].as_mut() {
+                conn.tracker.push(Expect::Own);
+            }
+            self.inject_append(&mut buf, p);
+            buf.extend_from_slice(&messages::query("COMMIT"));
+            self.write.own.push_back(Own::Commit);
+            if let Some(conn) = self.backends[p].as_mut() {
+                conn.tracker.push(Expect::Own);
+            }
+            self.send_raw(p, &buf).await?;
+            return Ok(None);
+        }
         let Some(tx) = self.write.tx.as_mut() else {
             return Ok(Some(f));
         };
