@@ -1,5 +1,6 @@
--- The reprise schema, installed by the proxy on every node of a group when
--- missing. It never touches user tables. Version 1.
+-- The reprise schema, installed by the proxy on every node of a group at
+-- start (idempotent: creates what is missing, replaces the functions, so it
+-- also upgrades in place). It never touches user tables. Version 1.
 CREATE SCHEMA IF NOT EXISTS reprise;
 
 -- This node's own state: its term and role.
@@ -24,6 +25,9 @@ CREATE TABLE IF NOT EXISTS reprise.log (
     committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
+-- Columns added after version 1 (upgrades in place).
+ALTER TABLE reprise.log ADD COLUMN IF NOT EXISTS sequences text;
+
 -- Appends an entry on the primary inside the writing transaction. The
 -- caller holds the group's write lock, so seq order is commit order.
 -- Refuses entries of another term (fencing a stale primary).
@@ -43,7 +47,10 @@ BEGIN
     SELECT seq, hash INTO v_seq, v_prev FROM reprise.log ORDER BY seq DESC LIMIT 1;
     v_seq := coalesce(v_seq, 0) + 1;
     v_prev := coalesce(v_prev, '');
-    v_after := reprise.sequences();
+    -- Row-local transactions (no snapshot passed) never touch sequences.
+    IF p_seqs_before IS NOT NULL THEN
+        v_after := reprise.sequences();
+    END IF;
     INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences)
     VALUES (v_seq, p_term, p_payload, v_prev,
             encode(sha256(convert_to(v_prev, 'UTF8') || p_payload), 'hex'),

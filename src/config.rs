@@ -166,6 +166,14 @@ pub struct ReplicationConfig {
     /// How long a COMMIT waits for `sync_replicas` before failing (ms).
     #[serde(default = "default_sync_timeout_ms")]
     pub sync_timeout_ms: u64,
+    /// Flow control: a COMMIT is acknowledged only while every live
+    /// subscriber is at most this many entries behind (0: no limit).
+    #[serde(default = "default_max_lag_entries")]
+    pub max_lag_entries: u64,
+}
+
+fn default_max_lag_entries() -> u64 {
+    1000
 }
 
 fn default_sync_timeout_ms() -> u64 {
@@ -178,6 +186,7 @@ impl Default for ReplicationConfig {
             enabled: true,
             sync_replicas: 0,
             sync_timeout_ms: default_sync_timeout_ms(),
+            max_lag_entries: default_max_lag_entries(),
         }
     }
 }

@@ -149,6 +149,9 @@ pub async fn monitor(
                 if node.is_reachable() && !catalog_loaded && index == group.primary() {
                     catalog_loaded = load_catalog(&group, &conn, &node).await;
                 }
+                if node.is_reachable() && index == group.primary() && group.rel_catalog().is_none() {
+                    load_rel_catalog(&group, &conn, &node).await;
+                }
             }
             r = shutdown.changed() => {
                 if r.is_err() || *shutdown.borrow() { break; }
@@ -156,6 +159,31 @@ pub async fn monitor(
         }
     }
     probes.abort_all();
+}
+
+/// Loads the table catalog (unique keys, defaults, triggers) from a node.
+pub async fn load_rel_catalog(group: &Group, conn: &ControlConn, node: &Node) {
+    let epoch = group.rel_epoch();
+    let Ok(client) = conn.get(&node.target).await else {
+        return;
+    };
+    match client
+        .query(crate::replication::rowlocal::RelCatalog::LOAD_SQL, &[])
+        .await
+    {
+        Ok(rows) => {
+            let rows = rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)));
+            group.set_rel_catalog(
+                epoch,
+                crate::replication::rowlocal::RelCatalog::from_rows(rows),
+            );
+        }
+        Err(e) => {
+            tracing::warn!(group = %group.name, node = %node.name, error = %e, "could not load the table catalog");
+        }
+    }
 }
 
 /// Loads function volatility from a node into the group's classifier.
@@ -199,8 +227,9 @@ pub async fn install_schema(
         .get::<_, bool>(0);
     if !exists {
         tracing::info!(group = %group.name, node = %node.name, "installing the reprise schema");
-        client.batch_execute(crate::replication::SCHEMA_SQL).await?;
     }
+    // Idempotent: creates what is missing and upgrades the functions.
+    client.batch_execute(crate::replication::SCHEMA_SQL).await?;
     let role = if primary { "primary" } else { "subscriber" };
     client
         .execute("UPDATE reprise.node SET role = $1", &[&role])
@@ -235,6 +264,7 @@ pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig) {
                 }
                 if i == group.primary() {
                     load_catalog(&group, &conn, &node).await;
+                    load_rel_catalog(&group, &conn, &node).await;
                 }
             }
         });

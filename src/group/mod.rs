@@ -203,6 +203,14 @@ pub struct Group {
     pub applied_notify: tokio::sync::Notify,
     /// Readers skip subscribers further behind than this (ms).
     pub max_lag_ms: u64,
+    /// Tables' unique keys, defaults and triggers, for row-local writes
+    /// (None: unknown, every write takes the lock exclusively).
+    rel_catalog: std::sync::RwLock<Option<Arc<crate::replication::rowlocal::RelCatalog>>>,
+    /// Bumped by every schema change seen, so a catalog loaded before it is
+    /// not trusted.
+    rel_epoch: AtomicU64,
+    /// Row-locality of statement shapes under the current catalog.
+    row_local_cache: std::sync::Mutex<std::collections::HashMap<String, bool>>,
 }
 
 impl Group {
@@ -222,6 +230,59 @@ impl Group {
             head: AtomicU64::new(0),
             applied_notify: tokio::sync::Notify::new(),
             max_lag_ms,
+            rel_catalog: std::sync::RwLock::new(None),
+            rel_epoch: AtomicU64::new(0),
+            row_local_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The table catalog, if it is current.
+    pub fn rel_catalog(&self) -> Option<Arc<crate::replication::rowlocal::RelCatalog>> {
+        self.rel_catalog.read().expect("rel catalog").clone()
+    }
+
+    /// A schema change happened or is about to: forget the table catalog.
+    pub fn invalidate_rel_catalog(&self) {
+        self.rel_epoch.fetch_add(1, Ordering::AcqRel);
+        *self.rel_catalog.write().expect("rel catalog") = None;
+        self.row_local_cache
+            .lock()
+            .expect("row-local cache")
+            .clear();
+    }
+
+    /// Whether a write statement is row-local, cached by its shape.
+    pub fn row_local_cached(&self, sql: &str, compute: impl FnOnce() -> bool) -> bool {
+        let key = crate::route::normalize::cache_key(sql);
+        if let Some(k) = &key
+            && let Some(v) = self.row_local_cache.lock().expect("row-local cache").get(k)
+        {
+            return *v;
+        }
+        let epoch = self.rel_epoch();
+        let v = compute();
+        if let Some(k) = key {
+            let mut cache = self.row_local_cache.lock().expect("row-local cache");
+            if self.rel_epoch() == epoch {
+                if cache.len() > 10_000 {
+                    cache.clear();
+                }
+                cache.insert(k, v);
+            }
+        }
+        v
+    }
+
+    /// The epoch to pass to `set_rel_catalog` after loading.
+    pub fn rel_epoch(&self) -> u64 {
+        self.rel_epoch.load(Ordering::Acquire)
+    }
+
+    /// Installs a loaded catalog unless the schema changed meanwhile.
+    pub fn set_rel_catalog(&self, epoch: u64, c: crate::replication::rowlocal::RelCatalog) {
+        let mut slot = self.rel_catalog.write().expect("rel catalog");
+        if self.rel_epoch() == epoch {
+            *slot = Some(Arc::new(c));
         }
     }
 
@@ -252,6 +313,23 @@ impl Group {
             .enumerate()
             .filter(|(i, n)| *i != p && n.applied() >= seq)
             .count()
+    }
+
+    /// Whether a commit at `seq` may be acknowledged: `need` subscribers
+    /// applied it, and no live subscriber is more than `max_lag` entries
+    /// behind (flow control: writers slow down to what apply sustains).
+    pub fn ack_ready(&self, seq: u64, need: usize, max_lag: u64) -> bool {
+        if need > 0 && self.subscribers_at(seq) < need {
+            return false;
+        }
+        if max_lag == 0 {
+            return true;
+        }
+        let p = self.primary();
+        self.nodes
+            .iter()
+            .enumerate()
+            .all(|(i, n)| i == p || !n.is_up() || seq.saturating_sub(n.applied()) <= max_lag)
     }
 
     /// Replication lag of node `i`: (entries, milliseconds).

@@ -57,6 +57,13 @@ pub async fn run(group: Arc<Group>, index: usize, mut shutdown: watch::Receiver<
     }
 }
 
+/// Publishes a node's new position.
+fn note_applied(group: &Group, node: &crate::group::Node, p: &Prepared) {
+    node.set_applied(p.seq as u64);
+    node.set_applied_commit_ms(p.committed_us / 1000);
+    group.applied_changed();
+}
+
 /// Shutdown was asked for, or the server is gone.
 fn stopped(rx: &watch::Receiver<bool>) -> bool {
     rx.has_changed().is_err() || *rx.borrow()
@@ -118,7 +125,7 @@ async fn apply_loop(
         .prepare(
             "SELECT seq, term, payload, prev_hash, hash, \
              (extract(epoch FROM committed_at) * 1000000)::bigint, sequences \
-             FROM reprise.log WHERE seq > $1 ORDER BY seq LIMIT 100",
+             FROM reprise.log WHERE seq > $1 ORDER BY seq LIMIT 500",
         )
         .await
         .map_err(|e| transient(&e))?;
@@ -136,6 +143,8 @@ async fn apply_loop(
         if let Some(last) = rows.last() {
             group.observe_head(last.get::<_, i64>(0) as u64);
         }
+        let mut batch: Vec<Prepared> = Vec::new();
+        let mut bytes = 0usize;
         for row in &rows {
             let seq: i64 = row.get(0);
             let term: i64 = row.get(1);
@@ -155,12 +164,30 @@ async fn apply_loop(
                 sequences: sequences.as_deref(),
                 committed_us,
             };
-            apply_one(&mut replay, &logged, &entry).await?;
-            applied = seq;
-            node.set_applied(seq as u64);
-            node.set_applied_commit_ms(committed_us / 1000);
-            group.applied_changed();
+            let nontx = entry.header.kind == super::NONTX;
+            // Bounded so the node's answers never fill the socket while we
+            // are still writing (both sides would wait on each other).
+            if nontx || bytes > (1 << 20) || batch.len() >= 32 {
+                let done = std::mem::take(&mut batch);
+                bytes = 0;
+                apply_batch(&mut replay, &done, |p| {
+                    applied = p.seq;
+                    note_applied(group, &node, p);
+                })
+                .await?;
+            }
+            if nontx {
+                run_outside_transaction(&mut replay, seq, &entry).await?;
+            }
+            let p = prepare(&logged, &entry, nontx);
+            bytes += p.buf.len();
+            batch.push(p);
         }
+        apply_batch(&mut replay, &batch, |p| {
+            applied = p.seq;
+            note_applied(group, &node, p);
+        })
+        .await?;
         if rows.is_empty() {
             if node.state() == NodeState::CatchingUp {
                 node.set_state(NodeState::Up);
@@ -189,15 +216,21 @@ struct Logged<'a> {
     committed_us: i64,
 }
 
-/// Replays one entry in one transaction on the node.
-async fn apply_one(conn: &mut BackendConn, row: &Logged<'_>, entry: &Entry) -> Result<(), Stop> {
-    let seq = row.seq;
+/// One entry encoded for replay: the bytes to send and what to expect.
+struct Prepared {
+    seq: i64,
+    committed_us: i64,
+    buf: BytesMut,
+    captured_units: usize,
+    tags: Vec<String>,
+    check_tags: bool,
+}
+
+/// Encodes one entry as one transaction: setup, the captured messages, the
+/// log row, COMMIT.
+fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool) -> Prepared {
     let h = &entry.header;
     let (before, after): (Vec<SeqState>, Vec<SeqState>) = sequences_column(row.sequences);
-    let nontx = h.kind == super::NONTX;
-    if nontx {
-        run_outside_transaction(conn, seq, entry).await?;
-    }
     let messages: &[u8] = if nontx { &[] } else { &entry.messages };
     let mut setup = String::from("BEGIN; RESET ALL; DEALLOCATE ALL; ");
     for s in &h.settings {
@@ -212,15 +245,21 @@ async fn apply_one(conn: &mut BackendConn, row: &Logged<'_>, entry: &Entry) -> R
     let mut buf = BytesMut::new();
     buf.extend_from_slice(&messages::query(&setup));
     buf.extend_from_slice(messages);
-    let captured_units = count_units(messages);
     append_applied(&mut buf, row);
     buf.extend_from_slice(&messages::query(&format!("{} COMMIT", setval_sql(&after))));
-    conn.send(&buf)
-        .await
-        .map_err(|e| Stop::Transient(e.to_string()))?;
+    Prepared {
+        seq: row.seq,
+        committed_us: row.committed_us,
+        buf,
+        captured_units: count_units(messages),
+        tags: h.tags.clone(),
+        check_tags: !nontx,
+    }
+}
 
-    // Read until the last ReadyForQuery; tags of the captured part.
-    let total = captured_units + 3;
+/// Reads one replayed entry's responses and checks them.
+async fn read_result(conn: &mut BackendConn, p: &Prepared) -> Result<(), Stop> {
+    let total = p.captured_units + 3;
     let mut rfqs = 0;
     let mut tags = Vec::new();
     let mut error: Option<String> = None;
@@ -232,14 +271,14 @@ async fn apply_one(conn: &mut BackendConn, row: &Logged<'_>, entry: &Entry) -> R
         };
         match f.tag {
             b'Z' => rfqs += 1,
-            b'C' if rfqs >= 1 && rfqs <= captured_units => {
+            b'C' if rfqs >= 1 && rfqs <= p.captured_units => {
                 tags.push(Reader::new(f.body()).cstr().unwrap_or_default().to_string());
             }
             b'E' if error.is_none() => {
                 let part = match rfqs {
                     0 => "setting up the transaction",
-                    r if r <= captured_units => "replaying a statement",
-                    r if r == captured_units + 1 => "recording the entry",
+                    r if r <= p.captured_units => "replaying a statement",
+                    r if r == p.captured_units + 1 => "recording the entry",
                     _ => "committing",
                 };
                 error = Some(format!(
@@ -252,19 +291,56 @@ async fn apply_one(conn: &mut BackendConn, row: &Logged<'_>, entry: &Entry) -> R
         }
     }
     if let Some(reason) = error {
-        let _ = conn.send(&messages::query("ROLLBACK")).await;
-        return Err(Stop::Divergent { seq, reason });
+        return Err(Stop::Divergent { seq: p.seq, reason });
     }
-    if !nontx && tags != h.tags {
+    if p.check_tags && tags != p.tags {
         return Err(Stop::Divergent {
-            seq,
+            seq: p.seq,
             reason: format!(
                 "the statements reported {tags:?} here but {:?} on the primary",
-                h.tags
+                p.tags
             ),
         });
     }
     Ok(())
+}
+
+/// Replays a run of entries, pipelined: every entry is still its own
+/// transaction, and an entry that fails makes every later one fail too
+/// (`reprise.applied` checks the chain), so order is kept.
+async fn apply_batch(
+    conn: &mut BackendConn,
+    batch: &[Prepared],
+    mut applied: impl FnMut(&Prepared),
+) -> Result<(), Stop> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut buf = BytesMut::new();
+    for p in batch {
+        buf.extend_from_slice(&p.buf);
+    }
+    conn.send(&buf)
+        .await
+        .map_err(|e| Stop::Transient(e.to_string()))?;
+    let mut first_error = None;
+    for p in batch {
+        match read_result(conn, p).await {
+            Ok(()) if first_error.is_none() => applied(p),
+            Ok(()) => {}
+            Err(Stop::Transient(e)) => return Err(Stop::Transient(e)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => {
+            let _ = conn.send(&messages::query("ROLLBACK")).await;
+            Err(e)
+        }
+        None => Ok(()),
+    }
 }
 
 /// Runs a command that cannot run in a transaction block (CREATE INDEX

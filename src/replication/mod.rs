@@ -4,6 +4,7 @@
 
 pub mod applier;
 pub mod determinism;
+pub mod rowlocal;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,37 @@ pub fn lock_key(group: &str) -> i64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h as i64
+}
+
+/// The key of the short lock that keeps append order equal to commit order
+/// among transactions holding the write lock in shared mode.
+pub fn order_key(group: &str) -> i64 {
+    lock_key(group).wrapping_add(1)
+}
+
+/// The write lock in shared mode (row-local writes only): sets the
+/// transaction timestamp, no sequence snapshot (row-local statements never
+/// touch sequences).
+pub fn shared_lock_query(group: &str) -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock_shared({}), \
+         set_config('reprise.now', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), true), \
+         NULL",
+        lock_key(group)
+    )
+}
+
+/// Upgrades a shared write lock to exclusive and snapshots sequences.
+pub fn upgrade_lock_query(group: &str) -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock({}), NULL, reprise.sequences()",
+        lock_key(group)
+    )
+}
+
+/// Taken just before the append by shared-mode transactions.
+pub fn order_lock_query(group: &str) -> String {
+    format!("SELECT pg_advisory_xact_lock({})", order_key(group))
 }
 
 /// The query that takes the write lock and reads what the entry needs:

@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use super::dispatch::{Item, Unit};
 use super::{End, Session};
 use crate::backend::Expect;
-use crate::replication::{self, Entry, EntryHeader, determinism};
+use crate::replication::{self, Entry, EntryHeader, determinism, rowlocal};
 use crate::route::Classification;
 use crate::wire::Frame;
 use crate::wire::messages::{self, PgError, Reader};
@@ -39,12 +39,18 @@ pub struct WriteTx {
     pub committing: bool,
     /// The entry kind (see `replication::NONTX`).
     pub kind: String,
+    /// The write lock is held exclusively (else shared: row-local writes).
+    pub exclusive: bool,
+    /// The transaction changed the schema.
+    pub ddl: bool,
 }
 
 /// A unit the proxy sent for itself on the primary, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Own {
     Lock,
+    /// The short commit-order lock before an append.
+    Order,
     Append,
     Commit,
     Rollback,
@@ -216,6 +222,14 @@ pub fn temp_only(sql: &str, temps: &mut HashSet<String>) -> bool {
     all
 }
 
+/// Statements that change the schema.
+pub fn is_ddl(sql: &str) -> bool {
+    matches!(
+        first_word(sql).as_str(),
+        "CREATE" | "ALTER" | "DROP" | "COMMENT"
+    )
+}
+
 /// Whether a transaction-ending statement is a rollback.
 pub fn is_rollback(sql: &str) -> bool {
     let w = first_word(sql);
@@ -308,8 +322,23 @@ impl Session {
                 let temps = &mut self.write.temps;
                 sqls.iter().all(|s| temp_only(s, temps))
             });
-        if self.write.tx.is_some() {
-            return unit.writes && !maintenance;
+        let ddl = unit.writes && sqls.iter().any(|s| is_ddl(s));
+        if ddl {
+            self.group.invalidate_rel_catalog();
+        }
+        let row_local = unit.writes && !ddl && self.row_local(&sqls);
+        if let Some(tx) = self.write.tx.as_mut() {
+            let capture = unit.writes && !maintenance;
+            if capture {
+                tx.ddl |= ddl;
+                if !tx.exclusive && !row_local {
+                    tx.exclusive = true;
+                    let q = replication::upgrade_lock_query(&self.group.name);
+                    buf.extend_from_slice(&messages::query(&q));
+                    self.write.own.push_back(Own::Lock);
+                }
+            }
+            return capture;
         }
         if !unit.writes || maintenance {
             return false;
@@ -320,21 +349,40 @@ impl Session {
             return false;
         }
         let implicit = self.tx_node.is_none() && unit.begin.is_none();
-        self.push_lock(buf, self.tx_node.is_none());
+        self.push_lock(buf, self.tx_node.is_none(), !row_local);
         let mut settings = self.write.startup_settings.clone();
         settings.extend(self.settings.iter().cloned());
         self.write.tx = Some(WriteTx {
             implicit,
+            exclusive: !row_local,
+            ddl,
             settings,
             ..WriteTx::default()
         });
         true
     }
 
+    /// Whether every statement is row-local (needs the lock only shared).
+    fn row_local(&self, sqls: &[String]) -> bool {
+        let Some(catalog) = self.group.rel_catalog() else {
+            return false;
+        };
+        !sqls.is_empty()
+            && sqls.iter().all(|s| {
+                self.group
+                    .row_local_cached(s, || rowlocal::is_row_local(s, &catalog))
+            })
+    }
+
     /// Adds the write-lock query (after a BEGIN if asked) to `buf`.
-    fn push_lock(&mut self, buf: &mut BytesMut, begin: bool) {
+    fn push_lock(&mut self, buf: &mut BytesMut, begin: bool, exclusive: bool) {
         let begin = if begin { "BEGIN; " } else { "" };
-        let lock = format!("{begin}{}", replication::lock_query(&self.group.name));
+        let query = if exclusive {
+            replication::lock_query(&self.group.name)
+        } else {
+            replication::shared_lock_query(&self.group.name)
+        };
+        let lock = format!("{begin}{query}");
         buf.extend_from_slice(&messages::query(&lock));
         self.write.own.push_back(Own::Lock);
     }
@@ -380,8 +428,21 @@ impl Session {
         self.inject_append(buf, p);
     }
 
-    /// Adds the log append (Parse/Bind/Execute/Sync) to `buf`.
+    /// Adds the log append (Parse/Bind/Execute/Sync) to `buf`, after the
+    /// commit-order lock when the write lock is only shared.
     fn inject_append(&mut self, buf: &mut BytesMut, p: usize) {
+        let Some(tx) = self.write.tx.as_mut() else {
+            return;
+        };
+        if !tx.exclusive {
+            buf.extend_from_slice(&messages::query(&replication::order_lock_query(
+                &self.group.name,
+            )));
+            if let Some(conn) = self.backends[p].as_mut() {
+                conn.tracker.push(Expect::Own);
+            }
+            self.write.own.push_back(Own::Order);
+        }
         let Some(tx) = self.write.tx.as_mut() else {
             return;
         };
@@ -449,8 +510,12 @@ impl Session {
                 if let Some(tx) = self.write.tx.as_mut() {
                     match kind {
                         Own::Lock if cols.len() >= 3 => {
-                            tx.now = cols[1].clone().unwrap_or_default();
-                            tx.seqs_before = cols[2].clone().unwrap_or_else(|| "[]".into());
+                            if let Some(now) = cols[1].clone() {
+                                tx.now = now;
+                            }
+                            if let Some(seqs) = cols[2].clone() {
+                                tx.seqs_before = seqs;
+                            }
                         }
                         Own::Append => {
                             tx.seq = cols.first().cloned().flatten().and_then(|v| v.parse().ok());
@@ -505,7 +570,10 @@ impl Session {
                 ..WriteTx::default()
             });
             let mut buf = BytesMut::new();
-            self.push_lock(&mut buf, true);
+            self.push_lock(&mut buf, true, true);
+            if let Some(tx) = self.write.tx.as_mut() {
+                tx.exclusive = true;
+            }
             if let Some(conn) = self.backends[p].as_mut() {
                 conn.tracker.push(Expect::Own);
             }
@@ -544,7 +612,7 @@ impl Session {
             // An explicit transaction ended (COMMIT or ROLLBACK).
             let tx = self.write.tx.take().expect("checked");
             if let Some(seq) = tx.seq {
-                return Ok(self.committed(seq, f));
+                return Ok(self.committed(seq, f, tx.ddl));
             }
         }
         Ok(Some(f))
@@ -559,7 +627,7 @@ impl Session {
         let held = tx.held_rfq?;
         let idle = Frame::new(b'Z', b"I");
         match (kind, ok, tx.seq, tx.failed) {
-            (Own::Commit, true, Some(seq), None) => self.committed(seq, idle),
+            (Own::Commit, true, Some(seq), None) => self.committed(seq, idle, tx.ddl),
             (_, _, _, Some(e)) => {
                 e.encode(&mut self.out);
                 Some(idle)
@@ -580,11 +648,18 @@ impl Session {
     }
 
     /// A transaction committed at `seq`: remember it, maybe wait for subscribers.
-    fn committed(&mut self, seq: u64, rfq: Frame) -> Option<Frame> {
+    fn committed(&mut self, seq: u64, rfq: Frame, ddl: bool) -> Option<Frame> {
+        if ddl {
+            // A schema change committed: reload the table catalog after it.
+            self.group.invalidate_rel_catalog();
+        }
         self.write.last_seq = self.write.last_seq.max(seq);
         self.group.observe_head(seq);
-        let need = self.shared.config().replication.sync_replicas;
-        if need > 0 && self.group.subscribers_at(seq) < need {
+        let r = &self.shared.config().replication;
+        if !self
+            .group
+            .ack_ready(seq, r.sync_replicas, r.max_lag_entries)
+        {
             self.write.sync_wait = Some((seq, rfq));
             return None;
         }
@@ -597,14 +672,14 @@ impl Session {
             return std::future::pending().await;
         };
         let seq = *seq;
-        let need = self.shared.config().replication.sync_replicas;
-        let limit =
-            std::time::Duration::from_millis(self.shared.config().replication.sync_timeout_ms);
+        let r = self.shared.config().replication.clone();
+        let need = r.sync_replicas;
+        let limit = std::time::Duration::from_millis(r.sync_timeout_ms);
         let group = self.group.clone();
         let waited = tokio::time::timeout(limit, async {
             loop {
                 let notified = group.applied_notify.notified();
-                if group.subscribers_at(seq) >= need {
+                if group.ack_ready(seq, need, r.max_lag_entries) {
                     return;
                 }
                 notified.await;
@@ -612,7 +687,7 @@ impl Session {
         })
         .await;
         let (_, rfq) = self.write.sync_wait.take().expect("waiting");
-        if waited.is_err() {
+        if waited.is_err() && group.subscribers_at(seq) < need {
             messages::notice(
                 &format!(
                     "the transaction committed on the primary (seq {seq}) but fewer than {need} subscribers applied it within {} ms",

@@ -1,0 +1,401 @@
+//! Row-local statements: writes whose effect PostgreSQL's own row locks
+//! already order correctly, so they need the group's write lock only in
+//! shared mode (DESIGN.md, "The write path", step 2).
+//!
+//! A statement is row-local when it is one of:
+//! - `INSERT INTO t … VALUES (…)` of parameters, constants and pure
+//!   expressions, into a table without sequence/identity defaults or
+//!   triggers, with no `ON CONFLICT`;
+//! - `UPDATE t SET c = <pure expression of t's columns and parameters>
+//!   WHERE <equalities fixing a unique key> [AND pure conditions]`, setting
+//!   no unique-key column, on a table without triggers;
+//! - `DELETE FROM t WHERE <equalities fixing a unique key> …`.
+//!
+//! Anything else — or any doubt (unknown table, ambiguous name, catalog not
+//! loaded) — is not row-local and takes the lock exclusively.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::Value;
+
+/// What row-locality needs to know about a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    /// Column sets of unique indexes (no predicate, no expressions).
+    pub uniques: Vec<Vec<String>>,
+    /// A column defaults to `nextval` or is an identity column.
+    pub sequence_default: bool,
+    /// The table has user triggers.
+    pub triggers: bool,
+}
+
+/// Tables by name, as loaded from the primary's catalog.
+#[derive(Debug, Clone, Default)]
+pub struct RelCatalog {
+    tables: HashMap<String, Vec<(String, TableInfo)>>,
+}
+
+impl RelCatalog {
+    /// Rows: schema, table, unique column lists (`a,b;c`), sequence default,
+    /// triggers.
+    pub const LOAD_SQL: &'static str = "SELECT n.nspname::text, c.relname::text, \
+        coalesce((SELECT string_agg((SELECT string_agg(a.attname::text, ',' ORDER BY a.attname) \
+              FROM unnest(i.indkey) k JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k), ';') \
+          FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indpred IS NULL \
+          AND i.indexprs IS NULL), ''), \
+        EXISTS (SELECT 1 FROM pg_attrdef d WHERE d.adrelid = c.oid \
+                AND pg_get_expr(d.adbin, d.adrelid) LIKE '%nextval(%') \
+          OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attidentity <> ''), \
+        EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal) \
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+        WHERE c.relkind IN ('r', 'p') \
+        AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'reprise') \
+        AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast%'";
+
+    pub fn from_rows<I: IntoIterator<Item = (String, String, String, bool, bool)>>(
+        rows: I,
+    ) -> RelCatalog {
+        let mut tables: HashMap<String, Vec<(String, TableInfo)>> = HashMap::new();
+        for (schema, name, uniques, sequence_default, triggers) in rows {
+            let uniques = uniques
+                .split(';')
+                .filter(|u| !u.is_empty())
+                .map(|u| u.split(',').map(str::to_string).collect())
+                .collect();
+            tables.entry(name).or_default().push((
+                schema,
+                TableInfo {
+                    uniques,
+                    sequence_default,
+                    triggers,
+                },
+            ));
+        }
+        RelCatalog { tables }
+    }
+
+    /// The table a statement names; None when unknown or ambiguous.
+    pub fn lookup(&self, schema: &str, name: &str) -> Option<&TableInfo> {
+        let candidates = self.tables.get(name)?;
+        if schema.is_empty() {
+            match candidates.as_slice() {
+                [(_, info)] => Some(info),
+                _ => None,
+            }
+        } else {
+            candidates.iter().find(|(s, _)| s == schema).map(|(_, i)| i)
+        }
+    }
+}
+
+/// Functions a row-local expression may call (pure, read nothing else).
+const PURE_FUNCTIONS: &[&str] = &[
+    "now",
+    "current_setting",
+    "lower",
+    "upper",
+    "abs",
+    "round",
+    "length",
+    "md5",
+    "concat",
+    "substr",
+    "substring",
+    "btrim",
+    "trim",
+    "greatest",
+    "least",
+    "coalesce",
+    "nullif",
+    "to_timestamp",
+    "date_trunc",
+    "jsonb_set",
+    "jsonb_build_object",
+    "json_build_object",
+];
+
+/// Whether `sql` is one row-local write statement.
+pub fn is_row_local(sql: &str, catalog: &RelCatalog) -> bool {
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return false;
+    };
+    let [raw] = parsed.protobuf.stmts.as_slice() else {
+        return false;
+    };
+    let Some(node) = raw.stmt.as_ref() else {
+        return false;
+    };
+    let Ok(v) = serde_json::to_value(node) else {
+        return false;
+    };
+    let v = &v["node"];
+    if let Some(ins) = v.get("InsertStmt") {
+        insert_row_local(ins, catalog)
+    } else if let Some(upd) = v.get("UpdateStmt") {
+        update_row_local(upd, catalog)
+    } else if let Some(del) = v.get("DeleteStmt") {
+        delete_row_local(del, catalog)
+    } else {
+        false
+    }
+}
+
+fn empty(v: &Value) -> bool {
+    v.is_null() || v.as_array().is_some_and(|a| a.is_empty())
+}
+
+fn table<'a>(stmt: &Value, catalog: &'a RelCatalog) -> Option<(&'a TableInfo, String)> {
+    let rel = &stmt["relation"];
+    let name = rel["relname"].as_str()?;
+    let info = catalog.lookup(rel["schemaname"].as_str().unwrap_or(""), name)?;
+    let alias = rel["alias"]["aliasname"]
+        .as_str()
+        .unwrap_or(name)
+        .to_string();
+    Some((info, alias))
+}
+
+fn insert_row_local(ins: &Value, catalog: &RelCatalog) -> bool {
+    let Some((info, alias)) = table(ins, catalog) else {
+        return false;
+    };
+    if info.sequence_default
+        || info.triggers
+        || !empty(&ins["on_conflict_clause"])
+        || !empty(&ins["with_clause"])
+    {
+        return false;
+    }
+    let select = &ins["select_stmt"]["node"]["SelectStmt"];
+    let Some(rows) = select["values_lists"].as_array() else {
+        return false;
+    };
+    if rows.is_empty() || !empty(&select["from_clause"]) || !empty(&select["with_clause"]) {
+        return false;
+    }
+    // VALUES may not read the table at all.
+    let no_columns = HashSet::new();
+    rows.iter().all(|row| {
+        row["node"]["List"]["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().all(|e| pure(e, &alias, &no_columns, false)))
+    })
+}
+
+fn update_row_local(upd: &Value, catalog: &RelCatalog) -> bool {
+    let Some((info, alias)) = table(upd, catalog) else {
+        return false;
+    };
+    if info.triggers || !empty(&upd["from_clause"]) || !empty(&upd["with_clause"]) {
+        return false;
+    }
+    let key_columns: HashSet<&str> = info.uniques.iter().flatten().map(String::as_str).collect();
+    let Some(targets) = upd["target_list"].as_array() else {
+        return false;
+    };
+    let all = HashSet::new();
+    for t in targets {
+        let rt = &t["node"]["ResTarget"];
+        let Some(col) = rt["name"].as_str() else {
+            return false;
+        };
+        if key_columns.contains(col)
+            || !empty(&rt["indirection"])
+            || !pure(&rt["val"], &alias, &all, true)
+        {
+            return false;
+        }
+    }
+    fixes_unique_key(&upd["where_clause"], info, &alias)
+}
+
+fn delete_row_local(del: &Value, catalog: &RelCatalog) -> bool {
+    let Some((info, alias)) = table(del, catalog) else {
+        return false;
+    };
+    if !empty(&del["using_clause"]) || !empty(&del["with_clause"]) {
+        return false;
+    }
+    fixes_unique_key(&del["where_clause"], info, &alias)
+}
+
+/// The WHERE clause is an AND of pure conditions including `col = value`
+/// for every column of some unique index.
+fn fixes_unique_key(clause: &Value, info: &TableInfo, alias: &str) -> bool {
+    let mut conjuncts = Vec::new();
+    flatten_and(clause, &mut conjuncts);
+    if conjuncts.is_empty() {
+        return false;
+    }
+    let all = HashSet::new();
+    let mut fixed: HashSet<String> = HashSet::new();
+    for c in conjuncts {
+        if !pure(c, alias, &all, true) {
+            return false;
+        }
+        let e = &c["node"]["AExpr"];
+        if e["kind"].as_i64() == Some(1) && op_name(e) == Some("=") {
+            let (l, r) = (&e["lexpr"], &e["rexpr"]);
+            for (col, val) in [(l, r), (r, l)] {
+                if let Some(name) = column_name(col, alias)
+                    && is_value(val)
+                {
+                    fixed.insert(name);
+                }
+            }
+        }
+    }
+    info.uniques
+        .iter()
+        .any(|u| !u.is_empty() && u.iter().all(|c| fixed.contains(c)))
+}
+
+fn flatten_and<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    let b = &v["node"]["BoolExpr"];
+    if b["boolop"].as_i64() == Some(1) {
+        if let Some(args) = b["args"].as_array() {
+            for a in args {
+                flatten_and(a, out);
+            }
+        }
+    } else if !v.is_null() {
+        out.push(v);
+    }
+}
+
+fn op_name(e: &Value) -> Option<&str> {
+    e["name"].as_array()?.last()?["node"]["String"]["sval"].as_str()
+}
+
+/// A column of the target table, by its (possibly qualified) reference.
+fn column_name(v: &Value, alias: &str) -> Option<String> {
+    let fields = v["node"]["ColumnRef"]["fields"].as_array()?;
+    let names: Vec<&str> = fields
+        .iter()
+        .map(|f| f["node"]["String"]["sval"].as_str())
+        .collect::<Option<_>>()?;
+    match names.as_slice() {
+        [c] => Some(c.to_string()),
+        [t, c] if *t == alias => Some(c.to_string()),
+        _ => None,
+    }
+}
+
+/// A parameter or constant (possibly cast).
+fn is_value(v: &Value) -> bool {
+    let n = &v["node"];
+    n.get("ParamRef").is_some()
+        || n.get("AConst").is_some()
+        || n.get("TypeCast").is_some_and(|c| is_value(&c["arg"]))
+}
+
+/// An expression of parameters, constants, pure functions and (when
+/// `columns_ok`) the target row's own columns.
+fn pure(v: &Value, alias: &str, _cols: &HashSet<String>, columns_ok: bool) -> bool {
+    if v.is_null() {
+        return true;
+    }
+    let Some(obj) = v["node"].as_object() else {
+        return false;
+    };
+    let Some((kind, body)) = obj.iter().next() else {
+        return false;
+    };
+    let sub = |x: &Value| pure(x, alias, _cols, columns_ok);
+    let all = |x: &Value| x.as_array().is_none_or(|a| a.iter().all(sub));
+    match kind.as_str() {
+        "AConst" | "ParamRef" => true,
+        "ColumnRef" => columns_ok && column_name(v, alias).is_some(),
+        "TypeCast" => sub(&body["arg"]),
+        "AExpr" => sub(&body["lexpr"]) && sub(&body["rexpr"]),
+        "BoolExpr" => all(&body["args"]),
+        "NullTest" | "BooleanTest" => sub(&body["arg"]),
+        "CoalesceExpr" | "MinMaxExpr" => all(&body["args"]),
+        "CaseExpr" => sub(&body["arg"]) && all(&body["args"]) && sub(&body["defresult"]),
+        "CaseWhen" => sub(&body["expr"]) && sub(&body["result"]),
+        "AArrayExpr" => all(&body["elements"]),
+        "RowExpr" => all(&body["args"]),
+        "List" => all(&body["items"]),
+        "FuncCall" => {
+            let name = body["funcname"]
+                .as_array()
+                .and_then(|n| n.last())
+                .and_then(|n| n["node"]["String"]["sval"].as_str());
+            name.is_some_and(|n| PURE_FUNCTIONS.contains(&n))
+                && empty(&body["over"])
+                && all(&body["args"])
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> RelCatalog {
+        let t = |s: &str, n: &str, u: &str, seq: bool, trig: bool| {
+            (s.to_string(), n.to_string(), u.to_string(), seq, trig)
+        };
+        RelCatalog::from_rows([
+            t("public", "pgbench_accounts", "aid", false, false),
+            t("public", "pgbench_history", "", false, false),
+            t("public", "events", "id", true, false),
+            t("public", "audited", "id", false, true),
+            t("public", "pair", "a,b", false, false),
+            t("s1", "dup", "id", false, false),
+            t("s2", "dup", "id", false, false),
+        ])
+    }
+
+    #[test]
+    fn tpcb_statements_are_row_local() {
+        let c = catalog();
+        assert!(is_row_local(
+            "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+            &c
+        ));
+        assert!(is_row_local(
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, COALESCE(NULLIF(current_setting('reprise.now', true), '')::timestamptz, now()))",
+            &c
+        ));
+        assert!(is_row_local(
+            "DELETE FROM pgbench_accounts WHERE aid = 7",
+            &c
+        ));
+        assert!(is_row_local(
+            "UPDATE pair SET x = 1 WHERE a = $1 AND b = $2 AND x > 0",
+            &c
+        ));
+        assert!(is_row_local("UPDATE s1.dup SET v = 1 WHERE id = 1", &c));
+    }
+
+    #[test]
+    fn everything_else_is_not() {
+        let c = catalog();
+        for sql in [
+            "UPDATE pgbench_accounts SET abalance = 0",
+            "UPDATE pgbench_accounts SET abalance = 0 WHERE abalance = 10",
+            "UPDATE pgbench_accounts SET aid = aid + 1 WHERE aid = 1",
+            "UPDATE pgbench_accounts SET abalance = (SELECT 1) WHERE aid = 1",
+            "UPDATE pgbench_accounts SET abalance = random() WHERE aid = 1",
+            "UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 1 OR aid = 2",
+            "UPDATE pgbench_accounts a SET abalance = 1 FROM pgbench_history h WHERE a.aid = h.aid",
+            "UPDATE pair SET x = 1 WHERE a = 1",
+            "INSERT INTO events (v) VALUES (1)",
+            "INSERT INTO audited VALUES (1)",
+            "UPDATE audited SET v = 1 WHERE id = 1",
+            "INSERT INTO pgbench_history SELECT * FROM pgbench_history",
+            "INSERT INTO pgbench_accounts VALUES (1) ON CONFLICT DO NOTHING",
+            "INSERT INTO unknown VALUES (1)",
+            "UPDATE dup SET v = 1 WHERE id = 1",
+            "DELETE FROM pgbench_accounts WHERE abalance = 1",
+            "INSERT INTO pgbench_history VALUES (1); INSERT INTO pgbench_history VALUES (2)",
+            "SELECT 1",
+            "selec",
+        ] {
+            assert!(!is_row_local(sql, &c), "{sql}");
+        }
+    }
+}
