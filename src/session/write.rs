@@ -222,6 +222,32 @@ pub fn temp_only(sql: &str, temps: &mut HashSet<String>) -> bool {
     all
 }
 
+/// Whether every `INSERT … SELECT` in `sql` orders its rows.
+pub fn insert_selects_ordered(sql: &str) -> bool {
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return false;
+    };
+    parsed.protobuf.stmts.iter().all(|raw| {
+        let Some(node) = raw.stmt.as_ref() else {
+            return true;
+        };
+        let Ok(v) = serde_json::to_value(node) else {
+            return false;
+        };
+        match v["node"].get("InsertStmt") {
+            Some(ins) => {
+                let sel = &ins["select_stmt"]["node"]["SelectStmt"];
+                let is_values = sel["values_lists"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty());
+                is_values || sel["sort_clause"].as_array().is_some_and(|a| !a.is_empty())
+            }
+            None => true,
+        }
+    })
+}
+
 /// Statements that change the schema.
 pub fn is_ddl(sql: &str) -> bool {
     matches!(
@@ -279,7 +305,37 @@ impl Session {
         if let Some(reason) = a.refused {
             return Err(PgError::error("0A000", reason));
         }
+        if let Some(table) = self.unordered_insert_select_into_sequence(&a, sql) {
+            return Err(PgError::error(
+                "0A000",
+                format!(
+                    "INSERT … SELECT into {table}, which takes values from a sequence, has no ORDER BY: \
+                     the copies could read the rows in another order and number them differently"
+                ),
+            )
+            .with_hint("add an ORDER BY that fixes the order of the selected rows"));
+        }
         Ok(a.rewritten)
+    }
+
+    /// The target of an `INSERT … SELECT` without ORDER BY into a table with
+    /// a sequence default, if there is one (per the table catalog).
+    fn unordered_insert_select_into_sequence(
+        &self,
+        a: &determinism::WriteAnalysis,
+        sql: &str,
+    ) -> Option<String> {
+        if a.insert_select_targets.is_empty() {
+            return None;
+        }
+        let catalog = self.group.rel_catalog()?;
+        let target = a.insert_select_targets.iter().find(|t| {
+            let (schema, name) = t.rsplit_once('.').unwrap_or(("", t.as_str()));
+            catalog
+                .lookup(schema, name)
+                .is_some_and(|i| i.sequence_default)
+        })?;
+        (!insert_selects_ordered(sql)).then(|| target.clone())
     }
 
     /// Whether the unit at the primary must be logged, and how: called
@@ -779,6 +835,16 @@ mod tests {
         assert!(!temps.contains("tt"));
         assert!(!temp_only("create table t (a int)", &mut temps));
         assert!(!temp_only("selec", &mut temps));
+    }
+
+    #[test]
+    fn insert_select_order() {
+        assert!(insert_selects_ordered(
+            "insert into t (v) select v from s order by v"
+        ));
+        assert!(!insert_selects_ordered("insert into t (v) select v from s"));
+        assert!(insert_selects_ordered("insert into t values (1)"));
+        assert!(insert_selects_ordered("update t set v = 1"));
     }
 
     #[test]
