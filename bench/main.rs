@@ -163,40 +163,7 @@ fn overhead(
     let bin = PgBin::find()?;
     let dir = tempfile::Builder::new().prefix("reprise-bench").tempdir()?;
     eprintln!("creating 3 local copies with pgbench scale {scale} …");
-    let bin2 = bin.clone();
-    let cluster = LocalCluster::create(
-        dir.path(),
-        3,
-        "app",
-        &[
-            ("fsync", "off"),
-            ("max_connections", "200"),
-            ("shared_buffers", "256MB"),
-        ],
-        |node| {
-            let st = Command::new(bin2.tool("pgbench"))
-                .args([
-                    "-i",
-                    "-q",
-                    "-s",
-                    &scale.to_string(),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                ])
-                .arg(node.port().to_string())
-                .args(["-U", "postgres", "app"])
-                .output()
-                .map_err(|e| reprise::local::LocalError::Spawn {
-                    cmd: "pgbench -i".into(),
-                    source: e,
-                })?;
-            if !st.status.success() {
-                eprintln!("{}", String::from_utf8_lossy(&st.stderr));
-            }
-            Ok(())
-        },
-    )?;
+    let cluster = pgbench_cluster(dir.path(), 3, scale)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -257,6 +224,21 @@ fn overhead(
     eprintln!("results written to {}", out.display());
     drop(cluster);
     Ok(())
+}
+
+/// `n` identical local copies of database `app` with pgbench tables.
+fn pgbench_cluster(dir: &std::path::Path, n: usize, scale: u32) -> anyhow::Result<LocalCluster> {
+    Ok(LocalCluster::create(
+        dir,
+        n,
+        "app",
+        &[
+            ("fsync", "off"),
+            ("max_connections", "200"),
+            ("shared_buffers", "256MB"),
+        ],
+        |node| reprise::local::pgbench_init(node, "app", scale),
+    )?)
 }
 
 /// Starts Reprise in this process, runs `f` against its port, stops it.
@@ -385,40 +367,7 @@ fn write(
     let bin = PgBin::find()?;
     let dir = tempfile::Builder::new().prefix("reprise-bench").tempdir()?;
     eprintln!("creating 4 local copies with pgbench scale {scale} (n4 is the direct reference) …");
-    let bin2 = bin.clone();
-    let mut cluster = LocalCluster::create(
-        dir.path(),
-        4,
-        "app",
-        &[
-            ("fsync", "off"),
-            ("max_connections", "200"),
-            ("shared_buffers", "256MB"),
-        ],
-        |node| {
-            let st = Command::new(bin2.tool("pgbench"))
-                .args([
-                    "-i",
-                    "-q",
-                    "-s",
-                    &scale.to_string(),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                ])
-                .arg(node.port().to_string())
-                .args(["-U", "postgres", "app"])
-                .output()
-                .map_err(|e| reprise::local::LocalError::Spawn {
-                    cmd: "pgbench -i".into(),
-                    source: e,
-                })?;
-            if !st.status.success() {
-                eprintln!("{}", String::from_utf8_lossy(&st.stderr));
-            }
-            Ok(())
-        },
-    )?;
+    let mut cluster = pgbench_cluster(dir.path(), 4, scale)?;
     let direct = cluster.nodes.pop().expect("four nodes");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

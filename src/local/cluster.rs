@@ -5,6 +5,35 @@ use std::path::{Path, PathBuf};
 use super::{LocalError, LocalNode, PgBin, StopMode};
 use crate::config::{Config, GroupConfig, NodeConfig};
 
+/// Fills `db` on a running node with pgbench's tables (`pgbench -i -q`).
+pub fn pgbench_init(node: &LocalNode, db: &str, scale: u32) -> Result<(), LocalError> {
+    let mut cmd = std::process::Command::new(node.bin().tool("pgbench"));
+    cmd.args([
+        "-i",
+        "-q",
+        "-s",
+        &scale.to_string(),
+        "-h",
+        node.host(),
+        "-p",
+    ])
+    .arg(node.port().to_string())
+    .args(["-U", "postgres", db]);
+    let out = cmd.output().map_err(|source| LocalError::Spawn {
+        cmd: "pgbench -i".into(),
+        source,
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LocalError::Command {
+            cmd: format!("pgbench -i -s {scale}"),
+            status: out.status.to_string(),
+            detail: String::from_utf8_lossy(&out.stderr).to_string(),
+        })
+    }
+}
+
 /// A set of local PostgreSQL copies holding the same database.
 pub struct LocalCluster {
     pub nodes: Vec<LocalNode>,

@@ -32,7 +32,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use bin::{BINDIR_ENV, PgBin};
-pub use cluster::LocalCluster;
+pub use cluster::{LocalCluster, pgbench_init};
 pub use node::{LocalNode, StopMode};
 
 /// What went wrong while managing a local PostgreSQL server.

@@ -264,11 +264,7 @@ async fn read_result(conn: &mut BackendConn, p: &Prepared) -> Result<(), Stop> {
     let mut tags = Vec::new();
     let mut error: Option<String> = None;
     while rfqs < total {
-        let f = match conn.reader.next().await {
-            Ok(Some(f)) => f,
-            Ok(None) => return Err(Stop::Transient("the node closed the connection".into())),
-            Err(e) => return Err(Stop::Transient(e.to_string())),
-        };
+        let f = next_frame(conn).await?;
         match f.tag {
             b'Z' => rfqs += 1,
             b'C' if rfqs >= 1 && rfqs <= p.captured_units => {
@@ -366,11 +362,7 @@ async fn run_outside_transaction(
     let mut rfqs = 0;
     let mut error = None;
     while rfqs < total {
-        let f = match conn.reader.next().await {
-            Ok(Some(f)) => f,
-            Ok(None) => return Err(Stop::Transient("the node closed the connection".into())),
-            Err(e) => return Err(Stop::Transient(e.to_string())),
-        };
+        let f = next_frame(conn).await?;
         match f.tag {
             b'Z' => rfqs += 1,
             b'E' if error.is_none() => {
@@ -388,6 +380,15 @@ async fn run_outside_transaction(
     match error {
         Some(reason) => Err(Stop::Divergent { seq, reason }),
         None => Ok(()),
+    }
+}
+
+/// The node's next message; a closed or broken connection is transient.
+async fn next_frame(conn: &mut BackendConn) -> Result<crate::wire::Frame, Stop> {
+    match conn.reader.next().await {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(Stop::Transient("the node closed the connection".into())),
+        Err(e) => Err(Stop::Transient(e.to_string())),
     }
 }
 

@@ -630,15 +630,8 @@ impl Session {
             if let Some(tx) = self.write.tx.as_mut() {
                 tx.exclusive = true;
             }
-            if let Some(conn) = self.backends[p].as_mut() {
-                conn.tracker.push(Expect::Own);
-            }
-            self.inject_append(&mut buf, p);
-            buf.extend_from_slice(&messages::query("COMMIT"));
-            self.write.own.push_back(Own::Commit);
-            if let Some(conn) = self.backends[p].as_mut() {
-                conn.tracker.push(Expect::Own);
-            }
+            self.expect_own(p);
+            self.inject_commit(&mut buf, p);
             self.send_raw(p, &buf).await?;
             return Ok(None);
         }
@@ -653,13 +646,9 @@ impl Session {
             if failed {
                 buf.extend_from_slice(&messages::query("ROLLBACK"));
                 self.write.own.push_back(Own::Rollback);
+                self.expect_own(p);
             } else {
-                self.inject_append(&mut buf, p);
-                buf.extend_from_slice(&messages::query("COMMIT"));
-                self.write.own.push_back(Own::Commit);
-            }
-            if let Some(conn) = self.backends[p].as_mut() {
-                conn.tracker.push(Expect::Own);
+                self.inject_commit(&mut buf, p);
             }
             self.send_raw(p, &buf).await?;
             return Ok(None);
@@ -672,6 +661,21 @@ impl Session {
             }
         }
         Ok(Some(f))
+    }
+
+    /// One more own unit's answers are due from the primary `p`.
+    fn expect_own(&mut self, p: usize) {
+        if let Some(conn) = self.backends[p].as_mut() {
+            conn.tracker.push(Expect::Own);
+        }
+    }
+
+    /// The log append and our COMMIT of an implicit transaction.
+    fn inject_commit(&mut self, buf: &mut BytesMut, p: usize) {
+        self.inject_append(buf, p);
+        buf.extend_from_slice(&messages::query("COMMIT"));
+        self.write.own.push_back(Own::Commit);
+        self.expect_own(p);
     }
 
     /// Our own COMMIT/ROLLBACK of an implicit transaction finished.

@@ -267,26 +267,9 @@ pub fn node_state(status: &serde_json::Value, node: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Seeds pgbench tables on a local node (before copies are made).
+/// Seeds pgbench tables on a local node.
 pub fn pgbench_init(node: &LocalNode, scale: u32) -> Result<(), LocalError> {
-    let out = run(Command::new(pg_tool("pgbench"))
-        .args([
-            "-i",
-            "-q",
-            "-s",
-            &scale.to_string(),
-            "-h",
-            "127.0.0.1",
-            "-p",
-        ])
-        .arg(node.port().to_string())
-        .args(["-U", "postgres", "app"]));
-    assert!(
-        out.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    reprise::local::pgbench_init(node, "app", scale)
 }
 
 /// The server's message and hint of a database error, for assertions.
