@@ -142,10 +142,20 @@ async fn concurrency_cases_that_break_naive_replay_stay_identical() {
                             .await
                             .unwrap();
                     }
-                    1 => {
+                    1 if k % 2 == 0 => {
                         c.execute("INSERT INTO totals SELECT count(*) FROM events", &[])
                             .await
                             .unwrap();
+                    }
+                    1 => {
+                        // A snapshot taken at BEGIN: locked from its first statement.
+                        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                            .await
+                            .unwrap();
+                        c.execute("INSERT INTO totals SELECT count(*) FROM events", &[])
+                            .await
+                            .unwrap();
+                        c.batch_execute("COMMIT").await.unwrap();
                     }
                     2 => {
                         c.execute(

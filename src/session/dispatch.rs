@@ -486,6 +486,10 @@ impl Session {
         for item in &unit.items {
             emit(conn, item, &mut buf, captured);
         }
+        if target == primary {
+            self.after_primary_unit(&unit, &mut buf, target);
+        }
+        let conn = self.backends[target].as_mut().expect("connected");
         if unit.simple {
             conn.prepared.remove("");
         }

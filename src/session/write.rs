@@ -256,6 +256,23 @@ pub fn is_ddl(sql: &str) -> bool {
     )
 }
 
+/// Whether a unit holds a BEGIN asking for snapshot isolation.
+fn sqls_isolated(unit: &Unit) -> bool {
+    unit_sql(unit).iter().any(|sql| {
+        crate::route::normalize::trim_sql(sql)
+            .split(';')
+            .any(snapshot_isolation)
+    })
+}
+
+/// A BEGIN/START TRANSACTION asking for REPEATABLE READ or SERIALIZABLE.
+pub fn snapshot_isolation(sql: &str) -> bool {
+    let upper = sql.to_ascii_uppercase();
+    (upper.contains("REPEATABLE") || upper.contains("SERIALIZABLE"))
+        && !upper.contains("READ ONLY")
+        && matches!(first_word(sql).as_str(), "BEGIN" | "START")
+}
+
 /// Whether a transaction-ending statement is a rollback.
 pub fn is_rollback(sql: &str) -> bool {
     let w = first_word(sql);
@@ -356,6 +373,13 @@ impl Session {
                 .with_hint("run it on each node directly"));
             }
         }
+        if unit.begin.is_some() && self.tx_node.is_none() && sqls_isolated(unit) {
+            return Err(PgError::error(
+                "0A000",
+                "Reprise needs BEGIN ISOLATION LEVEL REPEATABLE READ/SERIALIZABLE in a query of its own before writes",
+            )
+            .with_hint("send the BEGIN and the writes as separate queries"));
+        }
         if unit.ends_tx {
             return Err(PgError::error(
                 "0A000",
@@ -428,6 +452,29 @@ impl Session {
                 self.group
                     .row_local_cached(s, || rowlocal::is_row_local(s, &catalog))
             })
+    }
+
+    /// After a `BEGIN` of a REPEATABLE READ or SERIALIZABLE transaction that
+    /// may write: take the write lock exclusively as its first statement, so
+    /// its snapshot is taken under the lock and commit order stays a serial
+    /// order for what it reads.
+    pub(super) fn after_primary_unit(&mut self, unit: &Unit, buf: &mut BytesMut, p: usize) {
+        if !self.replicating() || self.write.tx.is_some() || unit.begin != Some(false) {
+            return;
+        }
+        let sqls = unit_sql(unit);
+        if !sqls.iter().any(|s| snapshot_isolation(s)) {
+            return;
+        }
+        self.push_lock(buf, false, true);
+        self.expect_own(p);
+        let mut settings = self.write.startup_settings.clone();
+        settings.extend(self.settings.iter().cloned());
+        self.write.tx = Some(WriteTx {
+            exclusive: true,
+            settings,
+            ..WriteTx::default()
+        });
     }
 
     /// Adds the write-lock query (after a BEGIN if asked) to `buf`.
@@ -839,6 +886,19 @@ mod tests {
         assert!(!temps.contains("tt"));
         assert!(!temp_only("create table t (a int)", &mut temps));
         assert!(!temp_only("selec", &mut temps));
+    }
+
+    #[test]
+    fn snapshot_isolation_begins() {
+        assert!(snapshot_isolation("BEGIN ISOLATION LEVEL REPEATABLE READ"));
+        assert!(snapshot_isolation(
+            "start transaction isolation level serializable"
+        ));
+        assert!(!snapshot_isolation(
+            "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY"
+        ));
+        assert!(!snapshot_isolation("BEGIN"));
+        assert!(!snapshot_isolation("insert into t values ('serializable')"));
     }
 
     #[test]
