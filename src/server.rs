@@ -83,6 +83,8 @@ impl Server {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `http`): {e}", config.http))?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        // Before any metric handle is created, or those handles go nowhere.
+        let metrics = Metrics::install();
         let mut groups = HashMap::new();
         let mut group_order = Vec::new();
         for g in &config.groups {
@@ -131,7 +133,7 @@ impl Server {
             group_order,
             users,
             cancel: Arc::new(CancelRegistry::default()),
-            metrics: Metrics::install(),
+            metrics,
             shutdown: shutdown_rx,
         });
         Ok(Server {
