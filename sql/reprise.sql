@@ -72,9 +72,16 @@ DECLARE
     v_prev text;
 BEGIN
     SELECT seq, hash INTO v_seq, v_prev FROM reprise.log ORDER BY seq DESC LIMIT 1;
-    IF coalesce(v_seq, 0) + 1 <> p_seq OR coalesce(v_prev, '') <> p_prev_hash THEN
+    -- Another applier (another proxy) may be replaying the same log: a
+    -- position mismatch is not a divergence, a history mismatch is.
+    IF coalesce(v_seq, 0) + 1 <> p_seq THEN
         RAISE EXCEPTION 'reprise: entry % does not follow this node''s log (at seq %)', p_seq, coalesce(v_seq, 0)
             USING ERRCODE = '40P03';
+    END IF;
+    IF coalesce(v_prev, '') <> p_prev_hash THEN
+        RAISE EXCEPTION 'reprise: entry % continues another history than this node''s (hash % here, % in the entry)',
+            p_seq, coalesce(v_prev, ''), p_prev_hash
+            USING ERRCODE = '40P04';
     END IF;
     INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences, committed_at)
     VALUES (p_seq, p_term, p_payload, p_prev_hash, p_hash, p_sequences, p_committed_at);

@@ -423,10 +423,13 @@ async fn status_metrics_and_admin_console() {
         m.contains("reprise_node_queries_total{group=\"app\",node=\"n2\"}"),
         "{m}"
     );
-    assert!(
-        m.contains("reprise_client_connections{group=\"app\"} 1"),
-        "{m}"
-    );
+    // Other tests' servers in this process share the recorder: at least ours.
+    let clients: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("reprise_client_connections{group=\"app\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(clients >= 1.0, "{m}");
     let page = g.proxy.http_get("/").await;
     assert!(page.contains("<title>Reprise status</title>"));
 

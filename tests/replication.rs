@@ -468,3 +468,108 @@ async fn commands_outside_transactions_get_their_own_entries() {
         assert_eq!(idx, vec!["items_id_name", "items_pkey"], "n{}", i + 1);
     }
 }
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `reprise serve` as a process and waits until it accepts clients.
+async fn serve_process(config: &std::path::Path, port: u16) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_reprise"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("REPRISE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("reprise serve starts");
+    let up = wait_until(Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(up.is_some(), "reprise serve did not start listening");
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_proxy_process_loses_nothing_beside_another_proxy() {
+    // The in-process proxy of the harness keeps running: two proxies front
+    // the group, and their appliers replay the same log without harm.
+    let g = TestGroup::start(3, |_| {}).await;
+    let (port, http) = (free_port(), free_port());
+    let config = g.cluster.config(
+        "app",
+        &format!("127.0.0.1:{port}"),
+        &format!("127.0.0.1:{http}"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reprise.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let mut child = serve_process(&path, port).await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/app");
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&url).await;
+            let mut acked = Vec::new();
+            for k in 0..100_000 {
+                let body = format!("p{w}-{k}");
+                match c
+                    .execute("INSERT INTO notes (body) VALUES ($1)", &[&body])
+                    .await
+                {
+                    Ok(_) => acked.push(body),
+                    Err(_) => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert!(
+        !acked.is_empty(),
+        "no write was acknowledged before the kill"
+    );
+    let mut child = serve_process(&path, port).await;
+    // Backends of the killed process finish what they were doing (and may
+    // consume sequence numbers) before they notice it is gone.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let c = connect(&url).await;
+    c.execute("INSERT INTO notes (body) VALUES ('after restart')", &[])
+        .await
+        .unwrap();
+    assert_identical(&g).await;
+    for i in 0..3 {
+        let d = g.direct(i).await;
+        let n: i64 = d
+            .query_one("SELECT count(*) FROM notes WHERE body = ANY($1)", &[&acked])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n as usize, acked.len(), "acknowledged rows on n{}", i + 1);
+        let dup: i64 = d
+            .query_one(
+                "SELECT count(*) FROM (SELECT body FROM notes GROUP BY body HAVING count(*) > 1) x",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(dup, 0, "a transaction applied twice on n{}", i + 1);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -232,7 +232,7 @@ fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool) -> Prepared {
     let h = &entry.header;
     let (before, after): (Vec<SeqState>, Vec<SeqState>) = sequences_column(row.sequences);
     let messages: &[u8] = if nontx { &[] } else { &entry.messages };
-    let mut setup = String::from("BEGIN; RESET ALL; DEALLOCATE ALL; ");
+    let mut setup = String::from("RESET ALL; DEALLOCATE ALL; ");
     for s in &h.settings {
         setup.push_str(s);
         setup.push_str("; ");
@@ -242,10 +242,14 @@ fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool) -> Prepared {
         h.now.replace('\'', "''"),
         setval_sql(&before)
     ));
+    // The log row first, before anything else (setval is not transactional):
+    // a second applier replaying the same entry (another proxy's) waits on
+    // it and then fails on its key, having changed nothing.
     let mut buf = BytesMut::new();
+    buf.extend_from_slice(&messages::query("BEGIN"));
+    append_applied(&mut buf, row);
     buf.extend_from_slice(&messages::query(&setup));
     buf.extend_from_slice(messages);
-    append_applied(&mut buf, row);
     buf.extend_from_slice(&messages::query(&format!("{} COMMIT", setval_sql(&after))));
     Prepared {
         seq: row.seq,
@@ -259,22 +263,36 @@ fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool) -> Prepared {
 
 /// Reads one replayed entry's responses and checks them.
 async fn read_result(conn: &mut BackendConn, p: &Prepared) -> Result<(), Stop> {
-    let total = p.captured_units + 3;
+    let total = p.captured_units + 4;
     let mut rfqs = 0;
     let mut tags = Vec::new();
     let mut error: Option<String> = None;
+    let mut moved = false;
     while rfqs < total {
         let f = next_frame(conn).await?;
+        if f.tag == b'E'
+            && error.is_none()
+            && matches!(
+                messages::error_code(f.body()).as_deref(),
+                Some("40P03" | "23505")
+            )
+            && rfqs == 1
+        {
+            // The node's position moved under us (another proxy's applier
+            // replayed this entry): not a divergence; re-read the position.
+            moved = true;
+        }
         match f.tag {
             b'Z' => rfqs += 1,
-            b'C' if rfqs >= 1 && rfqs <= p.captured_units => {
+            b'C' if rfqs >= 3 && rfqs <= p.captured_units + 2 => {
                 tags.push(Reader::new(f.body()).cstr().unwrap_or_default().to_string());
             }
             b'E' if error.is_none() => {
                 let part = match rfqs {
-                    0 => "setting up the transaction",
-                    r if r <= p.captured_units => "replaying a statement",
-                    r if r == p.captured_units + 1 => "recording the entry",
+                    0 => "beginning the transaction",
+                    1 => "recording the entry",
+                    2 => "setting up the transaction",
+                    r if r <= p.captured_units + 2 => "replaying a statement",
                     _ => "committing",
                 };
                 error = Some(format!(
@@ -285,6 +303,12 @@ async fn read_result(conn: &mut BackendConn, p: &Prepared) -> Result<(), Stop> {
             }
             _ => {}
         }
+    }
+    if moved {
+        return Err(Stop::Transient(format!(
+            "entry {} was applied by another applier meanwhile",
+            p.seq
+        )));
     }
     if let Some(reason) = error {
         return Err(Stop::Divergent { seq: p.seq, reason });
