@@ -211,7 +211,7 @@ fn overhead(
             row("pgbouncer session", tps, lat);
         }
         for (name, config) in [("reprise 1 node", &one), ("reprise 3 nodes", &three)] {
-            let (tps, lat) = through_proxy(&rt, config.clone(), |port| {
+            let (tps, lat) = through_proxy(&rt, config.clone(), |port, _| {
                 pgbench(&bin, port, mode, clients, duration)
             })?;
             row(name, tps, lat);
@@ -242,18 +242,20 @@ fn pgbench_cluster(dir: &std::path::Path, n: usize, scale: u32) -> anyhow::Resul
 }
 
 /// Starts Reprise in this process, runs `f` against its port, stops it.
+/// `f` gets the client port and the server's shared state.
 fn through_proxy<T>(
     rt: &tokio::runtime::Runtime,
     config: Config,
-    f: impl FnOnce(u16) -> anyhow::Result<T>,
+    f: impl FnOnce(u16, &reprise::server::Shared) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let server = rt.block_on(reprise::Server::bind(config))?;
     let port = server.client_addr().port();
+    let shared = server.shared();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = rt.spawn(server.run(async {
         let _ = rx.await;
     }));
-    let r = f(port);
+    let r = f(port, &shared);
     let _ = tx.send(());
     let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
     r
@@ -384,49 +386,44 @@ fn write(
     for mode in modes {
         let args = ["-n", "-M", mode.as_str()];
         let (d_tps, _) = pgbench_run(&bin, direct.port(), &args, clients, duration)?;
-        let server = rt.block_on(reprise::Server::bind(config.clone()))?;
-        let port = server.client_addr().port();
-        let shared = server.shared();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = rt.spawn(server.run(async {
-            let _ = rx.await;
-        }));
-        let group = shared.group("app").expect("group app");
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sampler = {
-            let (group, stop) = (group.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut seqs = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
-                let mut ms = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    for i in 1..group.nodes.len() {
-                        let (s, m) = group.lag(i);
-                        let _ = seqs.record(s);
-                        let _ = ms.record(m);
+        let measured = through_proxy(&rt, config.clone(), |port, shared| {
+            let group = shared.group("app").expect("group app");
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sampler = {
+                let (group, stop) = (group.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut seqs = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                    let mut ms = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        for i in 1..group.nodes.len() {
+                            let (s, m) = group.lag(i);
+                            let _ = seqs.record(s);
+                            let _ = ms.record(m);
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
                     }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                (seqs, ms)
-            })
-        };
-        let (r_tps, _) = pgbench_run(&bin, port, &args, clients, duration)?;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (seqs, ms) = sampler.join().expect("sampler");
-        let start = std::time::Instant::now();
-        while (1..group.nodes.len()).any(|i| group.lag(i).0 > 0)
-            && start.elapsed() < Duration::from_secs(120)
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let catch_up = start.elapsed().as_millis();
-        let digests: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(pgbench_digest)
-            .collect::<anyhow::Result<_>>()?;
-        let identical = digests.iter().all(|d| d == &digests[0]);
-        let _ = tx.send(());
-        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+                    (seqs, ms)
+                })
+            };
+            let (r_tps, _) = pgbench_run(&bin, port, &args, clients, duration)?;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (seqs, ms) = sampler.join().expect("sampler");
+            let start = std::time::Instant::now();
+            while (1..group.nodes.len()).any(|i| group.lag(i).0 > 0)
+                && start.elapsed() < Duration::from_secs(120)
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let catch_up = start.elapsed().as_millis();
+            let digests: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(pgbench_digest)
+                .collect::<anyhow::Result<_>>()?;
+            let identical = digests.iter().all(|d| d == &digests[0]);
+            Ok((r_tps, seqs, ms, catch_up, identical))
+        })?;
+        let (r_tps, seqs, ms, catch_up, identical) = measured;
         let m = WriteMeasurement {
             mode: mode.clone(),
             direct_tps: d_tps,

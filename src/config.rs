@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -502,12 +502,6 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
         key,
         reason: format!("{message}{where_}"),
     }
-}
-
-/// Where the config came from, for reloads and messages.
-#[derive(Debug, Clone)]
-pub struct ConfigSource {
-    pub path: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -284,6 +284,60 @@ async fn copy_ddl_settings_and_read_your_writes() {
     assert_identical(&g).await;
 }
 
+/// Four sessions inserting `notes` rows named `{prefix}{writer}-{k}` until
+/// an error; each returns the bodies whose insert was acknowledged.
+fn note_writers(url: &str, prefix: &str, max: usize) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    (0..4)
+        .map(|w| {
+            let (url, prefix) = (url.to_string(), prefix.to_string());
+            tokio::spawn(async move {
+                let c = connect(&url).await;
+                let mut acked = Vec::new();
+                for k in 0..max {
+                    let body = format!("{prefix}{w}-{k}");
+                    match c
+                        .execute("INSERT INTO notes (body) VALUES ($1)", &[&body])
+                        .await
+                    {
+                        Ok(_) => acked.push(body),
+                        Err(_) => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+/// Every writer's acknowledged bodies, once the writers stopped.
+async fn acknowledged(tasks: Vec<tokio::task::JoinHandle<Vec<String>>>) -> Vec<String> {
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    acked
+}
+
+/// Every acknowledged insert is there exactly once, on every copy.
+async fn assert_present_once(g: &TestGroup, acked: &[String]) {
+    for i in 0..g.cluster.nodes.len() {
+        let rows = g
+            .direct(i)
+            .await
+            .query(
+                "SELECT body, count(*) FROM notes WHERE body = ANY($1) GROUP BY body",
+                &[&acked],
+            )
+            .await
+            .unwrap();
+        let counts: std::collections::HashMap<String, i64> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for body in acked {
+            assert_eq!(counts.get(body), Some(&1), "{body} on n{}", i + 1);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_subscriber_catches_up_and_a_killed_proxy_loses_nothing() {
     let mut g = TestGroup::start(3, |_| {}).await;
@@ -312,31 +366,10 @@ async fn a_stopped_subscriber_catches_up_and_a_killed_proxy_loses_nothing() {
         cfg.health.failures_before_down = 2;
         cfg
     };
-    let mut tasks = Vec::new();
-    for w in 0..4 {
-        let url = g.proxy.url("app");
-        tasks.push(tokio::spawn(async move {
-            let c = connect(&url).await;
-            let mut acked = Vec::new();
-            for k in 0..1000 {
-                let body = format!("w{w}-{k}");
-                match c
-                    .execute("INSERT INTO notes (body) VALUES ($1)", &[&body])
-                    .await
-                {
-                    Ok(_) => acked.push(body),
-                    Err(_) => break,
-                }
-            }
-            acked
-        }));
-    }
+    let tasks = note_writers(&g.proxy.url("app"), "w", 1000);
     tokio::time::sleep(Duration::from_millis(700)).await;
     g.proxy.kill();
-    let mut acked = Vec::new();
-    for t in tasks {
-        acked.extend(t.await.unwrap());
-    }
+    let acked = acknowledged(tasks).await;
     assert!(!acked.is_empty());
     g.proxy = Proxy::start(config).await;
     // A transaction cut off by the kill consumed a sequence number on the
@@ -346,18 +379,7 @@ async fn a_stopped_subscriber_catches_up_and_a_killed_proxy_loses_nothing() {
         .await
         .unwrap();
     assert_identical(&g).await;
-    // Every acknowledged insert is there exactly once, on every copy.
-    for i in 0..3 {
-        let d = g.direct(i).await;
-        for body in &acked {
-            let n: i64 = d
-                .query_one("SELECT count(*) FROM notes WHERE body = $1", &[body])
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(n, 1, "{body} on n{}", i + 1);
-        }
-    }
+    assert_present_once(&g, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,32 +535,11 @@ async fn sigkill_of_a_proxy_process_loses_nothing_beside_another_proxy() {
     std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     let mut child = serve_process(&path, port).await;
     let url = format!("postgres://postgres@127.0.0.1:{port}/app");
-    let mut tasks = Vec::new();
-    for w in 0..4 {
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let c = connect(&url).await;
-            let mut acked = Vec::new();
-            for k in 0..100_000 {
-                let body = format!("p{w}-{k}");
-                match c
-                    .execute("INSERT INTO notes (body) VALUES ($1)", &[&body])
-                    .await
-                {
-                    Ok(_) => acked.push(body),
-                    Err(_) => break,
-                }
-            }
-            acked
-        }));
-    }
+    let tasks = note_writers(&url, "p", 100_000);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let _ = child.wait();
-    let mut acked = Vec::new();
-    for t in tasks {
-        acked.extend(t.await.unwrap());
-    }
+    let acked = acknowledged(tasks).await;
     assert!(
         !acked.is_empty(),
         "no write was acknowledged before the kill"
@@ -552,14 +553,9 @@ async fn sigkill_of_a_proxy_process_loses_nothing_beside_another_proxy() {
         .await
         .unwrap();
     assert_identical(&g).await;
+    assert_present_once(&g, &acked).await;
     for i in 0..3 {
         let d = g.direct(i).await;
-        let n: i64 = d
-            .query_one("SELECT count(*) FROM notes WHERE body = ANY($1)", &[&acked])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n as usize, acked.len(), "acknowledged rows on n{}", i + 1);
         let dup: i64 = d
             .query_one(
                 "SELECT count(*) FROM (SELECT body FROM notes GROUP BY body HAVING count(*) > 1) x",

@@ -175,11 +175,10 @@ fn insert_row_local(ins: &Value, catalog: &RelCatalog) -> bool {
         return false;
     }
     // VALUES may not read the table at all.
-    let no_columns = HashSet::new();
     rows.iter().all(|row| {
         row["node"]["List"]["items"]
             .as_array()
-            .is_some_and(|items| items.iter().all(|e| pure(e, &alias, &no_columns, false)))
+            .is_some_and(|items| items.iter().all(|e| pure(e, &alias, false)))
     })
 }
 
@@ -194,7 +193,6 @@ fn update_row_local(upd: &Value, catalog: &RelCatalog) -> bool {
     let Some(targets) = upd["target_list"].as_array() else {
         return false;
     };
-    let all = HashSet::new();
     for t in targets {
         let rt = &t["node"]["ResTarget"];
         let Some(col) = rt["name"].as_str() else {
@@ -202,7 +200,7 @@ fn update_row_local(upd: &Value, catalog: &RelCatalog) -> bool {
         };
         if key_columns.contains(col)
             || !empty(&rt["indirection"])
-            || !pure(&rt["val"], &alias, &all, true)
+            || !pure(&rt["val"], &alias, true)
         {
             return false;
         }
@@ -228,10 +226,9 @@ fn fixes_unique_key(clause: &Value, info: &TableInfo, alias: &str) -> bool {
     if conjuncts.is_empty() {
         return false;
     }
-    let all = HashSet::new();
     let mut fixed: HashSet<String> = HashSet::new();
     for c in conjuncts {
-        if !pure(c, alias, &all, true) {
+        if !pure(c, alias, true) {
             return false;
         }
         let e = &c["node"]["AExpr"];
@@ -292,7 +289,7 @@ fn is_value(v: &Value) -> bool {
 
 /// An expression of parameters, constants, pure functions and (when
 /// `columns_ok`) the target row's own columns.
-fn pure(v: &Value, alias: &str, _cols: &HashSet<String>, columns_ok: bool) -> bool {
+fn pure(v: &Value, alias: &str, columns_ok: bool) -> bool {
     if v.is_null() {
         return true;
     }
@@ -302,7 +299,7 @@ fn pure(v: &Value, alias: &str, _cols: &HashSet<String>, columns_ok: bool) -> bo
     let Some((kind, body)) = obj.iter().next() else {
         return false;
     };
-    let sub = |x: &Value| pure(x, alias, _cols, columns_ok);
+    let sub = |x: &Value| pure(x, alias, columns_ok);
     let all = |x: &Value| x.as_array().is_none_or(|a| a.iter().all(sub));
     match kind.as_str() {
         "AConst" | "ParamRef" => true,

@@ -265,9 +265,8 @@ impl Session {
         let shutdown_changed = shutdown.changed();
         tokio::pin!(shutdown_changed);
         loop {
-            if self.write.sync_wait.is_some() {
-                self.wait_sync().await;
-                self.set_tx_from_out();
+            if let Some(rfq) = self.wait_sync().await {
+                self.forward_rfq(rfq, self.group.primary());
                 continue;
             }
             // A unit that waited for a busy backend (or a read to retry).
@@ -444,11 +443,6 @@ impl Session {
         let status = rfq.body().first().copied().unwrap_or(b'I');
         self.tx_node = (status != b'I').then_some(i);
         self.out.extend_from_slice(&rfq.raw);
-    }
-
-    /// After a held ReadyForQuery went out: the transaction is over.
-    fn set_tx_from_out(&mut self) {
-        self.tx_node = None;
     }
 
     /// Sends raw bytes to backend `i`; a failure counts as losing it.

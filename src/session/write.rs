@@ -393,7 +393,7 @@ impl Session {
     /// A unit about to go to the primary: takes the write lock first if it
     /// writes and this transaction holds none. Returns whether to capture it.
     pub(super) fn before_primary_unit(&mut self, unit: &Unit, buf: &mut BytesMut) -> bool {
-        if !self.replicating() {
+        if !self.replicating() || !unit.writes {
             return false;
         }
         let sqls = unit_sql(unit);
@@ -402,13 +402,13 @@ impl Session {
                 let temps = &mut self.write.temps;
                 sqls.iter().all(|s| temp_only(s, temps))
             });
-        let ddl = unit.writes && sqls.iter().any(|s| is_ddl(s));
+        let ddl = sqls.iter().any(|s| is_ddl(s));
         if ddl {
             self.group.invalidate_rel_catalog();
         }
-        let row_local = unit.writes && !ddl && self.row_local(&sqls);
+        let row_local = !ddl && self.row_local(&sqls);
         if let Some(tx) = self.write.tx.as_mut() {
-            let capture = unit.writes && !maintenance;
+            let capture = !maintenance;
             if capture {
                 tx.ddl |= ddl;
                 if !tx.exclusive && !row_local {
@@ -420,7 +420,7 @@ impl Session {
             }
             return capture;
         }
-        if !unit.writes || maintenance {
+        if maintenance {
             return false;
         }
         if sqls.len() == 1 && not_in_transaction(&sqls[0]) == Some(INDEX_CONCURRENTLY) {
@@ -773,11 +773,10 @@ impl Session {
         Some(rfq)
     }
 
-    /// Waits until `sync_replicas` subscribers applied the pending commit.
-    pub(super) async fn wait_sync(&mut self) {
-        let Some((seq, _)) = &self.write.sync_wait else {
-            return std::future::pending().await;
-        };
+    /// Waits until `sync_replicas` subscribers applied the pending commit
+    /// (or flow control allows it); returns the held ReadyForQuery.
+    pub(super) async fn wait_sync(&mut self) -> Option<Frame> {
+        let (seq, _) = self.write.sync_wait.as_ref()?;
         let seq = *seq;
         let r = self.shared.config().replication.clone();
         let need = r.sync_replicas;
@@ -803,7 +802,7 @@ impl Session {
                 &mut self.out,
             );
         }
-        self.out.extend_from_slice(&rfq.raw);
+        Some(rfq)
     }
 }
 

@@ -106,9 +106,8 @@ impl<R: AsyncRead + Unpin> MessageStream<R> {
     /// Reads more bytes from the socket. Returns false at end of stream.
     /// Cancel-safe: nothing is lost if the future is dropped.
     pub async fn fill(&mut self) -> Result<bool, FrameError> {
-        if let Ok(Some(total)) = self.complete_len() {
-            // Never called needlessly in practice; keep the contract simple.
-            let _ = total;
+        // A complete message is already buffered: nothing to wait for.
+        if let Ok(Some(_)) = self.complete_len() {
             return Ok(true);
         }
         self.buf.reserve(READ_CHUNK);
