@@ -92,6 +92,9 @@ pub struct UserConfig {
     pub name: String,
     #[serde(default)]
     pub password: String,
+    /// May use the admin console (the database `reprise`) under scram.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// Health monitoring of every node.
@@ -107,6 +110,14 @@ pub struct HealthConfig {
     /// Timeout for opening a backend connection for a client session.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// How long a write waits for a primary (during a failover or a
+    /// switchover) before it fails.
+    #[serde(default = "default_failover_wait_ms")]
+    pub failover_wait_ms: u64,
+}
+
+fn default_failover_wait_ms() -> u64 {
+    5000
 }
 
 fn default_interval_ms() -> u64 {
@@ -129,6 +140,7 @@ impl Default for HealthConfig {
             timeout_ms: default_timeout_ms(),
             failures_before_down: default_failures_before_down(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            failover_wait_ms: default_failover_wait_ms(),
         }
     }
 }
@@ -170,6 +182,13 @@ pub struct ReplicationConfig {
     /// subscriber is at most this many entries behind (0: no limit).
     #[serde(default = "default_max_lag_entries")]
     pub max_lag_entries: u64,
+    /// Re-seed a divergent node automatically (false: wait for `RESEED`).
+    #[serde(default)]
+    pub auto_reseed: bool,
+    /// Where `pg_dump` and `psql` are, for seeding (default: found like
+    /// the local tools: $REPRISE_PG_BINDIR, PATH, `pg_config --bindir`).
+    #[serde(default)]
+    pub pg_bin_dir: Option<String>,
 }
 
 fn default_max_lag_entries() -> u64 {
@@ -187,6 +206,8 @@ impl Default for ReplicationConfig {
             sync_replicas: 0,
             sync_timeout_ms: default_sync_timeout_ms(),
             max_lag_entries: default_max_lag_entries(),
+            auto_reseed: false,
+            pg_bin_dir: None,
         }
     }
 }
@@ -234,6 +255,10 @@ pub struct NodeConfig {
     /// Share of autocommit reads; 0 means this node never serves reads.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Breaks ties between equally advanced failover candidates (higher
+    /// wins), and picks the first primary of a new group.
+    #[serde(default)]
+    pub priority: i32,
 }
 
 fn default_host() -> String {

@@ -99,6 +99,7 @@ impl LocalCluster {
                     user: "postgres".into(),
                     password: String::new(),
                     weight: 1,
+                    priority: 0,
                 })
                 .collect(),
         }

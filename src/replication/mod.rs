@@ -5,6 +5,7 @@
 pub mod applier;
 pub mod determinism;
 pub mod rowlocal;
+pub mod seed;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,1 @@
+//! Seeding: fills a node from a consistent snapshot of a healthy one.
