@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS reprise.log (
 
 -- Columns added after version 1 (upgrades in place).
 ALTER TABLE reprise.log ADD COLUMN IF NOT EXISTS sequences text;
+-- The primary this node last heard of (recorded at every promotion), so a
+-- proxy that starts while the primary is down still knows which node it was.
+ALTER TABLE reprise.node ADD COLUMN IF NOT EXISTS primary_node text;
 
 -- Appends an entry on the primary inside the writing transaction. The
 -- caller holds the group's write lock, so seq order is commit order.

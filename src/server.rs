@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 
 use crate::admin::metrics::Metrics;
 use crate::config::{AuthMethod, Config};
+use crate::group::failover::{self, Policy};
 use crate::group::{Group, health};
 use crate::session::cancel::CancelRegistry;
 use crate::wire::messages::PgError;
@@ -93,12 +94,19 @@ impl Server {
                 config.routing.read_scaling,
                 config.routing.max_lag_ms,
             ));
-            health::initial_probe(&group, &config.health).await;
+            let policy = Policy::from_config(&config);
+            health::initial_probe(&group, &config.health, &policy).await;
+            tokio::spawn(failover::supervise(
+                group.clone(),
+                policy.clone(),
+                shutdown_rx.clone(),
+            ));
             for i in 0..group.nodes.len() {
                 tokio::spawn(health::monitor(
                     group.clone(),
                     i,
                     config.health.clone(),
+                    policy.clone(),
                     shutdown_rx.clone(),
                 ));
                 if config.replication.enabled {

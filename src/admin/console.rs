@@ -1,6 +1,6 @@
 //! The admin console: the database `reprise` on the client port. It speaks
-//! the simple query protocol and answers `SHOW GROUPS`, `SHOW NODES` and
-//! `HELP`.
+//! the simple query protocol and answers `SHOW GROUPS`, `SHOW NODES`,
+//! `SWITCHOVER`, `RESEED` and `HELP`.
 
 use std::sync::Arc;
 
@@ -8,6 +8,8 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+use crate::group::failover::{self, Policy};
+use crate::group::{Group, NodeState};
 use crate::server::Shared;
 use crate::wire::MessageStream;
 use crate::wire::messages::{self, PgError, Reader};
@@ -43,7 +45,7 @@ pub async fn serve(
             b'Q' => {
                 let sql = Reader::new(frame.body()).cstr().unwrap_or("").to_string();
                 for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                    match run(&shared, stmt) {
+                    match run(&shared, stmt).await {
                         Ok(t) => write_table(&t, &mut out),
                         Err(e) => {
                             e.encode(&mut out);
@@ -80,18 +82,19 @@ fn write_table(t: &Table, out: &mut BytesMut) {
     messages::command_complete(&t.tag, out);
 }
 
-const COMMANDS: &str = "SHOW GROUPS, SHOW NODES, HELP";
+const COMMANDS: &str =
+    "SHOW GROUPS, SHOW NODES, SWITCHOVER <group> TO <node>, RESEED <group> <node>, HELP";
 
 /// Runs one console command.
-pub fn run(shared: &Shared, command: &str) -> Result<Table, PgError> {
-    let words: Vec<String> = command
-        .split_whitespace()
-        .map(|w| w.to_ascii_uppercase())
-        .collect();
+pub async fn run(shared: &Shared, command: &str) -> Result<Table, PgError> {
+    let original: Vec<&str> = command.split_whitespace().collect();
+    let words: Vec<String> = original.iter().map(|w| w.to_ascii_uppercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["SHOW", "GROUPS"] => Ok(show_groups(shared)),
         ["SHOW", "NODES"] => Ok(show_nodes(shared)),
+        ["SWITCHOVER", _, "TO", _] => switchover(shared, original[1], original[3]).await,
+        ["RESEED", _, _] => reseed(shared, original[1], original[2]).await,
         ["HELP"] => Ok(Table {
             columns: vec!["command"],
             rows: COMMANDS
@@ -139,10 +142,14 @@ fn show_nodes(shared: &Shared) -> Table {
                 Some(n.name),
                 Some(n.role.as_str().to_string()),
                 Some(n.state.as_str().to_string()),
+                Some(n.applied_seq.to_string()),
+                Some(n.lag_seq.to_string()),
+                Some(n.lag_ms.to_string()),
                 Some(n.host),
                 Some(n.port.to_string()),
                 Some(n.weight.to_string()),
                 Some(n.outstanding.to_string()),
+                n.divergence,
             ]);
         }
     }
@@ -153,11 +160,95 @@ fn show_nodes(shared: &Shared) -> Table {
             "node",
             "role",
             "state",
+            "applied_seq",
+            "lag_seq",
+            "lag_ms",
             "host",
             "port",
             "weight",
             "in_flight",
+            "divergence",
         ],
         rows,
     }
+}
+
+/// The group and node index a command names.
+fn find(shared: &Shared, group: &str, node: &str) -> Result<(Arc<Group>, usize), PgError> {
+    let g = shared.group(group).ok_or_else(|| {
+        PgError::error("42704", format!("no group \"{group}\"")).with_hint(format!(
+            "the groups are: {}",
+            shared.group_names().join(", ")
+        ))
+    })?;
+    let i = g.node_index(node).ok_or_else(|| {
+        let names: Vec<&str> = g.nodes.iter().map(|n| n.name.as_str()).collect();
+        PgError::error("42704", format!("no node \"{node}\" in group \"{group}\""))
+            .with_hint(format!("its nodes are: {}", names.join(", ")))
+    })?;
+    Ok((g, i))
+}
+
+async fn switchover(shared: &Shared, group: &str, node: &str) -> Result<Table, PgError> {
+    let (g, i) = find(shared, group, node)?;
+    let policy = Policy::from_config(shared.config());
+    // In a task of its own: a console client that goes away must not leave
+    // writes held halfway.
+    let task = {
+        let g = g.clone();
+        tokio::spawn(async move { failover::switchover(&g, i, &policy).await })
+    };
+    let done = task
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .map_err(|e| PgError::error("55000", format!("switchover refused or failed: {e}")))?;
+    Ok(Table {
+        columns: vec![
+            "group",
+            "old_primary",
+            "new_primary",
+            "term",
+            "write_pause_ms",
+        ],
+        rows: vec![vec![
+            Some(g.name.clone()),
+            Some(done.old),
+            Some(done.new),
+            Some(done.term.to_string()),
+            Some(done.pause.as_millis().to_string()),
+        ]],
+        tag: "SWITCHOVER".into(),
+    })
+}
+
+async fn reseed(shared: &Shared, group: &str, node: &str) -> Result<Table, PgError> {
+    let (g, i) = find(shared, group, node)?;
+    let policy = Policy::from_config(shared.config());
+    if g.nodes[i].state() == NodeState::Seeding {
+        return Err(PgError::error(
+            "55000",
+            format!("{node} is already being seeded"),
+        ));
+    }
+    let task = {
+        let g = g.clone();
+        tokio::spawn(async move { failover::reseed(&g, i, &policy).await })
+    };
+    let done = task
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .map_err(|e| PgError::error("55000", format!("re-seeding {node} failed: {e}")))?;
+    Ok(Table {
+        columns: vec!["group", "node", "seq", "bytes", "duration_ms"],
+        rows: vec![vec![
+            Some(g.name.clone()),
+            Some(node.to_string()),
+            Some(done.seq.to_string()),
+            Some(done.bytes.to_string()),
+            Some(done.duration.as_millis().to_string()),
+        ]],
+        tag: "RESEED".into(),
+    })
 }

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio::time::{MissedTickBehavior, interval, timeout};
 use tokio_postgres::{Client, NoTls};
 
+use super::failover::{self, Policy};
 use super::{Group, Node, NodeState};
 use crate::backend::Target;
 use crate::config::HealthConfig;
@@ -107,50 +108,81 @@ impl Verdict {
         } else {
             self.failures = self.failures.saturating_add(1);
             (self.failures >= self.threshold
-                && current != NodeState::Down
-                && current != NodeState::Divergent)
-                .then_some(NodeState::Down)
+                && !matches!(
+                    current,
+                    NodeState::Down | NodeState::Divergent | NodeState::Seeding
+                ))
+            .then_some(NodeState::Down)
         }
+    }
+
+    /// Failed probes not yet enough to mark the node down: confirm quickly.
+    pub fn confirming(&self) -> bool {
+        self.failures > 0 && self.failures < self.threshold
     }
 }
 
-/// Runs a node's monitor until `shutdown` turns true.
+/// Runs a node's monitor until `shutdown` turns true. A node found up
+/// again after being down rejoins (fenced, then compared with the
+/// primary) before it serves anything.
 pub async fn monitor(
     group: Arc<Group>,
     index: usize,
     health: HealthConfig,
+    policy: Policy,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let node = group.nodes[index].clone();
-    let conn = ControlConn::default();
+    let conn = node.control.clone();
     let limit = Duration::from_millis(health.timeout_ms);
     let mut tick = interval(Duration::from_millis(health.interval_ms));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut verdict = Verdict::new(health.failures_before_down);
     let mut probes = JoinSet::new();
     let mut catalog_loaded = false;
+    let spawn_probe = |probes: &mut JoinSet<_>, delay: Duration| {
+        let (conn, node) = (conn.clone(), node.clone());
+        probes.spawn(async move {
+            tokio::time::sleep(delay).await;
+            probe_once(&conn, &node, limit).await
+        });
+    };
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                let (conn, node) = (conn.clone(), node.clone());
-                probes.spawn(async move { probe_once(&conn, &node, limit).await });
+            _ = tick.tick() => spawn_probe(&mut probes, Duration::ZERO),
+            _ = node.suspect.notified() => {
+                // A session saw a refused or reset connection: confirm now.
+                if node.is_reachable() && !verdict.confirming() {
+                    spawn_probe(&mut probes, Duration::ZERO);
+                }
             }
             Some(done) = probes.join_next() => {
                 let result = done.unwrap_or_else(|e| Err(e.to_string()));
                 if let Err(e) = &result {
                     tracing::debug!(group = %group.name, node = %node.name, error = %e, "probe failed");
                 }
-                if let Some(state) = verdict.observe(result.is_ok(), node.state()) {
-                    if state == NodeState::Down {
+                match verdict.observe(result.is_ok(), node.state()) {
+                    Some(NodeState::Down) => {
                         tracing::warn!(group = %group.name, node = %node.name, error = ?result.err(), "node is down");
+                        node.set_state(NodeState::Down);
                     }
-                    node.set_state(state);
+                    Some(_) => {
+                        // Still down if it cannot rejoin yet: the next
+                        // probe tries again.
+                        failover::rejoin_and_apply(&group, index, &policy).await;
+                    }
+                    None if verdict.confirming() && probes.len() < 4 => {
+                        spawn_probe(&mut probes, Duration::from_millis(50));
+                    }
+                    None => {}
                 }
-                if node.is_reachable() && !catalog_loaded && index == group.primary() {
-                    catalog_loaded = load_catalog(&group, &conn, &node).await;
-                }
-                if node.is_reachable() && index == group.primary() && group.rel_catalog().is_none() {
-                    load_rel_catalog(&group, &conn, &node).await;
+                if node.is_reachable() && index == group.primary() {
+                    if !catalog_loaded {
+                        catalog_loaded = load_catalog(&group, &conn, &node).await;
+                    }
+                    if group.rel_catalog().is_none() {
+                        load_rel_catalog(&group, &conn, &node).await;
+                    }
                 }
             }
             r = shutdown.changed() => {
@@ -213,12 +245,11 @@ pub async fn load_catalog(group: &Group, conn: &ControlConn, node: &Node) -> boo
     }
 }
 
-/// Installs the `reprise` schema if missing and reads the node's position.
+/// Installs the `reprise` schema if missing, or upgrades it.
 pub async fn install_schema(
     group: &Group,
     conn: &ControlConn,
     node: &Node,
-    primary: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let client = conn.get(&node.target).await?;
     let exists = client
@@ -230,46 +261,62 @@ pub async fn install_schema(
     }
     // Idempotent: creates what is missing and upgrades the functions.
     client.batch_execute(crate::replication::SCHEMA_SQL).await?;
-    let role = if primary { "primary" } else { "subscriber" };
-    client
-        .execute("UPDATE reprise.node SET role = $1", &[&role])
-        .await?;
-    let seq: i64 = client
-        .query_one("SELECT coalesce(max(seq), 0) FROM reprise.log", &[])
-        .await?
-        .get(0);
-    node.set_applied(seq as u64);
-    if primary {
-        group.observe_head(seq as u64);
-    }
     Ok(())
 }
 
-/// Probes every node once, in parallel, to start with true states.
-pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig) {
+/// Probes every node once, in parallel, installs the schema, chooses the
+/// primary from what the nodes record, and lets the others rejoin: the
+/// group starts with true states.
+pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig, policy: &Policy) {
     let limit = Duration::from_millis(health.timeout_ms);
     let mut set = JoinSet::new();
     for (i, node) in group.nodes.iter().enumerate() {
         let (node, group) = (node.clone(), group.clone());
         set.spawn(async move {
-            let conn = ControlConn::default();
-            let ok = probe_once(&conn, &node, limit).await;
+            let ok = probe_once(&node.control, &node, limit).await;
             if let Err(e) = &ok {
                 tracing::warn!(group = %group.name, node = %node.name, error = %e, "node is not reachable at start");
+                node.set_state(NodeState::Down);
+                return (i, None);
             }
-            node.set_state(if ok.is_ok() { NodeState::Up } else { NodeState::Down });
-            if ok.is_ok() {
-                if let Err(e) = install_schema(&group, &conn, &node, i == group.primary()).await {
-                    tracing::error!(group = %group.name, node = %node.name, error = %e, "could not install the reprise schema");
+            if let Err(e) = install_schema(&group, &node.control, &node).await {
+                tracing::error!(group = %group.name, node = %node.name, error = %e, "could not install the reprise schema");
+                node.set_state(NodeState::Down);
+                return (i, None);
+            }
+            match failover::position(&node).await {
+                Ok(p) => {
+                    node.set_applied(p.seq);
+                    (i, Some(p))
                 }
-                if i == group.primary() {
-                    load_catalog(&group, &conn, &node).await;
-                    load_rel_catalog(&group, &conn, &node).await;
+                Err(e) => {
+                    tracing::error!(group = %group.name, node = %node.name, error = %e, "could not read the node's position");
+                    node.set_state(NodeState::Down);
+                    (i, None)
                 }
             }
         });
     }
-    while set.join_next().await.is_some() {}
+    let mut positions = vec![None; group.nodes.len()];
+    while let Some(done) = set.join_next().await {
+        if let Ok((i, p)) = done {
+            positions[i] = p;
+        }
+    }
+    failover::choose_primary(group, &positions).await;
+    let p = group.primary();
+    if positions[p].is_some() {
+        group.nodes[p].set_state(NodeState::Up);
+        load_catalog(group, &group.nodes[p].control, &group.nodes[p]).await;
+        load_rel_catalog(group, &group.nodes[p].control, &group.nodes[p]).await;
+    } else {
+        group.nodes[p].set_state(NodeState::Down);
+    }
+    for (i, pos) in positions.iter().enumerate() {
+        if i != p && pos.is_some() && !failover::rejoin_and_apply(group, i, policy).await {
+            group.nodes[i].set_state(NodeState::Down);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The redundancy group: its nodes, their states and roles, and the choice
 //! of node for each unit of work.
 
+pub mod failover;
 pub mod health;
 
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use metrics::{Counter, Gauge};
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::backend::Target;
 use crate::config::{GroupConfig, NodeConfig};
@@ -25,6 +27,8 @@ pub enum NodeState {
     CatchingUp = 2,
     /// Its copy stopped matching the primary: it needs re-seeding.
     Divergent = 3,
+    /// Being filled from a snapshot of a healthy node.
+    Seeding = 4,
 }
 
 impl NodeState {
@@ -33,6 +37,7 @@ impl NodeState {
             0 => NodeState::Up,
             2 => NodeState::CatchingUp,
             3 => NodeState::Divergent,
+            4 => NodeState::Seeding,
             _ => NodeState::Down,
         }
     }
@@ -43,6 +48,7 @@ impl NodeState {
             NodeState::Down => "down",
             NodeState::CatchingUp => "catching_up",
             NodeState::Divergent => "divergent",
+            NodeState::Seeding => "seeding",
         }
     }
 }
@@ -81,10 +87,20 @@ pub struct Node {
     applied_total: Counter,
     /// Why the node is divergent, and at which seq.
     pub divergence: std::sync::Mutex<Option<(i64, String)>>,
+    /// The group's change counter, bumped by every state change.
+    events: Arc<watch::Sender<u64>>,
+    /// Held by the applier while it replays, and by a promotion, so a node
+    /// never takes writes while entries of the old primary are still
+    /// being applied to it.
+    pub apply_lock: tokio::sync::Mutex<()>,
+    /// The proxy's control connection to the node (probes, promotion).
+    pub control: health::ControlConn,
+    /// A session saw the node refuse or reset a connection: probe now.
+    pub suspect: tokio::sync::Notify,
 }
 
 impl Node {
-    fn new(group: &GroupConfig, config: &NodeConfig) -> Node {
+    fn new(group: &GroupConfig, config: &NodeConfig, events: Arc<watch::Sender<u64>>) -> Node {
         let labels = [("group", group.name.clone()), ("node", config.name.clone())];
         Node {
             name: config.name.clone(),
@@ -106,6 +122,10 @@ impl Node {
             applied_gauge: metrics::gauge!("reprise_node_applied_seq", &labels),
             applied_total: metrics::counter!("reprise_node_applied_entries_total", &labels),
             divergence: std::sync::Mutex::new(None),
+            events,
+            apply_lock: tokio::sync::Mutex::new(()),
+            control: health::ControlConn::default(),
+            suspect: tokio::sync::Notify::new(),
         }
     }
 
@@ -151,6 +171,7 @@ impl Node {
         self.up_gauge
             .set(if s == NodeState::Up { 1.0 } else { 0.0 });
         if old != s {
+            self.events.send_modify(|v| *v += 1);
             tracing::info!(group = %self.group, node = %self.name, from = old.as_str(), to = s.as_str(), "node state changed");
             metrics::counter!("reprise_node_state_changes_total",
                 "group" => self.group.clone(), "node" => self.name.clone(), "to" => s.as_str())
@@ -211,16 +232,33 @@ pub struct Group {
     rel_epoch: AtomicU64,
     /// Row-locality of statement shapes under the current catalog.
     row_local_cache: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    /// Bumped by every node state change and every promotion.
+    events: Arc<watch::Sender<u64>>,
+    /// The highest seq acknowledged to a client while `sync_replicas > 0`:
+    /// a node that has not applied it must not be promoted.
+    acked: AtomicU64,
+    /// New write transactions wait (a switchover is under way).
+    paused: std::sync::atomic::AtomicBool,
+    /// The log head when the current primary was promoted: a commit of an
+    /// older term above it was lost with the old primary.
+    promoted_at: AtomicU64,
+    /// Sessions with work in flight on the primary.
+    inside: AtomicUsize,
+    /// Woken when `paused` clears or `inside` drops to zero.
+    pub gate: tokio::sync::Notify,
+    /// Serialises failovers, switchovers and re-seeds.
+    pub topology: tokio::sync::Mutex<()>,
 }
 
 impl Group {
     pub fn new(config: &GroupConfig, read_scaling: bool, max_lag_ms: u64) -> Group {
+        let events = Arc::new(watch::channel(0u64).0);
         Group {
             name: config.name.clone(),
             nodes: config
                 .nodes
                 .iter()
-                .map(|n| Arc::new(Node::new(config, n)))
+                .map(|n| Arc::new(Node::new(config, n, events.clone())))
                 .collect(),
             primary: AtomicUsize::new(0),
             term: AtomicU64::new(1),
@@ -233,7 +271,105 @@ impl Group {
             rel_catalog: std::sync::RwLock::new(None),
             rel_epoch: AtomicU64::new(0),
             row_local_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
+            events,
+            acked: AtomicU64::new(0),
+            paused: std::sync::atomic::AtomicBool::new(false),
+            inside: AtomicUsize::new(0),
+            promoted_at: AtomicU64::new(u64::MAX),
+            gate: tokio::sync::Notify::new(),
+            topology: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// A receiver that sees every node state change and promotion.
+    pub fn events(&self) -> watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    /// Something changed that sessions and appliers must look at.
+    pub fn bump(&self) {
+        self.events.send_modify(|v| *v += 1);
+    }
+
+    /// Index of the node named `name`.
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// A commit at `seq` was acknowledged to a client under sync_replicas.
+    pub fn note_acked(&self, seq: u64) {
+        self.acked.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// The highest seq acknowledged under sync_replicas.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// Makes node `index` the primary at `term` whose log ends at `head`.
+    /// The term is raised first, so no write reaches the new primary with
+    /// the old one.
+    pub fn promote(&self, index: usize, term: u64, head: u64) {
+        self.promoted_at.store(head, Ordering::SeqCst);
+        self.term.store(term, Ordering::SeqCst);
+        self.head.store(head, Ordering::SeqCst);
+        self.nodes[index].set_applied(head);
+        self.primary.store(index, Ordering::SeqCst);
+        self.bump();
+        self.applied_changed();
+    }
+
+    /// The head when the current primary was promoted.
+    pub fn promoted_at(&self) -> u64 {
+        self.promoted_at.load(Ordering::SeqCst)
+    }
+
+    /// Sets the term and primary found at start, without counting a change.
+    pub fn set_primary(&self, index: usize, term: u64) {
+        self.term.store(term, Ordering::SeqCst);
+        self.primary.store(index, Ordering::SeqCst);
+    }
+
+    /// Holds new write transactions (switchover); in-flight ones go on.
+    pub fn pause_writes(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    pub fn resume_writes(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.gate.notify_waiters();
+    }
+
+    pub fn writes_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// A session starts work on the primary; false if writes are paused
+    /// (the session must wait at the gate and try again).
+    pub fn enter(&self) -> bool {
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        if self.paused.load(Ordering::SeqCst) {
+            self.leave();
+            return false;
+        }
+        true
+    }
+
+    /// A session's work on the primary is finished.
+    pub fn leave(&self) {
+        if self.inside.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.gate.notify_waiters();
+        }
+    }
+
+    /// Sessions with work in flight on the primary.
+    pub fn inside(&self) -> usize {
+        self.inside.load(Ordering::SeqCst)
+    }
+
+    /// Whether writes can go to the primary now.
+    pub fn primary_ready(&self) -> bool {
+        self.nodes[self.primary()].is_up() && !self.writes_paused()
     }
 
     /// The table catalog, if it is current.
@@ -291,8 +427,12 @@ impl Group {
         self.head.load(Ordering::Acquire)
     }
 
-    /// Raises the head to `seq` if it is higher.
-    pub fn observe_head(&self, seq: u64) {
+    /// Raises the head to `seq`, committed on the primary of `term`, if it
+    /// is higher (news from an older term's primary is ignored).
+    pub fn observe_head(&self, term: u64, seq: u64) {
+        if term != self.term() {
+            return;
+        }
         self.head.fetch_max(seq, Ordering::AcqRel);
         let p = &self.nodes[self.primary()];
         if p.applied() < seq {

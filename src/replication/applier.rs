@@ -34,8 +34,9 @@ pub async fn run(group: Arc<Group>, index: usize, mut shutdown: watch::Receiver<
         if stopped(&shutdown) {
             return;
         }
-        let pause = if node.state() == NodeState::Divergent || index == group.primary() {
-            Duration::from_millis(500)
+        let replaying = matches!(node.state(), NodeState::Up | NodeState::CatchingUp);
+        let pause = if !replaying || index == group.primary() {
+            Duration::from_millis(200)
         } else {
             match apply_loop(&group, index, &mut shutdown).await {
                 Ok(()) => return,
@@ -76,7 +77,11 @@ async fn apply_loop(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Stop> {
     let node = group.nodes[index].clone();
+    // The primary and term this run follows; a change ends the run.
+    let run_term = group.term();
     let primary = group.nodes[group.primary()].clone();
+    let mut events = group.events();
+    let moved = move |g: &Group| g.term() != run_term;
     let transient = |e: &dyn std::fmt::Display| Stop::Transient(e.to_string());
 
     // The node: a control connection for its position, a raw one to replay.
@@ -133,15 +138,25 @@ async fn apply_loop(
         if stopped(shutdown) {
             return Ok(());
         }
-        if index == group.primary() {
-            return Err(Stop::Transient("this node is the primary now".into()));
+        if moved(group) || index == group.primary() {
+            return Err(Stop::Transient("the group has a new primary".into()));
         }
-        let rows = source
-            .query(&fetch, &[&applied])
-            .await
-            .map_err(|e| transient(&e))?;
+        if !matches!(node.state(), NodeState::Up | NodeState::CatchingUp) {
+            return Err(Stop::Transient(format!(
+                "the node is {}",
+                node.state().as_str()
+            )));
+        }
+        // A hung primary never answers: a failover ends the wait.
+        let after: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&applied];
+        let rows = tokio::select! {
+            r = source.query(&fetch, &after) => r.map_err(|e| transient(&e))?,
+            _ = until_moved(group, &mut events, run_term) => {
+                return Err(Stop::Transient("the group has a new primary".into()));
+            }
+        };
         if let Some(last) = rows.last() {
-            group.observe_head(last.get::<_, i64>(0) as u64);
+            group.observe_head(run_term, last.get::<_, i64>(0) as u64);
         }
         let mut batch: Vec<Prepared> = Vec::new();
         let mut bytes = 0usize;
@@ -170,6 +185,7 @@ async fn apply_loop(
             if nontx || bytes > (1 << 20) || batch.len() >= 32 {
                 let done = std::mem::take(&mut batch);
                 bytes = 0;
+                let _held = hold(group, &node, run_term).await?;
                 apply_batch(&mut replay, &done, |p| {
                     applied = p.seq;
                     note_applied(group, &node, p);
@@ -177,17 +193,21 @@ async fn apply_loop(
                 .await?;
             }
             if nontx {
+                let _held = hold(group, &node, run_term).await?;
                 run_outside_transaction(&mut replay, seq, &entry).await?;
             }
             let p = prepare(&logged, &entry, nontx);
             bytes += p.buf.len();
             batch.push(p);
         }
-        apply_batch(&mut replay, &batch, |p| {
-            applied = p.seq;
-            note_applied(group, &node, p);
-        })
-        .await?;
+        if !batch.is_empty() {
+            let _held = hold(group, &node, run_term).await?;
+            apply_batch(&mut replay, &batch, |p| {
+                applied = p.seq;
+                note_applied(group, &node, p);
+            })
+            .await?;
+        }
         if rows.is_empty() {
             if node.state() == NodeState::CatchingUp {
                 node.set_state(NodeState::Up);
@@ -196,10 +216,40 @@ async fn apply_loop(
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
                 _ = shutdown.changed() => {}
+                _ = events.changed() => {}
             }
             if source.is_closed() {
                 return Err(Stop::Transient("lost the connection to the primary".into()));
             }
+        }
+    }
+}
+
+/// Takes the node's apply lock for one batch, if the primary this run
+/// follows is still the primary and the node still replays.
+async fn hold<'a>(
+    group: &Group,
+    node: &'a crate::group::Node,
+    term: u64,
+) -> Result<tokio::sync::MutexGuard<'a, ()>, Stop> {
+    let guard = node.apply_lock.lock().await;
+    if group.term() != term {
+        return Err(Stop::Transient("the group has a new primary".into()));
+    }
+    if !matches!(node.state(), NodeState::Up | NodeState::CatchingUp) {
+        return Err(Stop::Transient(format!(
+            "the node is {}",
+            node.state().as_str()
+        )));
+    }
+    Ok(guard)
+}
+
+/// Returns once the group's term differs from `term`.
+async fn until_moved(group: &Group, events: &mut watch::Receiver<u64>, term: u64) {
+    while group.term() == term {
+        if events.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }

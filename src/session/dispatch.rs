@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use super::statements::{self, StmtDef};
 use super::{End, MAX_BATCH_BYTES, Session};
 use crate::backend::{BackendConn, ConnectError, Expect};
+use crate::group::NodeState;
 use crate::route::Classification;
 use crate::wire::Frame;
 use crate::wire::messages::{self, PgError};
@@ -383,12 +384,107 @@ impl Session {
             tracing::debug!(reason, "session pinned to the primary");
             self.pinned = Some(reason);
         }
-        let target = match self.choose(&unit) {
+        let mut target = match self.choose(&unit) {
             Ok(i) => i,
             Err(e) => return self.fail_unit(&unit, e),
         };
+        if target == self.group.primary() && !self.pass.held {
+            // New work on the primary: wait while there is none (failover)
+            // or writes are held (switchover).
+            if let Err(e) = self.enter_primary().await {
+                return self.fail_unit(&unit, e);
+            }
+            target = match self.choose(&unit) {
+                Ok(i) => i,
+                Err(e) => return self.fail_unit(&unit, e),
+            };
+        }
         let retryable = unit.route == Route::Read && self.tx_node.is_none();
         self.send_unit(target, unit, retryable).await
+    }
+
+    /// Waits until the group has a primary that takes new work, up to
+    /// `failover_wait_ms`, and counts this session in.
+    async fn enter_primary(&mut self) -> Result<(), PgError> {
+        let wait = Duration::from_millis(self.shared.config().health.failover_wait_ms);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let opened = self.group.gate.notified();
+            if self.group.nodes[self.group.primary()].is_up() && self.group.enter() {
+                self.pass.held = true;
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(self.no_primary(wait));
+            }
+            let nap = (deadline - now).min(Duration::from_millis(100));
+            tokio::select! {
+                _ = opened => {}
+                _ = self.events.changed() => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    /// The primary refused a connection: have it probed now, and wait for it
+    /// to come back or for a failover, up to `failover_wait_ms`.
+    async fn reconnect_primary(&mut self, first: PgError) -> Result<usize, PgError> {
+        let wait = Duration::from_millis(self.shared.config().health.failover_wait_ms);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut last = first;
+        loop {
+            let p = self.group.primary();
+            self.group.nodes[p].suspect.notify_one();
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(last);
+            }
+            let nap = (deadline - now).min(Duration::from_millis(50));
+            tokio::select! {
+                _ = self.events.changed() => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+            let p = self.group.primary();
+            if self.group.nodes[p].is_up() {
+                match self.connect(p).await {
+                    Ok(()) => return Ok(p),
+                    Err(e) => last = e,
+                }
+            } else {
+                last = self.no_primary(wait);
+            }
+        }
+    }
+
+    /// The error for work that found no primary in time.
+    fn no_primary(&self, waited: Duration) -> PgError {
+        let p = &self.group.nodes[self.group.primary()];
+        let why = if self.group.writes_paused() {
+            "writes are held for a switchover".to_string()
+        } else {
+            format!("the primary {} is {}", p.name, p.state().as_str())
+        };
+        PgError::error(
+            "08006",
+            format!(
+                "no primary is available in group {}: {why}, and no failover completed within {} ms",
+                self.group.name,
+                waited.as_millis()
+            ),
+        )
+        .with_hint("the session is still usable; retry the transaction (see SHOW NODES on the admin console)")
+    }
+
+    /// Answers a unit that could not be sent anywhere.
+    fn answer_unsent(&mut self, unit: &Unit, e: PgError) -> Result<(), End> {
+        if unit.syncs == 0 {
+            e.encode(&mut self.out);
+            self.open_batch = None;
+            self.discard_until_sync = true;
+            return Ok(());
+        }
+        self.fail_unit(unit, e)
     }
 
     /// Answers a unit with an error instead of running it.
@@ -411,7 +507,25 @@ impl Session {
         }
         let node = self.group.nodes[i].clone();
         let timeout = Duration::from_millis(self.shared.config().health.connect_timeout_ms);
-        match BackendConn::connect(&node.target, &self.params, timeout).await {
+        // A node found down meanwhile (e.g. paused) ends the attempt.
+        let mut events = self.group.events();
+        let down = async {
+            while node.state() != NodeState::Down {
+                if events.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let attempt = tokio::select! {
+            r = BackendConn::connect(&node.target, &self.params, timeout) => r,
+            _ = down => {
+                return Err(PgError::error(
+                    "08006",
+                    format!("could not connect to node {}: it is down", node.name),
+                ));
+            }
+        };
+        match attempt {
             Ok(conn) => {
                 self.backends[i] = Some(conn);
                 Ok(())
@@ -443,21 +557,20 @@ impl Session {
     ) -> Result<(), End> {
         let mut target = i;
         if let Err(e) = self.connect(target).await {
+            self.group.nodes[target].suspect.notify_one();
+            if target == self.group.primary() && self.tx_node.is_none() {
+                match self.reconnect_primary(e).await {
+                    Ok(p) => return Box::pin(self.send_unit(p, unit, retryable)).await,
+                    Err(e) => return self.answer_unsent(&unit, e),
+                }
+            }
             // A read may go elsewhere; anything else fails.
             let other = (unit.route == Route::Read && self.tx_node.is_none())
                 .then(|| self.group.pick_reader(Some(i)))
                 .flatten();
             match other {
                 Some(o) if self.connect(o).await.is_ok() => target = o,
-                _ => {
-                    if unit.syncs == 0 {
-                        e.encode(&mut self.out);
-                        self.open_batch = None;
-                        self.discard_until_sync = true;
-                        return Ok(());
-                    }
-                    return self.fail_unit(&unit, e);
-                }
+                _ => return self.answer_unsent(&unit, e),
             }
         }
         let primary = self.group.primary();
@@ -520,6 +633,8 @@ impl Session {
         };
         let node = self.group.nodes[i].clone();
         tracing::warn!(node = %node.name, error = %why, "lost backend connection");
+        // Evidence the node may be gone: have it probed now.
+        node.suspect.notify_one();
         let owed = conn.tracker.client_units();
         conn.tracker.clear();
         node.end_units(owed);

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::backend::{BackendConn, UnitOwner};
-use crate::group::Group;
+use crate::group::{Group, NodeState};
 use crate::server::Shared;
 use crate::wire::messages::{self, PgError};
 use crate::wire::{Frame, FrameError, MessageStream};
@@ -99,6 +99,16 @@ async fn open(
     let database = get("database").unwrap_or_else(|| user.clone());
     startup::authenticate(shared, &user, reader, wr).await?;
     if database == crate::admin::ADMIN_DATABASE {
+        let config = shared.config();
+        let admin = config.auth.method == crate::config::AuthMethod::Trust
+            || config.auth.users.iter().any(|u| u.name == user && u.admin);
+        if !admin {
+            return Err(PgError::fatal(
+                "42501",
+                format!("user \"{user}\" may not use the admin console"),
+            )
+            .with_hint("set admin = true on the user's [[auth.user]] entry"));
+        }
         crate::admin::console::serve(shared.clone(), reader, wr).await;
         return Ok(None);
     }
@@ -174,6 +184,31 @@ pub struct Session {
     cancel: CancelGuard,
     cancel_target: Option<usize>,
     draining: bool,
+    /// Node state changes and promotions.
+    events: tokio::sync::watch::Receiver<u64>,
+    /// Counted among the sessions with work on the primary (a switchover
+    /// waits for them).
+    pass: PrimaryPass,
+}
+
+/// A session's place among those with work in flight on the primary.
+struct PrimaryPass {
+    group: Arc<Group>,
+    held: bool,
+}
+
+impl PrimaryPass {
+    fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.group.leave();
+        }
+    }
+}
+
+impl Drop for PrimaryPass {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Session {
@@ -192,6 +227,11 @@ impl Session {
         };
         Session {
             shared,
+            events: group.events(),
+            pass: PrimaryPass {
+                group: group.clone(),
+                held: false,
+            },
             group,
             client,
             client_wr,
@@ -289,6 +329,9 @@ impl Session {
             if self.draining && self.is_idle() {
                 return Err(End::Fatal(shutting_down()));
             }
+            if self.pass.held && !self.busy_on_primary() {
+                self.pass.release();
+            }
             let reading_client = self.pending.is_none();
             let polled = self.current.filter(|&i| self.backends[i].is_some());
             tokio::select! {
@@ -309,8 +352,34 @@ impl Session {
                 _ = &mut shutdown_changed, if !self.draining => {
                     self.draining = true;
                 }
+                // The group (the sender) lives as long as the session.
+                _ = self.events.changed() => self.on_group_change(),
             }
         }
+    }
+
+    /// Drops connections to nodes that went down (or are being re-seeded):
+    /// what they owed is answered with an error, a read is retried.
+    fn on_group_change(&mut self) {
+        for i in 0..self.backends.len() {
+            let state = self.group.nodes[i].state();
+            if self.backends[i].is_some() && matches!(state, NodeState::Down | NodeState::Seeding) {
+                let why = format!("node {} is {}", self.group.nodes[i].name, state.as_str());
+                self.backend_lost(i, why);
+            }
+        }
+    }
+
+    /// Work of this session is in flight on the primary.
+    fn busy_on_primary(&self) -> bool {
+        let p = self.group.primary();
+        self.tx_node == Some(p)
+            || self.write.tx.is_some()
+            || !self.write.own.is_empty()
+            || self.open_batch == Some(p)
+            || self.backends[p]
+                .as_ref()
+                .is_some_and(|c| c.tracker.client_units() > 0)
     }
 
     /// No unit in flight and no open transaction.

@@ -43,6 +43,8 @@ pub struct WriteTx {
     pub exclusive: bool,
     /// The transaction changed the schema.
     pub ddl: bool,
+    /// The term its entry was appended in.
+    pub term: u64,
 }
 
 /// A unit the proxy sent for itself on the primary, in order.
@@ -72,8 +74,9 @@ pub struct WriteState {
     pub nontx: Option<Frame>,
     /// The primary reported an error for the client unit in flight.
     pub unit_failed: bool,
-    /// A committed transaction's ReadyForQuery waiting for subscribers.
-    pub sync_wait: Option<(u64, Frame)>,
+    /// A committed transaction's ReadyForQuery waiting for subscribers:
+    /// (seq, term, frame).
+    pub sync_wait: Option<(u64, u64, Frame)>,
     /// The own unit whose ReadyForQuery just arrived.
     pub last_own: Option<Own>,
 }
@@ -561,6 +564,7 @@ impl Session {
         tx.committing = true;
         let payload = entry.encode();
         let term = self.group.term();
+        tx.term = term;
         let mut parse = BytesMut::new();
         messages::put_cstr(&mut parse, "");
         messages::put_cstr(
@@ -704,7 +708,7 @@ impl Session {
             // An explicit transaction ended (COMMIT or ROLLBACK).
             let tx = self.write.tx.take().expect("checked");
             if let Some(seq) = tx.seq {
-                return Ok(self.committed(seq, f, tx.ddl));
+                return Ok(self.committed(seq, tx.term, f, tx.ddl));
             }
         }
         Ok(Some(f))
@@ -734,7 +738,7 @@ impl Session {
         let held = tx.held_rfq?;
         let idle = Frame::new(b'Z', b"I");
         match (kind, ok, tx.seq, tx.failed) {
-            (Own::Commit, true, Some(seq), None) => self.committed(seq, idle, tx.ddl),
+            (Own::Commit, true, Some(seq), None) => self.committed(seq, tx.term, idle, tx.ddl),
             (_, _, _, Some(e)) => {
                 e.encode(&mut self.out);
                 Some(idle)
@@ -755,55 +759,127 @@ impl Session {
     }
 
     /// A transaction committed at `seq`: remember it, maybe wait for subscribers.
-    fn committed(&mut self, seq: u64, rfq: Frame, ddl: bool) -> Option<Frame> {
+    fn committed(&mut self, seq: u64, term: u64, rfq: Frame, ddl: bool) -> Option<Frame> {
         if ddl {
             // A schema change committed: reload the table catalog after it.
             self.group.invalidate_rel_catalog();
         }
         self.write.last_seq = self.write.last_seq.max(seq);
-        self.group.observe_head(seq);
+        self.group.observe_head(term, seq);
         let r = &self.shared.config().replication;
         if !self
             .group
             .ack_ready(seq, r.sync_replicas, r.max_lag_entries)
         {
-            self.write.sync_wait = Some((seq, rfq));
+            self.write.sync_wait = Some((seq, term, rfq));
             return None;
+        }
+        if r.sync_replicas > 0 {
+            self.group.note_acked(seq);
         }
         Some(rfq)
     }
 
     /// Waits until `sync_replicas` subscribers applied the pending commit
-    /// (or flow control allows it); returns the held ReadyForQuery.
+    /// (or flow control allows it); returns the held ReadyForQuery. If the
+    /// primary fails meanwhile, the commit is acknowledged only if the new
+    /// primary has it.
     pub(super) async fn wait_sync(&mut self) -> Option<Frame> {
-        let (seq, _) = self.write.sync_wait.as_ref()?;
-        let seq = *seq;
-        let r = self.shared.config().replication.clone();
+        let (seq, term, _) = self.write.sync_wait.as_ref()?;
+        let (seq, term) = (*seq, *term);
+        let config = self.shared.config();
+        let r = config.replication.clone();
         let need = r.sync_replicas;
         let limit = std::time::Duration::from_millis(r.sync_timeout_ms);
+        let failover_wait = std::time::Duration::from_millis(config.health.failover_wait_ms);
         let group = self.group.clone();
-        let waited = tokio::time::timeout(limit, async {
-            loop {
-                let notified = group.applied_notify.notified();
-                if group.ack_ready(seq, need, r.max_lag_entries) {
-                    return;
-                }
-                notified.await;
+        let old_primary = group.nodes[group.primary()].name.clone();
+        let started = std::time::Instant::now();
+        let outcome = loop {
+            let notified = group.applied_notify.notified();
+            if group.term() != term {
+                break if seq <= group.promoted_at() {
+                    SyncOutcome::Ready
+                } else {
+                    SyncOutcome::Lost
+                };
             }
-        })
-        .await;
-        let (_, rfq) = self.write.sync_wait.take().expect("waiting");
-        if waited.is_err() && group.subscribers_at(seq) < need {
-            messages::notice(
-                &format!(
-                    "the transaction committed on the primary (seq {seq}) but fewer than {need} subscribers applied it within {} ms",
-                    limit.as_millis()
-                ),
-                &mut self.out,
-            );
+            if group.ack_ready(seq, need, r.max_lag_entries) {
+                break SyncOutcome::Ready;
+            }
+            let primary_down = !group.nodes[group.primary()].is_up();
+            let deadline = started
+                + limit
+                + if primary_down {
+                    failover_wait
+                } else {
+                    Default::default()
+                };
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break if primary_down {
+                    SyncOutcome::Unknown
+                } else {
+                    SyncOutcome::TimedOut
+                };
+            }
+            // Node state changes do not wake this: look again soon.
+            let nap = (deadline - now).min(std::time::Duration::from_millis(100));
+            let _ = tokio::time::timeout(nap, notified).await;
+        };
+        let (_, _, rfq) = self.write.sync_wait.take().expect("waiting");
+        match outcome {
+            SyncOutcome::Ready => {}
+            SyncOutcome::TimedOut => {
+                if group.subscribers_at(seq) < need {
+                    messages::notice(
+                        &format!(
+                            "the transaction committed on the primary (seq {seq}) but fewer than {need} subscribers applied it within {} ms",
+                            limit.as_millis()
+                        ),
+                        &mut self.out,
+                    );
+                }
+            }
+            SyncOutcome::Lost => {
+                PgError::error(
+                    "08007",
+                    format!(
+                        "the transaction committed on the primary {old_primary} (seq {seq}), which failed before any subscriber applied it: it is not part of the group's history"
+                    ),
+                )
+                .with_hint("the group failed over to another primary; run the transaction again")
+                .encode(&mut self.out);
+                return Some(rfq);
+            }
+            SyncOutcome::Unknown => {
+                PgError::error(
+                    "08007",
+                    format!(
+                        "the transaction committed on the primary {old_primary} (seq {seq}), which stopped answering before a subscriber applied it: whether it survives is unknown"
+                    ),
+                )
+                .with_hint("check whether its changes are present before retrying")
+                .encode(&mut self.out);
+                return Some(rfq);
+            }
+        }
+        if need > 0 {
+            group.note_acked(seq);
         }
         Some(rfq)
     }
+}
+
+/// How a wait for subscribers ended.
+enum SyncOutcome {
+    Ready,
+    /// Acknowledged with a notice: the primary is fine, subscribers slow.
+    TimedOut,
+    /// A failover dropped the commit.
+    Lost,
+    /// The primary is down and no failover settled it in time.
+    Unknown,
 }
 
 /// Columns of a DataRow as text.
