@@ -48,6 +48,8 @@ pub struct Position {
     pub primary: Option<String>,
     pub seq: u64,
     pub hash: String,
+    /// The term of the last entry (0: no entry).
+    pub last_term: u64,
     /// Tables outside the system and `reprise` schemas.
     pub user_tables: i64,
 }
@@ -87,13 +89,13 @@ async fn control(
 pub async fn position(node: &Node) -> Result<Position, String> {
     let rows = control(
         node,
-        "SELECT n.term, n.role, n.primary_node, coalesce(l.seq, 0), coalesce(l.hash, ''), \
+        "SELECT n.term, n.role, n.primary_node, coalesce(l.seq, 0), coalesce(l.hash, ''), coalesce(l.term, 0), \
          (SELECT count(*) FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace \
           WHERE c.relkind IN ('r', 'p') \
             AND s.nspname NOT IN ('pg_catalog', 'information_schema', 'reprise') \
             AND s.nspname NOT LIKE 'pg\\_toast%' AND s.nspname NOT LIKE 'pg\\_temp%') \
          FROM reprise.node n \
-         LEFT JOIN LATERAL (SELECT seq, hash FROM reprise.log ORDER BY seq DESC LIMIT 1) l ON true",
+         LEFT JOIN LATERAL (SELECT seq, hash, term FROM reprise.log ORDER BY seq DESC LIMIT 1) l ON true",
         &[],
     )
     .await?;
@@ -106,7 +108,8 @@ pub async fn position(node: &Node) -> Result<Position, String> {
         primary: r.get(2),
         seq: r.get::<_, i64>(3) as u64,
         hash: r.get(4),
-        user_tables: r.get(5),
+        last_term: r.get::<_, i64>(5) as u64,
+        user_tables: r.get(6),
     })
 }
 
@@ -229,6 +232,12 @@ pub async fn rejoin(group: &Group, index: usize) -> Result<Rejoin, String> {
         }
     }
     if !primary.is_up() {
+        // Entries of the current term all come from the current primary:
+        // such a log is a prefix of its history, and the node may even
+        // replace it. Anything older waits for the primary to compare.
+        if pos.last_term == group.term() || (pos.seq == 0 && pos.user_tables > 0) {
+            return Ok(Rejoin::State(NodeState::CatchingUp));
+        }
         return Err(format!(
             "the primary {} is not up to compare with",
             primary.name
@@ -470,6 +479,7 @@ pub async fn switchover(group: &Group, target: usize, policy: &Policy) -> Result
                 ));
             }
         }
+        tracing::debug!(group = %group.name, waited_ms = started.elapsed().as_millis() as u64, "switchover: no transaction in flight");
         let head = position(from).await?.seq;
         while to.applied() < head {
             let notified = group.applied_notify.notified();
@@ -488,8 +498,10 @@ pub async fn switchover(group: &Group, target: usize, policy: &Policy) -> Result
                 ));
             }
         }
+        tracing::debug!(group = %group.name, head, waited_ms = started.elapsed().as_millis() as u64, "switchover: the target caught up");
         let _applier = to.apply_lock.lock().await;
         let pos = position(to).await?;
+        tracing::debug!(group = %group.name, waited_ms = started.elapsed().as_millis() as u64, "switchover: the target's applier stopped");
         if pos.seq != head {
             return Err(format!(
                 "{} is at seq {} but the primary is at {head}",

@@ -315,6 +315,8 @@ impl Group {
         self.head.store(head, Ordering::SeqCst);
         self.nodes[index].set_applied(head);
         self.primary.store(index, Ordering::SeqCst);
+        // Its log is the group's history now: it is not behind anyone.
+        self.nodes[index].set_state(NodeState::Up);
         self.bump();
         self.applied_changed();
     }

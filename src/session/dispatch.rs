@@ -415,10 +415,13 @@ impl Session {
                 return Ok(());
             }
             let now = tokio::time::Instant::now();
-            if now >= deadline {
+            // A switchover bounds its own pause: wait it out.
+            if now >= deadline && !self.group.writes_paused() {
                 return Err(self.no_primary(wait));
             }
-            let nap = (deadline - now).min(Duration::from_millis(100));
+            let nap = deadline
+                .saturating_duration_since(now)
+                .clamp(Duration::from_millis(10), Duration::from_millis(100));
             tokio::select! {
                 _ = opened => {}
                 _ = self.events.changed() => {}
