@@ -217,6 +217,10 @@ pub enum Rejoin {
 pub async fn rejoin(group: &Group, index: usize) -> Result<Rejoin, String> {
     let node = &group.nodes[index];
     let p = group.primary();
+    // A node that was never part of the group gets the schema first.
+    super::health::install_schema(group, &node.control, node)
+        .await
+        .map_err(|e| format!("node {}: installing the reprise schema: {e}", node.name))?;
     let pos = position(node).await?;
     if index == p {
         return Ok(Rejoin::State(NodeState::Up));
@@ -372,32 +376,33 @@ pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
             held.push((i, g));
         }
     }
-    let mut best: Option<(usize, Position)> = None;
-    let mut max_term = group.term();
+    let mut positions = Vec::new();
     for (i, _) in &held {
-        let Ok(pos) = position(&group.nodes[*i]).await else {
-            continue;
-        };
-        max_term = max_term.max(pos.term);
-        let better = match &best {
-            None => true,
-            Some((b, bp)) => {
-                (
-                    pos.seq,
-                    group.nodes[*i].config.priority,
-                    std::cmp::Reverse(*i),
-                ) > (
-                    bp.seq,
-                    group.nodes[*b].config.priority,
-                    std::cmp::Reverse(*b),
-                )
-            }
-        };
-        if better {
-            best = Some((*i, pos));
+        if let Ok(pos) = position(&group.nodes[*i]).await {
+            positions.push((*i, pos));
         }
     }
-    let (new, pos) = best.ok_or_else(|| "no subscriber answered".to_string())?;
+    // Another proxy in front of the same group may have promoted a node
+    // already: follow it rather than start a rival term.
+    if let Some((i, p)) = positions
+        .iter()
+        .find(|(_, p)| p.role == "primary" && p.term > group.term())
+    {
+        group.promote(*i, p.term, p.seq);
+        tracing::warn!(group = %group.name, to = %group.nodes[*i].name, term = p.term, "failover: following a primary another proxy promoted");
+        return Ok(());
+    }
+    let max_term = positions
+        .iter()
+        .map(|(_, p)| p.term)
+        .fold(group.term(), u64::max);
+    let rank = |(i, p): &(usize, Position)| {
+        (p.seq, group.nodes[*i].config.priority, std::cmp::Reverse(*i))
+    };
+    let (new, pos) = positions
+        .into_iter()
+        .max_by_key(rank)
+        .ok_or_else(|| "no subscriber answered".to_string())?;
     let acked = group.acked();
     if policy.sync_replicas > 0 && pos.seq < acked {
         return Err(format!(
