@@ -4,6 +4,10 @@
 //! `reprise-bench overhead` runs `pgbench -S` (point reads) direct to one
 //! node, through Reprise with that node alone, and through Reprise with
 //! three copies, in each protocol mode (simple, extended, prepared).
+//!
+//! `reprise-bench failover` kills the primary under a steady write load
+//! and measures how long writes stop, then does the same for planned
+//! switchovers.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -38,6 +42,19 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "simple,prepared")]
         modes: Vec<String>,
         #[arg(long, default_value = "bench/results/write.json")]
+        out: PathBuf,
+    },
+    /// Write downtime when the primary is killed, and write pause of a
+    /// planned switchover, under a steady write load (3 copies,
+    /// sync_replicas = 1).
+    Failover {
+        /// Kills of the primary, then as many switchovers.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Writing connections.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        #[arg(long, default_value = "bench/results/failover.json")]
         out: PathBuf,
     },
     /// pgbench -S direct vs through Reprise (1 and 3 copies).
@@ -93,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             modes,
             out,
         } => write(clients, duration, scale, &modes, &out),
+        Cmd::Failover { runs, clients, out } => failover::run(runs, clients, &out),
     }
 }
 
@@ -456,4 +474,679 @@ fn write(
     eprintln!("results written to {}", out.display());
     drop(direct);
     Ok(())
+}
+
+/// `reprise-bench failover`: write downtime when the primary is killed,
+/// and the write pause of planned switchovers, under a steady load.
+mod failover {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use reprise::local::LocalCluster;
+    use serde::Serialize;
+
+    /// Health settings of the measured proxy.
+    const INTERVAL_MS: u64 = 200;
+    const TIMEOUT_MS: u64 = 500;
+    const FAILURES_BEFORE_DOWN: u32 = 2;
+    const SYNC_REPLICAS: usize = 1;
+
+    /// One write step longer than this counts as a hang (the client
+    /// reconnects).
+    const STEP_LIMIT: Duration = Duration::from_secs(30);
+
+    #[derive(Debug, Serialize)]
+    struct Settings {
+        nodes: usize,
+        clients: usize,
+        runs: usize,
+        interval_ms: u64,
+        timeout_ms: u64,
+        failures_before_down: u32,
+        failover_wait_ms: u64,
+        sync_replicas: usize,
+        cores: usize,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct FailoverRun {
+        run: usize,
+        killed: String,
+        new_primary: String,
+        term: u64,
+        /// From the moment every process of the primary is dead to the
+        /// first write acknowledged on any connection (started after it).
+        first_write_ms: f64,
+        /// The same, for the last connection to write again.
+        all_clients_ms: f64,
+        client_errors: usize,
+        /// "caught up" or "re-seeded".
+        rejoin: String,
+        /// From the restart of the killed node until it is up.
+        rejoin_ms: f64,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct SwitchoverRun {
+        run: usize,
+        from: String,
+        to: String,
+        term: u64,
+        /// As the SWITCHOVER command reports it.
+        write_pause_ms: f64,
+        /// The longest time a connection went without an acknowledged
+        /// write around the switchover.
+        longest_gap_ms: f64,
+        /// How long the SWITCHOVER command took.
+        command_ms: f64,
+        client_errors: usize,
+        /// Why the command failed, if it did (the other figures are then
+        /// left out of the summary).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct Stat {
+        median: f64,
+        max: f64,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct Report {
+        settings: Settings,
+        failovers: Vec<FailoverRun>,
+        switchovers: Vec<SwitchoverRun>,
+        summary: BTreeMap<String, Stat>,
+        acknowledged_writes: usize,
+        lost_acknowledged_writes: usize,
+        copies_identical: bool,
+    }
+
+    /// One connection's acknowledged writes (started, acknowledged) and
+    /// errors.
+    #[derive(Debug, Default, Clone)]
+    struct LoadLog {
+        oks: Vec<(Instant, Instant, i64)>,
+        errors: Vec<(Instant, String)>,
+        reconnects: usize,
+    }
+
+    impl LoadLog {
+        fn first_ok_started_after(&self, t: Instant) -> Option<Instant> {
+            self.oks
+                .iter()
+                .find(|(s, _, _)| *s >= t)
+                .map(|(_, e, _)| *e)
+        }
+
+        /// The longest time without an acknowledgement within [from, to].
+        fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
+            let mut last = from;
+            let mut gap = Duration::ZERO;
+            for &(_, end, _) in self.oks.iter().filter(|(_, e, _)| *e >= from && *e <= to) {
+                gap = gap.max(end - last);
+                last = end;
+            }
+            gap.max(to.saturating_duration_since(last))
+        }
+    }
+
+    /// `clients` connections inserting rows in autocommit as fast as they
+    /// are acknowledged; a failed insert is retried with the next key, a
+    /// closed connection is reopened.
+    struct Load {
+        stop: Arc<AtomicBool>,
+        logs: Vec<Arc<Mutex<LoadLog>>>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Load {
+        fn start(rt: &tokio::runtime::Runtime, url: &str, clients: usize) -> anyhow::Result<Load> {
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut logs = Vec::new();
+            let mut tasks = Vec::new();
+            for id in 0..clients {
+                let client = rt.block_on(connect(url))?;
+                let log = Arc::new(Mutex::new(LoadLog::default()));
+                tasks.push(rt.spawn(load_loop(
+                    client,
+                    url.to_string(),
+                    id as i32,
+                    log.clone(),
+                    stop.clone(),
+                )));
+                logs.push(log);
+            }
+            Ok(Load { stop, logs, tasks })
+        }
+
+        fn snapshot(&self) -> Vec<LoadLog> {
+            self.logs
+                .iter()
+                .map(|l| l.lock().expect("load log").clone())
+                .collect()
+        }
+
+        fn errors(&self) -> usize {
+            self.logs
+                .iter()
+                .map(|l| l.lock().expect("load log").errors.len())
+                .sum()
+        }
+
+        fn stop(self, rt: &tokio::runtime::Runtime) -> Vec<LoadLog> {
+            self.stop.store(true, Ordering::Relaxed);
+            for t in self.tasks {
+                let _ = rt.block_on(t);
+            }
+            self.logs
+                .iter()
+                .map(|l| std::mem::take(&mut *l.lock().expect("load log")))
+                .collect()
+        }
+    }
+
+    async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    async fn load_loop(
+        mut c: tokio_postgres::Client,
+        url: String,
+        id: i32,
+        log: Arc<Mutex<LoadLog>>,
+        stop: Arc<AtomicBool>,
+    ) {
+        let mut k: i64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            k += 1;
+            let started = Instant::now();
+            let r = tokio::time::timeout(
+                STEP_LIMIT,
+                c.execute(
+                    "INSERT INTO bench_writes (client, k) VALUES ($1, $2)",
+                    &[&id, &k],
+                ),
+            )
+            .await;
+            let hung = r.is_err();
+            let error = match r {
+                Ok(Ok(_)) => {
+                    log.lock()
+                        .expect("load log")
+                        .oks
+                        .push((started, Instant::now(), k));
+                    continue;
+                }
+                Ok(Err(e)) => e
+                    .code()
+                    .map(|c| c.code().to_string())
+                    .unwrap_or_else(|| format!("no SQLSTATE: {e}")),
+                Err(_) => "no answer".to_string(),
+            };
+            log.lock()
+                .expect("load log")
+                .errors
+                .push((Instant::now(), error));
+            if c.is_closed() || hung {
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Ok(n) = connect(&url).await {
+                        c = n;
+                        log.lock().expect("load log").reconnects += 1;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// GET /status.
+    fn status(http: SocketAddr) -> anyhow::Result<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(http)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok(serde_json::from_str(body)?)
+    }
+
+    fn primary_of(s: &serde_json::Value) -> String {
+        s["groups"][0]["primary"].as_str().unwrap_or("").to_string()
+    }
+
+    fn term_of(s: &serde_json::Value) -> u64 {
+        s["groups"][0]["term"].as_u64().unwrap_or(0)
+    }
+
+    fn nodes_of(s: &serde_json::Value) -> Vec<serde_json::Value> {
+        s["groups"][0]["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn state_of(s: &serde_json::Value, node: &str) -> String {
+        nodes_of(s)
+            .iter()
+            .find(|n| n["name"] == node)
+            .and_then(|n| n["state"].as_str())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// Polls `f` every 20 ms until it is true; fails after `limit`.
+    fn wait_for(
+        limit: Duration,
+        what: &str,
+        mut f: impl FnMut() -> anyhow::Result<bool>,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if f()? {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!("{what}: not within {limit:?}")
+    }
+
+    /// Runs an admin console command; each row as column → value.
+    async fn admin(url: &str, sql: &str) -> anyhow::Result<Vec<BTreeMap<String, String>>> {
+        let c = connect(url).await?;
+        let messages = c.simple_query(sql).await?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    r.columns()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, col)| {
+                            (col.name().to_string(), r.get(i).unwrap_or("").to_string())
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
+    }
+
+    fn stat(values: impl Iterator<Item = f64>) -> Stat {
+        let mut v: Vec<f64> = values.collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let median = match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        };
+        Stat {
+            median,
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+
+    /// The proxy running in this process.
+    struct Proxy {
+        port: u16,
+        http: SocketAddr,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl Proxy {
+        fn start(
+            rt: &tokio::runtime::Runtime,
+            config: reprise::config::Config,
+        ) -> anyhow::Result<Proxy> {
+            let server = rt.block_on(reprise::Server::bind(config))?;
+            let port = server.client_addr().port();
+            let http = server.http_addr();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = rt.spawn(server.run(async {
+                let _ = rx.await;
+            }));
+            Ok(Proxy {
+                port,
+                http,
+                stop: Some(tx),
+                task,
+            })
+        }
+
+        fn url(&self, db: &str) -> String {
+            format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+        }
+
+        fn stop(mut self, rt: &tokio::runtime::Runtime) {
+            if let Some(tx) = self.stop.take() {
+                let _ = tx.send(());
+            }
+            let _ = rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), self.task).await });
+        }
+    }
+
+    pub fn run(runs: usize, clients: usize, out: &Path) -> anyhow::Result<()> {
+        let dir = tempfile::Builder::new().prefix("reprise-bench").tempdir()?;
+        eprintln!("creating 3 local copies …");
+        let mut cluster = LocalCluster::create(
+            dir.path(),
+            3,
+            "app",
+            &[("fsync", "off"), ("max_connections", "200")],
+            |node| {
+                node.psql(
+                    "app",
+                    "CREATE TABLE bench_writes (client int, k bigint, PRIMARY KEY (client, k))",
+                )
+                .map(drop)
+            },
+        )?;
+        let mut config = cluster.config("app", "127.0.0.1:0", "127.0.0.1:0");
+        config.health.interval_ms = INTERVAL_MS;
+        config.health.timeout_ms = TIMEOUT_MS;
+        config.health.failures_before_down = FAILURES_BEFORE_DOWN;
+        config.replication.sync_replicas = SYNC_REPLICAS;
+        let settings = Settings {
+            nodes: 3,
+            clients,
+            runs,
+            interval_ms: INTERVAL_MS,
+            timeout_ms: TIMEOUT_MS,
+            failures_before_down: FAILURES_BEFORE_DOWN,
+            failover_wait_ms: config.health.failover_wait_ms,
+            sync_replicas: SYNC_REPLICAS,
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+        };
+        println!(
+            "failover: 3 copies, {clients} writing connections (autocommit INSERT, retried), \
+             sync_replicas = {SYNC_REPLICAS}, health: a probe every {INTERVAL_MS} ms, \
+             timeout {TIMEOUT_MS} ms, down after {FAILURES_BEFORE_DOWN} failures, \
+             failover_wait_ms = {}, {} cores",
+            settings.failover_wait_ms, settings.cores
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let proxy = Proxy::start(&rt, config)?;
+        let http = proxy.http;
+        let admin_url = proxy.url("reprise");
+        let load = Load::start(&rt, &proxy.url("app"), clients)?;
+        std::thread::sleep(Duration::from_secs(2));
+
+        println!(
+            "{:<4} {:<7} {:<12} {:>5} {:>15} {:>15} {:>7} {:>12} {:>10}",
+            "run",
+            "killed",
+            "new primary",
+            "term",
+            "first write ms",
+            "all clients ms",
+            "errors",
+            "rejoin",
+            "rejoin ms"
+        );
+        let mut failovers = Vec::new();
+        for run in 1..=runs {
+            let s = status(http)?;
+            let killed_name = primary_of(&s);
+            let p = cluster
+                .nodes
+                .iter()
+                .position(|n| n.name == killed_name)
+                .ok_or_else(|| anyhow::anyhow!("no primary in {s:#}"))?;
+            let errors_before = load.errors();
+            cluster.nodes[p].kill()?;
+            let killed = Instant::now();
+            wait_for(
+                Duration::from_secs(60),
+                "every connection writes again",
+                || {
+                    Ok(load
+                        .snapshot()
+                        .iter()
+                        .all(|l| l.first_ok_started_after(killed).is_some()))
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("{e}; status: {:#}", status(http).unwrap_or_default()))?;
+            let firsts: Vec<Duration> = load
+                .snapshot()
+                .iter()
+                .filter_map(|l| l.first_ok_started_after(killed))
+                .map(|t| t - killed)
+                .collect();
+            let s = status(http)?;
+            let client_errors = load.errors() - errors_before;
+
+            cluster.nodes[p].start()?;
+            let back = Instant::now();
+            let mut state = String::new();
+            wait_for(Duration::from_secs(180), "the killed node rejoins", || {
+                state = state_of(&status(http)?, &killed_name);
+                Ok(state == "up" || state == "divergent")
+            })?;
+            let rejoin = if state == "divergent" {
+                let rows = rt.block_on(admin(&admin_url, &format!("RESEED app {killed_name}")))?;
+                eprintln!("run {run}: {killed_name} was divergent, re-seeded: {rows:?}");
+                wait_for(Duration::from_secs(180), "the re-seeded node is up", || {
+                    Ok(state_of(&status(http)?, &killed_name) == "up")
+                })?;
+                "re-seeded"
+            } else {
+                "caught up"
+            };
+            let r = FailoverRun {
+                run,
+                killed: killed_name,
+                new_primary: primary_of(&s),
+                term: term_of(&s),
+                first_write_ms: ms(*firsts.iter().min().unwrap_or(&Duration::ZERO)),
+                all_clients_ms: ms(*firsts.iter().max().unwrap_or(&Duration::ZERO)),
+                client_errors,
+                rejoin: rejoin.to_string(),
+                rejoin_ms: ms(back.elapsed()),
+            };
+            println!(
+                "{:<4} {:<7} {:<12} {:>5} {:>15.0} {:>15.0} {:>7} {:>12} {:>10.0}",
+                r.run,
+                r.killed,
+                r.new_primary,
+                r.term,
+                r.first_write_ms,
+                r.all_clients_ms,
+                r.client_errors,
+                r.rejoin,
+                r.rejoin_ms
+            );
+            failovers.push(r);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+
+        println!(
+            "{:<4} {:<6} {:<6} {:>5} {:>15} {:>15} {:>11} {:>7}",
+            "run", "from", "to", "term", "write_pause_ms", "longest gap ms", "command ms", "errors"
+        );
+        let mut switchovers = Vec::new();
+        for run in 1..=runs {
+            let s = status(http)?;
+            let from = primary_of(&s);
+            let candidates: Vec<String> = nodes_of(&s)
+                .iter()
+                .filter(|n| n["name"] != from.as_str() && n["state"] == "up")
+                .filter_map(|n| n["name"].as_str().map(str::to_string))
+                .collect();
+            anyhow::ensure!(!candidates.is_empty(), "no switchover target: {s:#}");
+            let to = candidates[run % candidates.len()].clone();
+            let errors_before = load.errors();
+            let asked = Instant::now();
+            let answer = rt.block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(120),
+                    admin(&admin_url, &format!("SWITCHOVER app TO {to}")),
+                )
+                .await
+            });
+            let done = Instant::now();
+            std::thread::sleep(Duration::from_secs(1));
+            let (row, error) = match answer {
+                Ok(Ok(rows)) if rows.len() == 1 => (rows[0].clone(), None),
+                Ok(Ok(rows)) => (BTreeMap::new(), Some(format!("rows: {rows:?}"))),
+                Ok(Err(e)) => (BTreeMap::new(), Some(format!("{e:#}"))),
+                Err(_) => (BTreeMap::new(), Some("no answer within 120 s".into())),
+            };
+            if let Some(e) = &error {
+                eprintln!("run {run}: SWITCHOVER app TO {to} failed: {e}");
+            }
+            let field = |c: &str| row.get(c).cloned().unwrap_or_default();
+            let gap = load
+                .snapshot()
+                .iter()
+                .map(|l| {
+                    l.longest_gap(
+                        asked - Duration::from_secs(1),
+                        done + Duration::from_secs(1),
+                    )
+                })
+                .max()
+                .unwrap_or_default();
+            let r = SwitchoverRun {
+                run,
+                from,
+                to,
+                term: field("term").parse().unwrap_or(0),
+                write_pause_ms: field("write_pause_ms").parse().unwrap_or(f64::NAN),
+                longest_gap_ms: ms(gap),
+                command_ms: ms(done - asked),
+                client_errors: load.errors() - errors_before,
+                error,
+            };
+            println!(
+                "{:<4} {:<6} {:<6} {:>5} {:>15.0} {:>15.0} {:>11.0} {:>7}",
+                r.run,
+                r.from,
+                r.to,
+                r.term,
+                r.write_pause_ms,
+                r.longest_gap_ms,
+                r.command_ms,
+                r.client_errors
+            );
+            switchovers.push(r);
+        }
+
+        let logs = load.stop(&rt);
+        let reconnects: usize = logs.iter().map(|l| l.reconnects).sum();
+        // Every acknowledged write is on every copy, and the copies match.
+        let caught_up = wait_for(
+            Duration::from_secs(120),
+            "every copy applied the head",
+            || {
+                let s = status(http)?;
+                let head = s["groups"][0]["head_seq"].as_u64();
+                Ok(nodes_of(&s)
+                    .iter()
+                    .all(|n| n["state"] == "up" && n["applied_seq"].as_u64() == head))
+            },
+        );
+        if let Err(e) = &caught_up {
+            eprintln!("{e}; status: {:#}", status(http).unwrap_or_default());
+        }
+        let mut lost = 0;
+        let mut digests = Vec::new();
+        for node in &cluster.nodes {
+            let rows = node.psql("app", "SELECT client || ':' || k FROM bench_writes")?;
+            let present: std::collections::HashSet<&str> = rows.lines().collect();
+            let missing = logs
+                .iter()
+                .enumerate()
+                .flat_map(|(id, l)| l.oks.iter().map(move |(_, _, k)| format!("{id}:{k}")))
+                .filter(|key| !present.contains(key.as_str()))
+                .count();
+            lost = lost.max(missing);
+            digests.push(node.psql(
+                "app",
+                "SELECT count(*) || ':' || md5(string_agg(client || ':' || k, ',' ORDER BY client, k)) FROM bench_writes",
+            )?);
+        }
+        let acknowledged: usize = logs.iter().map(|l| l.oks.len()).sum();
+        let identical = caught_up.is_ok() && digests.iter().all(|d| d == &digests[0]);
+        proxy.stop(&rt);
+
+        let mut summary = BTreeMap::new();
+        summary.insert(
+            "failover_first_write_ms".to_string(),
+            stat(failovers.iter().map(|r| r.first_write_ms)),
+        );
+        summary.insert(
+            "failover_all_clients_ms".to_string(),
+            stat(failovers.iter().map(|r| r.all_clients_ms)),
+        );
+        summary.insert(
+            "rejoin_ms".to_string(),
+            stat(failovers.iter().map(|r| r.rejoin_ms)),
+        );
+        let done: Vec<&SwitchoverRun> = switchovers.iter().filter(|r| r.error.is_none()).collect();
+        summary.insert(
+            "switchover_write_pause_ms".to_string(),
+            stat(done.iter().map(|r| r.write_pause_ms)),
+        );
+        summary.insert(
+            "switchover_longest_gap_ms".to_string(),
+            stat(done.iter().map(|r| r.longest_gap_ms)),
+        );
+        if done.len() < switchovers.len() {
+            println!(
+                "{} of {} switchovers failed (see \"error\" in the JSON)",
+                switchovers.len() - done.len(),
+                switchovers.len()
+            );
+        }
+        println!("{:<28} {:>10} {:>10}", "metric", "median", "max");
+        for (k, v) in &summary {
+            println!("{k:<28} {:>10.0} {:>10.0}", v.median, v.max);
+        }
+        println!(
+            "{acknowledged} writes acknowledged, {lost} of them missing on some copy, \
+             copies identical: {identical}, {reconnects} reconnects"
+        );
+        let report = Report {
+            settings,
+            failovers,
+            switchovers,
+            summary,
+            acknowledged_writes: acknowledged,
+            lost_acknowledged_writes: lost,
+            copies_identical: identical,
+        };
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("results written to {}", out.display());
+        cluster.stop();
+        Ok(())
+    }
 }

@@ -8,71 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Waits until every node has applied the head, then checks that every
-/// user table and sequence is identical on every copy.
-async fn assert_identical(g: &TestGroup) {
-    let proxy = &g.proxy;
-    let caught_up = wait_until(Duration::from_secs(60), || async {
-        let s = proxy.status().await;
-        let head = s["groups"][0]["head_seq"].as_u64().unwrap_or(0);
-        s["groups"][0]["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["applied_seq"].as_u64() == Some(head) && n["state"] == "up")
-    })
-    .await;
-    let status = g.proxy.status().await;
-    assert!(caught_up.is_some(), "copies did not catch up: {status:#}");
-    let mut digests = Vec::new();
-    for i in 0..g.cluster.nodes.len() {
-        digests.push(digest(&g.direct(i).await).await);
-    }
-    for (i, d) in digests.iter().enumerate().skip(1) {
-        assert_eq!(&digests[0], d, "node n{} differs from the primary", i + 1);
-    }
-}
-
-/// A digest of every user table's rows and every sequence's state.
-async fn digest(c: &tokio_postgres::Client) -> Vec<(String, String)> {
-    let tables = c
-        .query(
-            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
-             WHERE schemaname NOT IN ('pg_catalog', 'information_schema') \
-             AND schemaname NOT LIKE 'pg_temp%' \
-             AND (schemaname, tablename) <> ('reprise', 'node') ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    for t in tables {
-        let name: String = t.get(0);
-        let row = c
-            .query_one(
-                &format!(
-                    "SELECT count(*)::text || ':' || coalesce(md5(string_agg(x::text, ',' ORDER BY x::text)), '') FROM {name} x"
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        out.push((name, row.get(0)));
-    }
-    let seqs = c
-        .query(
-            "SELECT format('%I.%I', schemaname, sequencename), coalesce(last_value::text, 'null') \
-             FROM pg_sequences WHERE schemaname <> 'reprise' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    for s in seqs {
-        out.push((s.get(0), s.get(1)));
-    }
-    out
-}
-
 fn pgbench(port: u16, args: &[&str]) -> String {
     let out = run(Command::new(pg_tool("pgbench")).args(args).args([
         "-h",
@@ -316,26 +251,6 @@ async fn acknowledged(tasks: Vec<tokio::task::JoinHandle<Vec<String>>>) -> Vec<S
         acked.extend(t.await.unwrap());
     }
     acked
-}
-
-/// Every acknowledged insert is there exactly once, on every copy.
-async fn assert_present_once(g: &TestGroup, acked: &[String]) {
-    for i in 0..g.cluster.nodes.len() {
-        let rows = g
-            .direct(i)
-            .await
-            .query(
-                "SELECT body, count(*) FROM notes WHERE body = ANY($1) GROUP BY body",
-                &[&acked],
-            )
-            .await
-            .unwrap();
-        let counts: std::collections::HashMap<String, i64> =
-            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        for body in acked {
-            assert_eq!(counts.get(body), Some(&1), "{body} on n{}", i + 1);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

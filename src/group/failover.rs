@@ -397,7 +397,11 @@ pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
         .map(|(_, p)| p.term)
         .fold(group.term(), u64::max);
     let rank = |(i, p): &(usize, Position)| {
-        (p.seq, group.nodes[*i].config.priority, std::cmp::Reverse(*i))
+        (
+            p.seq,
+            group.nodes[*i].config.priority,
+            std::cmp::Reverse(*i),
+        )
     };
     let (new, pos) = positions
         .into_iter()
@@ -469,7 +473,7 @@ pub async fn switchover(group: &Group, target: usize, policy: &Policy) -> Result
     let result = async {
         let deadline = started + policy.failover_wait;
         while group.inside() > 0 {
-            let notified = group.gate.notified();
+            let notified = group.drained.notified();
             if group.inside() == 0 {
                 break;
             }

@@ -305,6 +305,18 @@ pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig, policy: &P
     }
     failover::choose_primary(group, &positions).await;
     let p = group.primary();
+    if policy.sync_replicas > 0 {
+        // What an earlier proxy acknowledged is unknown; every acknowledged
+        // commit is on some subscriber, so the furthest one bounds it.
+        let furthest = positions
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != p)
+            .filter_map(|(_, pos)| pos.as_ref().map(|pos| pos.seq))
+            .max()
+            .unwrap_or(0);
+        group.note_acked(furthest);
+    }
     if positions[p].is_some() {
         group.nodes[p].set_state(NodeState::Up);
         load_catalog(group, &group.nodes[p].control, &group.nodes[p]).await;

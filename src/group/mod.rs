@@ -244,8 +244,10 @@ pub struct Group {
     promoted_at: AtomicU64,
     /// Sessions with work in flight on the primary.
     inside: AtomicUsize,
-    /// Woken when `paused` clears or `inside` drops to zero.
+    /// Woken when `paused` clears (sessions waiting to start work).
     pub gate: tokio::sync::Notify,
+    /// Woken when `inside` drops to zero (a switchover waiting for it).
+    pub drained: tokio::sync::Notify,
     /// Serialises failovers, switchovers and re-seeds.
     pub topology: tokio::sync::Mutex<()>,
 }
@@ -277,6 +279,7 @@ impl Group {
             inside: AtomicUsize::new(0),
             promoted_at: AtomicU64::new(u64::MAX),
             gate: tokio::sync::Notify::new(),
+            drained: tokio::sync::Notify::new(),
             topology: tokio::sync::Mutex::new(()),
         }
     }
@@ -360,7 +363,7 @@ impl Group {
     /// A session's work on the primary is finished.
     pub fn leave(&self) {
         if self.inside.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.gate.notify_waiters();
+            self.drained.notify_waiters();
         }
     }
 

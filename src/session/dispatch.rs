@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use super::statements::{self, StmtDef};
-use super::{End, MAX_BATCH_BYTES, Session};
+use super::{End, MAX_BATCH_BYTES, Session, write};
 use crate::backend::{BackendConn, ConnectError, Expect};
 use crate::group::NodeState;
 use crate::route::Classification;
@@ -370,6 +370,15 @@ impl Session {
             }
             return self.fail_unit(&unit, e);
         }
+        if self.lost_tx.is_some() {
+            if self.busy_backend().is_some() {
+                self.pending = Some(unit);
+                return Ok(());
+            }
+            if let Some(e) = self.in_lost_transaction(&unit) {
+                return self.fail_unit(&unit, e);
+            }
+        }
         if let Some(b) = self.busy_backend() {
             if self.may_join(b, &unit) {
                 self.retry = None;
@@ -479,6 +488,48 @@ impl Session {
         .with_hint("the session is still usable; retry the transaction (see SHOW NODES on the admin console)")
     }
 
+    /// The client's transaction died with its node: everything but the end
+    /// of the transaction fails, like in a transaction PostgreSQL aborted.
+    /// Returns the error to answer, or None to run the unit (a ROLLBACK,
+    /// which then finds no transaction in progress).
+    fn in_lost_transaction(&mut self, unit: &Unit) -> Option<PgError> {
+        let (why, told) = self.lost_tx.clone()?;
+        if write::unit_sql(unit).iter().any(|s| write::is_rollback(s)) {
+            self.lost_tx = None;
+            return None;
+        }
+        if unit.ends_tx {
+            self.lost_tx = None;
+            return Some(
+                PgError::error(
+                    "08006",
+                    format!("the transaction was not committed: {why}; it has been rolled back"),
+                )
+                .with_hint("run the transaction again; it will run on the group's primary"),
+            );
+        }
+        if !told {
+            // The first the client hears of it.
+            self.lost_tx = Some((why.clone(), true));
+            return Some(
+                PgError::error(
+                    "08006",
+                    format!("the transaction was lost: {why}; it did not commit"),
+                )
+                .with_hint("send ROLLBACK, then run the transaction again; it will run on the group's primary"),
+            );
+        }
+        Some(
+            PgError::error(
+                "25P02",
+                format!(
+                    "current transaction is aborted, commands ignored until end of transaction block: {why}"
+                ),
+            )
+            .with_hint("send ROLLBACK; the next transaction runs on the group's primary"),
+        )
+    }
+
     /// Answers a unit that could not be sent anywhere.
     fn answer_unsent(&mut self, unit: &Unit, e: PgError) -> Result<(), End> {
         if unit.syncs == 0 {
@@ -500,7 +551,13 @@ impl Session {
     }
 
     fn status_byte(&self) -> u8 {
-        if self.tx_node.is_some() { b'T' } else { b'I' }
+        if self.lost_tx.is_some() {
+            b'E'
+        } else if self.tx_node.is_some() {
+            b'T'
+        } else {
+            b'I'
+        }
     }
 
     /// Opens the backend connection to node `i`.
@@ -669,8 +726,10 @@ impl Session {
         )
         .with_hint("the statement did not complete; the session is still usable");
         let mut owed = owed;
+        let mut unknown = false;
         let e = if i == self.group.primary() {
-            let (unknown, held) = self.write_lost();
+            let (committing, held) = self.write_lost();
+            unknown = committing;
             owed += usize::from(held);
             if unknown {
                 PgError::error(
@@ -687,9 +746,13 @@ impl Session {
         } else {
             e
         };
+        if in_tx && !unknown {
+            // The client is still inside its transaction, which is gone.
+            self.lost_tx = Some((format!("its node {} was lost ({why})", node.name), owed > 0));
+        }
         for _ in 0..owed {
             e.encode(&mut self.out);
-            messages::ready_for_query(b'I', &mut self.out);
+            messages::ready_for_query(self.status_byte(), &mut self.out);
         }
         if self.open_batch == Some(i) {
             self.open_batch = None;

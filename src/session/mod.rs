@@ -160,6 +160,10 @@ pub struct Session {
     last_reader: Option<usize>,
     /// The backend holding the client's open transaction.
     tx_node: Option<usize>,
+    /// The client's transaction died with its node (why): the session acts
+    /// as in an aborted transaction until the client ends it.
+    /// (Whether the client was told yet.)
+    lost_tx: Option<(String, bool)>,
     /// Why the session is pinned to the primary, if it is.
     pinned: Option<&'static str>,
     /// The session has sent something that may change data.
@@ -242,6 +246,7 @@ impl Session {
             current: None,
             last_reader: None,
             tx_node: None,
+            lost_tx: None,
             pinned: None,
             wrote: false,
             write,
