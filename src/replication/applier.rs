@@ -457,9 +457,16 @@ async fn run_outside_transaction(
     }
 }
 
-/// The node's next message; a closed or broken connection is transient.
+/// The node's next message; a closed or broken connection, or a FATAL
+/// error (the node closing it: shutdown, termination), is transient.
 async fn next_frame(conn: &mut BackendConn) -> Result<crate::wire::Frame, Stop> {
     match conn.reader.next().await {
+        Ok(Some(f)) if f.tag == b'E' && messages::error_is_fatal(f.body()) => {
+            Err(Stop::Transient(format!(
+                "the node closed the connection: {}",
+                messages::error_message(f.body())
+            )))
+        }
         Ok(Some(f)) => Ok(f),
         Ok(None) => Err(Stop::Transient("the node closed the connection".into())),
         Err(e) => Err(Stop::Transient(e.to_string())),

@@ -455,6 +455,18 @@ impl Session {
                     return Ok(());
                 }
             };
+            if frame.tag == b'E' && messages::error_is_fatal(frame.body()) {
+                // The node is closing this connection (shutdown, postmaster
+                // gone, terminated): the client's connection to us lives on,
+                // so it gets an ERROR for what was owed, not this FATAL.
+                let why = format!(
+                    "{} (SQLSTATE {})",
+                    messages::error_message(frame.body()),
+                    messages::error_code(frame.body()).unwrap_or_default()
+                );
+                self.backend_lost(i, why);
+                return Ok(());
+            }
             let outcome = conn.tracker.on_message(frame.tag);
             for name in &outcome.not_prepared {
                 conn.prepared.remove(name);

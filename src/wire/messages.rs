@@ -270,9 +270,31 @@ pub fn error_message(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
+/// Whether an ErrorResponse ends the connection (FATAL or PANIC).
+pub fn error_is_fatal(body: &[u8]) -> bool {
+    let fields = error_fields(body);
+    // 'V' is never localized; older servers only send 'S'.
+    let severity = fields
+        .iter()
+        .find(|(c, _)| *c == b'V')
+        .or_else(|| fields.iter().find(|(c, _)| *c == b'S'))
+        .map(|(_, v)| v.as_str());
+    matches!(severity, Some("FATAL" | "PANIC"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fatal_errors_are_recognised() {
+        let mut out = BytesMut::new();
+        PgError::fatal("57P01", "terminating connection").encode(&mut out);
+        assert!(error_is_fatal(&out[5..]));
+        out.clear();
+        PgError::error("42P01", "no such table").encode(&mut out);
+        assert!(!error_is_fatal(&out[5..]));
+    }
 
     #[test]
     fn error_response_round_trip() {
