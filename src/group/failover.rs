@@ -285,7 +285,11 @@ pub async fn rejoin(group: &Group, index: usize) -> Result<Rejoin, String> {
 /// Runs a rejoin and applies its outcome; seeding runs in the background.
 pub async fn rejoin_and_apply(group: &Arc<Group>, index: usize, policy: &Policy) -> bool {
     let node = &group.nodes[index];
-    match rejoin(group, index).await {
+    // Not while a failover or switchover is choosing the primary.
+    let change = group.topology.lock().await;
+    let outcome = rejoin(group, index).await;
+    drop(change);
+    match outcome {
         Ok(Rejoin::State(NodeState::Divergent)) => true,
         Ok(Rejoin::State(s)) => {
             node.set_state(s);
@@ -582,7 +586,10 @@ pub async fn reseed(group: &Group, index: usize, policy: &Policy) -> Result<seed
         Ok(seeded) => {
             metrics::counter!("reprise_seeds_total", "group" => group.name.clone()).increment(1);
             tracing::info!(group = %group.name, node = %node.name, seq = seeded.seq, bytes = seeded.bytes, took_ms = seeded.duration.as_millis() as u64, "seeded");
-            match rejoin(group, index).await {
+            let change = group.topology.lock().await;
+            let outcome = rejoin(group, index).await;
+            drop(change);
+            match outcome {
                 Ok(Rejoin::State(NodeState::Divergent)) => {}
                 Ok(Rejoin::State(s)) => {
                     node.set_state(s);
