@@ -85,17 +85,49 @@ fn write_table(t: &Table, out: &mut BytesMut) {
 const COMMANDS: &str =
     "SHOW GROUPS, SHOW NODES, SWITCHOVER <group> TO <node>, RESEED <group> <node>, HELP";
 
-/// Runs one console command.
-pub async fn run(shared: &Shared, command: &str) -> Result<Table, PgError> {
+/// A parsed console command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    ShowGroups,
+    ShowNodes,
+    Switchover { group: String, node: String },
+    Reseed { group: String, node: String },
+    Help,
+}
+
+/// Parses one command (keywords in any case; names as written).
+pub fn parse(command: &str) -> Result<Command, PgError> {
     let original: Vec<&str> = command.split_whitespace().collect();
     let words: Vec<String> = original.iter().map(|w| w.to_ascii_uppercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let name = |i: usize| original[i].to_string();
     match words.as_slice() {
-        ["SHOW", "GROUPS"] => Ok(show_groups(shared)),
-        ["SHOW", "NODES"] => Ok(show_nodes(shared)),
-        ["SWITCHOVER", _, "TO", _] => switchover(shared, original[1], original[3]).await,
-        ["RESEED", _, _] => reseed(shared, original[1], original[2]).await,
-        ["HELP"] => Ok(Table {
+        ["SHOW", "GROUPS"] => Ok(Command::ShowGroups),
+        ["SHOW", "NODES"] => Ok(Command::ShowNodes),
+        ["SWITCHOVER", _, "TO", _] => Ok(Command::Switchover {
+            group: name(1),
+            node: name(3),
+        }),
+        ["RESEED", _, _] => Ok(Command::Reseed {
+            group: name(1),
+            node: name(2),
+        }),
+        ["HELP"] => Ok(Command::Help),
+        _ => Err(
+            PgError::error("42601", format!("unknown admin command \"{command}\""))
+                .with_hint(format!("the commands are: {COMMANDS}")),
+        ),
+    }
+}
+
+/// Runs one console command.
+pub async fn run(shared: &Shared, command: &str) -> Result<Table, PgError> {
+    match parse(command)? {
+        Command::ShowGroups => Ok(show_groups(shared)),
+        Command::ShowNodes => Ok(show_nodes(shared)),
+        Command::Switchover { group, node } => switchover(shared, &group, &node).await,
+        Command::Reseed { group, node } => reseed(shared, &group, &node).await,
+        Command::Help => Ok(Table {
             columns: vec!["command"],
             rows: COMMANDS
                 .split(", ")
@@ -103,10 +135,6 @@ pub async fn run(shared: &Shared, command: &str) -> Result<Table, PgError> {
                 .collect(),
             tag: "HELP".into(),
         }),
-        _ => Err(
-            PgError::error("42601", format!("unknown admin command \"{command}\""))
-                .with_hint(format!("the commands are: {COMMANDS}")),
-        ),
     }
 }
 
@@ -251,4 +279,32 @@ async fn reseed(shared: &Shared, group: &str, node: &str) -> Result<Table, PgErr
         ]],
         tag: "RESEED".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands_in_any_case_and_refuses_others() {
+        assert_eq!(parse("show nodes").unwrap(), Command::ShowNodes);
+        assert_eq!(
+            parse("switchover app TO n2").unwrap(),
+            Command::Switchover {
+                group: "app".into(),
+                node: "n2".into()
+            }
+        );
+        assert_eq!(
+            parse(" RESEED App N1 ").unwrap(),
+            Command::Reseed {
+                group: "App".into(),
+                node: "N1".into()
+            }
+        );
+        let e = parse("DROP NODE x").unwrap_err();
+        assert_eq!(e.code, "42601");
+        assert!(parse("").is_err());
+        assert!(parse("SWITCHOVER app n2").is_err());
+    }
 }
