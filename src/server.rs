@@ -76,6 +76,7 @@ pub struct Server {
 impl Server {
     /// Binds the ports, probes every node once and starts the monitors.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        raise_fd_limit();
         let config = Arc::new(config);
         let listener = TcpListener::bind(config.listen_addr()).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen)
@@ -240,4 +241,23 @@ async fn too_many(stream: tokio::net::TcpStream, max: usize) {
 /// Binds and serves a config until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     Server::bind(config).await?.run(shutdown).await
+}
+
+/// Raises the open-file limit to its hard maximum: every client costs a
+/// descriptor, and the default soft limit is often 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(from = old, to = lim.rlim_max, "raised the open-file limit");
+            }
+        }
+    }
 }

@@ -250,6 +250,10 @@ pub struct Group {
     pub drained: tokio::sync::Notify,
     /// Serialises failovers, switchovers and re-seeds.
     pub topology: tokio::sync::Mutex<()>,
+    /// ParameterStatus values a node reported to a session, by the
+    /// session's startup parameters: later sessions with the same ones are
+    /// greeted without opening a backend connection until they need one.
+    greetings: std::sync::Mutex<std::collections::HashMap<String, Vec<(String, String)>>>,
 }
 
 impl Group {
@@ -281,7 +285,24 @@ impl Group {
             gate: tokio::sync::Notify::new(),
             drained: tokio::sync::Notify::new(),
             topology: tokio::sync::Mutex::new(()),
+            greetings: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// The ParameterStatus values for a session with these startup
+    /// parameters, if a node reported them before.
+    pub fn greeting(&self, params: &[(String, String)]) -> Option<Vec<(String, String)>> {
+        let key = greeting_key(params);
+        self.greetings.lock().expect("greetings").get(&key).cloned()
+    }
+
+    /// Remembers what a node reported for these startup parameters.
+    pub fn remember_greeting(&self, params: &[(String, String)], status: Vec<(String, String)>) {
+        let mut cache = self.greetings.lock().expect("greetings");
+        if cache.len() >= 1000 {
+            cache.clear();
+        }
+        cache.insert(greeting_key(params), status);
     }
 
     /// A receiver that sees every node state change and promotion.
@@ -644,6 +665,13 @@ impl Group {
                 .collect(),
         }
     }
+}
+
+/// The startup parameters that decide what a node reports at startup.
+fn greeting_key(params: &[(String, String)]) -> String {
+    let mut sorted: Vec<String> = params.iter().map(|(k, v)| format!("{k}\0{v}")).collect();
+    sorted.sort();
+    sorted.join("\0\0")
 }
 
 /// A group as /status shows it.

@@ -267,6 +267,16 @@ impl Session {
     /// Connects to the primary (or any live node), relays its parameters,
     /// sends our cancel key and the first ReadyForQuery.
     async fn greet(&mut self) -> Result<(), End> {
+        if let Some(status) = self.group.greeting(&self.params) {
+            // Seen before: no backend connection until there is work, so
+            // idle clients cost the nodes nothing.
+            for (k, v) in &status {
+                messages::parameter_status(k, v, &mut self.out);
+            }
+            messages::backend_key_data(self.cancel.pid, self.cancel.secret, &mut self.out);
+            messages::ready_for_query(b'I', &mut self.out);
+            return Ok(());
+        }
         let primary = self.group.primary();
         let mut order = vec![primary];
         order.extend((0..self.group.nodes.len()).filter(|&i| i != primary));
@@ -281,6 +291,8 @@ impl Session {
                     for (k, v) in &conn.params {
                         messages::parameter_status(k, v, &mut self.out);
                     }
+                    self.group
+                        .remember_greeting(&self.params, conn.params.clone());
                     messages::backend_key_data(self.cancel.pid, self.cancel.secret, &mut self.out);
                     messages::ready_for_query(b'I', &mut self.out);
                     self.current = Some(i);
