@@ -484,3 +484,179 @@ async fn sigkill_of_a_proxy_process_loses_nothing_beside_another_proxy() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A minimal raw frontend: messages out, messages in until a tag.
+struct Raw {
+    s: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(proxy: &Proxy) -> Raw {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let mut body = Vec::new();
+        body.extend_from_slice(&196608i32.to_be_bytes());
+        for kv in ["user", "postgres", "database", "app"] {
+            body.extend_from_slice(kv.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        pkt.extend_from_slice(&body);
+        s.write_all(&pkt).await.unwrap();
+        let mut r = Raw { s, buf: Vec::new() };
+        r.until(b'Z').await;
+        r
+    }
+
+    fn msg(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+        out.push(tag);
+        out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        out.extend_from_slice(body);
+    }
+
+    fn cstrs(parts: &[&str]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for p in parts {
+            b.extend_from_slice(p.as_bytes());
+            b.push(0);
+        }
+        b
+    }
+
+    fn parse(out: &mut Vec<u8>, name: &str, sql: &str) {
+        let mut b = Self::cstrs(&[name, sql]);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        Self::msg(out, b'P', &b);
+    }
+
+    fn bind(out: &mut Vec<u8>, stmt: &str, params: &[&str]) {
+        let mut b = Self::cstrs(&["", stmt]);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            b.extend_from_slice(p.as_bytes());
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        Self::msg(out, b'B', &b);
+    }
+
+    fn describe_statement(out: &mut Vec<u8>, name: &str) {
+        let mut b = vec![b'S'];
+        b.extend_from_slice(&Self::cstrs(&[name]));
+        Self::msg(out, b'D', &b);
+    }
+
+    fn execute(out: &mut Vec<u8>) {
+        Self::msg(out, b'E', b"\0\0\0\0\0");
+    }
+
+    async fn send(&mut self, out: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.s.write_all(out).await.unwrap();
+    }
+
+    /// Messages (tag, body) up to and including the first `tag`.
+    async fn until(&mut self, tag: u8) -> Vec<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        loop {
+            while self.buf.len() >= 5 {
+                let len = i32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                if self.buf.len() < len + 1 {
+                    break;
+                }
+                let m: Vec<u8> = self.buf.drain(..len + 1).collect();
+                let t = m[0];
+                got.push((t, m[5..].to_vec()));
+                if t == tag {
+                    return got;
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout(Duration::from_secs(20), self.s.read(&mut chunk))
+                .await
+                .expect("the proxy answers")
+                .unwrap();
+            assert!(n > 0, "the proxy closed the connection; got {got:?}");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The SQLSTATE of the first ErrorResponse among messages.
+fn error_in(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
+    let (_, body) = msgs.iter().find(|(t, _)| *t == b'E')?;
+    body.split(|b| *b == 0)
+        .find(|f| f.first() == Some(&b'C'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_described_and_flushed_before_they_run_are_replicated() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute("CREATE TABLE flushed (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let mut raw = Raw::connect(&g.proxy).await;
+    // As asyncpg runs a statement the first time: Parse, Describe, Flush;
+    // then Bind, Execute, Sync. Named, then unnamed, twice in one batch.
+    for (name, ids) in [("s1", &["1", "2"][..]), ("", &["3", "4"][..])] {
+        let mut out = Vec::new();
+        Raw::parse(
+            &mut out,
+            name,
+            "INSERT INTO flushed VALUES ($1::int, 'v' || $1)",
+        );
+        Raw::describe_statement(&mut out, name);
+        Raw::msg(&mut out, b'H', b"");
+        raw.send(&out).await;
+        raw.until(b'n').await;
+        let mut out = Vec::new();
+        for id in ids {
+            Raw::bind(&mut out, name, &[id]);
+            Raw::execute(&mut out);
+        }
+        Raw::msg(&mut out, b'S', b"");
+        raw.send(&out).await;
+        let got = raw.until(b'Z').await;
+        assert_eq!(error_in(&got), None, "{name:?}: {got:?}");
+    }
+    // A lone Flush after a Sync does not keep the next read on the primary.
+    let mut out = Vec::new();
+    Raw::msg(&mut out, b'H', b"");
+    raw.send(&out).await;
+
+    // A failed statement undone with ROLLBACK TO SAVEPOINT is not replayed.
+    c.batch_execute("BEGIN; INSERT INTO flushed VALUES (10, 'a'); SAVEPOINT sp")
+        .await
+        .unwrap();
+    let dup = c
+        .batch_execute("INSERT INTO flushed VALUES (10, 'dup')")
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code().map(|c| c.code()), Some("23505"));
+    c.batch_execute("ROLLBACK TO SAVEPOINT sp; INSERT INTO flushed VALUES (11, 'b')")
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+
+    assert_identical(&g).await;
+    for i in 0..3 {
+        let n: i64 = g
+            .direct(i)
+            .await
+            .query_one("SELECT count(*) FROM flushed", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 6, "rows on n{}", i + 1);
+    }
+    let status = g.proxy.status().await;
+    for n in ["n2", "n3"] {
+        assert_eq!(node_state(&status, n), "up", "{status:#}");
+    }
+}

@@ -141,6 +141,10 @@ impl Session {
         if self.discard_until_sync {
             return Ok(());
         }
+        if self.batch.is_empty() && self.open_batch.is_none() {
+            // Nothing buffered: what the nodes sent is relayed anyway.
+            return Ok(());
+        }
         self.batch_bytes += f.raw.len();
         self.batch.push(f);
         if let Some(i) = self.open_batch {
@@ -186,6 +190,7 @@ impl Session {
                 self.send_unit(i, unit, false).await?;
             }
         }
+        self.batch_capture = None;
         Ok(())
     }
 
@@ -197,6 +202,12 @@ impl Session {
         let mut unit = self.batch_unit(frames);
         unit.syncs = 0;
         unit.route = Route::Write;
+        // Its statements will likely run before the Sync, and nothing can be
+        // injected once it streams: a Parse that may write takes the write
+        // lock now.
+        unit.writes |= unit.items.iter().any(|i| {
+            i.frame.tag == b'P' && i.stmt.as_ref().is_some_and(|(d, _)| may_write(&d.class))
+        });
         let target = match self.busy_backend() {
             Some(b) => b,
             None => match self.choose(&unit) {
@@ -340,7 +351,9 @@ impl Session {
         if !self.write.own.is_empty()
             || self.write.sync_wait.is_some()
             || self.write.tx.as_ref().is_some_and(|t| t.implicit)
-            || (self.write.tx.is_some() && unit.ends_tx)
+            // In a write transaction one unit at a time: a unit that fails
+            // is taken out of the capture when its ReadyForQuery arrives.
+            || (self.write.tx.is_some() && b == primary)
             || (self.write.tx.is_none() && unit.writes && b == primary)
         {
             // The write path needs the answers so far before going on.
@@ -530,11 +543,39 @@ impl Session {
         )
     }
 
+    /// A write in the middle of a streamed batch whose start did not write:
+    /// the write lock cannot be taken there. The node's part of the batch is
+    /// ended with a Sync whose answers are dropped, and the client gets an
+    /// error until its own Sync.
+    async fn refuse_in_batch(
+        &mut self,
+        target: usize,
+        unit: &Unit,
+        mut buf: BytesMut,
+    ) -> Result<(), End> {
+        if let Some(conn) = self.backends[target].as_mut() {
+            buf.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+            conn.tracker.push(Expect::Sync { injected: true });
+        }
+        let bytes = buf.split().freeze();
+        self.scratch = buf;
+        self.open_batch = None;
+        self.batch_capture = None;
+        let e = PgError::error(
+            "0A000",
+            "Reprise needs a pipelined batch to write before its first Flush: this write came after a Flush of statements that only read",
+        )
+        .with_hint("send a Sync before the write, or put the write first");
+        self.answer_unsent(unit, e)?;
+        self.send_raw(target, &bytes).await
+    }
+
     /// Answers a unit that could not be sent anywhere.
     fn answer_unsent(&mut self, unit: &Unit, e: PgError) -> Result<(), End> {
         if unit.syncs == 0 {
             e.encode(&mut self.out);
             self.open_batch = None;
+            self.batch_capture = None;
             self.discard_until_sync = true;
             return Ok(());
         }
@@ -636,7 +677,26 @@ impl Session {
         let primary = self.group.primary();
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
-        let captured = target == primary && self.before_primary_unit(&unit, &mut buf);
+        let continuing = self.batch_capture.filter(|_| target == primary);
+        let captured = match continuing {
+            // More of a batch already streaming: nothing may be injected
+            // between its messages (a Query would destroy its unnamed
+            // statement and portal), and it is captured like its start.
+            Some(c) => {
+                if unit.writes && !c && self.shared.config().replication.enabled {
+                    return self.refuse_in_batch(target, &unit, buf).await;
+                }
+                c
+            }
+            None => target == primary && self.before_primary_unit(&unit, &mut buf),
+        };
+        if continuing.is_none() && unit.syncs == 0 && self.open_batch == Some(target) {
+            // The start of a streamed batch.
+            self.batch_capture = Some(captured);
+        }
+        if captured && continuing.is_none() {
+            self.mark_capture();
+        }
         if !buf.is_empty()
             && let Some(conn) = self.backends[target].as_mut()
         {
@@ -672,6 +732,10 @@ impl Session {
         }
         for _ in 0..unit.syncs {
             self.group.nodes[target].begin_unit();
+        }
+        if unit.syncs > 0 {
+            // The batch (if one was streaming) ends with this Sync.
+            self.batch_capture = None;
         }
         self.wrote |= unit.writes;
         if unit.route == Route::Read {
@@ -756,6 +820,7 @@ impl Session {
         }
         if self.open_batch == Some(i) {
             self.open_batch = None;
+            self.batch_capture = None;
             if owed == 0 {
                 e.encode(&mut self.out);
             }

@@ -9,6 +9,12 @@ pub mod startup;
 pub mod statements;
 mod write;
 
+// The write path's pure text helpers, public for the fuzz targets (fuzz/).
+pub use write::{
+    insert_selects_ordered, is_ddl, is_maintenance, is_rollback, not_in_transaction,
+    snapshot_isolation, startup_settings, temp_only,
+};
+
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -178,6 +184,9 @@ pub struct Session {
     batch_bytes: usize,
     /// A batch already streaming to this node until its Sync.
     open_batch: Option<usize>,
+    /// Whether the batch streaming to the primary is captured for the log
+    /// (None: no batch is streaming).
+    batch_capture: Option<bool>,
     /// Drop client messages until the next Sync (its backend was lost).
     discard_until_sync: bool,
     /// A unit that must wait until the busy backend is idle.
@@ -255,6 +264,7 @@ impl Session {
             batch: Vec::new(),
             batch_bytes: 0,
             open_batch: None,
+            batch_capture: None,
             discard_until_sync: false,
             pending: None,
             retry: None,
@@ -495,7 +505,12 @@ impl Session {
                     }
                     continue;
                 }
-                Some(UnitOwner::ClientCaptured) if frame.tag == b'C' => {
+                // (No owner yet: the Sync of a streamed, captured batch has
+                // not been sent.)
+                Some(UnitOwner::ClientCaptured) | None
+                    if frame.tag == b'C'
+                        && (outcome.owner.is_some() || self.batch_capture == Some(true)) =>
+                {
                     if let Some(tx) = self.write.tx.as_mut() {
                         tx.tags.push(
                             messages::Reader::new(frame.body())

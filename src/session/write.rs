@@ -45,6 +45,10 @@ pub struct WriteTx {
     pub ddl: bool,
     /// The term its entry was appended in.
     pub term: u64,
+    /// The capture before the client unit in flight: (bytes, tags, parsed
+    /// statements). A unit that fails is taken out again — the client can
+    /// only go on past it with ROLLBACK TO SAVEPOINT, which undoes it.
+    unit_mark: (usize, usize, HashSet<(String, u64)>),
 }
 
 /// A unit the proxy sent for itself on the primary, in order.
@@ -291,17 +295,31 @@ fn first_word(sql: &str) -> String {
         .to_ascii_uppercase()
 }
 
-/// The SQL text of a unit's statements (simple Query or Parses).
+/// The SQL text of a unit's statements (simple Query or Binds); for a unit
+/// that only prepares (the start of a streamed batch), the statements it
+/// prepares.
 pub fn unit_sql(unit: &Unit) -> Vec<String> {
-    unit.items
+    let sql_of = |i: &Item| {
+        i.stmt.as_ref().and_then(|(d, _)| {
+            super::statements::parse_fields(d.parse.body()).map(|(_, q)| q.to_string())
+        })
+    };
+    let run: Vec<String> = unit
+        .items
         .iter()
         .filter_map(|i| match i.frame.tag {
             b'Q' => Reader::new(i.frame.body()).cstr().map(str::to_string),
-            b'B' => i.stmt.as_ref().and_then(|(d, _)| {
-                super::statements::parse_fields(d.parse.body()).map(|(_, q)| q.to_string())
-            }),
+            b'B' => sql_of(i),
             _ => None,
         })
+        .collect();
+    if !run.is_empty() {
+        return run;
+    }
+    unit.items
+        .iter()
+        .filter(|i| i.frame.tag == b'P')
+        .filter_map(sql_of)
         .collect()
 }
 
@@ -491,6 +509,13 @@ impl Session {
         let lock = format!("{begin}{query}");
         buf.extend_from_slice(&messages::query(&lock));
         self.write.own.push_back(Own::Lock);
+    }
+
+    /// Remembers where the capture stands before a client unit.
+    pub(super) fn mark_capture(&mut self) {
+        if let Some(tx) = self.write.tx.as_mut() {
+            tx.unit_mark = (tx.capture.len(), tx.tags.len(), tx.parsed.clone());
+        }
     }
 
     /// Copies a sent unit into the capture.
@@ -689,6 +714,14 @@ impl Session {
         let Some(tx) = self.write.tx.as_mut() else {
             return Ok(Some(f));
         };
+        if failed_unit && !tx.implicit {
+            // Its statements did not happen (what ran before the error is
+            // undone by the ROLLBACK TO SAVEPOINT that must follow).
+            let (bytes, tags, parsed) = std::mem::take(&mut tx.unit_mark);
+            tx.capture.truncate(bytes);
+            tx.tags.truncate(tags);
+            tx.parsed = parsed;
+        }
         if tx.implicit {
             // Our own transaction around an autocommit write: settle it.
             let mut buf = BytesMut::new();
