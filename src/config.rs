@@ -64,6 +64,13 @@ pub struct AuthConfig {
     pub method: AuthMethod,
     #[serde(default, rename = "user")]
     pub users: Vec<UserConfig>,
+    /// A client must finish its startup and login within this many ms.
+    #[serde(default = "default_auth_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_auth_timeout_ms() -> u64 {
+    60_000
 }
 
 impl Default for AuthConfig {
@@ -71,6 +78,7 @@ impl Default for AuthConfig {
         AuthConfig {
             method: AuthMethod::Trust,
             users: Vec::new(),
+            timeout_ms: default_auth_timeout_ms(),
         }
     }
 }
@@ -342,6 +350,7 @@ impl Config {
             ("health.interval_ms", h.interval_ms),
             ("health.timeout_ms", h.timeout_ms),
             ("health.connect_timeout_ms", h.connect_timeout_ms),
+            ("auth.timeout_ms", self.auth.timeout_ms),
         ] {
             if v == 0 {
                 return Err((key.into(), "must be greater than 0".into()));

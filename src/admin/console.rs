@@ -32,6 +32,7 @@ pub async fn serve(
     messages::parameter_status("client_encoding", "UTF8", &mut out);
     messages::parameter_status("standard_conforming_strings", "on", &mut out);
     messages::ready_for_query(b'I', &mut out);
+    let mut skipping = false;
     loop {
         if wr.write_all(&out).await.is_err() {
             return;
@@ -60,12 +61,18 @@ pub async fn serve(
             }
             b'X' => return,
             _ => {
-                PgError::error(
-                    "0A000",
-                    "the admin console supports only simple queries (no extended protocol)",
-                )
-                .encode(&mut out);
+                // Like PostgreSQL after an error: one error, then everything
+                // up to the Sync is skipped.
+                if !skipping {
+                    PgError::error(
+                        "0A000",
+                        "the admin console supports only simple queries (no extended protocol)",
+                    )
+                    .encode(&mut out);
+                    skipping = true;
+                }
                 if frame.tag == b'S' {
+                    skipping = false;
                     messages::ready_for_query(b'I', &mut out);
                 }
             }

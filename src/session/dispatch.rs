@@ -224,7 +224,7 @@ impl Session {
     }
 
     /// Classifies extended messages and records their statements.
-    fn batch_unit(&mut self, frames: Vec<Frame>) -> Unit {
+    pub(super) fn batch_unit(&mut self, frames: Vec<Frame>) -> Unit {
         let mut unit = Unit {
             items: Vec::with_capacity(frames.len()),
             route: Route::Any,

@@ -47,7 +47,19 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         .unwrap_or_default();
     let (rd, mut wr) = stream.into_split();
     let mut reader = MessageStream::new(rd, shared.config().max_message_size);
-    let result = open(&shared, &mut reader, &mut wr).await;
+    // A client that never finishes its startup and login would hold a
+    // connection slot forever.
+    let limit = std::time::Duration::from_millis(shared.config().auth.timeout_ms);
+    let result = match tokio::time::timeout(limit, open(&shared, &mut reader, &mut wr)).await {
+        Ok(r) => r,
+        Err(_) => Err(PgError::fatal(
+            "08006",
+            format!(
+                "the startup and login did not finish within {} ms (auth.timeout_ms)",
+                limit.as_millis()
+            ),
+        )),
+    };
     let (params, group, user) = match result {
         Ok(Some(v)) => v,
         Ok(None) => return,
@@ -58,16 +70,17 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         }
     };
     let span = tracing::info_span!("session", group = %group.name, %user, %peer);
-    let _enter = span.enter();
-    drop(_enter);
     let guard = shared.cancel.register();
     reader.set_max_len(shared.config().max_message_size);
     let mut session = Session::new(shared.clone(), group, reader, wr, params, guard);
     let result = {
         use tracing::Instrument;
-        session.run().instrument(span).await
+        session.run().instrument(span.clone()).await
     };
-    session.finish(result).await;
+    {
+        use tracing::Instrument;
+        session.finish(result).instrument(span).await;
+    }
 }
 
 /// Startup and authentication; returns the parameters, group and user.
@@ -456,6 +469,19 @@ impl Session {
                 Ok(())
             }
             b'X' => Err(End::Client),
+            b'F' => {
+                // A fastpath function call: answered like a failed unit.
+                let mut unit = self.batch_unit(Vec::new());
+                unit.syncs = 1;
+                unit.refused = Some(
+                    PgError::error(
+                        "0A000",
+                        "the fastpath function call protocol is not supported by Reprise",
+                    )
+                    .with_hint("call the function with SELECT instead"),
+                );
+                self.dispatch(unit).await
+            }
             other => Err(End::Fatal(PgError::fatal(
                 "08P01",
                 format!("invalid frontend message type {}", other),

@@ -101,11 +101,24 @@ async fn negotiate<W: AsyncWrite + Unpin>(
     writer.write_all(&out).await.map_err(|_| gone())
 }
 
-/// A secret for users that do not exist, so a failed login does not tell
-/// whether the user exists.
-fn decoy_secret() -> &'static ScramSecret {
-    static DECOY: OnceLock<ScramSecret> = OnceLock::new();
-    DECOY.get_or_init(|| ScramSecret::from_password(&format!("{:x}", rand::random::<u128>())))
+/// A secret for a user that does not exist, so a failed login does not
+/// tell whether the user exists: random keys, and a salt that is the same
+/// for the same name every time (a keyed hash, as real users' salts are
+/// stable) but unlike any other name's.
+fn decoy_secret(user: &str) -> ScramSecret {
+    static DECOY: OnceLock<(ScramSecret, [u8; 32])> = OnceLock::new();
+    let (secret, key) = DECOY.get_or_init(|| {
+        (
+            ScramSecret::from_password(&format!("{:x}", rand::random::<u128>())),
+            rand::random(),
+        )
+    });
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(user.as_bytes());
+    let mut decoy = secret.clone();
+    decoy.salt = mac.finalize().into_bytes()[..secret.salt.len().clamp(1, 32)].to_vec();
+    decoy
 }
 
 fn auth_failed(user: &str) -> PgError {
@@ -129,7 +142,7 @@ pub async fn authenticate<W: AsyncWrite + Unpin>(
     }
     let secret = shared.user_secret(user);
     let known = secret.is_some();
-    let mut server = ScramServer::new(secret.unwrap_or_else(|| decoy_secret().clone()));
+    let mut server = ScramServer::new(secret.unwrap_or_else(|| decoy_secret(user)));
     messages::auth_sasl(ScramServer::mechanisms(), &mut out);
     writer.write_all(&out).await.map_err(|_| gone())?;
 
@@ -169,6 +182,7 @@ fn scram_error(e: ScramError, user: &str) -> PgError {
             "28000",
             format!("SASL authentication mechanism {m} is not supported; use SCRAM-SHA-256"),
         ),
+        ScramError::Protocol(m) if m.starts_with("malformed") => PgError::fatal("08P01", m),
         ScramError::Protocol(m) => PgError::fatal("08P01", format!("malformed SCRAM message: {m}")),
     }
 }
@@ -187,5 +201,18 @@ async fn read_password_message(
         )),
         Ok(None) => Err(gone()),
         Err(e) => Err(PgError::fatal("08P01", format!("invalid message: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_users_get_stable_salts_unlike_each_other() {
+        let a = decoy_secret("mallory");
+        assert_eq!(a.salt, decoy_secret("mallory").salt);
+        assert_ne!(a.salt, decoy_secret("trudy").salt);
+        assert_eq!(a.salt.len(), ScramSecret::from_password("x").salt.len());
     }
 }
