@@ -71,6 +71,8 @@ pub struct Server {
     listener: TcpListener,
     http: TcpListener,
     shutdown_tx: watch::Sender<bool>,
+    /// Stops monitors, appliers and supervisors (after the sessions).
+    stop_tx: watch::Sender<bool>,
 }
 
 impl Server {
@@ -84,7 +86,10 @@ impl Server {
         let http = TcpListener::bind(config.http_addr())
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `http`): {e}", config.http))?;
+        // Sessions drain first; monitors, appliers and the supervisor stop
+        // only after them (a COMMIT waiting for a subscriber needs them).
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(false);
         // Before any metric handle is created, or those handles go nowhere.
         let metrics = Metrics::install();
         let mut groups = HashMap::new();
@@ -100,7 +105,7 @@ impl Server {
             tokio::spawn(failover::supervise(
                 group.clone(),
                 policy.clone(),
-                shutdown_rx.clone(),
+                stop_rx.clone(),
             ));
             for i in 0..group.nodes.len() {
                 tokio::spawn(health::monitor(
@@ -108,13 +113,13 @@ impl Server {
                     i,
                     config.health.clone(),
                     policy.clone(),
-                    shutdown_rx.clone(),
+                    stop_rx.clone(),
                 ));
                 if config.replication.enabled {
                     tokio::spawn(crate::replication::applier::run(
                         group.clone(),
                         i,
-                        shutdown_rx.clone(),
+                        stop_rx.clone(),
                     ));
                 }
             }
@@ -150,6 +155,7 @@ impl Server {
             listener,
             http,
             shutdown_tx,
+            stop_tx,
         })
     }
 
@@ -175,8 +181,15 @@ impl Server {
             listener,
             http,
             shutdown_tx,
+            stop_tx,
         } = self;
-        let http_task = tokio::spawn(crate::admin::http::serve(http, shared.clone()));
+        // Aborted when this future ends or is dropped: a server that is gone
+        // answers nothing (stop_tx and shutdown_tx, dropped with it, stop the
+        // background tasks and sessions).
+        let http_task = AbortOnDrop(tokio::spawn(crate::admin::http::serve(
+            http,
+            shared.clone(),
+        )));
         let limit = Arc::new(Semaphore::new(shared.config.max_client_connections));
         let mut sessions = JoinSet::new();
         tokio::pin!(shutdown);
@@ -219,9 +232,20 @@ impl Server {
         if drained.is_err() {
             tracing::warn!("shutdown timeout reached; closing the remaining sessions");
             sessions.abort_all();
+            while sessions.join_next().await.is_some() {}
         }
-        http_task.abort();
+        let _ = stop_tx.send(true);
+        drop(http_task);
         Ok(())
+    }
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

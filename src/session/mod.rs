@@ -217,6 +217,25 @@ pub struct Session {
     pass: PrimaryPass,
 }
 
+/// A client counted in the connection gauge while it lives.
+struct ClientCount {
+    shared: Arc<Shared>,
+    group: String,
+}
+
+impl ClientCount {
+    fn new(shared: Arc<Shared>, group: String) -> ClientCount {
+        shared.metrics.client_connected(&group);
+        ClientCount { shared, group }
+    }
+}
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.shared.metrics.client_disconnected(&self.group);
+    }
+}
+
 /// A session's place among those with work in flight on the primary.
 struct PrimaryPass {
     group: Arc<Group>,
@@ -333,10 +352,9 @@ impl Session {
 
     async fn run(&mut self) -> Result<(), End> {
         self.greet().await?;
-        self.shared.metrics.client_connected(&self.group.name);
-        let r = self.main_loop().await;
-        self.shared.metrics.client_disconnected(&self.group.name);
-        r
+        // Counted out even if this task is aborted.
+        let _counted = ClientCount::new(self.shared.clone(), self.group.name.clone());
+        self.main_loop().await
     }
 
     async fn main_loop(&mut self) -> Result<(), End> {
@@ -422,9 +440,11 @@ impl Session {
                 .is_some_and(|c| c.tracker.client_units() > 0)
     }
 
-    /// No unit in flight and no open transaction.
+    /// No unit in flight, no open transaction, nothing being committed.
     fn is_idle(&self) -> bool {
         self.tx_node.is_none()
+            && !self.busy_on_primary()
+            && self.write.sync_wait.is_none()
             && self.open_batch.is_none()
             && self.batch.is_empty()
             && self.pending.is_none()

@@ -172,6 +172,17 @@ impl TestGroup {
 
     /// Same, with another seed script (run with psql on the first copy).
     pub async fn start_with(n: usize, seed: &str, tweak: impl FnOnce(&mut Config)) -> TestGroup {
+        Self::start_with_settings(n, seed, &[], tweak).await
+    }
+
+    /// Same, with server settings added to (or replacing) [`TEST_SETTINGS`]
+    /// on every copy, e.g. `("log_statement", "mod")`.
+    pub async fn start_with_settings(
+        n: usize,
+        seed: &str,
+        extra: &[(&str, &str)],
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestGroup {
         // REPRISE_LOG=info (or debug) shows the proxy's log in test output.
         if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("REPRISE_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -185,8 +196,17 @@ impl TestGroup {
             .unwrap();
         let path = dir.path().to_path_buf();
         let seed = seed.to_string();
+        let settings: Vec<(String, String)> = TEST_SETTINGS
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let cluster = tokio::task::spawn_blocking(move || {
-            LocalCluster::create(&path, n, "app", TEST_SETTINGS, |node| {
+            let settings: Vec<(&str, &str)> = settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            LocalCluster::create(&path, n, "app", &settings, |node| {
                 if !seed.trim().is_empty() {
                     node.psql("app", &seed)?;
                 }
@@ -368,38 +388,84 @@ pub async fn assert_identical(g: &TestGroup) {
 /// head, then checks that their user tables, sequences and logs (as `log`
 /// says) are identical. Other nodes may be down.
 pub async fn assert_identical_on(g: &TestGroup, nodes: &[usize], log: LogCheck) {
+    if let Err(e) = check_identical_on(g, nodes, log).await {
+        panic!("{e}");
+    }
+}
+
+/// [`assert_identical_on`] returning what differs instead of panicking.
+pub async fn check_identical_on(
+    g: &TestGroup,
+    nodes: &[usize],
+    log: LogCheck,
+) -> Result<(), String> {
     let names: Vec<String> = nodes
         .iter()
         .map(|&i| g.cluster.nodes[i].name.clone())
         .collect();
+    if wait_caught_up(g, nodes, Duration::from_secs(60))
+        .await
+        .is_none()
+    {
+        let status = g.proxy.status().await;
+        return Err(format!("copies {names:?} did not catch up: {status:#}"));
+    }
+    let mut digests = Vec::new();
+    for &i in nodes {
+        digests.push(digest_with(&g.direct(i).await, log).await);
+    }
+    for (k, d) in digests.iter().enumerate().skip(1) {
+        if &digests[0] != d {
+            return Err(format!(
+                "node {} differs from node {}:\n{}",
+                names[k],
+                names[0],
+                digest_diff(&digests[0], d)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The entries of two digests that differ, one per line.
+fn digest_diff(a: &[(String, String)], b: &[(String, String)]) -> String {
+    let find = |d: &[(String, String)], k: &str| {
+        d.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| "(missing)".into())
+    };
+    let mut keys: Vec<&String> = a.iter().chain(b).map(|(k, _)| k).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (find(a, k), find(b, k));
+            (x != y).then(|| format!("  {k}: {y} vs {x}"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Waits up to `limit` until the nodes `nodes` (indices) are up and their
+/// applied_seq in /status equals head_seq; returns the time it took.
+pub async fn wait_caught_up(g: &TestGroup, nodes: &[usize], limit: Duration) -> Option<Duration> {
+    let names: Vec<&str> = nodes
+        .iter()
+        .map(|&i| g.cluster.nodes[i].name.as_str())
+        .collect();
     let proxy = &g.proxy;
-    let caught_up = wait_until(Duration::from_secs(60), || async {
+    wait_until(limit, || async {
         let s = proxy.status().await;
         let head = s["groups"][0]["head_seq"].as_u64().unwrap_or(0);
         s["groups"][0]["nodes"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|n| names.iter().any(|m| n["name"] == m.as_str()))
+            .filter(|n| names.iter().any(|m| n["name"] == *m))
             .all(|n| n["applied_seq"].as_u64() == Some(head) && n["state"] == "up")
     })
-    .await;
-    let status = g.proxy.status().await;
-    assert!(
-        caught_up.is_some(),
-        "copies {names:?} did not catch up: {status:#}"
-    );
-    let mut digests = Vec::new();
-    for &i in nodes {
-        digests.push(digest_with(&g.direct(i).await, log).await);
-    }
-    for (k, d) in digests.iter().enumerate().skip(1) {
-        assert_eq!(
-            &digests[0], d,
-            "node {} differs from node {}",
-            names[k], names[0]
-        );
-    }
+    .await
 }
 
 /// A digest of every user table's rows, every sequence's state, and the
@@ -916,4 +982,56 @@ async fn write_once(
     }
     c.batch_execute("COMMIT").await.map_err(fail("commit"))?;
     Ok(())
+}
+
+pub mod relay;
+#[allow(unused_imports)]
+pub use relay::{Relay, RelayMode, relay_nodes};
+
+impl Proxy {
+    /// [`Proxy::start`] that reports a failed bind (e.g. the port is still
+    /// taken) instead of panicking.
+    pub async fn try_start(config: Config) -> anyhow::Result<Proxy> {
+        let server = reprise::Server::bind(config).await?;
+        let addr = server.client_addr();
+        let http = server.http_addr();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Ok(Proxy {
+            addr,
+            http,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// Whether the proxy's task ended although nobody stopped or killed it.
+    pub fn ended_by_itself(&self) -> bool {
+        self.stop.is_some() && self.task.as_ref().is_some_and(|t| t.is_finished())
+    }
+
+    /// Stops the proxy (as [`Proxy::stop`]) and says how its task ended:
+    /// Err if it panicked, returned an error, or did not end within `limit`.
+    pub async fn stop_checked(&mut self, limit: Duration) -> Result<(), String> {
+        let by_itself = self.ended_by_itself();
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let Some(t) = self.task.take() else {
+            return Ok(());
+        };
+        let r = match tokio::time::timeout(limit, t).await {
+            Err(_) => Err(format!("the proxy did not stop within {limit:?}")),
+            Ok(Err(e)) if e.is_panic() => Err(format!("the proxy task panicked: {e}")),
+            Ok(Err(e)) => Err(format!("the proxy task failed: {e}")),
+            Ok(Ok(Err(e))) => Err(format!("the proxy returned an error: {e:#}")),
+            Ok(Ok(Ok(()))) => Ok(()),
+        };
+        match r {
+            Ok(()) if by_itself => Err("the proxy task ended by itself".into()),
+            r => r,
+        }
+    }
 }
