@@ -736,6 +736,7 @@ impl Session {
         if unit.syncs > 0 {
             // The batch (if one was streaming) ends with this Sync.
             self.batch_capture = None;
+            self.last_unit_simple = unit.simple;
         }
         self.wrote |= unit.writes;
         if unit.route == Route::Read {

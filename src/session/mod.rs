@@ -200,6 +200,11 @@ pub struct Session {
     /// Whether the batch streaming to the primary is captured for the log
     /// (None: no batch is streaming).
     batch_capture: Option<bool>,
+    /// The last unit sent with a Sync or Query was a simple Query.
+    last_unit_simple: bool,
+    /// An extended-protocol COPY FROM STDIN started after its Sync was sent:
+    /// the node ignores that Sync, and answers the client's next one.
+    copy_sync_ignored: bool,
     /// Drop client messages until the next Sync (its backend was lost).
     discard_until_sync: bool,
     /// A unit that must wait until the busy backend is idle.
@@ -297,6 +302,8 @@ impl Session {
             batch_bytes: 0,
             open_batch: None,
             batch_capture: None,
+            last_unit_simple: true,
+            copy_sync_ignored: false,
             discard_until_sync: false,
             pending: None,
             retry: None,
@@ -477,6 +484,16 @@ impl Session {
             }
             b'P' | b'B' | b'D' | b'E' | b'C' => self.extended(f).await,
             b'H' => self.flush_message(f).await,
+            b'S' if self.copy_sync_ignored => {
+                // Ends the COPY: the node answers this Sync for the unit
+                // already waiting for one.
+                self.copy_sync_ignored = false;
+                if let Some(i) = self.current {
+                    self.capture_copy(&f);
+                    self.send_raw(i, &f.raw).await?;
+                }
+                Ok(())
+            }
             b'S' => self.sync(f).await,
             b'd' | b'c' | b'f' => {
                 // COPY data goes to the backend running the COPY.
@@ -535,6 +552,13 @@ impl Session {
                 self.backend_lost(i, why);
                 return Ok(());
             }
+            if frame.tag == b'G' && !self.last_unit_simple && self.open_batch != Some(i) {
+                // COPY FROM STDIN through the extended protocol, its Sync
+                // already sent: the node ignores that Sync in copy-in mode.
+                self.copy_sync_ignored = true;
+                self.copy_sync_moved();
+            }
+            let conn = self.backends[i].as_mut().expect("checked above");
             let outcome = conn.tracker.on_message(frame.tag);
             for name in &outcome.not_prepared {
                 conn.prepared.remove(name);

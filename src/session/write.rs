@@ -451,8 +451,7 @@ impl Session {
         }
         let implicit = self.tx_node.is_none() && unit.begin.is_none();
         self.push_lock(buf, self.tx_node.is_none(), !row_local);
-        let mut settings = self.write.startup_settings.clone();
-        settings.extend(self.settings.iter().cloned());
+        let settings = self.entry_settings();
         self.write.tx = Some(WriteTx {
             implicit,
             exclusive: !row_local,
@@ -461,6 +460,20 @@ impl Session {
             ..WriteTx::default()
         });
         true
+    }
+
+    /// The settings an entry replays: the startup ones that change how
+    /// values read, and the session's SETs — but not its name, which would
+    /// make the applier show up as the client on every subscriber.
+    fn entry_settings(&self) -> Vec<String> {
+        let mut settings = self.write.startup_settings.clone();
+        settings.extend(
+            self.settings
+                .iter()
+                .filter(|s| !s.to_ascii_lowercase().contains("application_name"))
+                .cloned(),
+        );
+        settings
     }
 
     /// Whether every statement is row-local (needs the lock only shared).
@@ -489,8 +502,7 @@ impl Session {
         }
         self.push_lock(buf, false, true);
         self.expect_own(p);
-        let mut settings = self.write.startup_settings.clone();
-        settings.extend(self.settings.iter().cloned());
+        let settings = self.entry_settings();
         self.write.tx = Some(WriteTx {
             exclusive: true,
             settings,
@@ -536,6 +548,19 @@ impl Session {
             if item.frame.tag != b'H' {
                 tx.capture.extend_from_slice(&item.frame.raw);
             }
+        }
+    }
+
+    /// The capture ends with the Sync of a unit that turned out to be COPY
+    /// FROM STDIN: on replay it must come after the copy data (a node in
+    /// copy-in mode ignores it), where the client's next Sync puts it.
+    pub(super) fn copy_sync_moved(&mut self) {
+        const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
+        if let Some(tx) = self.write.tx.as_mut()
+            && tx.capture.ends_with(&SYNC)
+        {
+            let n = tx.capture.len() - SYNC.len();
+            tx.capture.truncate(n);
         }
     }
 
@@ -691,8 +716,7 @@ impl Session {
             && !failed_unit
         {
             // It ran: log it in a small transaction of its own.
-            let mut settings = self.write.startup_settings.clone();
-            settings.extend(self.settings.iter().cloned());
+            let settings = self.entry_settings();
             self.write.tx = Some(WriteTx {
                 implicit: true,
                 capture: BytesMut::from(&q.raw[..]),
