@@ -388,6 +388,13 @@ impl Config {
             if !users.insert(u.name.as_str()) {
                 return Err((key, format!("user `{}` is listed twice", u.name)));
             }
+            // A stored verifier is parsed at start; check it here too, so
+            // that `reprise check` reports a bad one.
+            if u.password.starts_with("SCRAM-SHA-256$")
+                && let Err(e) = crate::wire::scram::ScramSecret::parse(&u.password)
+            {
+                return Err((format!("auth.user[{i}].password"), e.to_string()));
+            }
         }
         if self.auth.method == AuthMethod::ScramSha256 && self.auth.users.is_empty() {
             return Err((
@@ -617,5 +624,17 @@ weight = 0
     fn a_group_is_required() {
         let e = err("listen = \"127.0.0.1:0\"");
         assert_eq!(e.key, "group");
+    }
+
+    #[test]
+    fn a_bad_stored_verifier_is_named() {
+        // `reprise check` accepted it; only `serve` refused it at start.
+        let e = err(
+            "[auth]\nmethod = \"scram-sha-256\"\n[[auth.user]]\nname = \"app\"\n\
+             password = \"SCRAM-SHA-256$4096:!!$x:y\"\n\
+             [[group]]\nname = \"app\"\n[[group.node]]\nname = \"n1\"\n",
+        );
+        assert_eq!(e.key, "auth.user[0].password");
+        assert!(e.reason.contains("invalid SCRAM verifier"), "{e}");
     }
 }

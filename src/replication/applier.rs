@@ -478,7 +478,12 @@ pub fn count_units(messages: &[u8]) -> usize {
     let mut n = 0;
     let mut rest = messages;
     while rest.len() >= 5 {
-        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
+        // A length below 4 is malformed: stop there (a negative one made
+        // `len + 1` overflow: a panic, or an endless loop in release).
+        let Some(len) = usize::try_from(len).ok().filter(|&l| l >= 4) else {
+            break;
+        };
         if matches!(rest[0], b'Q' | b'S') {
             n += 1;
         }
@@ -551,5 +556,18 @@ mod tests {
         assert_eq!(count_units(&b), 2);
         assert_eq!(count_units(&[]), 0);
         assert_eq!(count_units(&[b'Q', 0, 0]), 0);
+    }
+
+    #[test]
+    fn count_units_stops_at_malformed_lengths() {
+        // Found by the log_entry fuzz target: a negative length overflowed
+        // (a panic in debug builds, an endless loop in release).
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&messages::query("select 1"));
+        b.extend_from_slice(&[b'Q', 0xff, 0xff, 0xff, 0xff, b'x', b'x']);
+        assert_eq!(count_units(&b), 1);
+        assert_eq!(count_units(&[b'S', 0x80, 0, 0, 0]), 0);
+        assert_eq!(count_units(&[b'S', 0, 0, 0, 3, b'S', 0, 0, 0, 4]), 0);
+        assert_eq!(count_units(&[b'S', 0, 0, 0, 4, b'S', 0, 0, 0, 4]), 2);
     }
 }

@@ -1,0 +1,7 @@
+//! Fuzz target `sql`: see `checks::sql` (fuzz/checks.rs) for what it checks.
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::guarded(checks::sql, data));
