@@ -470,16 +470,7 @@ async fn sigkill_of_a_proxy_process_loses_nothing_beside_another_proxy() {
     assert_identical(&g).await;
     assert_present_once(&g, &acked).await;
     for i in 0..3 {
-        let d = g.direct(i).await;
-        let dup: i64 = d
-            .query_one(
-                "SELECT count(*) FROM (SELECT body FROM notes GROUP BY body HAVING count(*) > 1) x",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(dup, 0, "a transaction applied twice on n{}", i + 1);
+        assert_no_duplicate_notes(&g, i).await;
     }
     let _ = child.kill();
     let _ = child.wait();
