@@ -806,12 +806,13 @@ async fn connection_storms_leak_nothing() {
         let proxy = &g.proxy;
         let gr = &g;
         let idle_gauge = client_gauge(proxy).await;
-        let idle_backends = all_backends(gr).await;
         // A short storm first, so caches, pools and the allocator are warm.
         let errors = storm(&g.proxy, 8, 20).await;
         assert!(errors.is_empty(), "warm-up: {errors:?}");
+        // (The node backends are compared with the count after the warm-up:
+        // before it, the appliers' own connections may still be opening.)
         let settled = wait_until(Duration::from_secs(30), || async {
-            client_gauge(proxy).await == idle_gauge && all_backends(gr).await <= idle_backends
+            client_gauge(proxy).await == idle_gauge
         })
         .await;
         assert!(settled.is_some(), "the warm-up storm left sessions behind");
