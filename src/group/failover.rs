@@ -212,9 +212,25 @@ pub enum Rejoin {
     Seed,
 }
 
-/// A node is reachable again (or at start): fence it first (subscriber,
-/// current term), then compare its log with the primary's.
+/// A node is reachable again (or at start, or freshly seeded): fences it,
+/// compares its log with the primary's and sets the state that follows
+/// (`Seed` is left to the caller). Not while a failover or switchover is
+/// choosing the primary.
 pub async fn rejoin(group: &Group, index: usize) -> Result<Rejoin, String> {
+    let change = group.topology.lock().await;
+    let outcome = compare(group, index).await;
+    drop(change);
+    if let Ok(Rejoin::State(s)) = outcome
+        && s != NodeState::Divergent
+    {
+        group.nodes[index].set_state(s);
+    }
+    outcome
+}
+
+/// Fences node `index` (subscriber, current term), then compares its log
+/// with the primary's; marks it divergent if it differs.
+async fn compare(group: &Group, index: usize) -> Result<Rejoin, String> {
     let node = &group.nodes[index];
     let p = group.primary();
     // A node that was never part of the group gets the schema first.
@@ -285,25 +301,11 @@ pub async fn rejoin(group: &Group, index: usize) -> Result<Rejoin, String> {
 /// Runs a rejoin and applies its outcome; seeding runs in the background.
 pub async fn rejoin_and_apply(group: &Arc<Group>, index: usize, policy: &Policy) -> bool {
     let node = &group.nodes[index];
-    // Not while a failover or switchover is choosing the primary.
-    let change = group.topology.lock().await;
-    let outcome = rejoin(group, index).await;
-    drop(change);
-    match outcome {
-        Ok(Rejoin::State(NodeState::Divergent)) => true,
-        Ok(Rejoin::State(s)) => {
-            node.set_state(s);
-            true
-        }
+    match rejoin(group, index).await {
+        Ok(Rejoin::State(_)) => true,
         Ok(Rejoin::Seed) => {
             tracing::info!(group = %group.name, node = %node.name, "an empty node joins: seeding it");
-            node.set_state(NodeState::Seeding);
-            let (group, policy) = (group.clone(), policy.clone());
-            tokio::spawn(async move {
-                if let Err(e) = reseed(&group, index, &policy).await {
-                    tracing::error!(group = %group.name, error = %e, "seeding failed");
-                }
-            });
+            spawn_reseed(group, index, policy);
             true
         }
         Err(e) => {
@@ -311,6 +313,17 @@ pub async fn rejoin_and_apply(group: &Arc<Group>, index: usize, policy: &Policy)
             false
         }
     }
+}
+
+/// Re-seeds node `index` in the background (it is `seeding` from now on).
+fn spawn_reseed(group: &Arc<Group>, index: usize, policy: &Policy) {
+    group.nodes[index].set_state(NodeState::Seeding);
+    let (group, policy) = (group.clone(), policy.clone());
+    tokio::spawn(async move {
+        if let Err(e) = reseed(&group, index, &policy).await {
+            tracing::error!(group = %group.name, error = %e, "seeding failed");
+        }
+    });
 }
 
 /// Watches the primary and fails over when it is down; re-seeds divergent
@@ -335,13 +348,7 @@ pub async fn supervise(group: Arc<Group>, policy: Policy, mut shutdown: watch::R
         if policy.auto_reseed {
             for (i, n) in group.nodes.iter().enumerate() {
                 if n.state() == NodeState::Divergent && i != group.primary() {
-                    n.set_state(NodeState::Seeding);
-                    let (group, policy) = (group.clone(), policy.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = reseed(&group, i, &policy).await {
-                            tracing::error!(group = %group.name, error = %e, "automatic re-seed failed");
-                        }
-                    });
+                    spawn_reseed(&group, i, &policy);
                 }
             }
         }
@@ -586,17 +593,8 @@ pub async fn reseed(group: &Group, index: usize, policy: &Policy) -> Result<seed
         Ok(seeded) => {
             metrics::counter!("reprise_seeds_total", "group" => group.name.clone()).increment(1);
             tracing::info!(group = %group.name, node = %node.name, seq = seeded.seq, bytes = seeded.bytes, took_ms = seeded.duration.as_millis() as u64, "seeded");
-            let change = group.topology.lock().await;
-            let outcome = rejoin(group, index).await;
-            drop(change);
-            match outcome {
-                Ok(Rejoin::State(NodeState::Divergent)) => {}
-                Ok(Rejoin::State(s)) => {
-                    node.set_state(s);
-                }
-                Ok(Rejoin::Seed) | Err(_) => {
-                    node.set_state(NodeState::CatchingUp);
-                }
+            if !matches!(rejoin(group, index).await, Ok(Rejoin::State(_))) {
+                node.set_state(NodeState::CatchingUp);
             }
             Ok(seeded)
         }

@@ -310,6 +310,16 @@ impl Group {
         self.events.subscribe()
     }
 
+    /// Returns once `done` holds, looking again at every change (never, if
+    /// the group is gone).
+    pub async fn until(&self, events: &mut watch::Receiver<u64>, done: impl Fn(&Group) -> bool) {
+        while !done(self) {
+            if events.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Something changed that sessions and appliers must look at.
     pub fn bump(&self) {
         self.events.send_modify(|v| *v += 1);
@@ -391,11 +401,6 @@ impl Group {
     /// Sessions with work in flight on the primary.
     pub fn inside(&self) -> usize {
         self.inside.load(Ordering::SeqCst)
-    }
-
-    /// Whether writes can go to the primary now.
-    pub fn primary_ready(&self) -> bool {
-        self.nodes[self.primary()].is_up() && !self.writes_paused()
     }
 
     /// The table catalog, if it is current.

@@ -73,12 +73,12 @@ fn has_server_tools(dir: &Path) -> bool {
 }
 
 /// Whether `path` is an executable file (following symlinks).
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The directories on `PATH`.
-fn path_dirs() -> impl Iterator<Item = PathBuf> {
+pub(crate) fn path_dirs() -> impl Iterator<Item = PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).collect::<Vec<_>>().into_iter()
 }

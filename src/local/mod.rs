@@ -32,6 +32,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use bin::{BINDIR_ENV, PgBin};
+pub(crate) use bin::{is_executable, path_dirs};
 pub use cluster::{LocalCluster, pgbench_init};
 pub use node::{LocalNode, StopMode};
 

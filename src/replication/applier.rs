@@ -151,7 +151,7 @@ async fn apply_loop(
         let after: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&applied];
         let rows = tokio::select! {
             r = source.query(&fetch, &after) => r.map_err(|e| transient(&e))?,
-            _ = until_moved(group, &mut events, run_term) => {
+            _ = group.until(&mut events, |g| g.term() != run_term) => {
                 return Err(Stop::Transient("the group has a new primary".into()));
             }
         };
@@ -243,15 +243,6 @@ async fn hold<'a>(
         )));
     }
     Ok(guard)
-}
-
-/// Returns once the group's term differs from `term`.
-async fn until_moved(group: &Group, events: &mut watch::Receiver<u64>, term: u64) {
-    while group.term() == term {
-        if events.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 /// A log row as read from the primary.

@@ -47,7 +47,7 @@ use tokio_postgres::{Client, NoTls};
 use super::{SCHEMA_SQL, SeqState, sequences_column};
 use crate::backend::Target;
 use crate::group::health::connect_config;
-use crate::local::PgBin;
+use crate::local::{PgBin, is_executable, path_dirs};
 
 /// What a finished seed reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,8 +211,7 @@ pub fn bin_dir(configured: Option<&str>) -> Result<PathBuf, String> {
     {
         return Ok(bin.dir().to_path_buf());
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    path_dirs()
         .find(|d| missing_tool(d).is_none())
         .ok_or_else(|| {
             format!(
@@ -228,11 +227,6 @@ fn missing_tool(dir: &Path) -> Option<&'static str> {
     ["pg_dump", "psql"]
         .into_iter()
         .find(|name| !is_executable(&dir.join(name)))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The path of `name` in `bin_dir`, checked before anything is touched.

@@ -610,13 +610,9 @@ impl Session {
         let timeout = Duration::from_millis(self.shared.config().health.connect_timeout_ms);
         // A node found down meanwhile (e.g. paused) ends the attempt.
         let mut events = self.group.events();
-        let down = async {
-            while node.state() != NodeState::Down {
-                if events.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
+        let down = self
+            .group
+            .until(&mut events, |_| node.state() == NodeState::Down);
         let attempt = tokio::select! {
             r = BackendConn::connect(&node.target, &self.params, timeout) => r,
             _ = down => {
