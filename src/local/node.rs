@@ -273,6 +273,7 @@ impl LocalNode {
         if !self.is_running() {
             return Ok(());
         }
+        let pm = self.running_pid();
         let log = self.log_file();
         let mut cmd = os::server_command(&self.bin.dir().join("pg_ctl"))?;
         cmd.args([
@@ -286,6 +287,11 @@ impl LocalNode {
         ])
         .arg(&self.data_dir);
         os::run(&mut cmd, || os::log_tail(&log, 0))?;
+        // pg_ctl returns once the pid file is gone, which the postmaster
+        // removes a moment before it exits.
+        if let Some(pm) = pm {
+            os::wait_dead(&[pm], Duration::from_secs(10));
+        }
         tracing::info!(node = %self.name, mode = mode.as_str(), "stopped local PostgreSQL");
         Ok(())
     }
