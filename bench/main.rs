@@ -413,7 +413,7 @@ fn write(
                     let mut seqs = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
                     let mut ms = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        for i in 1..group.nodes.len() {
+                        for i in 1..group.slots() {
                             let (s, m) = group.lag(i);
                             let _ = seqs.record(s);
                             let _ = ms.record(m);
@@ -427,7 +427,7 @@ fn write(
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let (seqs, ms) = sampler.join().expect("sampler");
             let start = std::time::Instant::now();
-            while (1..group.nodes.len()).any(|i| group.lag(i).0 > 0)
+            while (1..group.slots()).any(|i| group.lag(i).0 > 0)
                 && start.elapsed() < Duration::from_secs(120)
             {
                 std::thread::sleep(Duration::from_millis(50));

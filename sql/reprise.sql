@@ -101,4 +101,53 @@ RETURNS text LANGUAGE sql STABLE AS $fn$
     WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'reprise')
 $fn$;
 
+-- VERIFY: per-table row counts and checksums, computed by every node
+-- when it reaches the same log entry (the entry calls
+-- reprise.checksum_tables), so the copies are compared at one position.
+CREATE TABLE IF NOT EXISTS reprise.checksum (
+    verify_id bigint NOT NULL,
+    tbl text NOT NULL,
+    row_count bigint NOT NULL,
+    checksum text NOT NULL,
+    computed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (verify_id, tbl)
+);
+
+-- The checksum of a table is the sum of the first 60 bits of each row's
+-- md5 (of its text form under fixed output settings): independent of row
+-- order and physical layout, sensitive to any changed value.
+CREATE OR REPLACE FUNCTION reprise.checksum_tables(p_verify bigint)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    r record;
+    v_rows bigint;
+    v_sum text;
+    v_tables bigint := 0;
+BEGIN
+    PERFORM set_config('TimeZone', 'UTC', true);
+    PERFORM set_config('DateStyle', 'ISO, YMD', true);
+    PERFORM set_config('IntervalStyle', 'postgres', true);
+    PERFORM set_config('extra_float_digits', '1', true);
+    PERFORM set_config('bytea_output', 'hex', true);
+    DELETE FROM reprise.checksum WHERE computed_at < clock_timestamp() - interval '1 day';
+    FOR r IN
+        SELECT n.nspname, c.relname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'reprise')
+          AND n.nspname NOT LIKE 'pg\_%'
+        ORDER BY 1, 2
+    LOOP
+        EXECUTE format(
+            'SELECT count(*), coalesce(sum((''x'' || substr(md5(t::text), 1, 15))::bit(60)::bigint::numeric), 0)::text FROM ONLY %I.%I t',
+            r.nspname, r.relname)
+        INTO v_rows, v_sum;
+        INSERT INTO reprise.checksum (verify_id, tbl, row_count, checksum)
+        VALUES (p_verify, format('%I.%I', r.nspname, r.relname), v_rows, v_sum);
+        v_tables := v_tables + 1;
+    END LOOP;
+    RETURN v_tables;
+END
+$fn$;
+
 INSERT INTO reprise.node (schema_version) VALUES (1) ON CONFLICT DO NOTHING;

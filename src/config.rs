@@ -38,6 +38,14 @@ pub struct Config {
     pub replication: ReplicationConfig,
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupConfig>,
+    /// A session idle inside a transaction longer than this is ended
+    /// (SQLSTATE 25P03), releasing its locks (0: never).
+    #[serde(default)]
+    pub idle_in_transaction_timeout_ms: u64,
+    /// The file the config was read from: RELOAD re-reads it, and
+    /// membership changes made at run time are written back to it.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -197,6 +205,9 @@ pub struct ReplicationConfig {
     /// the local tools: $REPRISE_PG_BINDIR, PATH, `pg_config --bindir`).
     #[serde(default)]
     pub pg_bin_dir: Option<String>,
+    /// Run VERIFY on every group this often (seconds; 0: only on demand).
+    #[serde(default)]
+    pub verify_interval_s: u64,
 }
 
 fn default_max_lag_entries() -> u64 {
@@ -216,6 +227,7 @@ impl Default for ReplicationConfig {
             max_lag_entries: default_max_lag_entries(),
             auto_reseed: false,
             pg_bin_dir: None,
+            verify_interval_s: 0,
         }
     }
 }
@@ -242,6 +254,10 @@ pub struct GroupConfig {
     pub name: String,
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeConfig>,
+    /// How many clients may be connected to this group at once (0: only
+    /// the global `max_client_connections` applies).
+    #[serde(default)]
+    pub max_client_connections: usize,
 }
 
 /// One PostgreSQL database holding a full copy of the group.
@@ -267,6 +283,10 @@ pub struct NodeConfig {
     /// wins), and picks the first primary of a new group.
     #[serde(default)]
     pub priority: i32,
+    /// How many backend connections the proxy opens to this node for
+    /// client sessions (0: no limit besides the node's own).
+    #[serde(default)]
+    pub max_connections: usize,
 }
 
 fn default_host() -> String {
@@ -318,7 +338,9 @@ impl Config {
             key: String::new(),
             reason: format!("cannot read the file: {e}"),
         })?;
-        Config::parse(&text, &file)
+        let mut config = Config::parse(&text, &file)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates config text; `file` names it in errors.

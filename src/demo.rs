@@ -47,15 +47,16 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> anyho
         LocalCluster::create(&dir2, nodes, "app", &[("fsync", "off")], |_| Ok(()))
     })
     .await??;
-    let config = cluster.config(
+    let mut config = cluster.config(
         "app",
         &format!("127.0.0.1:{}", opts.port),
         &format!("127.0.0.1:{}", opts.http_port),
     );
-    let _ = std::fs::write(
-        dir.join("reprise.toml"),
-        toml::to_string_pretty(&config).unwrap_or_default(),
-    );
+    // RELOAD re-reads this file; ADD/REMOVE/MOVE NODE write to it.
+    let file = dir.join("reprise.toml");
+    if std::fs::write(&file, toml::to_string_pretty(&config).unwrap_or_default()).is_ok() {
+        config.source = Some(file);
+    }
     let server = crate::Server::bind(config.clone()).await?;
     let addr = server.client_addr();
     println!("{}", layout(&config));

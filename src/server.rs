@@ -18,45 +18,101 @@ use crate::session::cancel::CancelRegistry;
 use crate::wire::messages::PgError;
 use crate::wire::scram::ScramSecret;
 
-/// State every session and monitor shares.
+/// State every session and monitor shares. The config, the groups and
+/// the users change at run time (RELOAD, ADD/REMOVE/MOVE NODE).
 pub struct Shared {
-    config: Arc<Config>,
-    groups: HashMap<String, Arc<Group>>,
-    group_order: Vec<String>,
-    users: HashMap<String, ScramSecret>,
+    config: std::sync::RwLock<Arc<Config>>,
+    /// Groups in config order.
+    groups: std::sync::RwLock<Vec<Arc<Group>>>,
+    users: std::sync::RwLock<Arc<HashMap<String, ScramSecret>>>,
     pub cancel: Arc<CancelRegistry>,
     pub metrics: Metrics,
     shutdown: watch::Receiver<bool>,
+    /// Stops monitors, appliers and supervisors (after the sessions).
+    stop: watch::Receiver<bool>,
+    /// Serialises RELOAD and membership changes.
+    pub changes: tokio::sync::Mutex<()>,
+    /// Permits for client connections (`max_client_connections`).
+    pub client_permits: Arc<Semaphore>,
+    client_limit: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
+    /// The current config.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config").clone()
     }
 
     pub fn auth_method(&self) -> AuthMethod {
-        self.config.auth.method
+        self.config().auth.method
     }
 
     /// The SCRAM secret of a configured user.
     pub fn user_secret(&self, user: &str) -> Option<ScramSecret> {
-        self.users.get(user).cloned()
+        self.users.read().expect("users").get(user).cloned()
     }
 
     pub fn group(&self, name: &str) -> Option<Arc<Group>> {
-        self.groups.get(name).cloned()
+        self.groups
+            .read()
+            .expect("groups")
+            .iter()
+            .find(|g| g.name == name)
+            .cloned()
     }
 
     /// Groups in config order.
     pub fn groups(&self) -> Vec<Arc<Group>> {
-        self.group_order
-            .iter()
-            .filter_map(|n| self.groups.get(n).cloned())
-            .collect()
+        self.groups.read().expect("groups").clone()
     }
 
     pub fn group_names(&self) -> Vec<String> {
-        self.group_order.clone()
+        self.groups().iter().map(|g| g.name.clone()).collect()
+    }
+
+    /// The background tasks' stop signal.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.clone()
+    }
+
+    /// Installs a new config (already applied to the groups).
+    pub fn set_config(&self, config: Arc<Config>) -> anyhow::Result<()> {
+        let users = Arc::new(user_secrets(&config)?);
+        *self.users.write().expect("users") = users;
+        let old = self.client_limit.swap(
+            config.max_client_connections,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        let new = config.max_client_connections;
+        if new > old {
+            self.client_permits.add_permits(new - old);
+        } else if new < old {
+            self.client_permits.forget_permits(old - new);
+        }
+        *self.config.write().expect("config") = config;
+        Ok(())
+    }
+
+    /// Adds a started group.
+    pub fn insert_group(&self, group: Arc<Group>) {
+        self.groups.write().expect("groups").push(group);
+    }
+
+    /// Takes a group out (RELOAD): new clients cannot pick it.
+    pub fn remove_group(&self, name: &str) -> Option<Arc<Group>> {
+        let mut groups = self.groups.write().expect("groups");
+        let i = groups.iter().position(|g| g.name == name)?;
+        Some(groups.remove(i))
+    }
+
+    /// Reorders the groups as the config lists them.
+    pub fn order_groups(&self, names: &[String]) {
+        self.groups.write().expect("groups").sort_by_key(|g| {
+            names
+                .iter()
+                .position(|n| *n == g.name)
+                .unwrap_or(usize::MAX)
+        });
     }
 
     /// Turns true when the server begins to shut down.
@@ -92,63 +148,22 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         // Before any metric handle is created, or those handles go nowhere.
         let metrics = Metrics::install();
-        let mut groups = HashMap::new();
-        let mut group_order = Vec::new();
+        let mut groups = Vec::new();
         for g in &config.groups {
-            let group = Arc::new(Group::new(
-                g,
-                config.routing.read_scaling,
-                config.routing.max_lag_ms,
-            ));
-            let policy = Policy::from_config(&config);
-            health::initial_probe(&group, &config.health, &policy).await;
-            tokio::spawn(failover::supervise(
-                group.clone(),
-                policy.clone(),
-                stop_rx.clone(),
-            ));
-            for i in 0..group.nodes.len() {
-                tokio::spawn(health::monitor(
-                    group.clone(),
-                    i,
-                    config.health.clone(),
-                    policy.clone(),
-                    stop_rx.clone(),
-                ));
-                if config.replication.enabled {
-                    tokio::spawn(crate::replication::applier::run(
-                        group.clone(),
-                        i,
-                        stop_rx.clone(),
-                    ));
-                }
-            }
-            group_order.push(g.name.clone());
-            groups.insert(g.name.clone(), group);
+            groups.push(start_group(&config, g, &stop_rx).await);
         }
-        let users = config
-            .auth
-            .users
-            .iter()
-            .map(|u| {
-                let secret = if u.password.starts_with("SCRAM-SHA-256$") {
-                    ScramSecret::parse(&u.password).map_err(|e| {
-                        anyhow::anyhow!("key `auth.user.password` of user `{}`: {e}", u.name)
-                    })?
-                } else {
-                    ScramSecret::from_password(&u.password)
-                };
-                Ok((u.name.clone(), secret))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let users = user_secrets(&config)?;
         let shared = Arc::new(Shared {
-            config,
-            groups,
-            group_order,
-            users,
+            client_permits: Arc::new(Semaphore::new(config.max_client_connections)),
+            client_limit: std::sync::atomic::AtomicUsize::new(config.max_client_connections),
+            config: std::sync::RwLock::new(config),
+            groups: std::sync::RwLock::new(groups),
+            users: std::sync::RwLock::new(Arc::new(users)),
             cancel: Arc::new(CancelRegistry::default()),
             metrics,
             shutdown: shutdown_rx,
+            stop: stop_rx,
+            changes: tokio::sync::Mutex::new(()),
         });
         Ok(Server {
             shared,
@@ -190,11 +205,21 @@ impl Server {
             http,
             shared.clone(),
         )));
-        let limit = Arc::new(Semaphore::new(shared.config.max_client_connections));
         let mut sessions = JoinSet::new();
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| anyhow::anyhow!("cannot handle SIGHUP: {e}"))?;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
+                _ = hangup.recv() => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        match crate::admin::reload::reload(&shared).await {
+                            Ok(done) => tracing::info!(changes = %done.join("; "), "SIGHUP: config reloaded"),
+                            Err(e) => tracing::error!(error = %e.message, "SIGHUP: the new config was refused; the old one keeps running"),
+                        }
+                    });
+                }
                 accepted = listener.accept() => {
                     let (stream, _) = match accepted {
                         Ok(s) => s,
@@ -205,7 +230,7 @@ impl Server {
                         }
                     };
                     let shared = shared.clone();
-                    match limit.clone().try_acquire_owned() {
+                    match shared.client_permits.clone().try_acquire_owned() {
                         Ok(permit) => {
                             sessions.spawn(async move {
                                 crate::session::serve(stream, shared).await;
@@ -213,7 +238,7 @@ impl Server {
                             });
                         }
                         Err(_) => {
-                            sessions.spawn(too_many(stream, shared.config.max_client_connections));
+                            sessions.spawn(too_many(stream, shared.config().max_client_connections));
                         }
                     }
                 }
@@ -224,7 +249,7 @@ impl Server {
         tracing::info!("shutting down: no new connections; waiting for running transactions");
         drop(listener);
         let _ = shutdown_tx.send(true);
-        let grace = Duration::from_millis(shared.config.shutdown_timeout_ms);
+        let grace = Duration::from_millis(shared.config().shutdown_timeout_ms);
         let drained = tokio::time::timeout(grace, async {
             while sessions.join_next().await.is_some() {}
         })
@@ -238,6 +263,79 @@ impl Server {
         drop(http_task);
         Ok(())
     }
+}
+
+/// Creates a group, probes its nodes once and starts its supervisor, and
+/// its nodes' monitors and appliers.
+pub async fn start_group(
+    config: &Config,
+    g: &crate::config::GroupConfig,
+    stop: &watch::Receiver<bool>,
+) -> Arc<Group> {
+    let group = Arc::new(Group::new(
+        g,
+        config.routing.read_scaling,
+        config.routing.max_lag_ms,
+    ));
+    let policy = Policy::from_config(config);
+    health::initial_probe(&group, &config.health, &policy).await;
+    let group_stop = group.stop_signal(stop.clone());
+    tokio::spawn(failover::supervise(
+        group.clone(),
+        policy.clone(),
+        group_stop.clone(),
+    ));
+    if config.replication.verify_interval_s > 0 {
+        tokio::spawn(crate::replication::verify::schedule(
+            group.clone(),
+            Duration::from_secs(config.replication.verify_interval_s),
+            group_stop.clone(),
+        ));
+    }
+    for i in 0..group.slots() {
+        start_node(config, &group, i, &group_stop);
+    }
+    group
+}
+
+/// Starts the monitor and the applier of node `i`; they stop when the node
+/// is removed or the group stops.
+pub fn start_node(config: &Config, group: &Arc<Group>, i: usize, stop: &watch::Receiver<bool>) {
+    let policy = Policy::from_config(config);
+    let node_stop = group.node(i).stop_signal(stop.clone());
+    tokio::spawn(health::monitor(
+        group.clone(),
+        i,
+        config.health.clone(),
+        policy,
+        node_stop.clone(),
+    ));
+    if config.replication.enabled {
+        tokio::spawn(crate::replication::applier::run(
+            group.clone(),
+            i,
+            node_stop,
+        ));
+    }
+}
+
+/// The SCRAM secrets of the configured users.
+fn user_secrets(config: &Config) -> anyhow::Result<HashMap<String, ScramSecret>> {
+    config
+        .auth
+        .users
+        .iter()
+        .map(|u| {
+            let secret = if u.password.starts_with("SCRAM-SHA-256$") {
+                ScramSecret::parse(&u.password).map_err(|e| {
+                    anyhow::anyhow!("key `auth.user.password` of user `{}`: {e}", u.name)
+                })?
+            } else {
+                ScramSecret::from_password(&u.password)
+            };
+            Ok((u.name.clone(), secret))
+        })
+        .collect()
 }
 
 /// A task aborted when its handle is dropped.

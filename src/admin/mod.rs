@@ -3,7 +3,9 @@
 
 pub mod console;
 pub mod http;
+pub mod membership;
 pub mod metrics;
+pub mod reload;
 
 /// The database name that opens the admin console.
 pub const ADMIN_DATABASE: &str = "reprise";

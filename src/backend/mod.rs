@@ -101,6 +101,8 @@ pub struct BackendConn {
     pub prepared: HashMap<String, u64>,
     /// How many of the session's SET statements were replayed here.
     pub settings_applied: usize,
+    /// Counts against the node's `max_connections` while open.
+    pub seat: Option<crate::group::Seat>,
 }
 
 /// Largest message accepted from a node (PostgreSQL's own limit is 1 GB).
@@ -213,6 +215,7 @@ impl BackendConn {
             tracker: Tracker::default(),
             prepared: HashMap::new(),
             settings_applied: 0,
+            seat: None,
         })
     }
 

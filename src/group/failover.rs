@@ -185,12 +185,12 @@ pub async fn choose_primary(group: &Group, positions: &[Option<Position>]) {
                 .iter()
                 .enumerate()
                 .filter(|(_, p)| p.is_some())
-                .max_by_key(|(i, _)| (group.nodes[*i].config.priority, std::cmp::Reverse(*i)))
+                .max_by_key(|(i, _)| (group.node(*i).priority(), std::cmp::Reverse(*i)))
                 .map(|(i, _)| i);
             let Some(i) = best else {
                 return;
             };
-            let node = &group.nodes[i];
+            let node = &group.node(i);
             if let Err(e) = record(node, term, "primary", &node.name).await {
                 tracing::error!(group = %group.name, node = %node.name, error = %e, "could not record the first primary");
             }
@@ -200,7 +200,7 @@ pub async fn choose_primary(group: &Group, positions: &[Option<Position>]) {
             }
         }
     }
-    tracing::info!(group = %group.name, primary = %group.nodes[group.primary()].name, term, "primary chosen");
+    tracing::info!(group = %group.name, primary = %group.node(group.primary()).name, term, "primary chosen");
 }
 
 /// What a returning node needs.
@@ -223,7 +223,7 @@ pub async fn rejoin(group: &Group, index: usize) -> Result<Rejoin, String> {
     if let Ok(Rejoin::State(s)) = outcome
         && s != NodeState::Divergent
     {
-        group.nodes[index].set_state(s);
+        group.node(index).set_state(s);
     }
     outcome
 }
@@ -231,7 +231,7 @@ pub async fn rejoin(group: &Group, index: usize) -> Result<Rejoin, String> {
 /// Fences node `index` (subscriber, current term), then compares its log
 /// with the primary's; marks it divergent if it differs.
 async fn compare(group: &Group, index: usize) -> Result<Rejoin, String> {
-    let node = &group.nodes[index];
+    let node = &group.node(index);
     let p = group.primary();
     // A node that was never part of the group gets the schema first.
     super::health::install_schema(group, &node.control, node)
@@ -241,7 +241,7 @@ async fn compare(group: &Group, index: usize) -> Result<Rejoin, String> {
     if index == p {
         return Ok(Rejoin::State(NodeState::Up));
     }
-    let primary = &group.nodes[p];
+    let primary = &group.node(p);
     if pos.role != "subscriber"
         || pos.term != group.term()
         || pos.primary.as_deref() != Some(primary.name.as_str())
@@ -300,7 +300,7 @@ async fn compare(group: &Group, index: usize) -> Result<Rejoin, String> {
 
 /// Runs a rejoin and applies its outcome; seeding runs in the background.
 pub async fn rejoin_and_apply(group: &Arc<Group>, index: usize, policy: &Policy) -> bool {
-    let node = &group.nodes[index];
+    let node = &group.node(index);
     match rejoin(group, index).await {
         Ok(Rejoin::State(_)) => true,
         Ok(Rejoin::Seed) => {
@@ -317,7 +317,7 @@ pub async fn rejoin_and_apply(group: &Arc<Group>, index: usize, policy: &Policy)
 
 /// Re-seeds node `index` in the background (it is `seeding` from now on).
 fn spawn_reseed(group: &Arc<Group>, index: usize, policy: &Policy) {
-    group.nodes[index].set_state(NodeState::Seeding);
+    group.node(index).set_state(NodeState::Seeding);
     let (group, policy) = (group.clone(), policy.clone());
     tokio::spawn(async move {
         if let Err(e) = reseed(&group, index, &policy).await {
@@ -332,9 +332,9 @@ pub async fn supervise(group: Arc<Group>, policy: Policy, mut shutdown: watch::R
     let mut events = group.events();
     let mut last_refusal = String::new();
     loop {
-        if group.nodes[group.primary()].state() == NodeState::Down {
+        if group.node(group.primary()).state() == NodeState::Down {
             let _change = group.topology.lock().await;
-            if group.nodes[group.primary()].state() == NodeState::Down {
+            if group.node(group.primary()).state() == NodeState::Down {
                 match failover(&group, &policy).await {
                     Ok(()) => last_refusal.clear(),
                     Err(e) if e != last_refusal => {
@@ -346,7 +346,7 @@ pub async fn supervise(group: Arc<Group>, policy: Policy, mut shutdown: watch::R
             }
         }
         if policy.auto_reseed {
-            for (i, n) in group.nodes.iter().enumerate() {
+            for (i, n) in group.nodes().iter().enumerate() {
                 if n.state() == NodeState::Divergent && i != group.primary() {
                     spawn_reseed(&group, i, &policy);
                 }
@@ -365,31 +365,28 @@ pub async fn supervise(group: Arc<Group>, policy: Policy, mut shutdown: watch::R
 pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
     let old = group.primary();
     let started = Instant::now();
-    let live: Vec<usize> = (0..group.nodes.len())
+    let live: Vec<usize> = (0..group.slots())
         .filter(|&i| {
-            i != old
-                && matches!(
-                    group.nodes[i].state(),
-                    NodeState::Up | NodeState::CatchingUp
-                )
+            i != old && matches!(group.node(i).state(), NodeState::Up | NodeState::CatchingUp)
         })
         .collect();
     if live.is_empty() {
         return Err(format!(
             "the primary {} is down and no subscriber is up to replace it",
-            group.nodes[old].name
+            group.node(old).name
         ));
     }
     // Stop the candidates' appliers, so their positions hold still.
+    let nodes = group.nodes();
     let mut held = Vec::new();
     for &i in &live {
-        if let Ok(g) = timeout(QUERY_LIMIT, group.nodes[i].apply_lock.lock()).await {
+        if let Ok(g) = timeout(QUERY_LIMIT, nodes[i].apply_lock.lock()).await {
             held.push((i, g));
         }
     }
     let mut positions = Vec::new();
     for (i, _) in &held {
-        if let Ok(pos) = position(&group.nodes[*i]).await {
+        if let Ok(pos) = position(&group.node(*i)).await {
             positions.push((*i, pos));
         }
     }
@@ -400,20 +397,15 @@ pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
         .find(|(_, p)| p.role == "primary" && p.term > group.term())
     {
         group.promote(*i, p.term, p.seq);
-        tracing::warn!(group = %group.name, to = %group.nodes[*i].name, term = p.term, "failover: following a primary another proxy promoted");
+        tracing::warn!(group = %group.name, to = %group.node(*i).name, term = p.term, "failover: following a primary another proxy promoted");
         return Ok(());
     }
     let max_term = positions
         .iter()
         .map(|(_, p)| p.term)
         .fold(group.term(), u64::max);
-    let rank = |(i, p): &(usize, Position)| {
-        (
-            p.seq,
-            group.nodes[*i].config.priority,
-            std::cmp::Reverse(*i),
-        )
-    };
+    let rank =
+        |(i, p): &(usize, Position)| (p.seq, group.node(*i).priority(), std::cmp::Reverse(*i));
     let (new, pos) = positions
         .into_iter()
         .max_by_key(rank)
@@ -422,15 +414,16 @@ pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
     if policy.sync_replicas > 0 && pos.seq < acked {
         return Err(format!(
             "refusing to promote {}: it has applied up to seq {} but seq {acked} was acknowledged to a client",
-            group.nodes[new].name, pos.seq
+            group.node(new).name,
+            pos.seq
         ));
     }
     let term = max_term + 1;
-    let name = group.nodes[new].name.clone();
-    record(&group.nodes[new], term, "primary", &name).await?;
+    let name = group.node(new).name.clone();
+    record(&group.node(new), term, "primary", &name).await?;
     for (i, _) in &held {
         if *i != new
-            && let Err(e) = record(&group.nodes[*i], term, "subscriber", &name).await
+            && let Err(e) = record(&group.node(*i), term, "subscriber", &name).await
         {
             tracing::warn!(group = %group.name, error = %e, "could not record the new term");
         }
@@ -440,7 +433,7 @@ pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
     metrics::counter!("reprise_failovers_total", "group" => group.name.clone()).increment(1);
     tracing::warn!(
         group = %group.name,
-        from = %group.nodes[old].name,
+        from = %group.node(old).name,
         to = %name,
         term,
         seq = pos.seq,
@@ -465,7 +458,7 @@ pub struct Switched {
 pub async fn switchover(group: &Group, target: usize, policy: &Policy) -> Result<Switched, String> {
     let _change = group.topology.lock().await;
     let old = group.primary();
-    let (from, to) = (&group.nodes[old], &group.nodes[target]);
+    let (from, to) = (&group.node(old), &group.node(target));
     if target == old {
         return Err(format!("{} is already the primary", to.name));
     }
@@ -532,7 +525,7 @@ pub async fn switchover(group: &Group, target: usize, policy: &Policy) -> Result
         // Fence the old primary before the new one takes writes.
         record(from, term, "subscriber", &to.name).await?;
         record(to, term, "primary", &to.name).await?;
-        for (i, n) in group.nodes.iter().enumerate() {
+        for (i, n) in group.nodes().iter().enumerate() {
             if i != old && i != target && n.is_reachable() {
                 let _ = record(n, term, "subscriber", &to.name).await;
             }
@@ -557,7 +550,7 @@ pub async fn switchover(group: &Group, target: usize, policy: &Policy) -> Result
 /// Fills node `index` from a snapshot of a healthy node, then lets it
 /// catch up. The node is `seeding` meanwhile; on failure it is divergent.
 pub async fn reseed(group: &Group, index: usize, policy: &Policy) -> Result<seed::Seeded, String> {
-    let node = &group.nodes[index];
+    let node = &group.node(index);
     if index == group.primary() {
         return Err(format!(
             "{} is the primary; switch over before re-seeding it",
@@ -569,10 +562,10 @@ pub async fn reseed(group: &Group, index: usize, policy: &Policy) -> Result<seed
     let result = async {
         let _applier = node.apply_lock.lock().await;
         let p = group.primary();
-        let source = (0..group.nodes.len())
-            .find(|&i| i != index && i != p && group.nodes[i].is_up())
+        let source = (0..group.slots())
+            .find(|&i| i != index && i != p && group.node(i).is_up())
             .unwrap_or(p);
-        let src = &group.nodes[source];
+        let src = &group.node(source);
         if !src.is_up() {
             return Err(format!("no node is up to seed {} from", node.name));
         }

@@ -132,7 +132,7 @@ pub async fn monitor(
     policy: Policy,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let node = group.nodes[index].clone();
+    let node = group.node(index).clone();
     let conn = node.control.clone();
     let limit = Duration::from_millis(health.timeout_ms);
     let mut tick = interval(Duration::from_millis(health.interval_ms));
@@ -270,7 +270,7 @@ pub async fn install_schema(
 pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig, policy: &Policy) {
     let limit = Duration::from_millis(health.timeout_ms);
     let mut set = JoinSet::new();
-    for (i, node) in group.nodes.iter().enumerate() {
+    for (i, node) in group.nodes().iter().enumerate() {
         let (node, group) = (node.clone(), group.clone());
         set.spawn(async move {
             let ok = probe_once(&node.control, &node, limit).await;
@@ -297,7 +297,7 @@ pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig, policy: &P
             }
         });
     }
-    let mut positions = vec![None; group.nodes.len()];
+    let mut positions = vec![None; group.slots()];
     while let Some(done) = set.join_next().await {
         if let Ok((i, p)) = done {
             positions[i] = p;
@@ -318,15 +318,15 @@ pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig, policy: &P
         group.note_acked(furthest);
     }
     if positions[p].is_some() {
-        group.nodes[p].set_state(NodeState::Up);
-        load_catalog(group, &group.nodes[p].control, &group.nodes[p]).await;
-        load_rel_catalog(group, &group.nodes[p].control, &group.nodes[p]).await;
+        group.node(p).set_state(NodeState::Up);
+        load_catalog(group, &group.node(p).control, &group.node(p)).await;
+        load_rel_catalog(group, &group.node(p).control, &group.node(p)).await;
     } else {
-        group.nodes[p].set_state(NodeState::Down);
+        group.node(p).set_state(NodeState::Down);
     }
     for (i, pos) in positions.iter().enumerate() {
         if i != p && pos.is_some() && !failover::rejoin_and_apply(group, i, policy).await {
-            group.nodes[i].set_state(NodeState::Down);
+            group.node(i).set_state(NodeState::Down);
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum NodeState {
     Divergent = 3,
     /// Being filled from a snapshot of a healthy node.
     Seeding = 4,
+    /// Taken out of the group (REMOVE NODE): never routed to, probed or
+    /// applied to again; its index is never reused.
+    Removed = 5,
 }
 
 impl NodeState {
@@ -38,6 +41,7 @@ impl NodeState {
             2 => NodeState::CatchingUp,
             3 => NodeState::Divergent,
             4 => NodeState::Seeding,
+            5 => NodeState::Removed,
             _ => NodeState::Down,
         }
     }
@@ -49,6 +53,7 @@ impl NodeState {
             NodeState::CatchingUp => "catching_up",
             NodeState::Divergent => "divergent",
             NodeState::Seeding => "seeding",
+            NodeState::Removed => "removed",
         }
     }
 }
@@ -97,6 +102,15 @@ pub struct Node {
     pub control: health::ControlConn,
     /// A session saw the node refuse or reset a connection: probe now.
     pub suspect: tokio::sync::Notify,
+    /// Share of autocommit reads (changed at run time by RELOAD).
+    weight: std::sync::atomic::AtomicU32,
+    /// Failover tie-break (changed at run time by RELOAD).
+    priority: std::sync::atomic::AtomicI32,
+    /// Turns true when the node leaves the group: its monitor and applier
+    /// stop.
+    stop: watch::Sender<bool>,
+    /// Backend connections open to it for client sessions.
+    connections: Arc<AtomicUsize>,
 }
 
 impl Node {
@@ -126,7 +140,57 @@ impl Node {
             apply_lock: tokio::sync::Mutex::new(()),
             control: health::ControlConn::default(),
             suspect: tokio::sync::Notify::new(),
+            weight: std::sync::atomic::AtomicU32::new(config.weight),
+            priority: std::sync::atomic::AtomicI32::new(config.priority),
+            stop: watch::channel(false).0,
+            connections: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// A seat for one more backend connection, unless the node's
+    /// `max_connections` are all taken.
+    pub fn connection_seat(&self) -> Option<Seat> {
+        Seat::take(&self.connections, self.config.max_connections)
+    }
+
+    /// Backend connections open to the node for client sessions.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Share of autocommit reads; 0 means never.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Failover tie-break: higher wins.
+    pub fn priority(&self) -> i32 {
+        self.priority.load(Ordering::Relaxed)
+    }
+
+    /// Applies a changed weight and priority (RELOAD).
+    pub fn set_weights(&self, weight: u32, priority: i32) {
+        self.weight.store(weight, Ordering::Relaxed);
+        self.priority.store(priority, Ordering::Relaxed);
+    }
+
+    /// Turns true when the node is removed from its group or the server
+    /// stops (`server_stop` is the server's own stop signal).
+    pub fn stop_signal(&self, mut server_stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
+        let rx = self.stop.subscribe();
+        let tx = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = server_stop.wait_for(|s| *s) => { let _ = tx.send(true); }
+                _ = tx.closed() => {}
+            }
+        });
+        rx
+    }
+
+    /// Whether the node was removed from its group.
+    pub fn is_removed(&self) -> bool {
+        self.state() == NodeState::Removed
     }
 
     pub fn state(&self) -> NodeState {
@@ -167,7 +231,15 @@ impl Node {
     /// Records a new state; returns the previous one. A divergent node
     /// stays divergent until it is re-seeded (health probes do not clear it).
     pub fn set_state(&self, s: NodeState) -> NodeState {
-        let old = NodeState::from_u8(self.state.swap(s as u8, Ordering::Relaxed));
+        // Removal is final: a late probe or applier does not undo it.
+        let old = match self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                (v != NodeState::Removed as u8).then_some(s as u8)
+            }) {
+            Ok(v) => NodeState::from_u8(v),
+            Err(_) => return NodeState::Removed,
+        };
         self.up_gauge
             .set(if s == NodeState::Up { 1.0 } else { 0.0 });
         if old != s {
@@ -211,7 +283,21 @@ impl Node {
 /// A redundancy group.
 pub struct Group {
     pub name: String,
-    pub nodes: Vec<Arc<Node>>,
+    /// Every node the group ever had, by index: nodes added at run time are
+    /// appended, removed ones stay as `Removed` so indexes never move.
+    nodes: arc_swap::ArcSwap<Vec<Arc<Node>>>,
+    /// The group's configuration (nodes as first configured).
+    config: GroupConfig,
+    /// Serialises membership changes (ADD/REMOVE/MOVE NODE, RELOAD).
+    pub membership: tokio::sync::Mutex<()>,
+    /// New work is held by PAUSE (maintenance) until RESUME.
+    admin_paused: std::sync::atomic::AtomicBool,
+    /// Clients connected to the group.
+    clients: Arc<AtomicUsize>,
+    /// The last VERIFY's result.
+    pub last_verify: std::sync::Mutex<Option<Arc<crate::replication::verify::Report>>>,
+    /// Turns true when the group is dropped from the configuration.
+    retired: watch::Sender<bool>,
     primary: AtomicUsize,
     term: AtomicU64,
     pub classifier: Classifier,
@@ -261,11 +347,19 @@ impl Group {
         let events = Arc::new(watch::channel(0u64).0);
         Group {
             name: config.name.clone(),
-            nodes: config
-                .nodes
-                .iter()
-                .map(|n| Arc::new(Node::new(config, n, events.clone())))
-                .collect(),
+            nodes: arc_swap::ArcSwap::from_pointee(
+                config
+                    .nodes
+                    .iter()
+                    .map(|n| Arc::new(Node::new(config, n, events.clone())))
+                    .collect(),
+            ),
+            config: config.clone(),
+            membership: tokio::sync::Mutex::new(()),
+            admin_paused: std::sync::atomic::AtomicBool::new(false),
+            last_verify: std::sync::Mutex::new(None),
+            clients: Arc::new(AtomicUsize::new(0)),
+            retired: watch::channel(false).0,
             primary: AtomicUsize::new(0),
             term: AtomicU64::new(1),
             classifier: Classifier::new(FunctionCatalog::builtin()),
@@ -325,9 +419,113 @@ impl Group {
         self.events.send_modify(|v| *v += 1);
     }
 
-    /// Index of the node named `name`.
+    /// Every node by index, removed ones included (check `is_removed`).
+    pub fn nodes(&self) -> arc_swap::Guard<Arc<Vec<Arc<Node>>>> {
+        self.nodes.load()
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> Arc<Node> {
+        self.nodes.load()[i].clone()
+    }
+
+    /// How many node slots there are (removed nodes included).
+    pub fn slots(&self) -> usize {
+        self.nodes.load().len()
+    }
+
+    /// Nodes that are members now (not removed).
+    pub fn members(&self) -> Vec<Arc<Node>> {
+        self.nodes
+            .load()
+            .iter()
+            .filter(|n| !n.is_removed())
+            .cloned()
+            .collect()
+    }
+
+    /// The configuration the group was created with.
+    pub fn config(&self) -> &GroupConfig {
+        &self.config
+    }
+
+    /// Index of the member named `name`.
     pub fn node_index(&self, name: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.name == name)
+        self.nodes
+            .load()
+            .iter()
+            .position(|n| n.name == name && !n.is_removed())
+    }
+
+    /// Adds a node (in state `Down`, so nothing routes to it until its
+    /// monitor and a seed bring it up); returns its index.
+    pub fn add_node(&self, config: &NodeConfig) -> usize {
+        let node = Arc::new(Node::new(&self.config, config, self.events.clone()));
+        node.set_state(NodeState::Down);
+        let mut index = 0;
+        self.nodes.rcu(|old| {
+            let mut v = Vec::clone(old);
+            v.push(node.clone());
+            index = v.len() - 1;
+            v
+        });
+        self.bump();
+        index
+    }
+
+    /// Takes node `i` out of the group: nothing routes to it, and its
+    /// monitor and applier stop.
+    pub fn remove_node(&self, i: usize) {
+        let node = self.node(i);
+        node.set_state(NodeState::Removed);
+        let _ = node.stop.send(true);
+        self.bump();
+        self.applied_changed();
+    }
+
+    /// The group left the configuration (RELOAD): its tasks stop and its
+    /// sessions end.
+    pub fn retire(&self) {
+        let _ = self.retired.send(true);
+        for n in self.nodes.load().iter() {
+            let _ = n.stop.send(true);
+        }
+        self.bump();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        *self.retired.borrow()
+    }
+
+    /// Turns true when the group is retired or the server stops.
+    pub fn stop_signal(&self, mut server_stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
+        let rx = self.retired.subscribe();
+        let tx = self.retired.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = server_stop.wait_for(|s| *s) => { let _ = tx.send(true); }
+                _ = tx.closed() => {}
+            }
+        });
+        rx
+    }
+
+    /// A seat for one more client, unless `limit` (0: none) are connected.
+    pub fn client_seat(&self, limit: usize) -> Option<Seat> {
+        Seat::take(&self.clients, limit)
+    }
+
+    /// PAUSE: hold new work on the primary until RESUME.
+    pub fn admin_pause(&self, on: bool) {
+        self.admin_paused.store(on, Ordering::SeqCst);
+        if !on {
+            self.gate.notify_waiters();
+        }
+        self.bump();
+    }
+
+    pub fn admin_paused(&self) -> bool {
+        self.admin_paused.load(Ordering::SeqCst)
     }
 
     /// A commit at `seq` was acknowledged to a client under sync_replicas.
@@ -347,10 +545,11 @@ impl Group {
         self.promoted_at.store(head, Ordering::SeqCst);
         self.term.store(term, Ordering::SeqCst);
         self.head.store(head, Ordering::SeqCst);
-        self.nodes[index].set_applied(head);
+        let node = self.node(index);
+        node.set_applied(head);
         self.primary.store(index, Ordering::SeqCst);
         // Its log is the group's history now: it is not behind anyone.
-        self.nodes[index].set_state(NodeState::Up);
+        node.set_state(NodeState::Up);
         self.bump();
         self.applied_changed();
     }
@@ -377,14 +576,14 @@ impl Group {
     }
 
     pub fn writes_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
+        self.paused.load(Ordering::SeqCst) || self.admin_paused()
     }
 
     /// A session starts work on the primary; false if writes are paused
     /// (the session must wait at the gate and try again).
     pub fn enter(&self) -> bool {
         self.inside.fetch_add(1, Ordering::SeqCst);
-        if self.paused.load(Ordering::SeqCst) {
+        if self.writes_paused() {
             self.leave();
             return false;
         }
@@ -465,7 +664,7 @@ impl Group {
             return;
         }
         self.head.fetch_max(seq, Ordering::AcqRel);
-        let p = &self.nodes[self.primary()];
+        let p = self.node(self.primary());
         if p.applied() < seq {
             p.set_applied(seq);
         }
@@ -480,9 +679,10 @@ impl Group {
     pub fn subscribers_at(&self, seq: u64) -> usize {
         let p = self.primary();
         self.nodes
+            .load()
             .iter()
             .enumerate()
-            .filter(|(i, n)| *i != p && n.applied() >= seq)
+            .filter(|(i, n)| *i != p && !n.is_removed() && n.applied() >= seq)
             .count()
     }
 
@@ -498,6 +698,7 @@ impl Group {
         }
         let p = self.primary();
         self.nodes
+            .load()
             .iter()
             .enumerate()
             .all(|(i, n)| i == p || !n.is_up() || seq.saturating_sub(n.applied()) <= max_lag)
@@ -506,7 +707,7 @@ impl Group {
     /// Replication lag of node `i`: (entries, milliseconds).
     pub fn lag(&self, i: usize) -> (u64, u64) {
         let head = self.head_seq();
-        let node = &self.nodes[i];
+        let node = &self.nodes.load()[i];
         let seqs = head.saturating_sub(node.applied());
         if seqs == 0 || i == self.primary() {
             return (0, 0);
@@ -528,7 +729,10 @@ impl Group {
     pub fn publish_lag(&self) {
         metrics::gauge!("reprise_log_head_seq", "group" => self.name.clone())
             .set(self.head_seq() as f64);
-        for (i, n) in self.nodes.iter().enumerate() {
+        for (i, n) in self.nodes.load().iter().enumerate() {
+            if n.is_removed() {
+                continue;
+            }
             let (seqs, ms) = self.lag(i);
             let labels = [("group", self.name.clone()), ("node", n.name.clone())];
             metrics::gauge!("reprise_node_lag_seq", &labels).set(seqs as f64);
@@ -538,7 +742,7 @@ impl Group {
 
     /// Whether node `i` may serve a read that must see `min_seq`.
     pub fn fresh_enough(&self, i: usize, min_seq: u64) -> bool {
-        let node = &self.nodes[i];
+        let node = &self.nodes.load()[i];
         if node.applied() < min_seq {
             return false;
         }
@@ -572,27 +776,28 @@ impl Group {
     /// limit; the primary if no subscriber is.
     pub fn pick_reader_at(&self, exclude: Option<usize>, min_seq: u64) -> Option<usize> {
         let primary = self.primary();
+        let nodes = self.nodes.load();
         if self.read_scaling {
-            let n = self.nodes.len();
+            let n = nodes.len();
             let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
             let candidates = (0..n)
                 .map(|k| (start + k) % n)
                 .filter(|&i| {
                     i != primary
                         && Some(i) != exclude
-                        && self.nodes[i].is_up()
+                        && nodes[i].is_up()
                         && self.fresh_enough(i, min_seq)
                 })
                 .map(|i| Candidate {
                     index: i,
-                    outstanding: self.nodes[i].outstanding.load(Ordering::Relaxed),
-                    weight: self.nodes[i].config.weight,
+                    outstanding: nodes[i].outstanding.load(Ordering::Relaxed),
+                    weight: nodes[i].weight(),
                 });
             if let Some(pick) = least_outstanding_of(candidates) {
                 return Some(pick);
             }
         }
-        (Some(primary) != exclude && self.nodes[primary].is_up()).then_some(primary)
+        (Some(primary) != exclude && nodes[primary].is_up()).then_some(primary)
     }
 
     /// Like [`Group::pick_reader`], but keeps `prefer` (the session's last
@@ -611,21 +816,21 @@ impl Group {
         if p == best {
             return Some(best);
         }
-        let node = &self.nodes[p];
+        let nodes = self.nodes.load();
+        let Some(node) = nodes.get(p) else {
+            return Some(best);
+        };
         let eligible = self.read_scaling
             && p != self.primary()
             && node.is_up()
             && self.fresh_enough(p, min_seq)
-            && node.config.weight > 0
+            && node.weight() > 0
             && best != self.primary();
         if !eligible {
             return Some(best);
         }
-        let load = |i: usize| self.nodes[i].outstanding.load(Ordering::Relaxed) as u64 + 1;
-        let (wp, wb) = (
-            node.config.weight as u64,
-            self.nodes[best].config.weight as u64,
-        );
+        let load = |i: usize| nodes[i].outstanding.load(Ordering::Relaxed) as u64 + 1;
+        let (wp, wb) = (node.weight() as u64, nodes[best].weight() as u64);
         if load(p) * wb <= (load(best) + 1) * wp {
             Some(p)
         } else {
@@ -639,12 +844,21 @@ impl Group {
         GroupStatus {
             name: self.name.clone(),
             term: self.term(),
-            primary: self.nodes[primary].name.clone(),
+            primary: self.node(primary).name.clone(),
             head_seq: self.head_seq(),
+            paused: self.admin_paused(),
+            verify: self
+                .last_verify
+                .lock()
+                .expect("verify")
+                .as_ref()
+                .map(|r| r.summary()),
             nodes: self
                 .nodes
+                .load()
                 .iter()
                 .enumerate()
+                .filter(|(_, n)| !n.is_removed())
                 .map(|(i, n)| NodeStatus {
                     name: n.name.clone(),
                     role: self.role(i),
@@ -664,11 +878,34 @@ impl Group {
                         .map(|(seq, why)| format!("at seq {seq}: {why}")),
                     host: n.config.host.clone(),
                     port: n.config.port,
-                    weight: n.config.weight,
+                    weight: n.weight(),
                     outstanding: n.outstanding.load(Ordering::Relaxed),
                 })
                 .collect(),
         }
+    }
+}
+
+/// One of a limited number of places (a client of a group, a backend
+/// connection to a node), given back when dropped.
+#[derive(Debug)]
+pub struct Seat(Arc<AtomicUsize>);
+
+impl Seat {
+    /// Takes a place unless `limit` (0: no limit) are taken.
+    fn take(count: &Arc<AtomicUsize>, limit: usize) -> Option<Seat> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (limit == 0 || n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Seat(count.clone()))
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -686,6 +923,11 @@ pub struct GroupStatus {
     pub term: u64,
     pub primary: String,
     pub head_seq: u64,
+    /// New work is held by PAUSE.
+    pub paused: bool,
+    /// The last VERIFY, if any ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<crate::replication::verify::Summary>,
     pub nodes: Vec<NodeStatus>,
 }
 

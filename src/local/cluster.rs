@@ -100,8 +100,10 @@ impl LocalCluster {
                     password: String::new(),
                     weight: 1,
                     priority: 0,
+                    max_connections: 0,
                 })
                 .collect(),
+            max_client_connections: 0,
         }
     }
 

@@ -29,7 +29,7 @@ enum Stop {
 
 /// Runs the applier of node `index` until shutdown.
 pub async fn run(group: Arc<Group>, index: usize, mut shutdown: watch::Receiver<bool>) {
-    let node = group.nodes[index].clone();
+    let node = group.node(index).clone();
     loop {
         if stopped(&shutdown) {
             return;
@@ -76,10 +76,10 @@ async fn apply_loop(
     index: usize,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Stop> {
-    let node = group.nodes[index].clone();
+    let node = group.node(index).clone();
     // The primary and term this run follows; a change ends the run.
     let run_term = group.term();
-    let primary = group.nodes[group.primary()].clone();
+    let primary = group.node(group.primary()).clone();
     let mut events = group.events();
     let moved = move |g: &Group| g.term() != run_term;
     let transient = |e: &dyn std::fmt::Display| Stop::Transient(e.to_string());

@@ -6,6 +6,7 @@ pub mod applier;
 pub mod determinism;
 pub mod rowlocal;
 pub mod seed;
+pub mod verify;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};

@@ -3,7 +3,7 @@
 //! CancelRequest reaches the right server process.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Where to send a cancel: a node and its backend process key.
@@ -15,10 +15,53 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
-/// One session's cancel slot, updated when it moves to another backend.
+/// One session's cancel slot, updated when it moves to another backend,
+/// and what SHOW CLIENTS shows of it.
 #[derive(Debug, Default)]
 pub struct CancelSlot {
     target: Mutex<Option<CancelTarget>>,
+    /// Who the client is (set once, after login).
+    pub info: std::sync::OnceLock<ClientInfo>,
+    /// A [`ClientState`] as u8.
+    state: AtomicU8,
+    /// When the state last changed (ms since the epoch).
+    since_ms: AtomicI64,
+}
+
+/// A client as SHOW CLIENTS lists it.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub user: String,
+    pub group: String,
+    pub addr: String,
+    pub application_name: String,
+    pub connected_ms: i64,
+}
+
+/// What a client is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    Idle = 0,
+    Active = 1,
+    IdleInTransaction = 2,
+}
+
+impl ClientState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Idle => "idle",
+            ClientState::Active => "active",
+            ClientState::IdleInTransaction => "idle in transaction",
+        }
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl CancelSlot {
@@ -28,6 +71,23 @@ impl CancelSlot {
 
     pub fn get(&self) -> Option<CancelTarget> {
         self.target.lock().expect("cancel slot").clone()
+    }
+
+    /// Records what the client is doing (cheap when unchanged).
+    pub fn set_state(&self, s: ClientState) {
+        if self.state.swap(s as u8, Ordering::Relaxed) != s as u8 {
+            self.since_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The client's state and since when (ms since the epoch).
+    pub fn state(&self) -> (ClientState, i64) {
+        let s = match self.state.load(Ordering::Relaxed) {
+            1 => ClientState::Active,
+            2 => ClientState::IdleInTransaction,
+            _ => ClientState::Idle,
+        };
+        (s, self.since_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -86,6 +146,19 @@ impl CancelRegistry {
             return None;
         }
         slot.get()
+    }
+
+    /// Every live session: (pid, slot), by pid.
+    pub fn clients(&self) -> Vec<(i32, Arc<CancelSlot>)> {
+        let mut v: Vec<_> = self
+            .sessions
+            .lock()
+            .expect("cancel registry")
+            .iter()
+            .map(|(pid, (_, slot))| (*pid, slot.clone()))
+            .collect();
+        v.sort_by_key(|(pid, _)| *pid);
+        v
     }
 
     /// Live sessions.

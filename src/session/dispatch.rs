@@ -366,7 +366,7 @@ impl Session {
         self.pinned.is_none()
             && unit.pin.is_none()
             && unit.route == Route::Read
-            && self.group.nodes[b].is_up()
+            && self.group.node(b).is_up()
     }
 
     /// Routes a complete unit: now, or after the busy backend finishes.
@@ -432,7 +432,7 @@ impl Session {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let opened = self.group.gate.notified();
-            if self.group.nodes[self.group.primary()].is_up() && self.group.enter() {
+            if self.group.node(self.group.primary()).is_up() && self.group.enter() {
                 self.pass.held = true;
                 return Ok(());
             }
@@ -460,7 +460,7 @@ impl Session {
         let mut last = first;
         loop {
             let p = self.group.primary();
-            self.group.nodes[p].suspect.notify_one();
+            self.group.node(p).suspect.notify_one();
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Err(last);
@@ -471,7 +471,7 @@ impl Session {
                 _ = tokio::time::sleep(nap) => {}
             }
             let p = self.group.primary();
-            if self.group.nodes[p].is_up() {
+            if self.group.node(p).is_up() {
                 match self.connect(p).await {
                     Ok(()) => return Ok(p),
                     Err(e) => last = e,
@@ -484,7 +484,7 @@ impl Session {
 
     /// The error for work that found no primary in time.
     fn no_primary(&self, waited: Duration) -> PgError {
-        let p = &self.group.nodes[self.group.primary()];
+        let p = &self.group.node(self.group.primary());
         let why = if self.group.writes_paused() {
             "writes are held for a switchover".to_string()
         } else {
@@ -606,7 +606,19 @@ impl Session {
         if self.backends[i].is_some() {
             return Ok(());
         }
-        let node = self.group.nodes[i].clone();
+        let node = self.group.node(i).clone();
+        let Some(seat) = node.connection_seat() else {
+            return Err(PgError::error(
+                "53300",
+                format!(
+                    "node {} has all its backend connections in use (max_connections = {})",
+                    node.name, node.config.max_connections
+                ),
+            )
+            .with_hint(
+                "raise max_connections on the node's [[group.node]] entry, or retry later",
+            ));
+        };
         let timeout = Duration::from_millis(self.shared.config().health.connect_timeout_ms);
         // A node found down meanwhile (e.g. paused) ends the attempt.
         let mut events = self.group.events();
@@ -623,7 +635,8 @@ impl Session {
             }
         };
         match attempt {
-            Ok(conn) => {
+            Ok(mut conn) => {
+                conn.seat = Some(seat);
                 self.backends[i] = Some(conn);
                 Ok(())
             }
@@ -654,7 +667,7 @@ impl Session {
     ) -> Result<(), End> {
         let mut target = i;
         if let Err(e) = self.connect(target).await {
-            self.group.nodes[target].suspect.notify_one();
+            self.group.node(target).suspect.notify_one();
             if target == self.group.primary() && self.tx_node.is_none() {
                 match self.reconnect_primary(e).await {
                     Ok(p) => return Box::pin(self.send_unit(p, unit, retryable)).await,
@@ -727,7 +740,7 @@ impl Session {
             conn.settings_applied = self.settings.len();
         }
         for _ in 0..unit.syncs {
-            self.group.nodes[target].begin_unit();
+            self.group.node(target).begin_unit();
         }
         if unit.syncs > 0 {
             // The batch (if one was streaming) ends with this Sync.
@@ -752,7 +765,7 @@ impl Session {
         let Some(mut conn) = self.backends[i].take() else {
             return;
         };
-        let node = self.group.nodes[i].clone();
+        let node = self.group.node(i).clone();
         tracing::warn!(node = %node.name, error = %why, "lost backend connection");
         // Evidence the node may be gone: have it probed now.
         node.suspect.notify_one();

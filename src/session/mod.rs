@@ -69,8 +69,37 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
+    let limit = shared
+        .config()
+        .groups
+        .iter()
+        .find(|g| g.name == group.name)
+        .map_or(0, |g| g.max_client_connections);
+    let Some(_seat) = group.client_seat(limit) else {
+        let e = PgError::fatal(
+            "53300",
+            format!(
+                "sorry, too many clients already for group \"{}\" (its max_client_connections = {limit})",
+                group.name
+            ),
+        );
+        refuse(&mut wr, &e).await;
+        return;
+    };
     let span = tracing::info_span!("session", group = %group.name, %user, %peer);
     let guard = shared.cancel.register();
+    let app = params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let _ = guard.slot.info.set(cancel::ClientInfo {
+        user: user.clone(),
+        group: group.name.clone(),
+        addr: peer.clone(),
+        application_name: app,
+        connected_ms: cancel::now_ms(),
+    });
     reader.set_max_len(shared.config().max_message_size);
     let mut session = Session::new(shared.clone(), group, reader, wr, params, guard);
     let result = {
@@ -118,17 +147,7 @@ async fn open(
     let database = get("database").unwrap_or_else(|| user.clone());
     startup::authenticate(shared, &user, reader, wr).await?;
     if database == crate::admin::ADMIN_DATABASE {
-        let config = shared.config();
-        let admin = config.auth.method == crate::config::AuthMethod::Trust
-            || config.auth.users.iter().any(|u| u.name == user && u.admin);
-        if !admin {
-            return Err(PgError::fatal(
-                "42501",
-                format!("user \"{user}\" may not use the admin console"),
-            )
-            .with_hint("set admin = true on the user's [[auth.user]] entry"));
-        }
-        crate::admin::console::serve(shared.clone(), reader, wr).await;
+        crate::admin::console::serve(shared.clone(), &user, reader, wr).await;
         return Ok(None);
     }
     let Some(group) = shared.group(&database) else {
@@ -171,7 +190,7 @@ pub struct Session {
     scratch: BytesMut,
     params: Vec<(String, String)>,
     /// Backend connections by node index, opened on first use.
-    backends: Vec<Option<BackendConn>>,
+    backends: Backends,
     /// The backend we are talking to (polled for its messages).
     current: Option<usize>,
     /// The subscriber this session last read from: it keeps reading there
@@ -270,7 +289,6 @@ impl Session {
         params: Vec<(String, String)>,
         cancel: CancelGuard,
     ) -> Session {
-        let n = group.nodes.len();
         let write = write::WriteState {
             startup_settings: write::startup_settings(&params),
             ..write::WriteState::default()
@@ -288,7 +306,7 @@ impl Session {
             out: BytesMut::with_capacity(8192),
             scratch: BytesMut::with_capacity(8192),
             params,
-            backends: (0..n).map(|_| None).collect(),
+            backends: Backends::default(),
             current: None,
             last_reader: None,
             tx_node: None,
@@ -328,10 +346,10 @@ impl Session {
         }
         let primary = self.group.primary();
         let mut order = vec![primary];
-        order.extend((0..self.group.nodes.len()).filter(|&i| i != primary));
+        order.extend((0..self.group.slots()).filter(|&i| i != primary));
         let mut last_error = None;
         for i in order {
-            if i != primary && !self.group.nodes[i].is_up() {
+            if i != primary && !self.group.node(i).is_up() {
                 continue;
             }
             match self.connect(i).await {
@@ -392,8 +410,37 @@ impl Session {
             }
             self.flush().await?;
             if self.draining && self.is_idle() {
-                return Err(End::Fatal(shutting_down()));
+                return Err(End::Fatal(if self.group.is_retired() {
+                    PgError::fatal(
+                        "57P01",
+                        format!(
+                            "terminating connection: group \"{}\" was removed from the configuration",
+                            self.group.name
+                        ),
+                    )
+                } else {
+                    shutting_down()
+                }));
             }
+            let in_tx = self.tx_node.is_some() || self.lost_tx.is_some();
+            let quiet = self.pending.is_none()
+                && self.batch.is_empty()
+                && self.open_batch.is_none()
+                && self.write.sync_wait.is_none()
+                && self
+                    .backends
+                    .iter()
+                    .flatten()
+                    .all(|b| b.tracker.client_units() == 0);
+            self.cancel.slot.set_state(match (quiet, in_tx) {
+                (false, _) => cancel::ClientState::Active,
+                (true, true) => cancel::ClientState::IdleInTransaction,
+                (true, false) => cancel::ClientState::Idle,
+            });
+            let idle_tx_limit = match self.shared.config().idle_in_transaction_timeout_ms {
+                0 => None,
+                ms => (quiet && in_tx).then(|| std::time::Duration::from_millis(ms)),
+            };
             if self.pass.held && !self.busy_on_primary() {
                 self.pass.release();
             }
@@ -419,6 +466,15 @@ impl Session {
                 }
                 // The group (the sender) lives as long as the session.
                 _ = self.events.changed() => self.on_group_change(),
+                _ = tokio::time::sleep(idle_tx_limit.unwrap_or_default()), if idle_tx_limit.is_some() => {
+                    return Err(End::Fatal(PgError::fatal(
+                        "25P03",
+                        format!(
+                            "terminating connection due to idle-in-transaction timeout (idle_in_transaction_timeout_ms = {})",
+                            idle_tx_limit.unwrap_or_default().as_millis()
+                        ),
+                    )));
+                }
             }
         }
     }
@@ -426,10 +482,18 @@ impl Session {
     /// Drops connections to nodes that went down (or are being re-seeded):
     /// what they owed is answered with an error, a read is retried.
     fn on_group_change(&mut self) {
+        if self.group.is_retired() {
+            self.draining = true;
+        }
         for i in 0..self.backends.len() {
-            let state = self.group.nodes[i].state();
-            if self.backends[i].is_some() && matches!(state, NodeState::Down | NodeState::Seeding) {
-                let why = format!("node {} is {}", self.group.nodes[i].name, state.as_str());
+            let state = self.group.node(i).state();
+            if self.backends[i].is_some()
+                && matches!(
+                    state,
+                    NodeState::Down | NodeState::Seeding | NodeState::Removed
+                )
+            {
+                let why = format!("node {} is {}", self.group.node(i).name, state.as_str());
                 self.backend_lost(i, why);
             }
         }
@@ -594,7 +658,7 @@ impl Session {
             }
             if frame.tag == b'Z' && outcome.unit_done {
                 self.retry = None;
-                self.group.nodes[i].end_units(1);
+                self.group.node(i).end_units(1);
                 let rfq = if i == self.group.primary() {
                     self.on_primary_rfq(frame, i).await?
                 } else {
@@ -664,11 +728,49 @@ impl Session {
         let _ = self.flush().await;
         for (i, b) in self.backends.iter_mut().enumerate() {
             if let Some(mut conn) = b.take() {
-                self.group.nodes[i].end_units(conn.tracker.client_units());
+                self.group.node(i).end_units(conn.tracker.client_units());
                 let _ = conn.send(&[b'X', 0, 0, 0, 4]).await;
             }
         }
         let _ = self.client_wr.shutdown().await;
+    }
+}
+
+/// A session's backend connections by node index. Nodes added at run time
+/// get higher indexes: the list grows when one is first used.
+#[derive(Default)]
+struct Backends {
+    list: Vec<Option<BackendConn>>,
+    /// Always `None`: what an index past the end reads.
+    none: Option<BackendConn>,
+}
+
+impl std::ops::Index<usize> for Backends {
+    type Output = Option<BackendConn>;
+    fn index(&self, i: usize) -> &Option<BackendConn> {
+        self.list.get(i).unwrap_or(&self.none)
+    }
+}
+
+impl std::ops::IndexMut<usize> for Backends {
+    fn index_mut(&mut self, i: usize) -> &mut Option<BackendConn> {
+        if i >= self.list.len() {
+            self.list.resize_with(i + 1, || None);
+        }
+        &mut self.list[i]
+    }
+}
+
+impl std::ops::Deref for Backends {
+    type Target = [Option<BackendConn>];
+    fn deref(&self) -> &Self::Target {
+        &self.list
+    }
+}
+
+impl std::ops::DerefMut for Backends {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.list
     }
 }
 

@@ -850,7 +850,7 @@ impl Session {
         let limit = std::time::Duration::from_millis(r.sync_timeout_ms);
         let failover_wait = std::time::Duration::from_millis(config.health.failover_wait_ms);
         let group = self.group.clone();
-        let old_primary = group.nodes[group.primary()].name.clone();
+        let old_primary = group.node(group.primary()).name.clone();
         let started = std::time::Instant::now();
         let outcome = loop {
             let notified = group.applied_notify.notified();
@@ -864,7 +864,7 @@ impl Session {
             if group.ack_ready(seq, need, r.max_lag_entries) {
                 break SyncOutcome::Ready;
             }
-            let primary_down = !group.nodes[group.primary()].is_up();
+            let primary_down = !group.node(group.primary()).is_up();
             let deadline = started
                 + limit
                 + if primary_down {
