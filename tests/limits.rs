@@ -1846,17 +1846,39 @@ async fn sasl_cases(addr: SocketAddr, report: &mut Report) {
         report.note(name, r, mark).await;
     }
 
+    // A user who is not an admin may look (SHOW) but not act.
     let mark = log_mark();
     let console = scram_login(addr, "alice", "secret", "reprise").await;
-    let r = match &console.error {
-        Some(e) if e.code() == "42501" && names_it(e, &["admin console", "admin = true"]) => Ok(()),
-        other => Err(format!(
-            "expected 42501; got {:?} {:?}",
+    let r = match console.session {
+        Some(mut session) => {
+            let show = session.query("SHOW NODES").await;
+            let act = session.query("SWITCHOVER app TO n2").await;
+            match (&show, &act) {
+                (Ok(s), Ok(a))
+                    if errors(s).is_empty()
+                        && errors(a).len() == 1
+                        && errors(a)[0].code() == "42501"
+                        && names_it(errors(a)[0], &["admin", "SWITCHOVER"]) =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "expected SHOW NODES to answer and SWITCHOVER to get 42501; got {:?} and {:?}",
+                    show.map(|m| kinds(&m)),
+                    act.map(|m| errors(&m)
+                        .iter()
+                        .map(|e| e.error_text())
+                        .collect::<Vec<_>>())
+                )),
+            }
+        }
+        None => Err(format!(
+            "expected a console session; got {:?} {:?}",
             console.kinds,
-            other.as_ref().map(|e| e.error_text())
+            console.error.as_ref().map(|e| e.error_text())
         )),
     };
-    let name = "scram: the console for a user who is not an admin";
+    let name = "scram: acting console commands for a user who is not an admin";
     report.note(name, r, mark).await;
 }
 

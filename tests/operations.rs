@@ -369,7 +369,7 @@ async fn add_remove_and_move_under_load_end_verified_and_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_refuses_a_broken_config_and_applies_a_valid_change() {
     bounded(TEST_LIMIT, async {
-        let (dir, cluster) = copies(4).await;
+        let (dir, cluster) = copies(5).await;
         let config = grouped(&cluster, &[("app", &[0, 1]), ("other", &[2])]);
         let (path, config) = to_file(&config, dir.path());
         let good = std::fs::read_to_string(&path).unwrap();
@@ -430,7 +430,25 @@ async fn reload_refuses_a_broken_config_and_applies_a_valid_change() {
             cluster.nodes[3].socket_dir().display().to_string().into(),
         );
         n4.insert("weight".into(), toml::Value::Integer(1));
-        nodes.push(toml::Value::Table(n4));
+        nodes.push(toml::Value::Table(n4.clone()));
+        // And a new group, "third", on n5.
+        let mut n5 = n4;
+        n5.insert("name".into(), "n5".into());
+        n5.insert(
+            "port".into(),
+            toml::Value::Integer(cluster.nodes[4].port() as i64),
+        );
+        n5.insert(
+            "host".into(),
+            cluster.nodes[4].socket_dir().display().to_string().into(),
+        );
+        let mut third = toml::Table::new();
+        third.insert("name".into(), "third".into());
+        third.insert(
+            "node".into(),
+            toml::Value::Array(vec![toml::Value::Table(n5)]),
+        );
+        groups.push(toml::Value::Table(third));
         std::fs::write(&path, toml::to_string(&changed).unwrap()).unwrap();
         let rows = admin(&proxy, "RELOAD").await.expect("RELOAD");
         eprintln!("RELOAD: {rows:?}");
@@ -441,6 +459,12 @@ async fn reload_refuses_a_broken_config_and_applies_a_valid_change() {
         assert_eq!(members(&s, "app"), ["n1", "n2", "n4"]);
         let weight = group_of(&s, "app")["nodes"][1]["weight"].as_u64();
         assert_eq!(weight, Some(3));
+        assert!(text.contains("group third added"), "{text}");
+        let third = connect(&proxy.url("third")).await;
+        third
+            .execute("INSERT INTO notes (body) VALUES ('third')", &[])
+            .await
+            .expect("the new group serves");
         // The sessions went on: the other group's transaction commits.
         other
             .batch_execute("INSERT INTO notes (body) VALUES ('after reload')")
@@ -453,7 +477,9 @@ async fn reload_refuses_a_broken_config_and_applies_a_valid_change() {
         wait_group_caught_up(&proxy, "app", Duration::from_secs(60)).await;
         assert_all_match(&verify(&proxy, "app").await, &["n1", "n2", "n4"]);
 
-        // SIGHUP does the same: weight back to 1.
+        // SIGHUP does the same: weight back to 1, and the group "other" goes.
+        let groups = changed.get_mut("group").unwrap().as_array_mut().unwrap();
+        groups.retain(|g| g["name"].as_str() != Some("other"));
         std::fs::write(
             &path,
             toml::to_string(&changed)
@@ -478,6 +504,18 @@ async fn reload_refuses_a_broken_config_and_applies_a_valid_change() {
             "SIGHUP did not reload: {:#}",
             proxy.status().await
         );
+        // The dropped group's idle session is ended; new ones are refused.
+        let gone = wait_until(Duration::from_secs(10), || async { other.is_closed() }).await;
+        assert!(gone.is_some(), "the removed group's session was not ended");
+        let e = tokio_postgres::connect(&proxy.url("other"), tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("the removed group is gone");
+        assert_eq!(sqlstate(&e), "3D000", "{}", db_text(&e));
+        third
+            .execute("INSERT INTO notes (body) VALUES ('third again')", &[])
+            .await
+            .expect("the other groups' sessions go on");
     })
     .await;
 }
