@@ -107,6 +107,7 @@ impl Server {
                 policy.clone(),
                 stop_rx.clone(),
             ));
+            tokio::spawn(crate::admin::stats::sampler(group.clone(), stop_rx.clone()));
             for i in 0..group.nodes.len() {
                 tokio::spawn(health::monitor(
                     group.clone(),

@@ -1,6 +1,6 @@
 //! The admin console: the database `reprise` on the client port. It speaks
 //! the simple query protocol and answers `SHOW GROUPS`, `SHOW NODES`,
-//! `SWITCHOVER`, `RESEED` and `HELP`.
+//! `SHOW STATS`, `SWITCHOVER`, `RESEED` and `HELP`.
 
 use std::sync::Arc;
 
@@ -89,14 +89,14 @@ fn write_table(t: &Table, out: &mut BytesMut) {
     messages::command_complete(&t.tag, out);
 }
 
-const COMMANDS: &str =
-    "SHOW GROUPS, SHOW NODES, SWITCHOVER <group> TO <node>, RESEED <group> <node>, HELP";
+const COMMANDS: &str = "SHOW GROUPS, SHOW NODES, SHOW STATS, SWITCHOVER <group> TO <node>, RESEED <group> <node>, HELP";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     ShowGroups,
     ShowNodes,
+    ShowStats,
     Switchover { group: String, node: String },
     Reseed { group: String, node: String },
     Help,
@@ -111,6 +111,7 @@ pub fn parse(command: &str) -> Result<Command, PgError> {
     match words.as_slice() {
         ["SHOW", "GROUPS"] => Ok(Command::ShowGroups),
         ["SHOW", "NODES"] => Ok(Command::ShowNodes),
+        ["SHOW", "STATS"] => Ok(Command::ShowStats),
         ["SWITCHOVER", _, "TO", _] => Ok(Command::Switchover {
             group: name(1),
             node: name(3),
@@ -132,6 +133,7 @@ pub async fn run(shared: &Shared, command: &str) -> Result<Table, PgError> {
     match parse(command)? {
         Command::ShowGroups => Ok(show_groups(shared)),
         Command::ShowNodes => Ok(show_nodes(shared)),
+        Command::ShowStats => Ok(super::stats::show_stats(shared)),
         Command::Switchover { group, node } => switchover(shared, &group, &node).await,
         Command::Reseed { group, node } => reseed(shared, &group, &node).await,
         Command::Help => Ok(Table {
@@ -295,6 +297,7 @@ mod tests {
     #[test]
     fn parses_commands_in_any_case_and_refuses_others() {
         assert_eq!(parse("show nodes").unwrap(), Command::ShowNodes);
+        assert_eq!(parse("SHOW stats").unwrap(), Command::ShowStats);
         assert_eq!(
             parse("switchover app TO n2").unwrap(),
             Command::Switchover {

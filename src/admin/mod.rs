@@ -2,8 +2,10 @@
 //! port), HTTP (/status, /metrics, a status page) and the metrics.
 
 pub mod console;
+pub mod events;
 pub mod http;
 pub mod metrics;
+pub mod stats;
 
 /// The database name that opens the admin console.
 pub const ADMIN_DATABASE: &str = "reprise";

@@ -11,6 +11,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::admin::stats::ConnStats;
 use crate::wire::messages::{self, Reader, put_cstr, put_message};
 use crate::wire::{FrameError, MessageStream};
 
@@ -101,6 +102,8 @@ pub struct BackendConn {
     pub prepared: HashMap<String, u64>,
     /// How many of the session's SET statements were replayed here.
     pub settings_applied: usize,
+    /// Bytes and unit send times not yet handed to the node's stats.
+    pub stats: ConnStats,
 }
 
 /// Largest message accepted from a node (PostgreSQL's own limit is 1 GB).
@@ -213,6 +216,7 @@ impl BackendConn {
             tracker: Tracker::default(),
             prepared: HashMap::new(),
             settings_applied: 0,
+            stats: ConnStats::default(),
         })
     }
 

@@ -220,6 +220,18 @@ pub struct Session {
     /// Counted among the sessions with work on the primary (a switchover
     /// waits for them).
     pass: PrimaryPass,
+    /// What the unit being answered told the client so far: whether it
+    /// sent an error, and whether its last command tag was COMMIT.
+    unit_seen: UnitSeen,
+    /// Bytes from the client not yet added to the group's stats.
+    client_bytes_in: u64,
+}
+
+/// What a unit's responses showed, for counting transactions.
+#[derive(Debug, Default, Clone, Copy)]
+struct UnitSeen {
+    error: bool,
+    commit: bool,
 }
 
 /// A client counted in the connection gauge while it lives.
@@ -310,6 +322,8 @@ impl Session {
             cancel,
             cancel_target: None,
             draining: false,
+            unit_seen: UnitSeen::default(),
+            client_bytes_in: 0,
         }
     }
 
@@ -385,7 +399,10 @@ impl Session {
             // Take every complete client message we may act on now.
             while self.pending.is_none() {
                 match self.client.try_next() {
-                    Ok(Some(f)) => self.on_client_frame(f).await?,
+                    Ok(Some(f)) => {
+                        self.client_bytes_in += f.raw.len() as u64;
+                        self.on_client_frame(f).await?
+                    }
                     Ok(None) => break,
                     Err(e) => return Err(End::Fatal(frame_error(e))),
                 }
@@ -464,6 +481,10 @@ impl Session {
 
     /// Writes waiting output to the client.
     async fn flush(&mut self) -> Result<(), End> {
+        self.group.stats.client_bytes(
+            std::mem::take(&mut self.client_bytes_in),
+            self.out.len() as u64,
+        );
         if !self.out.is_empty() {
             self.client_wr
                 .write_all(&self.out)
@@ -540,6 +561,7 @@ impl Session {
                     return Ok(());
                 }
             };
+            conn.stats.received(frame.raw.len());
             if frame.tag == b'E' && messages::error_is_fatal(frame.body()) {
                 // The node is closing this connection (shutdown, postmaster
                 // gone, terminated): the client's connection to us lives on,
@@ -595,6 +617,10 @@ impl Session {
             if frame.tag == b'Z' && outcome.unit_done {
                 self.retry = None;
                 self.group.nodes[i].end_units(1);
+                if let Some(conn) = self.backends[i].as_mut() {
+                    conn.stats
+                        .unit_done(&self.group.nodes[i].stats, self.cancel.pid as usize);
+                }
                 let rfq = if i == self.group.primary() {
                     self.on_primary_rfq(frame, i).await?
                 } else {
@@ -613,6 +639,7 @@ impl Session {
                 if frame.tag == b'E' && i == self.group.primary() {
                     self.write.unit_failed = true;
                 }
+                self.note_relayed(i, &frame);
                 self.out.extend_from_slice(&frame.raw);
             }
             if self.out.len() >= FLUSH_AT {
@@ -624,6 +651,21 @@ impl Session {
     /// Forwards a ReadyForQuery from node `i` and follows its status.
     fn forward_rfq(&mut self, rfq: Frame, i: usize) {
         let status = rfq.body().first().copied().unwrap_or(b'I');
+        if status == b'I' {
+            // A transaction ended: an explicit block by its last command
+            // tag, an autocommit unit by whether it failed.
+            let seen = std::mem::take(&mut self.unit_seen);
+            let committed = if self.tx_node.is_some() {
+                seen.commit && !seen.error
+            } else {
+                !seen.error
+            };
+            if let Some(node) = self.group.nodes.get(i) {
+                node.stats.transaction_ended(committed);
+            }
+        } else {
+            self.unit_seen = UnitSeen::default();
+        }
         self.tx_node = (status != b'I').then_some(i);
         self.out.extend_from_slice(&rfq.raw);
     }
@@ -633,10 +675,36 @@ impl Session {
         let Some(conn) = self.backends[i].as_mut() else {
             return Ok(());
         };
+        conn.stats.sent(bytes.len());
         if let Err(e) = conn.send(bytes).await {
             self.backend_lost(i, e.to_string());
         }
         Ok(())
+    }
+
+    /// Counts an error the proxy itself sends to the client, and sends it.
+    fn put_error(&mut self, e: &PgError) {
+        self.group.stats.error(e.code.as_bytes());
+        e.encode(&mut self.out);
+    }
+
+    /// Counts a message from node `i` relayed to the client: its errors,
+    /// and what ends a transaction.
+    fn note_relayed(&mut self, i: usize, frame: &Frame) {
+        match frame.tag {
+            b'E' => {
+                self.unit_seen.error = true;
+                self.group.nodes[i]
+                    .stats
+                    .errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.group
+                    .stats
+                    .error(crate::admin::stats::error_sqlstate(frame.body()));
+            }
+            b'C' => self.unit_seen.commit = frame.body().starts_with(b"COMMIT"),
+            _ => {}
+        }
     }
 
     /// Points cancel requests at backend `i`.
@@ -659,12 +727,13 @@ impl Session {
     async fn finish(mut self, result: Result<(), End>) {
         if let Err(End::Fatal(e)) = result {
             tracing::info!(error = %e, "closing session");
-            e.encode(&mut self.out);
+            self.put_error(&e);
         }
         let _ = self.flush().await;
         for (i, b) in self.backends.iter_mut().enumerate() {
             if let Some(mut conn) = b.take() {
                 self.group.nodes[i].end_units(conn.tracker.client_units());
+                conn.stats.lost(&self.group.nodes[i].stats);
                 let _ = conn.send(&[b'X', 0, 0, 0, 4]).await;
             }
         }
