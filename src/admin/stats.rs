@@ -90,6 +90,11 @@ impl NodeStats {
         let labels = [("group", group.to_string()), ("node", node.to_string())];
         metrics::counter!("reprise_divergence_events_total", &labels).increment(0);
         metrics::counter!("reprise_node_applied_entries_total", &labels).increment(0);
+        for s in STATES {
+            metrics::counter!("reprise_node_state_changes_total",
+                "group" => group.to_string(), "node" => node.to_string(), "to" => s.as_str())
+            .increment(0);
+        }
         NodeStats {
             group: group.to_string(),
             node: node.to_string(),

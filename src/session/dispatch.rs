@@ -592,6 +592,8 @@ impl Session {
             self.put_error(&e);
             messages::ready_for_query(self.status_byte(), &mut self.out);
         }
+        // Answered here, not by a node: no transaction ended.
+        self.unit_seen = Default::default();
         Ok(())
     }
 

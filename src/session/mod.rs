@@ -221,17 +221,18 @@ pub struct Session {
     /// waits for them).
     pass: PrimaryPass,
     /// What the unit being answered told the client so far: whether it
-    /// sent an error, and whether its last command tag was COMMIT.
-    unit_seen: UnitSeen,
+    /// sent an error, and whether its last command tag ended a transaction.
+    pub(super) unit_seen: UnitSeen,
     /// Bytes from the client not yet added to the group's stats.
     client_bytes_in: u64,
 }
 
 /// What a unit's responses showed, for counting transactions.
 #[derive(Debug, Default, Clone, Copy)]
-struct UnitSeen {
+pub(super) struct UnitSeen {
     error: bool,
-    commit: bool,
+    /// The last command tag was COMMIT (true) or ROLLBACK (false).
+    end: Option<bool>,
 }
 
 /// A client counted in the connection gauge while it lives.
@@ -652,13 +653,12 @@ impl Session {
     fn forward_rfq(&mut self, rfq: Frame, i: usize) {
         let status = rfq.body().first().copied().unwrap_or(b'I');
         if status == b'I' {
-            // A transaction ended: an explicit block by its last command
-            // tag, an autocommit unit by whether it failed.
+            // A transaction ended: a block by its COMMIT or ROLLBACK tag
+            // (none: it was lost), an autocommit unit by whether it failed.
             let seen = std::mem::take(&mut self.unit_seen);
-            let committed = if self.tx_node.is_some() {
-                seen.commit && !seen.error
-            } else {
-                !seen.error
+            let committed = match seen.end {
+                Some(c) => c,
+                None => self.tx_node.is_none() && !seen.error,
             };
             if let Some(node) = self.group.nodes.get(i) {
                 node.stats.transaction_ended(committed);
@@ -684,6 +684,7 @@ impl Session {
 
     /// Counts an error the proxy itself sends to the client, and sends it.
     fn put_error(&mut self, e: &PgError) {
+        self.unit_seen.error = true;
         self.group.stats.error(e.code.as_bytes());
         e.encode(&mut self.out);
     }
@@ -702,7 +703,16 @@ impl Session {
                     .stats
                     .error(crate::admin::stats::error_sqlstate(frame.body()));
             }
-            b'C' => self.unit_seen.commit = frame.body().starts_with(b"COMMIT"),
+            b'C' => {
+                let tag = frame.body();
+                self.unit_seen.end = if tag.starts_with(b"COMMIT") {
+                    Some(true)
+                } else if tag.starts_with(b"ROLLBACK") {
+                    Some(false)
+                } else {
+                    None
+                };
+            }
             _ => {}
         }
     }
