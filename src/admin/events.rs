@@ -20,7 +20,8 @@ pub struct Event {
     pub group: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// `state`, `failover`, `failover_refused`, `switchover`,
+    /// `state`, `health` (why a node was marked down), `failover`,
+    /// `failover_refused`, `switchover`,
     /// `switchover_failed`, `divergence`, `seed_start`, `seed_progress`,
     /// `seed_done` or `seed_failed`.
     pub kind: &'static str,

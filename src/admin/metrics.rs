@@ -233,6 +233,13 @@ impl Metrics {
         Metrics { handle }
     }
 
+    /// Moves recorded histogram samples into their buckets: without it
+    /// they pile up in memory until the next scrape (or forever if none
+    /// comes).
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// Prometheus exposition text.
     pub fn render(&self) -> String {
         self.handle.run_upkeep();

@@ -372,13 +372,19 @@ pub fn sample(group: &Group) {
     });
 }
 
-/// Samples the group's lag every [`HISTORY_INTERVAL`] until `stop` turns true.
+/// Samples the group's lag every [`HISTORY_INTERVAL`] until `stop` turns
+/// true, and folds latency samples into the Prometheus histograms' buckets
+/// so they take no memory while nobody scrapes.
 pub async fn sampler(group: Arc<Group>, mut stop: watch::Receiver<bool>) {
+    let metrics = super::metrics::Metrics::install();
     let mut tick = tokio::time::interval(HISTORY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => sample(&group),
+            _ = tick.tick() => {
+                sample(&group);
+                metrics.upkeep();
+            }
             r = stop.changed() => if r.is_err() || *stop.borrow() { return },
         }
     }
