@@ -744,8 +744,6 @@ impl Session {
             if let Some(conn) = self.backends[target].as_mut() {
                 conn.stats.units_sent(unit.syncs);
             }
-        }
-        if unit.syncs > 0 {
             // The batch (if one was streaming) ends with this Sync.
             self.batch_capture = None;
             self.last_unit_simple = unit.simple;
