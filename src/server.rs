@@ -280,6 +280,10 @@ pub async fn start_group(
     let policy = Policy::from_config(config);
     health::initial_probe(&group, &config.health, &policy).await;
     let group_stop = group.stop_signal(stop.clone());
+    tokio::spawn(crate::admin::stats::sampler(
+        group.clone(),
+        group_stop.clone(),
+    ));
     tokio::spawn(failover::supervise(
         group.clone(),
         policy.clone(),

@@ -98,6 +98,7 @@ const COMMANDS: &[&str] = &[
     "SHOW CLIENTS",
     "SHOW LOG <group> [n]",
     "SHOW CONFIG",
+    "SHOW STATS",
     "SWITCHOVER <group> TO <node>",
     "RESEED <group> <node>",
     "ADD NODE <group> <node> host=… port=… [dbname=… user=… password=… weight=… priority=… max_connections=…]",
@@ -115,6 +116,7 @@ const COMMANDS: &[&str] = &[
 pub enum Command {
     ShowGroups,
     ShowNodes,
+    ShowStats,
     ShowClients,
     ShowLog {
         group: String,
@@ -161,6 +163,7 @@ impl Command {
             self,
             Command::ShowGroups
                 | Command::ShowNodes
+                | Command::ShowStats
                 | Command::ShowClients
                 | Command::ShowLog { .. }
                 | Command::ShowConfig
@@ -178,6 +181,7 @@ pub fn parse(command: &str) -> Result<Command, PgError> {
     match words.as_slice() {
         ["SHOW", "GROUPS"] => Ok(Command::ShowGroups),
         ["SHOW", "NODES"] => Ok(Command::ShowNodes),
+        ["SHOW", "STATS"] => Ok(Command::ShowStats),
         ["SHOW", "CLIENTS"] => Ok(Command::ShowClients),
         ["SHOW", "CONFIG"] => Ok(Command::ShowConfig),
         ["SHOW", "LOG", _] => Ok(Command::ShowLog {
@@ -265,6 +269,7 @@ pub async fn run(shared: &Arc<Shared>, user: &str, command: &str) -> Result<Tabl
         Command::ShowClients => Ok(show_clients(shared)),
         Command::ShowConfig => Ok(show_config(shared)),
         Command::ShowLog { group, count } => show_log(shared, &group, count).await,
+        Command::ShowStats => Ok(super::stats::show_stats(shared)),
         Command::Switchover { group, node } => switchover(shared, &group, &node).await,
         Command::Reseed { group, node } => reseed(shared, &group, &node).await,
         Command::AddNode { group, node } => {
@@ -735,6 +740,7 @@ mod tests {
     #[test]
     fn parses_commands_in_any_case_and_refuses_others() {
         assert_eq!(parse("show nodes").unwrap(), Command::ShowNodes);
+        assert_eq!(parse("SHOW stats").unwrap(), Command::ShowStats);
         assert_eq!(
             parse("switchover app TO n2").unwrap(),
             Command::Switchover {

@@ -11,6 +11,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::admin::stats::ConnStats;
 use crate::wire::messages::{self, Reader, put_cstr, put_message};
 use crate::wire::{FrameError, MessageStream};
 
@@ -103,6 +104,8 @@ pub struct BackendConn {
     pub settings_applied: usize,
     /// Counts against the node's `max_connections` while open.
     pub seat: Option<crate::group::Seat>,
+    /// Bytes and unit send times not yet handed to the node's stats.
+    pub stats: ConnStats,
 }
 
 /// Largest message accepted from a node (PostgreSQL's own limit is 1 GB).
@@ -216,6 +219,7 @@ impl BackendConn {
             prepared: HashMap::new(),
             settings_applied: 0,
             seat: None,
+            stats: ConnStats::default(),
         })
     }
 

@@ -339,6 +339,10 @@ pub async fn supervise(group: Arc<Group>, policy: Policy, mut shutdown: watch::R
                     Ok(()) => last_refusal.clear(),
                     Err(e) if e != last_refusal => {
                         tracing::error!(group = %group.name, error = %e, "no failover");
+                        group
+                            .stats
+                            .journal
+                            .record(None, "failover_refused", e.clone());
                         last_refusal = e;
                     }
                     Err(_) => {}
@@ -398,6 +402,16 @@ pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
     {
         group.promote(*i, p.term, p.seq);
         tracing::warn!(group = %group.name, to = %group.node(*i).name, term = p.term, "failover: following a primary another proxy promoted");
+        group.stats.journal.record(
+            Some(&group.node(*i).name),
+            "failover",
+            format!(
+                "{} -> {} at term {} (promoted by another proxy)",
+                group.node(old).name,
+                group.node(*i).name,
+                p.term
+            ),
+        );
         return Ok(());
     }
     let max_term = positions
@@ -431,6 +445,16 @@ pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
     group.promote(new, term, pos.seq);
     drop(held);
     metrics::counter!("reprise_failovers_total", "group" => group.name.clone()).increment(1);
+    group.stats.journal.record(
+        Some(&name),
+        "failover",
+        format!(
+            "{} -> {name} at term {term}, seq {}, in {} ms",
+            group.node(old).name,
+            pos.seq,
+            started.elapsed().as_millis()
+        ),
+    );
     tracing::warn!(
         group = %group.name,
         from = %group.node(old).name,
@@ -536,8 +560,28 @@ pub async fn switchover(group: &Group, target: usize, policy: &Policy) -> Result
     .await;
     group.resume_writes();
     let pause = started.elapsed();
-    let term = result?;
+    let term = match result {
+        Ok(term) => term,
+        Err(e) => {
+            group.stats.journal.record(
+                Some(&to.name),
+                "switchover_failed",
+                format!("{} -> {}: {e}", from.name, to.name),
+            );
+            return Err(e);
+        }
+    };
     metrics::counter!("reprise_switchovers_total", "group" => group.name.clone()).increment(1);
+    group.stats.journal.record(
+        Some(&to.name),
+        "switchover",
+        format!(
+            "{} -> {} at term {term}, writes held {} ms",
+            from.name,
+            to.name,
+            pause.as_millis()
+        ),
+    );
     tracing::info!(group = %group.name, from = %from.name, to = %to.name, term, pause_ms = pause.as_millis() as u64, "switchover done");
     Ok(Switched {
         old: from.name.clone(),
@@ -571,10 +615,17 @@ pub async fn reseed(group: &Group, index: usize, policy: &Policy) -> Result<seed
         }
         let bin = seed::bin_dir(policy.pg_bin_dir.as_deref())?;
         let (g, n) = (group.name.clone(), node.name.clone());
+        let journal = group.stats.journal.clone();
         let progress = move |step: &str| {
             tracing::info!(group = %g, node = %n, "seeding: {step}");
+            journal.record(Some(&n), "seed_progress", step);
         };
         tracing::info!(group = %group.name, node = %node.name, from = %src.name, "seeding from a snapshot");
+        group.stats.journal.record(
+            Some(&node.name),
+            "seed_start",
+            format!("from a snapshot of {}", src.name),
+        );
         node.control.reset().await;
         let seeded = seed::seed(&src.target, &node.target, group.term(), &bin, &progress).await?;
         node.control.reset().await;
@@ -586,12 +637,26 @@ pub async fn reseed(group: &Group, index: usize, policy: &Policy) -> Result<seed
         Ok(seeded) => {
             metrics::counter!("reprise_seeds_total", "group" => group.name.clone()).increment(1);
             tracing::info!(group = %group.name, node = %node.name, seq = seeded.seq, bytes = seeded.bytes, took_ms = seeded.duration.as_millis() as u64, "seeded");
+            group.stats.journal.record(
+                Some(&node.name),
+                "seed_done",
+                format!(
+                    "at seq {}, {} bytes in {} ms",
+                    seeded.seq,
+                    seeded.bytes,
+                    seeded.duration.as_millis()
+                ),
+            );
             if !matches!(rejoin(group, index).await, Ok(Rejoin::State(_))) {
                 node.set_state(NodeState::CatchingUp);
             }
             Ok(seeded)
         }
         Err(e) => {
+            group
+                .stats
+                .journal
+                .record(Some(&node.name), "seed_failed", e.clone());
             node.mark_divergent(0, format!("seeding failed: {e}"));
             Err(e)
         }

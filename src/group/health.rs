@@ -163,8 +163,14 @@ pub async fn monitor(
                 }
                 match verdict.observe(result.is_ok(), node.state()) {
                     Some(NodeState::Down) => {
-                        tracing::warn!(group = %group.name, node = %node.name, error = ?result.err(), "node is down");
+                        let why = result.err().unwrap_or_default();
+                        tracing::warn!(group = %group.name, node = %node.name, error = %why, "node is down");
                         node.set_state(NodeState::Down);
+                        group.stats.journal.record(
+                            Some(&node.name),
+                            "health",
+                            format!("{} failed probes: {why}", health.failures_before_down),
+                        );
                     }
                     Some(_) => {
                         // Still down if it cannot rejoin yet: the next

@@ -111,10 +111,19 @@ pub struct Node {
     stop: watch::Sender<bool>,
     /// Backend connections open to it for client sessions.
     connections: Arc<AtomicUsize>,
+    /// Traffic counters and latency (SHOW STATS, /metrics).
+    pub stats: crate::admin::stats::NodeStats,
+    /// The group's recent events (state changes are recorded here).
+    journal: Arc<crate::admin::events::Journal>,
 }
 
 impl Node {
-    fn new(group: &GroupConfig, config: &NodeConfig, events: Arc<watch::Sender<u64>>) -> Node {
+    fn new(
+        group: &GroupConfig,
+        config: &NodeConfig,
+        events: Arc<watch::Sender<u64>>,
+        journal: Arc<crate::admin::events::Journal>,
+    ) -> Node {
         let labels = [("group", group.name.clone()), ("node", config.name.clone())];
         Node {
             name: config.name.clone(),
@@ -144,6 +153,8 @@ impl Node {
             priority: std::sync::atomic::AtomicI32::new(config.priority),
             stop: watch::channel(false).0,
             connections: Arc::new(AtomicUsize::new(0)),
+            stats: crate::admin::stats::NodeStats::new(&group.name, &config.name),
+            journal,
         }
     }
 
@@ -221,6 +232,11 @@ impl Node {
 
     /// The applier found a difference: stop routing here.
     pub fn mark_divergent(&self, seq: i64, reason: String) {
+        self.journal.record(
+            Some(&self.name),
+            "divergence",
+            format!("at seq {seq}: {reason}"),
+        );
         *self.divergence.lock().expect("divergence") = Some((seq, reason));
         self.set_state(NodeState::Divergent);
         metrics::counter!("reprise_divergence_events_total",
@@ -245,6 +261,11 @@ impl Node {
         if old != s {
             self.events.send_modify(|v| *v += 1);
             tracing::info!(group = %self.group, node = %self.name, from = old.as_str(), to = s.as_str(), "node state changed");
+            self.journal.record(
+                Some(&self.name),
+                "state",
+                format!("{} -> {}", old.as_str(), s.as_str()),
+            );
             metrics::counter!("reprise_node_state_changes_total",
                 "group" => self.group.clone(), "node" => self.name.clone(), "to" => s.as_str())
             .increment(1);
@@ -336,6 +357,8 @@ pub struct Group {
     pub drained: tokio::sync::Notify,
     /// Serialises failovers, switchovers and re-seeds.
     pub topology: tokio::sync::Mutex<()>,
+    /// Traffic counters, recent events and lag history.
+    pub stats: crate::admin::stats::GroupStats,
     /// ParameterStatus values a node reported to a session, by the
     /// session's startup parameters: later sessions with the same ones are
     /// greeted without opening a backend connection until they need one.
@@ -345,13 +368,14 @@ pub struct Group {
 impl Group {
     pub fn new(config: &GroupConfig, read_scaling: bool, max_lag_ms: u64) -> Group {
         let events = Arc::new(watch::channel(0u64).0);
+        let stats = crate::admin::stats::GroupStats::new(&config.name);
         Group {
             name: config.name.clone(),
             nodes: arc_swap::ArcSwap::from_pointee(
                 config
                     .nodes
                     .iter()
-                    .map(|n| Arc::new(Node::new(config, n, events.clone())))
+                    .map(|n| Arc::new(Node::new(config, n, events.clone(), stats.journal.clone())))
                     .collect(),
             ),
             config: config.clone(),
@@ -379,6 +403,7 @@ impl Group {
             gate: tokio::sync::Notify::new(),
             drained: tokio::sync::Notify::new(),
             topology: tokio::sync::Mutex::new(()),
+            stats,
             greetings: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -460,7 +485,12 @@ impl Group {
     /// Adds a node (in state `Down`, so nothing routes to it until its
     /// monitor and a seed bring it up); returns its index.
     pub fn add_node(&self, config: &NodeConfig) -> usize {
-        let node = Arc::new(Node::new(&self.config, config, self.events.clone()));
+        let node = Arc::new(Node::new(
+            &self.config,
+            config,
+            self.events.clone(),
+            self.stats.journal.clone(),
+        ));
         node.set_state(NodeState::Down);
         let mut index = 0;
         self.nodes.rcu(|old| {
@@ -736,7 +766,7 @@ impl Group {
             let (seqs, ms) = self.lag(i);
             let labels = [("group", self.name.clone()), ("node", n.name.clone())];
             metrics::gauge!("reprise_node_lag_seq", &labels).set(seqs as f64);
-            metrics::gauge!("reprise_node_lag_ms", &labels).set(ms as f64);
+            metrics::gauge!("reprise_node_lag_seconds", &labels).set(ms as f64 / 1000.0);
         }
     }
 

@@ -213,7 +213,7 @@ impl Session {
             None => match self.choose(&unit) {
                 Ok(i) => i,
                 Err(e) => {
-                    e.encode(&mut self.out);
+                    self.put_error(&e);
                     self.discard_until_sync = true;
                     return Ok(());
                 }
@@ -573,7 +573,7 @@ impl Session {
     /// Answers a unit that could not be sent anywhere.
     fn answer_unsent(&mut self, unit: &Unit, e: PgError) -> Result<(), End> {
         if unit.syncs == 0 {
-            e.encode(&mut self.out);
+            self.put_error(&e);
             self.open_batch = None;
             self.batch_capture = None;
             self.discard_until_sync = true;
@@ -584,10 +584,16 @@ impl Session {
 
     /// Answers a unit with an error instead of running it.
     fn fail_unit(&mut self, unit: &Unit, e: PgError) -> Result<(), End> {
+        self.group.stats.refused.fetch_add(
+            unit.syncs.max(1) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         for _ in 0..unit.syncs.max(1) {
-            e.encode(&mut self.out);
+            self.put_error(&e);
             messages::ready_for_query(self.status_byte(), &mut self.out);
         }
+        // Answered here, not by a node: no transaction ended.
+        self.unit_seen = Default::default();
         Ok(())
     }
 
@@ -743,6 +749,14 @@ impl Session {
             self.group.node(target).begin_unit();
         }
         if unit.syncs > 0 {
+            let node = &self.group.node(target);
+            node.stats
+                .queries
+                .fetch_add(unit.syncs as u64, std::sync::atomic::Ordering::Relaxed);
+            self.group.stats.routed(unit.syncs, target == primary);
+            if let Some(conn) = self.backends[target].as_mut() {
+                conn.stats.units_sent(unit.syncs);
+            }
             // The batch (if one was streaming) ends with this Sync.
             self.batch_capture = None;
             self.last_unit_simple = unit.simple;
@@ -771,6 +785,7 @@ impl Session {
         node.suspect.notify_one();
         let owed = conn.tracker.client_units();
         conn.tracker.clear();
+        conn.stats.lost(&node.stats);
         node.end_units(owed);
         if self.current == Some(i) {
             self.current = None;
@@ -825,14 +840,14 @@ impl Session {
             self.lost_tx = Some((format!("its node {} was lost ({why})", node.name), owed > 0));
         }
         for _ in 0..owed {
-            e.encode(&mut self.out);
+            self.put_error(&e);
             messages::ready_for_query(self.status_byte(), &mut self.out);
         }
         if self.open_batch == Some(i) {
             self.open_batch = None;
             self.batch_capture = None;
             if owed == 0 {
-                e.encode(&mut self.out);
+                self.put_error(&e);
             }
             self.discard_until_sync = true;
         }

@@ -239,6 +239,19 @@ pub struct Session {
     /// Counted among the sessions with work on the primary (a switchover
     /// waits for them).
     pass: PrimaryPass,
+    /// What the unit being answered told the client so far: whether it
+    /// sent an error, and whether its last command tag ended a transaction.
+    pub(super) unit_seen: UnitSeen,
+    /// Bytes from the client not yet added to the group's stats.
+    client_bytes_in: u64,
+}
+
+/// What a unit's responses showed, for counting transactions.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct UnitSeen {
+    error: bool,
+    /// The last command tag was COMMIT (true) or ROLLBACK (false).
+    end: Option<bool>,
 }
 
 /// A client counted in the connection gauge while it lives.
@@ -328,6 +341,8 @@ impl Session {
             cancel,
             cancel_target: None,
             draining: false,
+            unit_seen: UnitSeen::default(),
+            client_bytes_in: 0,
         }
     }
 
@@ -403,7 +418,10 @@ impl Session {
             // Take every complete client message we may act on now.
             while self.pending.is_none() {
                 match self.client.try_next() {
-                    Ok(Some(f)) => self.on_client_frame(f).await?,
+                    Ok(Some(f)) => {
+                        self.client_bytes_in += f.raw.len() as u64;
+                        self.on_client_frame(f).await?
+                    }
                     Ok(None) => break,
                     Err(e) => return Err(End::Fatal(frame_error(e))),
                 }
@@ -528,6 +546,10 @@ impl Session {
 
     /// Writes waiting output to the client.
     async fn flush(&mut self) -> Result<(), End> {
+        self.group.stats.client_bytes(
+            std::mem::take(&mut self.client_bytes_in),
+            self.out.len() as u64,
+        );
         if !self.out.is_empty() {
             self.client_wr
                 .write_all(&self.out)
@@ -604,6 +626,7 @@ impl Session {
                     return Ok(());
                 }
             };
+            conn.stats.received(frame.raw.len());
             if frame.tag == b'E' && messages::error_is_fatal(frame.body()) {
                 // The node is closing this connection (shutdown, postmaster
                 // gone, terminated): the client's connection to us lives on,
@@ -659,6 +682,10 @@ impl Session {
             if frame.tag == b'Z' && outcome.unit_done {
                 self.retry = None;
                 self.group.node(i).end_units(1);
+                if let Some(conn) = self.backends[i].as_mut() {
+                    conn.stats
+                        .unit_done(&self.group.node(i).stats, self.cancel.pid as usize);
+                }
                 let rfq = if i == self.group.primary() {
                     self.on_primary_rfq(frame, i).await?
                 } else {
@@ -677,6 +704,7 @@ impl Session {
                 if frame.tag == b'E' && i == self.group.primary() {
                     self.write.unit_failed = true;
                 }
+                self.note_relayed(i, &frame);
                 self.out.extend_from_slice(&frame.raw);
             }
             if self.out.len() >= FLUSH_AT {
@@ -688,6 +716,20 @@ impl Session {
     /// Forwards a ReadyForQuery from node `i` and follows its status.
     fn forward_rfq(&mut self, rfq: Frame, i: usize) {
         let status = rfq.body().first().copied().unwrap_or(b'I');
+        if status == b'I' {
+            // A transaction ended: a block by its COMMIT or ROLLBACK tag
+            // (none: it was lost), an autocommit unit by whether it failed.
+            let seen = std::mem::take(&mut self.unit_seen);
+            let committed = match seen.end {
+                Some(c) => c,
+                None => self.tx_node.is_none() && !seen.error,
+            };
+            if let Some(node) = self.group.nodes().get(i) {
+                node.stats.transaction_ended(committed);
+            }
+        } else {
+            self.unit_seen = UnitSeen::default();
+        }
         self.tx_node = (status != b'I').then_some(i);
         self.out.extend_from_slice(&rfq.raw);
     }
@@ -697,10 +739,47 @@ impl Session {
         let Some(conn) = self.backends[i].as_mut() else {
             return Ok(());
         };
+        conn.stats.sent(bytes.len());
         if let Err(e) = conn.send(bytes).await {
             self.backend_lost(i, e.to_string());
         }
         Ok(())
+    }
+
+    /// Counts an error the proxy itself sends to the client, and sends it.
+    fn put_error(&mut self, e: &PgError) {
+        self.unit_seen.error = true;
+        self.group.stats.error(e.code.as_bytes());
+        e.encode(&mut self.out);
+    }
+
+    /// Counts a message from node `i` relayed to the client: its errors,
+    /// and what ends a transaction.
+    fn note_relayed(&mut self, i: usize, frame: &Frame) {
+        match frame.tag {
+            b'E' => {
+                self.unit_seen.error = true;
+                self.group
+                    .node(i)
+                    .stats
+                    .errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.group
+                    .stats
+                    .error(crate::admin::stats::error_sqlstate(frame.body()));
+            }
+            b'C' => {
+                let tag = frame.body();
+                self.unit_seen.end = if tag.starts_with(b"COMMIT") {
+                    Some(true)
+                } else if tag.starts_with(b"ROLLBACK") {
+                    Some(false)
+                } else {
+                    None
+                };
+            }
+            _ => {}
+        }
     }
 
     /// Points cancel requests at backend `i`.
@@ -723,12 +802,13 @@ impl Session {
     async fn finish(mut self, result: Result<(), End>) {
         if let Err(End::Fatal(e)) = result {
             tracing::info!(error = %e, "closing session");
-            e.encode(&mut self.out);
+            self.put_error(&e);
         }
         let _ = self.flush().await;
         for (i, b) in self.backends.iter_mut().enumerate() {
             if let Some(mut conn) = b.take() {
                 self.group.node(i).end_units(conn.tracker.client_units());
+                conn.stats.lost(&self.group.node(i).stats);
                 let _ = conn.send(&[b'X', 0, 0, 0, 4]).await;
             }
         }

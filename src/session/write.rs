@@ -797,15 +797,14 @@ impl Session {
         match (kind, ok, tx.seq, tx.failed) {
             (Own::Commit, true, Some(seq), None) => self.committed(seq, tx.term, idle, tx.ddl),
             (_, _, _, Some(e)) => {
-                e.encode(&mut self.out);
+                self.put_error(&e);
                 Some(idle)
             }
             (Own::Commit, _, _, None) => {
-                PgError::error(
+                self.put_error(&PgError::error(
                     "40000",
                     "the transaction could not be committed; it was rolled back",
-                )
-                .encode(&mut self.out);
+                ));
                 Some(idle)
             }
             _ => {
@@ -899,25 +898,25 @@ impl Session {
                 }
             }
             SyncOutcome::Lost => {
-                PgError::error(
+                self.put_error(&PgError::error(
                     "08007",
                     format!(
                         "the transaction committed on the primary {old_primary} (seq {seq}), which failed before any subscriber applied it: it is not part of the group's history"
                     ),
                 )
                 .with_hint("the group failed over to another primary; run the transaction again")
-                .encode(&mut self.out);
+                );
                 return Some(rfq);
             }
             SyncOutcome::Unknown => {
-                PgError::error(
+                self.put_error(&PgError::error(
                     "08007",
                     format!(
                         "the transaction committed on the primary {old_primary} (seq {seq}), which stopped answering before a subscriber applied it: whether it survives is unknown"
                     ),
                 )
                 .with_hint("check whether its changes are present before retrying")
-                .encode(&mut self.out);
+                );
                 return Some(rfq);
             }
         }
