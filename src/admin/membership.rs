@@ -173,6 +173,11 @@ pub async fn join(
     match task.await.map_err(|e| e.to_string()).and_then(|r| r) {
         Ok(seeded) => {
             tracing::info!(group = %g.name, node = %node.name, seq = seeded.seq, "node added");
+            g.stats.journal.record(
+                Some(&node.name),
+                "node_added",
+                format!("seeded at seq {}", seeded.seq),
+            );
             Ok(seeded)
         }
         Err(e) => {
@@ -248,6 +253,9 @@ pub async fn leave(shared: &Shared, g: &Group, index: usize) -> Result<(), PgErr
     let _applier = node.apply_lock.lock().await;
     node.control.reset().await;
     tracing::info!(group = %g.name, node = %node.name, "node removed");
+    g.stats
+        .journal
+        .record(Some(&node.name), "node_removed", "left the group");
     Ok(())
 }
 

@@ -216,7 +216,7 @@ pub const CATALOG: &[Metric] = &[
         "reprise_verify_mismatched_tables",
         Kind::Gauge,
         "group, node",
-        "Tables that did not match the primary at the last VERIFY (0: identical)",
+        "Tables that did not match the primary at the last VERIFY (0 before the first one)",
     ),
 ];
 

@@ -90,6 +90,7 @@ impl NodeStats {
         let labels = [("group", group.to_string()), ("node", node.to_string())];
         metrics::counter!("reprise_divergence_events_total", &labels).increment(0);
         metrics::counter!("reprise_node_applied_entries_total", &labels).increment(0);
+        metrics::gauge!("reprise_verify_mismatched_tables", &labels).increment(0.0);
         for s in STATES {
             metrics::counter!("reprise_node_state_changes_total",
                 "group" => group.to_string(), "node" => node.to_string(), "to" => s.as_str())
@@ -241,9 +242,11 @@ impl GroupStats {
             "reprise_client_connections_total",
             "reprise_client_received_bytes_total",
             "reprise_client_sent_bytes_total",
+            "reprise_verify_runs_total",
         ] {
             metrics::counter!(name, &label).increment(0);
         }
+        metrics::gauge!("reprise_verify_seq", &label).increment(0.0);
         metrics::gauge!("reprise_client_connections", &label).increment(0.0);
         let route = |r: &'static str| metrics::counter!("reprise_queries_total", "group" => group.to_string(), "route" => r);
         GroupStats {

@@ -164,6 +164,16 @@ pub async fn verify(group: &Arc<Group>, wait: Duration) -> Result<Arc<Report>, S
         checks,
     });
     publish(group, &report);
+    let s = report.summary();
+    group.stats.journal.record(
+        None,
+        "verify",
+        if s.mismatches == 0 {
+            format!("seq {}: {} tables match on every node", s.seq, s.tables)
+        } else {
+            format!("seq {}: MISMATCH {}", s.seq, s.mismatched.join(", "))
+        },
+    );
     *group.last_verify.lock().expect("verify") = Some(report.clone());
     Ok(report)
 }
