@@ -197,7 +197,7 @@ pub fn lag(path: &Path, title: &str, series: &[LagSeries]) -> anyhow::Result<()>
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font((FAMILY, 16))
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .draw()
             .map_err(err)?;
     }

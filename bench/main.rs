@@ -158,6 +158,8 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("REPRISE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        // The proxy's log stays out of the results on stdout.
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Cmd::Load {
