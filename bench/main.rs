@@ -76,7 +76,7 @@ enum Cmd {
     },
     /// Direct, PgBouncer, Reprise (1, 2, 3 nodes) and Pgpool-II measured
     /// in one run on the same copies; results, summary and charts in
-    /// --out-dir. Takes about 6 minutes on 2 cores.
+    /// --out-dir. Takes about 5 minutes on 2 cores.
     Compare {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 8)]
