@@ -8,6 +8,16 @@
 //! `reprise-bench failover` kills the primary under a steady write load
 //! and measures how long writes stop, then does the same for planned
 //! switchovers.
+//!
+//! `reprise-bench load` is a load generator for any PostgreSQL-wire
+//! endpoint (load.rs); `reprise-bench compare` measures direct, PgBouncer,
+//! Reprise and Pgpool-II with it in one run and draws charts (compare.rs,
+//! charts.rs, pgpool.rs).
+
+mod charts;
+mod compare;
+mod load;
+mod pgpool;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -30,6 +40,60 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Runs a workload against any PostgreSQL-wire endpoint holding
+    /// pgbench's tables and reports throughput and latency percentiles.
+    Load {
+        /// e.g. postgres://postgres@127.0.0.1:6432/app
+        #[arg(long)]
+        url: String,
+        #[arg(long, value_enum, default_value = "select")]
+        workload: load::Workload,
+        /// How statements are sent (simple: SQL text; extended: unnamed
+        /// Parse/Bind/Execute; prepared: named statements prepared once).
+        #[arg(long, value_enum, default_value = "prepared")]
+        protocol: load::Protocol,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds to run (default 10 when --count is not given).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Operations to run in all (a tpcb transaction is one).
+        #[arg(long)]
+        count: Option<u64>,
+        /// `mixed`: the share of operations that are tpcb transactions.
+        #[arg(long, default_value_t = 0.1)]
+        write_ratio: f64,
+        /// At most this many operations per second in all.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Run until stopped (SIGINT/SIGTERM), printing a report every
+        /// --duration seconds (the docker demo's steady load).
+        #[arg(long)]
+        forever: bool,
+    },
+    /// Direct, PgBouncer, Reprise (1, 2, 3 nodes) and Pgpool-II measured
+    /// in one run on the same copies; results, summary and charts in
+    /// --out-dir. Takes about 5 minutes on 2 cores.
+    Compare {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 8)]
+        duration: u64,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        scale: u32,
+        /// Kills of the primary, then as many switchovers.
+        #[arg(long, default_value_t = 5)]
+        failover_runs: usize,
+        /// 3 s per measurement and 3 failover runs (about 3 minutes).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
+    },
     /// pgbench TPC-B direct to one node vs through Reprise with 3 copies,
     /// with subscriber lag during the run.
     Write {
@@ -94,8 +158,66 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("REPRISE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        // The proxy's log stays out of the results on stdout.
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Cmd::Load {
+            url,
+            workload,
+            protocol,
+            clients,
+            duration,
+            count,
+            write_ratio,
+            rate,
+            json,
+            forever,
+        } => {
+            let opts = load::LoadOptions {
+                url,
+                workload,
+                protocol,
+                clients,
+                duration: match (duration, count) {
+                    (None, None) => Some(Duration::from_secs(10)),
+                    (d, _) => d.map(Duration::from_secs_f64),
+                },
+                count,
+                write_ratio,
+                rate,
+                progress: !forever,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                loop {
+                    let report = load::run(&opts).await?;
+                    print!("{}", report.table());
+                    if let Some(path) = &json {
+                        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+                    }
+                    if !forever {
+                        return anyhow::Ok(());
+                    }
+                }
+            })
+        }
+        Cmd::Compare {
+            duration,
+            clients,
+            scale,
+            failover_runs,
+            quick,
+            out_dir,
+        } => compare::run(&compare::Options {
+            duration: if quick { 3 } else { duration },
+            clients,
+            scale,
+            failover_runs: if quick { 3 } else { failover_runs },
+            out_dir,
+        }),
         Cmd::Overhead {
             clients,
             duration,
@@ -110,7 +232,7 @@ fn main() -> anyhow::Result<()> {
             modes,
             out,
         } => write(clients, duration, scale, &modes, &out),
-        Cmd::Failover { runs, clients, out } => failover::run(runs, clients, &out),
+        Cmd::Failover { runs, clients, out } => failover::run(runs, clients, &out).map(drop),
     }
 }
 
@@ -314,18 +436,8 @@ impl PgBouncer {
                 pdir.join("pgbouncer.log").display(),
             ),
         )?;
-        let root = unsafe { libc::geteuid() } == 0;
-        let mut cmd = if root {
-            let _ = Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(&pdir)
-                .status();
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--", exe]);
-            c
-        } else {
-            Command::new(exe)
-        };
+        let mut cmd = Command::new(exe);
+        pgpool::as_postgres(&mut cmd, &pdir)?;
         let child = cmd
             .arg(&ini)
             .stdout(std::process::Stdio::null())
@@ -551,20 +663,78 @@ mod failover {
     }
 
     #[derive(Debug, Serialize)]
-    struct Stat {
-        median: f64,
-        max: f64,
+    pub(crate) struct Stat {
+        pub(crate) median: f64,
+        pub(crate) max: f64,
+    }
+
+    /// Every connection's writes around the first kill, in ms relative to
+    /// it: when each acknowledged write was acknowledged, when each error
+    /// came back.
+    #[derive(Debug, Serialize)]
+    pub(crate) struct Timeline {
+        pub(crate) first_write_ms: f64,
+        pub(crate) from_ms: f64,
+        pub(crate) to_ms: f64,
+        pub(crate) oks: Vec<Vec<f64>>,
+        pub(crate) errors: Vec<Vec<f64>>,
     }
 
     #[derive(Debug, Serialize)]
-    struct Report {
+    pub(crate) struct Report {
         settings: Settings,
         failovers: Vec<FailoverRun>,
         switchovers: Vec<SwitchoverRun>,
-        summary: BTreeMap<String, Stat>,
-        acknowledged_writes: usize,
-        lost_acknowledged_writes: usize,
-        copies_identical: bool,
+        pub(crate) summary: BTreeMap<String, Stat>,
+        pub(crate) acknowledged_writes: usize,
+        pub(crate) lost_acknowledged_writes: usize,
+        pub(crate) copies_identical: bool,
+        pub(crate) timeline: Option<Timeline>,
+    }
+
+    impl Timeline {
+        /// The window [from, to] ms around `killed`, from the logs.
+        fn of(
+            logs: &[LoadLog],
+            killed: Instant,
+            first_write_ms: f64,
+            from_ms: f64,
+            to_ms: f64,
+        ) -> Timeline {
+            let rel = |t: Instant| {
+                if t >= killed {
+                    ms(t - killed)
+                } else {
+                    -ms(killed - t)
+                }
+            };
+            let keep = |v: f64| v >= from_ms && v <= to_ms;
+            Timeline {
+                first_write_ms,
+                from_ms,
+                to_ms,
+                oks: logs
+                    .iter()
+                    .map(|l| {
+                        l.oks
+                            .iter()
+                            .map(|(_, e, _)| rel(*e))
+                            .filter(|v| keep(*v))
+                            .collect()
+                    })
+                    .collect(),
+                errors: logs
+                    .iter()
+                    .map(|l| {
+                        l.errors
+                            .iter()
+                            .map(|(t, _)| rel(*t))
+                            .filter(|v| keep(*v))
+                            .collect()
+                    })
+                    .collect(),
+            }
+        }
     }
 
     /// One connection's acknowledged writes (started, acknowledged) and
@@ -716,7 +886,7 @@ mod failover {
     }
 
     /// GET /status.
-    fn status(http: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    pub(crate) fn status(http: SocketAddr) -> anyhow::Result<serde_json::Value> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(http)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -807,15 +977,15 @@ mod failover {
     }
 
     /// The proxy running in this process.
-    struct Proxy {
-        port: u16,
-        http: SocketAddr,
+    pub(crate) struct Proxy {
+        pub(crate) port: u16,
+        pub(crate) http: SocketAddr,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
         task: tokio::task::JoinHandle<anyhow::Result<()>>,
     }
 
     impl Proxy {
-        fn start(
+        pub(crate) fn start(
             rt: &tokio::runtime::Runtime,
             config: reprise::config::Config,
         ) -> anyhow::Result<Proxy> {
@@ -834,11 +1004,11 @@ mod failover {
             })
         }
 
-        fn url(&self, db: &str) -> String {
+        pub(crate) fn url(&self, db: &str) -> String {
             format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
         }
 
-        fn stop(mut self, rt: &tokio::runtime::Runtime) {
+        pub(crate) fn stop(mut self, rt: &tokio::runtime::Runtime) {
             if let Some(tx) = self.stop.take() {
                 let _ = tx.send(());
             }
@@ -847,7 +1017,7 @@ mod failover {
         }
     }
 
-    pub fn run(runs: usize, clients: usize, out: &Path) -> anyhow::Result<()> {
+    pub fn run(runs: usize, clients: usize, out: &Path) -> anyhow::Result<Report> {
         let dir = tempfile::Builder::new().prefix("reprise-bench").tempdir()?;
         eprintln!("creating 3 local copies …");
         let mut cluster = LocalCluster::create(
@@ -910,6 +1080,7 @@ mod failover {
             "rejoin ms"
         );
         let mut failovers = Vec::new();
+        let mut timeline = None;
         for run in 1..=runs {
             let s = status(http)?;
             let killed_name = primary_of(&s);
@@ -940,6 +1111,7 @@ mod failover {
                 .collect();
             let s = status(http)?;
             let client_errors = load.errors() - errors_before;
+            let first_ms = ms(*firsts.iter().min().unwrap_or(&Duration::ZERO));
 
             cluster.nodes[p].start()?;
             let back = Instant::now();
@@ -958,12 +1130,17 @@ mod failover {
             } else {
                 "caught up"
             };
+            if timeline.is_none() {
+                // From shortly before the kill to well after writes resumed.
+                let to = (first_ms * 2.5).max(600.0);
+                timeline = Some(Timeline::of(&load.snapshot(), killed, first_ms, -400.0, to));
+            }
             let r = FailoverRun {
                 run,
                 killed: killed_name,
                 new_primary: primary_of(&s),
                 term: term_of(&s),
-                first_write_ms: ms(*firsts.iter().min().unwrap_or(&Duration::ZERO)),
+                first_write_ms: first_ms,
                 all_clients_ms: ms(*firsts.iter().max().unwrap_or(&Duration::ZERO)),
                 client_errors,
                 rejoin: rejoin.to_string(),
@@ -1140,6 +1317,7 @@ mod failover {
             acknowledged_writes: acknowledged,
             lost_acknowledged_writes: lost,
             copies_identical: identical,
+            timeline,
         };
         if let Some(parent) = out.parent() {
             std::fs::create_dir_all(parent)?;
@@ -1147,6 +1325,6 @@ mod failover {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
         eprintln!("results written to {}", out.display());
         cluster.stop();
-        Ok(())
+        Ok(report)
     }
 }
