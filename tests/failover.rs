@@ -15,9 +15,13 @@ use reprise::local::{LocalError, LocalNode, PgBin, StopMode};
 
 /// SQLSTATEs a client may see for a transaction that was running on a
 /// primary that failed: connection failure, admin shutdown, transaction
-/// resolution unknown (COMMIT in flight), and the fencing refusal of an
-/// old primary's log append.
-const FAILOVER_CODES: &[&str] = &["08006", "57P01", "08007", "40P02"];
+/// resolution unknown (COMMIT in flight), the fencing refusal of an old
+/// primary's log append, and "transaction aborted" (25P02) — what the next
+/// statement of a lost transaction gets once the session has answered one
+/// unit with 08006. tokio-postgres closes each statement it prepared with a
+/// Close + Sync it does not wait for; when that unit is the one in flight,
+/// the 08006 goes to it and the client's next statement sees 25P02.
+const FAILOVER_CODES: &[&str] = &["08006", "57P01", "08007", "40P02", "25P02"];
 
 /// How long every test may run before it fails instead of hanging.
 const TEST_LIMIT: Duration = Duration::from_secs(300);
