@@ -36,6 +36,9 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// TLS for client connections; absent: clients are answered 'N'.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupConfig>,
 }
@@ -93,13 +96,31 @@ pub enum AuthMethod {
     ScramSha256,
 }
 
+/// TLS for client connections: the proxy's certificate and key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain (the proxy's first).
+    pub cert: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// Refuse clients that do not use TLS (SQLSTATE 28000).
+    #[serde(default)]
+    pub required: bool,
+}
+
 /// A user allowed to connect to the proxy.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
+    /// The plain password (scram-sha-256); exclusive with `scram_verifier`.
     #[serde(default)]
     pub password: String,
+    /// A stored SCRAM-SHA-256 verifier in `pg_authid.rolpassword` format,
+    /// instead of `password`.
+    #[serde(default)]
+    pub scram_verifier: Option<String>,
     /// May use the admin console (the database `reprise`) under scram.
     #[serde(default)]
     pub admin: bool,
@@ -267,6 +288,48 @@ pub struct NodeConfig {
     /// wins), and picks the first primary of a new group.
     #[serde(default)]
     pub priority: i32,
+    /// TLS to the node, as libpq's `sslmode`.
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// PEM file of the CA(s) the node's certificate must chain to; needed
+    /// by verify-ca and verify-full, and makes require verify the chain too.
+    #[serde(default)]
+    pub sslrootcert: Option<String>,
+}
+
+/// libpq's `sslmode` for connections to a node. Over a Unix socket TLS is
+/// never used (as in libpq).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Plain text only.
+    #[serde(rename = "disable")]
+    Disable,
+    /// TLS if the node offers it, else plain; the certificate is not checked.
+    #[default]
+    #[serde(rename = "prefer")]
+    Prefer,
+    /// TLS or fail; the certificate is checked only if `sslrootcert` is set.
+    #[serde(rename = "require")]
+    Require,
+    /// TLS, and the certificate must chain to `sslrootcert`.
+    #[serde(rename = "verify-ca")]
+    VerifyCa,
+    /// As verify-ca, and the certificate must name the node's host.
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
 }
 
 fn default_host() -> String {
@@ -363,6 +426,9 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        if let Some(tls) = &self.tls {
+            crate::wire::tls::server_config(tls)?;
+        }
         self.validate_groups()?;
         let most = self.groups.iter().map(|g| g.nodes.len()).min().unwrap_or(1);
         if self.replication.sync_replicas >= most.max(1) && self.replication.sync_replicas > 0 {
@@ -394,6 +460,27 @@ impl Config {
                 && let Err(e) = crate::wire::scram::ScramSecret::parse(&u.password)
             {
                 return Err((format!("auth.user[{i}].password"), e.to_string()));
+            }
+            if let Some(v) = &u.scram_verifier {
+                let key = format!("auth.user[{i}].scram_verifier");
+                if !u.password.is_empty() {
+                    return Err((
+                        key,
+                        "give either `password` or `scram_verifier`, not both".into(),
+                    ));
+                }
+                if let Err(e) = crate::wire::scram::ScramSecret::parse(v) {
+                    return Err((key, e.to_string()));
+                }
+            } else if self.auth.method == AuthMethod::ScramSha256 && u.password.is_empty() {
+                return Err((
+                    format!("auth.user[{i}].password"),
+                    format!(
+                        "user `{}` needs a `password` or a `scram_verifier` \
+                         under method \"scram-sha-256\"",
+                        u.name
+                    ),
+                ));
             }
         }
         if self.auth.method == AuthMethod::ScramSha256 && self.auth.users.is_empty() {
@@ -456,6 +543,8 @@ impl Config {
                 if n.user.is_empty() {
                     return Err((format!("{nkey}.user"), "must not be empty".into()));
                 }
+                crate::backend::tls::NodeTls::from_config(n)
+                    .map_err(|r| (format!("{nkey}.sslrootcert"), r))?;
             }
         }
         Ok(())

@@ -24,6 +24,8 @@ pub struct Shared {
     groups: HashMap<String, Arc<Group>>,
     group_order: Vec<String>,
     users: HashMap<String, ScramSecret>,
+    /// Set when `[tls]` is: SSLRequests are answered 'S'.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancel: Arc<CancelRegistry>,
     pub metrics: Metrics,
     shutdown: watch::Receiver<bool>,
@@ -36,6 +38,11 @@ impl Shared {
 
     pub fn auth_method(&self) -> AuthMethod {
         self.config.auth.method
+    }
+
+    /// The TLS acceptor for clients, when `[tls]` is configured.
+    pub fn tls_acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.tls.as_ref()
     }
 
     /// The SCRAM secret of a configured user.
@@ -80,6 +87,13 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         raise_fd_limit();
         let config = Arc::new(config);
+        let tls = match &config.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::wire::tls::server_config(t)
+                    .map_err(|(key, reason)| anyhow::anyhow!("key `{key}`: {reason}"))?,
+            )),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen_addr()).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen)
         })?;
@@ -131,7 +145,11 @@ impl Server {
             .users
             .iter()
             .map(|u| {
-                let secret = if u.password.starts_with("SCRAM-SHA-256$") {
+                let secret = if let Some(v) = &u.scram_verifier {
+                    ScramSecret::parse(v).map_err(|e| {
+                        anyhow::anyhow!("key `auth.user.scram_verifier` of user `{}`: {e}", u.name)
+                    })?
+                } else if u.password.starts_with("SCRAM-SHA-256$") {
                     ScramSecret::parse(&u.password).map_err(|e| {
                         anyhow::anyhow!("key `auth.user.password` of user `{}`: {e}", u.name)
                     })?
@@ -146,6 +164,7 @@ impl Server {
             groups,
             group_order,
             users,
+            tls,
             cancel: Arc::new(CancelRegistry::default()),
             metrics,
             shutdown: shutdown_rx,

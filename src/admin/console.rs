@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::group::failover::{self, Policy};
 use crate::group::{Group, NodeState};
 use crate::server::Shared;
 use crate::wire::MessageStream;
+use crate::wire::tls::{ClientRead, ClientWrite};
 use crate::wire::messages::{self, PgError, Reader};
 
 /// A command's answer: a table, or an error.
@@ -24,8 +24,8 @@ pub struct Table {
 /// Serves the console on an authenticated connection.
 pub async fn serve(
     shared: Arc<Shared>,
-    reader: &mut MessageStream<OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut MessageStream<ClientRead>,
+    wr: &mut ClientWrite,
 ) {
     let mut out = BytesMut::new();
     messages::parameter_status("server_version", "15.0 (Reprise admin console)", &mut out);
@@ -34,7 +34,7 @@ pub async fn serve(
     messages::ready_for_query(b'I', &mut out);
     let mut skipping = false;
     loop {
-        if wr.write_all(&out).await.is_err() {
+        if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
             return;
         }
         out.clear();

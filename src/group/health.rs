@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinSet;
 use tokio::time::{MissedTickBehavior, interval, timeout};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::failover::{self, Policy};
 use super::{Group, Node, NodeState};
@@ -33,7 +33,9 @@ impl ControlConn {
         {
             return Ok(c.clone());
         }
-        let (client, conn) = connect_config(target).connect(NoTls).await?;
+        let (client, conn) = connect_config(target)
+            .connect(target.tls.connector())
+            .await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -48,11 +50,13 @@ impl ControlConn {
     }
 }
 
-/// tokio-postgres settings for a node.
+/// tokio-postgres settings for a node; connect with
+/// `target.tls.connector()`.
 pub fn connect_config(target: &Target) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.host(&target.host)
         .port(target.port)
+        .ssl_mode(target.tls.pg_mode(&target.host))
         .user(&target.user)
         .dbname(&target.dbname)
         .application_name("reprise-control")

@@ -100,6 +100,8 @@ impl LocalCluster {
                     password: String::new(),
                     weight: 1,
                     priority: 0,
+                    sslmode: Default::default(),
+                    sslrootcert: None,
                 })
                 .collect(),
         }

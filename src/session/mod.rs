@@ -20,12 +20,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::backend::{BackendConn, UnitOwner};
 use crate::group::{Group, NodeState};
 use crate::server::Shared;
 use crate::wire::messages::{self, PgError};
+use crate::wire::tls::{ClientRead, ClientWrite};
 use crate::wire::{Frame, FrameError, MessageStream};
 
 use cancel::{CancelGuard, CancelTarget};
@@ -45,20 +45,48 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let (rd, mut wr) = stream.into_split();
-    let mut reader = MessageStream::new(rd, shared.config().max_message_size);
     // A client that never finishes its startup and login would hold a
     // connection slot forever.
     let limit = std::time::Duration::from_millis(shared.config().auth.timeout_ms);
-    let result = match tokio::time::timeout(limit, open(&shared, &mut reader, &mut wr)).await {
-        Ok(r) => r,
-        Err(_) => Err(PgError::fatal(
+    let deadline = tokio::time::Instant::now() + limit;
+    let too_slow = || {
+        PgError::fatal(
             "08006",
             format!(
                 "the startup and login did not finish within {} ms (auth.timeout_ms)",
                 limit.as_millis()
             ),
-        )),
+        )
+    };
+    let negotiated = tokio::time::timeout_at(
+        deadline,
+        crate::wire::tls::negotiate(stream, shared.tls_acceptor()),
+    )
+    .await;
+    let crate::wire::tls::Negotiated {
+        reader: rd,
+        writer: mut wr,
+        tls,
+    } = match negotiated {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "connection closed during TLS negotiation");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, error = %too_slow(), "connection refused");
+            return;
+        }
+    };
+    let mut reader = MessageStream::new(rd, shared.config().max_message_size);
+    let result = match tokio::time::timeout_at(
+        deadline,
+        open(&shared, &mut reader, &mut wr, tls),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(too_slow()),
     };
     let (params, group, user) = match result {
         Ok(Some(v)) => v,
@@ -86,13 +114,21 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
 /// Startup and authentication; returns the parameters, group and user.
 async fn open(
     shared: &Arc<Shared>,
-    reader: &mut MessageStream<OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut MessageStream<ClientRead>,
+    wr: &mut ClientWrite,
+    tls: bool,
 ) -> Result<Option<(Vec<(String, String)>, Arc<Group>, String)>, PgError> {
-    let params = match startup::read_startup(shared, reader, wr).await? {
+    let params = match startup::read_startup(shared, reader, wr, tls).await? {
         startup::Opening::Session { params } => params,
         _ => return Ok(None),
     };
+    if !tls && shared.config().tls.as_ref().is_some_and(|t| t.required) {
+        return Err(PgError::fatal(
+            "28000",
+            "this server requires TLS (SSL) connections: connect with sslmode=require",
+        )
+        .with_hint("the proxy's [tls] section sets required = true"));
+    }
     let get = |k: &str| {
         params
             .iter()
@@ -144,10 +180,11 @@ async fn open(
     Ok(Some((params, group, user)))
 }
 
-async fn refuse(wr: &mut OwnedWriteHalf, e: &PgError) {
+async fn refuse(wr: &mut ClientWrite, e: &PgError) {
     let mut out = BytesMut::new();
     e.encode(&mut out);
     let _ = wr.write_all(&out).await;
+    let _ = wr.flush().await;
     let _ = wr.shutdown().await;
 }
 
@@ -163,8 +200,8 @@ enum End {
 pub struct Session {
     shared: Arc<Shared>,
     group: Arc<Group>,
-    client: MessageStream<OwnedReadHalf>,
-    client_wr: OwnedWriteHalf,
+    client: MessageStream<ClientRead>,
+    client_wr: ClientWrite,
     /// Output for the client, flushed when input runs dry.
     out: BytesMut,
     /// Reused buffer for what goes to a backend.
@@ -265,8 +302,8 @@ impl Session {
     fn new(
         shared: Arc<Shared>,
         group: Arc<Group>,
-        client: MessageStream<OwnedReadHalf>,
-        client_wr: OwnedWriteHalf,
+        client: MessageStream<ClientRead>,
+        client_wr: ClientWrite,
         params: Vec<(String, String)>,
         cancel: CancelGuard,
     ) -> Session {
@@ -469,6 +506,7 @@ impl Session {
                 .write_all(&self.out)
                 .await
                 .map_err(|_| End::Client)?;
+            self.client_wr.flush().await.map_err(|_| End::Client)?;
             self.out.clear();
         }
         Ok(())
@@ -648,6 +686,7 @@ impl Session {
             self.cancel.slot.set(CancelTarget {
                 host: conn.host.clone(),
                 port: conn.port,
+                tls: conn.tls.clone(),
                 pid: conn.pid,
                 secret: conn.secret,
             });
