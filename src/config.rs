@@ -726,4 +726,55 @@ weight = 0
         assert_eq!(e.key, "auth.user[0].password");
         assert!(e.reason.contains("invalid SCRAM verifier"), "{e}");
     }
+
+    const VERIFIER_USER: &str = "[auth]\nmethod = \"scram-sha-256\"\n[[auth.user]]\nname = \"app\"\n";
+    const ONE_NODE: &str = "[[group]]\nname = \"app\"\n[[group.node]]\nname = \"n1\"\n";
+
+    #[test]
+    fn a_scram_verifier_is_checked_and_exclusive_with_a_password() {
+        let good = crate::wire::scram::ScramSecret::from_password("pw").to_verifier();
+        let c = Config::parse(
+            &format!("{VERIFIER_USER}scram_verifier = \"{good}\"\n{ONE_NODE}"),
+            "v.toml",
+        )
+        .unwrap();
+        assert_eq!(c.auth.users[0].scram_verifier.as_deref(), Some(good.as_str()));
+
+        let e = err(&format!(
+            "{VERIFIER_USER}scram_verifier = \"SCRAM-SHA-256$4096:c2FsdA==$short:key\"\n{ONE_NODE}"
+        ));
+        assert_eq!(e.key, "auth.user[0].scram_verifier", "{e}");
+        assert!(e.reason.contains("invalid SCRAM verifier"), "{e}");
+
+        let e = err(&format!(
+            "{VERIFIER_USER}password = \"pw\"\nscram_verifier = \"{good}\"\n{ONE_NODE}"
+        ));
+        assert_eq!(e.key, "auth.user[0].scram_verifier", "{e}");
+        assert!(e.reason.contains("not both"), "{e}");
+
+        let e = err(&format!("{VERIFIER_USER}{ONE_NODE}"));
+        assert_eq!(e.key, "auth.user[0].password", "{e}");
+    }
+
+    #[test]
+    fn tls_files_and_sslmodes_are_checked() {
+        let e = err(&format!(
+            "[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n{ONE_NODE}"
+        ));
+        assert_eq!(e.key, "tls.cert", "{e}");
+        assert!(e.reason.contains("/nonexistent/c.pem"), "{e}");
+
+        let c = Config::parse(ONE_NODE, "d.toml").unwrap();
+        assert_eq!(c.groups[0].nodes[0].sslmode, SslMode::Prefer);
+        assert!(c.tls.is_none());
+
+        let e = err(&format!("{ONE_NODE}sslmode = \"verify-full\"\n"));
+        assert_eq!(e.key, "group[0].node[0].sslrootcert", "{e}");
+        let e = err(&format!(
+            "{ONE_NODE}sslmode = \"verify-ca\"\nsslrootcert = \"/nonexistent/ca.pem\"\n"
+        ));
+        assert_eq!(e.key, "group[0].node[0].sslrootcert", "{e}");
+        let e = err(&format!("{ONE_NODE}sslmode = \"allow\"\n"));
+        assert!(e.reason.contains("unknown variant"), "{e}");
+    }
 }
