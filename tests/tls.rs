@@ -182,8 +182,15 @@ async fn clients_use_tls_for_sessions_the_console_and_cancels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_tls_require_fails_and_required_tls_refuses_plain_clients() {
-    // No [tls]: sslmode=require is refused by libpq itself ('N').
-    let g = TestGroup::start(1, |_| {}).await;
+    // No [tls]: sslmode=require is refused by libpq itself ('N'). The
+    // proxy reaches its (plain) copies over TCP with sslmode disable.
+    let g = TestGroup::start(2, |c| {
+        for n in &mut c.groups[0].nodes {
+            n.host = "127.0.0.1".into();
+            n.sslmode = SslMode::Disable;
+        }
+    })
+    .await;
     let (ok, _, err) = psql(&conninfo(&g.proxy, "app", "sslmode=require"), "SELECT 1;\n");
     assert!(!ok, "sslmode=require succeeded without [tls]");
     assert!(err.contains("does not support SSL"), "{err}");
@@ -216,6 +223,25 @@ async fn without_tls_require_fails_and_required_tls_refuses_plain_clients() {
     let (ok, out, err) = psql(&conninfo(&strict, "app", "sslmode=require"), "SELECT 1;\n");
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "1");
+
+    // sslmode disable to plain nodes: writes replicate, reads come back.
+    let c = g.proxy.client("app").await;
+    c.execute("INSERT INTO notes (body) VALUES ('plain')", &[])
+        .await
+        .unwrap();
+    assert!(
+        wait_caught_up(&g, &[0, 1], Duration::from_secs(60))
+            .await
+            .is_some(),
+        "{:#}",
+        g.proxy.status().await
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
 }
 
 /// Two copies that speak TLS only: `ssl = on` with the test certificate in
@@ -409,7 +435,10 @@ async fn a_node_that_cannot_be_reached_as_configured_is_down() {
         Err(e) => e,
     };
     let text = db_text(&e);
-    assert!(text.contains("down") || text.contains("08"), "{text}");
+    assert!(text.contains("down"), "{text}");
+    // Why each is down: pg_hba's refusal of plain TCP, and the certificate.
+    let logs = std::fs::read_to_string(g.node(0).log_file()).unwrap();
+    assert!(logs.contains("no encryption"), "n1's log shows no refusal of plain TCP");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -319,22 +319,20 @@ where
     type TlsConnect = PgTlsConnect;
     type Error = io::Error;
 
+    /// Called for every connection, even with sslmode disable (then the
+    /// connector is never used).
     fn make_tls_connect(&mut self, host: &str) -> io::Result<PgTlsConnect> {
-        let config = self
-            .0
-            .config
-            .clone()
-            .ok_or_else(|| io::Error::other("TLS is disabled for this node (sslmode disable)"))?;
         Ok(PgTlsConnect {
-            connector: TlsConnector::from(config),
+            connector: self.0.config.clone().map(TlsConnector::from),
             name: self.0.name_for(host)?,
         })
     }
 }
 
-/// One handshake for tokio-postgres.
+/// One handshake for tokio-postgres; without a connector (sslmode
+/// disable) there is none.
 pub struct PgTlsConnect {
-    connector: TlsConnector,
+    connector: Option<TlsConnector>,
     name: ServerName<'static>,
 }
 
@@ -348,7 +346,10 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let tls = self.connector.connect(self.name, stream).await?;
+            let connector = self
+                .connector
+                .ok_or_else(|| io::Error::other("TLS is disabled for this node (sslmode disable)"))?;
+            let tls = connector.connect(self.name, stream).await?;
             Ok(PgTlsStream(tls))
         })
     }

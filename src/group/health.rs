@@ -67,14 +67,33 @@ pub fn connect_config(target: &Target) -> tokio_postgres::Config {
     c
 }
 
+/// A tokio-postgres error with what caused it: the server's message, or
+/// the chain of sources (its own text is only the kind, such as "error
+/// performing TLS handshake").
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    s
+}
+
 /// One probe: a round trip on the control connection.
 async fn probe(conn: &ControlConn, node: &Node) -> Result<(), String> {
-    let client = conn.get(&node.target).await.map_err(|e| e.to_string())?;
+    let client = conn
+        .get(&node.target)
+        .await
+        .map_err(|e| error_text(&e))?;
     client
         .simple_query("SELECT 1")
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| error_text(&e))
 }
 
 /// Probes once with the timeout, resetting the connection on failure.

@@ -250,7 +250,7 @@ fn addr(t: &Target) -> String {
 /// A tokio-postgres error with the server's detail and hint, if any.
 fn pg_error(e: &tokio_postgres::Error) -> String {
     let Some(db) = e.as_db_error() else {
-        return e.to_string();
+        return crate::group::health::error_text(e);
     };
     let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
     if let Some(d) = db.detail() {
