@@ -727,7 +727,8 @@ weight = 0
         assert!(e.reason.contains("invalid SCRAM verifier"), "{e}");
     }
 
-    const VERIFIER_USER: &str = "[auth]\nmethod = \"scram-sha-256\"\n[[auth.user]]\nname = \"app\"\n";
+    const VERIFIER_USER: &str =
+        "[auth]\nmethod = \"scram-sha-256\"\n[[auth.user]]\nname = \"app\"\n";
     const ONE_NODE: &str = "[[group]]\nname = \"app\"\n[[group.node]]\nname = \"n1\"\n";
 
     #[test]
@@ -738,7 +739,10 @@ weight = 0
             "v.toml",
         )
         .unwrap();
-        assert_eq!(c.auth.users[0].scram_verifier.as_deref(), Some(good.as_str()));
+        assert_eq!(
+            c.auth.users[0].scram_verifier.as_deref(),
+            Some(good.as_str())
+        );
 
         let e = err(&format!(
             "{VERIFIER_USER}scram_verifier = \"SCRAM-SHA-256$4096:c2FsdA==$short:key\"\n{ONE_NODE}"

@@ -217,7 +217,10 @@ async fn without_tls_require_fails_and_required_tls_refuses_plain_clients() {
         .expect("a plain tokio-postgres client is refused");
     assert_eq!(sqlstate(&e), "28000", "{e}");
     // The console too.
-    let (ok, _, err) = psql(&conninfo(&strict, "reprise", "sslmode=disable"), "SHOW NODES;\n");
+    let (ok, _, err) = psql(
+        &conninfo(&strict, "reprise", "sslmode=disable"),
+        "SHOW NODES;\n",
+    );
     assert!(!ok && err.contains("requires TLS"), "{err}");
     // With TLS it works.
     let (ok, out, err) = psql(&conninfo(&strict, "app", "sslmode=require"), "SELECT 1;\n");
@@ -242,6 +245,23 @@ async fn without_tls_require_fails_and_required_tls_refuses_plain_clients() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
+
+    // sslmode require to those plain nodes: they are down, not used plain.
+    let mut config = g.config();
+    for n in &mut config.groups[0].nodes {
+        n.host = "127.0.0.1".into();
+        n.sslmode = SslMode::Require;
+    }
+    let demanding = Proxy::start(config).await;
+    for node in ["n1", "n2"] {
+        assert!(
+            wait_node_state(&demanding, node, &["down"], Duration::from_secs(30))
+                .await
+                .is_some(),
+            "{node} is not down: {:#}",
+            demanding.status().await
+        );
+    }
 }
 
 /// Two copies that speak TLS only: `ssl = on` with the test certificate in
@@ -438,7 +458,10 @@ async fn a_node_that_cannot_be_reached_as_configured_is_down() {
     assert!(text.contains("down"), "{text}");
     // Why each is down: pg_hba's refusal of plain TCP, and the certificate.
     let logs = std::fs::read_to_string(g.node(0).log_file()).unwrap();
-    assert!(logs.contains("no encryption"), "n1's log shows no refusal of plain TCP");
+    assert!(
+        logs.contains("no encryption"),
+        "n1's log shows no refusal of plain TCP"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,7 +479,10 @@ async fn a_stored_scram_verifier_authenticates() {
     .await;
     let right = format!("postgres://alice:s3cret@{}/app", g.proxy.addr);
     let c = connect(&right).await;
-    let row = c.query_one("SELECT count(*) FROM items", &[]).await.unwrap();
+    let row = c
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, i64>(0), 100);
 
     let wrong = format!("postgres://alice:secret@{}/app", g.proxy.addr);

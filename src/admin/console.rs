@@ -11,8 +11,8 @@ use crate::group::failover::{self, Policy};
 use crate::group::{Group, NodeState};
 use crate::server::Shared;
 use crate::wire::MessageStream;
-use crate::wire::tls::{ClientRead, ClientWrite};
 use crate::wire::messages::{self, PgError, Reader};
+use crate::wire::tls::{ClientRead, ClientWrite};
 
 /// A command's answer: a table, or an error.
 pub struct Table {

@@ -203,7 +203,10 @@ impl NodeTls {
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("TLS handshake (sslmode \"{}\") failed: {e}", self.mode.as_str()),
+                    format!(
+                        "TLS handshake (sslmode \"{}\") failed: {e}",
+                        self.mode.as_str()
+                    ),
                 )
             })?;
         let (r, w) = tokio::io::split(tls);
@@ -232,8 +235,11 @@ fn split_plain(stream: TcpStream) -> (super::ReadHalf, super::WriteHalf) {
 /// The name the certificate is checked against (verify-full only; the
 /// others accept any name).
 fn server_name(host: &str) -> io::Result<ServerName<'static>> {
-    ServerName::try_from(host.to_string())
-        .map_err(|e| io::Error::other(format!("`{host}` cannot be checked against a certificate: {e}")))
+    ServerName::try_from(host.to_string()).map_err(|e| {
+        io::Error::other(format!(
+            "`{host}` cannot be checked against a certificate: {e}"
+        ))
+    })
 }
 
 /// Checks the node's certificate as the mode says.
@@ -346,9 +352,9 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let connector = self
-                .connector
-                .ok_or_else(|| io::Error::other("TLS is disabled for this node (sslmode disable)"))?;
+            let connector = self.connector.ok_or_else(|| {
+                io::Error::other("TLS is disabled for this node (sslmode disable)")
+            })?;
             let tls = connector.connect(self.name, stream).await?;
             Ok(PgTlsStream(tls))
         })

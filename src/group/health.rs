@@ -85,10 +85,7 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
 
 /// One probe: a round trip on the control connection.
 async fn probe(conn: &ControlConn, node: &Node) -> Result<(), String> {
-    let client = conn
-        .get(&node.target)
-        .await
-        .map_err(|e| error_text(&e))?;
+    let client = conn.get(&node.target).await.map_err(|e| error_text(&e))?;
     client
         .simple_query("SELECT 1")
         .await

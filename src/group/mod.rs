@@ -115,7 +115,10 @@ impl Node {
                     // Validated at load; a CA file that went bad since makes
                     // every connection refuse the node rather than skip TLS.
                     tracing::error!(node = %config.name, error = %e, "sslrootcert");
-                    crate::backend::tls::NodeTls::unusable(config.sslmode, config.sslrootcert.as_deref())
+                    crate::backend::tls::NodeTls::unusable(
+                        config.sslmode,
+                        config.sslrootcert.as_deref(),
+                    )
                 }),
             },
             config: config.clone(),

@@ -79,15 +79,11 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         }
     };
     let mut reader = MessageStream::new(rd, shared.config().max_message_size);
-    let result = match tokio::time::timeout_at(
-        deadline,
-        open(&shared, &mut reader, &mut wr, tls),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(too_slow()),
-    };
+    let result =
+        match tokio::time::timeout_at(deadline, open(&shared, &mut reader, &mut wr, tls)).await {
+            Ok(r) => r,
+            Err(_) => Err(too_slow()),
+        };
     let (params, group, user) = match result {
         Ok(Some(v)) => v,
         Ok(None) => return,

@@ -32,7 +32,8 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Reads the PEM certificate chain of `key` (a config key, for errors).
 pub fn load_certs(path: &str, key: &str) -> Result<Vec<CertificateDer<'static>>, (String, String)> {
-    let pem = std::fs::read(path).map_err(|e| (key.to_string(), format!("cannot read `{path}`: {e}")))?;
+    let pem =
+        std::fs::read(path).map_err(|e| (key.to_string(), format!("cannot read `{path}`: {e}")))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
@@ -54,8 +55,12 @@ pub fn load_certs(path: &str, key: &str) -> Result<Vec<CertificateDer<'static>>,
 /// `tls.key`.
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, (String, String)> {
     let certs = load_certs(&tls.cert, "tls.cert")?;
-    let pem = std::fs::read(&tls.key)
-        .map_err(|e| ("tls.key".to_string(), format!("cannot read `{}`: {e}", tls.key)))?;
+    let pem = std::fs::read(&tls.key).map_err(|e| {
+        (
+            "tls.key".to_string(),
+            format!("cannot read `{}`: {e}", tls.key),
+        )
+    })?;
     let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         (
             "tls.key".to_string(),
