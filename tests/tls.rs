@@ -165,19 +165,22 @@ async fn clients_use_tls_for_sessions_the_console_and_cancels() {
     assert_eq!(row.get::<_, i64>(0), 100);
     let token = client.cancel_token();
     let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
-    // Cancel until the sleep ends: the first may arrive before it starts.
-    let cancelled = bounded(Duration::from_secs(30), async move {
-        loop {
-            token.cancel_query(tls.connector()).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if sleeper.is_finished() {
-                break sleeper.await.unwrap();
-            }
-        }
-    })
-    .await;
-    let e = cancelled.expect_err("the sleep was cancelled");
+    wait_sleeping(&g, 0).await;
+    token.cancel_query(tls.connector()).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(30), sleeper)
+        .await
+        .expect("the cancel took effect")
+        .unwrap()
+        .expect_err("the sleep was cancelled");
     assert_eq!(sqlstate(&e), "57014", "{e}");
+    // Every cancel over TLS ends cleanly: the proxy lets the client close
+    // first instead of resetting the connection under its close_notify.
+    for _ in 0..50 {
+        token
+            .cancel_query(tls.connector())
+            .await
+            .expect("a cancel request over TLS completes");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,6 +315,26 @@ async fn local_client(g: &TestGroup, i: usize) -> tokio_postgres::Client {
     client
 }
 
+/// Waits until node `i` runs `SELECT pg_sleep(60)`, so that a cancel
+/// reaches the sleep itself (not a statement the proxy runs before it).
+async fn wait_sleeping(g: &TestGroup, i: usize) {
+    let c = local_client(g, i).await;
+    let seen = wait_until(Duration::from_secs(30), || async {
+        let row = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query = 'SELECT pg_sleep(60)' AND state = 'active' \
+                 AND wait_event = 'PgSleep'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == 1
+    })
+    .await;
+    assert!(seen.is_some(), "the sleep never started on node {i}");
+}
+
 /// Waits for both copies to apply everything, then compares them.
 async fn assert_copies_identical(g: &TestGroup) {
     assert!(
@@ -380,17 +403,13 @@ async fn nodes_that_require_tls_serve_replicate_reseed_and_cancel() {
     let c = g.proxy.client("app").await;
     let token = c.cancel_token();
     let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(60)").await });
-    let cancelled = bounded(Duration::from_secs(30), async move {
-        loop {
-            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if sleeper.is_finished() {
-                break sleeper.await.unwrap();
-            }
-        }
-    })
-    .await;
-    let e = cancelled.expect_err("the sleep was cancelled");
+    wait_sleeping(&g, 0).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(30), sleeper)
+        .await
+        .expect("the cancel took effect")
+        .unwrap()
+        .expect_err("the sleep was cancelled");
     assert_eq!(sqlstate(&e), "57014", "{e}");
 
     // Seeding (pg_dump | psql) connects with the node's sslmode too.

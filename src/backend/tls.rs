@@ -121,12 +121,13 @@ impl NodeTls {
                 check_name: mode == SslMode::VerifyFull,
                 provider: provider.clone(),
             });
-            let config = ClientConfig::builder_with_provider(provider)
+            let mut config = ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .expect("the ring provider supports the default TLS versions")
                 .dangerous()
                 .with_custom_certificate_verifier(verifier)
                 .with_no_client_auth();
+            config.alpn_protocols = vec![crate::wire::tls::ALPN.to_vec()];
             Arc::new(config)
         });
         NodeTls {

@@ -49,40 +49,25 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     // connection slot forever.
     let limit = std::time::Duration::from_millis(shared.config().auth.timeout_ms);
     let deadline = tokio::time::Instant::now() + limit;
-    let too_slow = || {
-        PgError::fatal(
-            "08006",
-            format!(
-                "the startup and login did not finish within {} ms (auth.timeout_ms)",
-                limit.as_millis()
-            ),
-        )
-    };
-    let negotiated = tokio::time::timeout_at(
-        deadline,
-        crate::wire::tls::negotiate(stream, shared.tls_acceptor()),
-    )
-    .await;
-    let crate::wire::tls::Negotiated {
+    let Some(crate::wire::tls::Negotiated {
         reader: rd,
         writer: mut wr,
         tls,
-    } = match negotiated {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) => {
-            tracing::info!(%peer, error = %e, "connection closed during TLS negotiation");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(%peer, error = %too_slow(), "connection refused");
-            return;
-        }
+    }) = encryption(stream, &shared, deadline, &peer).await
+    else {
+        return;
     };
     let mut reader = MessageStream::new(rd, shared.config().max_message_size);
     let result =
         match tokio::time::timeout_at(deadline, open(&shared, &mut reader, &mut wr, tls)).await {
             Ok(r) => r,
-            Err(_) => Err(too_slow()),
+            Err(_) => Err(PgError::fatal(
+                "08006",
+                format!(
+                    "the startup and login did not finish within {} ms (auth.timeout_ms)",
+                    limit.as_millis()
+                ),
+            )),
         };
     let (params, group, user) = match result {
         Ok(Some(v)) => v,
@@ -107,6 +92,28 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// The SSLRequest exchange (and TLS handshake) by `deadline`; None when
+/// the client went away or took too long.
+async fn encryption(
+    stream: TcpStream,
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+    peer: &str,
+) -> Option<crate::wire::tls::Negotiated> {
+    let negotiation = crate::wire::tls::negotiate(stream, shared.tls_acceptor());
+    match tokio::time::timeout_at(deadline, negotiation).await {
+        Ok(Ok(n)) => Some(n),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "connection closed during the TLS negotiation");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "the TLS negotiation did not finish within auth.timeout_ms");
+            None
+        }
+    }
+}
+
 /// Startup and authentication; returns the parameters, group and user.
 async fn open(
     shared: &Arc<Shared>,
@@ -116,7 +123,11 @@ async fn open(
 ) -> Result<Option<(Vec<(String, String)>, Arc<Group>, String)>, PgError> {
     let params = match startup::read_startup(shared, reader, wr, tls).await? {
         startup::Opening::Session { params } => params,
-        _ => return Ok(None),
+        startup::Opening::Cancelled => {
+            linger(reader, wr).await;
+            return Ok(None);
+        }
+        startup::Opening::Gone => return Ok(None),
     };
     if !tls && shared.config().tls.as_ref().is_some_and(|t| t.required) {
         return Err(PgError::fatal(
@@ -174,6 +185,17 @@ async fn open(
         );
     };
     Ok(Some((params, group, user)))
+}
+
+/// After a cancel request: closes our side, then waits briefly for the
+/// client to close its own. Closing while a TLS client's close_notify is
+/// still unread would reset the connection under it, failing its cancel.
+async fn linger(reader: &mut MessageStream<ClientRead>, wr: &mut ClientWrite) {
+    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Ok(Some(_)) = reader.next().await {}
+    })
+    .await;
 }
 
 async fn refuse(wr: &mut ClientWrite, e: &PgError) {

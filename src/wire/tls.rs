@@ -19,6 +19,9 @@ use tokio_rustls::TlsAcceptor;
 use super::startup::{GSSENC_REQUEST, SSL_REQUEST};
 use crate::config::TlsConfig;
 
+/// The ALPN protocol name PostgreSQL registered for its wire protocol.
+pub const ALPN: &[u8] = b"postgresql";
+
 /// The read side of a client connection, plain or TLS.
 pub type ClientRead = Box<dyn AsyncRead + Send + Unpin>;
 /// The write side of a client connection, plain or TLS. Callers flush
@@ -67,7 +70,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, (String, Stri
             format!("`{}` holds no PEM private key: {e}", tls.key),
         )
     })?;
-    let config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ("tls".to_string(), e.to_string()))?
         .with_no_client_auth()
@@ -78,6 +81,8 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, (String, Stri
                 format!("does not fit the certificate in `{}`: {e}", tls.cert),
             )
         })?;
+    // As PostgreSQL 17+: a client that offers ALPN must offer this one.
+    config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(config))
 }
 
