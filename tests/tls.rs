@@ -153,6 +153,31 @@ async fn clients_use_tls_for_sessions_the_console_and_cancels() {
     assert!(ok, "the console over TLS failed: {err}");
     assert!(out.contains("n1"), "{out}");
 
+    // Plain bytes sent right after an SSLRequest are never read as the
+    // startup packet: they go to the TLS handshake, which fails.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(g.proxy.addr).await.unwrap();
+        let mut bytes = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        let mut startup = vec![0, 3, 0, 0];
+        for part in ["user", "postgres", "database", "app", ""] {
+            startup.extend_from_slice(part.as_bytes());
+            startup.push(0);
+        }
+        bytes.extend_from_slice(&((startup.len() + 4) as i32).to_be_bytes());
+        bytes.extend_from_slice(&startup);
+        s.write_all(&bytes).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        assert_eq!(answer.first(), Some(&b'S'), "{answer:?}");
+        // After 'S' only a TLS alert record (0x15) may follow, never an
+        // AuthenticationOk ('R') or any other protocol message.
+        assert!(
+            answer.len() == 1 || answer[1] == 0x15,
+            "plain bytes after the SSLRequest were answered: {answer:?}"
+        );
+    }
+
     // A rustls client verifying the certificate (verify-full, 127.0.0.1),
     // and a cancel request that goes over TLS too.
     let (client, tls) = verified_client(&g.proxy, "app", &pki.ca)
