@@ -167,5 +167,35 @@ mod tests {
         let (key, reason) = server_config(&config(&junk, &junk)).unwrap_err();
         assert_eq!(key, "tls.cert");
         assert!(reason.contains("no PEM certificate"), "{reason}");
+
+        // A good certificate: a missing key, a junk key, another key.
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert = write("cert.pem", &cert.pem());
+        let good_key = write("key.pem", &key.serialize_pem());
+        let other_key = write(
+            "other.pem",
+            &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+        assert_eq!(
+            server_config(&config(&cert, &missing)).unwrap_err().0,
+            "tls.key"
+        );
+        assert_eq!(
+            server_config(&config(&cert, &junk)).unwrap_err().0,
+            "tls.key"
+        );
+        let (key, reason) = server_config(&config(&cert, &other_key)).unwrap_err();
+        assert_eq!(key, "tls.key");
+        assert!(reason.contains("does not fit"), "{reason}");
+        server_config(&config(&cert, &good_key)).unwrap();
     }
 }
