@@ -315,5 +315,8 @@ pub async fn cancel(
     packet.extend_from_slice(&pid.to_be_bytes());
     packet.extend_from_slice(&secret.to_be_bytes());
     s.write_all(&packet).await?;
-    s.shutdown().await
+    s.flush().await?;
+    // Delivered; the node may close first, so the close can fail.
+    let _ = s.shutdown().await;
+    Ok(())
 }

@@ -60,7 +60,21 @@ pub async fn read_startup<W: AsyncWrite + Unpin>(
             Ok(StartupPacket::Cancel { pid, secret }) => {
                 if let Some(t) = shared.cancel.lookup(pid, secret) {
                     tracing::info!(pid, backend_pid = t.pid, node = %format!("{}:{}", t.host, t.port), "forwarding cancel request");
-                    let _ = crate::backend::cancel(&t.host, t.port, &t.tls, t.pid, t.secret).await;
+                    // Bounded: with TLS it waits for the node's answer to
+                    // the SSLRequest, and a hung node must not hold the client.
+                    let limit =
+                        std::time::Duration::from_millis(shared.config().health.connect_timeout_ms);
+                    let cancel = crate::backend::cancel(&t.host, t.port, &t.tls, t.pid, t.secret);
+                    match tokio::time::timeout(limit, cancel).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(pid, error = %e, "cancel request not delivered")
+                        }
+                        Err(_) => tracing::warn!(
+                            pid,
+                            "cancel request not delivered: the node did not answer in time"
+                        ),
+                    }
                 }
                 return Ok(Opening::Cancelled);
             }
