@@ -36,6 +36,9 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// TLS for client connections; absent: clients are answered 'N'.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupConfig>,
     /// A session idle inside a transaction longer than this is ended
@@ -101,13 +104,31 @@ pub enum AuthMethod {
     ScramSha256,
 }
 
+/// TLS for client connections: the proxy's certificate and key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain (the proxy's first).
+    pub cert: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// Refuse clients that do not use TLS (SQLSTATE 28000).
+    #[serde(default)]
+    pub required: bool,
+}
+
 /// A user allowed to connect to the proxy.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
+    /// The plain password (scram-sha-256); exclusive with `scram_verifier`.
     #[serde(default)]
     pub password: String,
+    /// A stored SCRAM-SHA-256 verifier in `pg_authid.rolpassword` format,
+    /// instead of `password`.
+    #[serde(default)]
+    pub scram_verifier: Option<String>,
     /// May use the admin console (the database `reprise`) under scram.
     #[serde(default)]
     pub admin: bool,
@@ -287,6 +308,48 @@ pub struct NodeConfig {
     /// client sessions (0: no limit besides the node's own).
     #[serde(default)]
     pub max_connections: usize,
+    /// TLS to the node, as libpq's `sslmode`.
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// PEM file of the CA(s) the node's certificate must chain to; needed
+    /// by verify-ca and verify-full, and makes require verify the chain too.
+    #[serde(default)]
+    pub sslrootcert: Option<String>,
+}
+
+/// libpq's `sslmode` for connections to a node. Over a Unix socket TLS is
+/// never used (as in libpq).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Plain text only.
+    #[serde(rename = "disable")]
+    Disable,
+    /// TLS if the node offers it, else plain; the certificate is not checked.
+    #[default]
+    #[serde(rename = "prefer")]
+    Prefer,
+    /// TLS or fail; the certificate is checked only if `sslrootcert` is set.
+    #[serde(rename = "require")]
+    Require,
+    /// TLS, and the certificate must chain to `sslrootcert`.
+    #[serde(rename = "verify-ca")]
+    VerifyCa,
+    /// As verify-ca, and the certificate must name the node's host.
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
 }
 
 fn default_host() -> String {
@@ -385,6 +448,9 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        if let Some(tls) = &self.tls {
+            crate::wire::tls::server_config(tls)?;
+        }
         self.validate_groups()?;
         let most = self.groups.iter().map(|g| g.nodes.len()).min().unwrap_or(1);
         if self.replication.sync_replicas >= most.max(1) && self.replication.sync_replicas > 0 {
@@ -416,6 +482,27 @@ impl Config {
                 && let Err(e) = crate::wire::scram::ScramSecret::parse(&u.password)
             {
                 return Err((format!("auth.user[{i}].password"), e.to_string()));
+            }
+            if let Some(v) = &u.scram_verifier {
+                let key = format!("auth.user[{i}].scram_verifier");
+                if !u.password.is_empty() {
+                    return Err((
+                        key,
+                        "give either `password` or `scram_verifier`, not both".into(),
+                    ));
+                }
+                if let Err(e) = crate::wire::scram::ScramSecret::parse(v) {
+                    return Err((key, e.to_string()));
+                }
+            } else if self.auth.method == AuthMethod::ScramSha256 && u.password.is_empty() {
+                return Err((
+                    format!("auth.user[{i}].password"),
+                    format!(
+                        "user `{}` needs a `password` or a `scram_verifier` \
+                         under method \"scram-sha-256\"",
+                        u.name
+                    ),
+                ));
             }
         }
         if self.auth.method == AuthMethod::ScramSha256 && self.auth.users.is_empty() {
@@ -478,6 +565,8 @@ impl Config {
                 if n.user.is_empty() {
                     return Err((format!("{nkey}.user"), "must not be empty".into()));
                 }
+                crate::backend::tls::NodeTls::from_config(n)
+                    .map_err(|r| (format!("{nkey}.sslrootcert"), r))?;
             }
         }
         Ok(())
@@ -658,5 +747,60 @@ weight = 0
         );
         assert_eq!(e.key, "auth.user[0].password");
         assert!(e.reason.contains("invalid SCRAM verifier"), "{e}");
+    }
+
+    const VERIFIER_USER: &str =
+        "[auth]\nmethod = \"scram-sha-256\"\n[[auth.user]]\nname = \"app\"\n";
+    const ONE_NODE: &str = "[[group]]\nname = \"app\"\n[[group.node]]\nname = \"n1\"\n";
+
+    #[test]
+    fn a_scram_verifier_is_checked_and_exclusive_with_a_password() {
+        let good = crate::wire::scram::ScramSecret::from_password("pw").to_verifier();
+        let c = Config::parse(
+            &format!("{VERIFIER_USER}scram_verifier = \"{good}\"\n{ONE_NODE}"),
+            "v.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.users[0].scram_verifier.as_deref(),
+            Some(good.as_str())
+        );
+
+        let e = err(&format!(
+            "{VERIFIER_USER}scram_verifier = \"SCRAM-SHA-256$4096:c2FsdA==$short:key\"\n{ONE_NODE}"
+        ));
+        assert_eq!(e.key, "auth.user[0].scram_verifier", "{e}");
+        assert!(e.reason.contains("invalid SCRAM verifier"), "{e}");
+
+        let e = err(&format!(
+            "{VERIFIER_USER}password = \"pw\"\nscram_verifier = \"{good}\"\n{ONE_NODE}"
+        ));
+        assert_eq!(e.key, "auth.user[0].scram_verifier", "{e}");
+        assert!(e.reason.contains("not both"), "{e}");
+
+        let e = err(&format!("{VERIFIER_USER}{ONE_NODE}"));
+        assert_eq!(e.key, "auth.user[0].password", "{e}");
+    }
+
+    #[test]
+    fn tls_files_and_sslmodes_are_checked() {
+        let e = err(&format!(
+            "[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n{ONE_NODE}"
+        ));
+        assert_eq!(e.key, "tls.cert", "{e}");
+        assert!(e.reason.contains("/nonexistent/c.pem"), "{e}");
+
+        let c = Config::parse(ONE_NODE, "d.toml").unwrap();
+        assert_eq!(c.groups[0].nodes[0].sslmode, SslMode::Prefer);
+        assert!(c.tls.is_none());
+
+        let e = err(&format!("{ONE_NODE}sslmode = \"verify-full\"\n"));
+        assert_eq!(e.key, "group[0].node[0].sslrootcert", "{e}");
+        let e = err(&format!(
+            "{ONE_NODE}sslmode = \"verify-ca\"\nsslrootcert = \"/nonexistent/ca.pem\"\n"
+        ));
+        assert_eq!(e.key, "group[0].node[0].sslrootcert", "{e}");
+        let e = err(&format!("{ONE_NODE}sslmode = \"allow\"\n"));
+        assert!(e.reason.contains("unknown variant"), "{e}");
     }
 }

@@ -90,20 +90,30 @@ pub fn layout(config: &Config) -> String {
         "listen {} (clients, admin console: database `reprise`), http {}",
         config.listen, config.http
     );
+    if let Some(tls) = &config.tls {
+        let _ = writeln!(
+            s,
+            "tls cert={} key={}{}",
+            tls.cert,
+            tls.key,
+            if tls.required { " (required)" } else { "" }
+        );
+    }
     for g in &config.groups {
         let _ = writeln!(s, "group {} ({} nodes)", g.name, g.nodes.len());
         for (i, n) in g.nodes.iter().enumerate() {
             let role = if i == 0 { "primary" } else { "subscriber" };
             let _ = writeln!(
                 s,
-                "  {:<10} {:<10} {}:{} dbname={} user={} weight={}",
+                "  {:<10} {:<10} {}:{} dbname={} user={} weight={} sslmode={}",
                 n.name,
                 role,
                 n.host,
                 n.port,
                 n.dbname(&g.name),
                 n.user,
-                n.weight
+                n.weight,
+                n.sslmode.as_str()
             );
         }
     }

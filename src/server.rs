@@ -25,6 +25,8 @@ pub struct Shared {
     /// Groups in config order.
     groups: std::sync::RwLock<Vec<Arc<Group>>>,
     users: std::sync::RwLock<Arc<HashMap<String, ScramSecret>>>,
+    /// Set when `[tls]` is: SSLRequests are answered 'S' (fixed at start).
+    tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancel: Arc<CancelRegistry>,
     pub metrics: Metrics,
     shutdown: watch::Receiver<bool>,
@@ -45,6 +47,11 @@ impl Shared {
 
     pub fn auth_method(&self) -> AuthMethod {
         self.config().auth.method
+    }
+
+    /// The TLS acceptor for clients, when `[tls]` is configured.
+    pub fn tls_acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.tls.as_ref()
     }
 
     /// The SCRAM secret of a configured user.
@@ -136,6 +143,13 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         raise_fd_limit();
         let config = Arc::new(config);
+        let tls = match &config.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::wire::tls::server_config(t)
+                    .map_err(|(key, reason)| anyhow::anyhow!("key `{key}`: {reason}"))?,
+            )),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen_addr()).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen)
         })?;
@@ -159,6 +173,7 @@ impl Server {
             config: std::sync::RwLock::new(config),
             groups: std::sync::RwLock::new(groups),
             users: std::sync::RwLock::new(Arc::new(users)),
+            tls,
             cancel: Arc::new(CancelRegistry::default()),
             metrics,
             shutdown: shutdown_rx,
@@ -330,7 +345,11 @@ fn user_secrets(config: &Config) -> anyhow::Result<HashMap<String, ScramSecret>>
         .users
         .iter()
         .map(|u| {
-            let secret = if u.password.starts_with("SCRAM-SHA-256$") {
+            let secret = if let Some(v) = &u.scram_verifier {
+                ScramSecret::parse(v).map_err(|e| {
+                    anyhow::anyhow!("key `auth.user.scram_verifier` of user `{}`: {e}", u.name)
+                })?
+            } else if u.password.starts_with("SCRAM-SHA-256$") {
                 ScramSecret::parse(&u.password).map_err(|e| {
                     anyhow::anyhow!("key `auth.user.password` of user `{}`: {e}", u.name)
                 })?

@@ -1893,6 +1893,7 @@ async fn bad_input_matrix() {
         config.auth.users = vec![reprise::config::UserConfig {
             name: "alice".into(),
             password: "secret".into(),
+            scram_verifier: None,
             admin: false,
         }];
         let mut scram = Proxy::start(config).await;

@@ -529,11 +529,13 @@ async fn console_shows_clients_log_config_and_pauses_writes() {
                     name: "boss".into(),
                     password: String::new(),
                     admin: true,
+                    scram_verifier: None,
                 },
                 reprise::config::UserConfig {
                     name: "app".into(),
                     password: "not shown".into(),
                     admin: false,
+                    scram_verifier: None,
                 },
             ];
         })

@@ -90,6 +90,7 @@ fn target_of(node: &LocalNode, unix: bool) -> Target {
         user: "postgres".into(),
         password: String::new(),
         dbname: "app".into(),
+        tls: Default::default(),
     }
 }
 
@@ -368,6 +369,7 @@ async fn an_unreachable_source_fails_fast_and_names_it() {
         user: "postgres".into(),
         password: String::new(),
         dbname: "app".into(),
+        tls: Default::default(),
     };
     let started = Instant::now();
     let (r, steps) = seed_logged(&nowhere, &nowhere, 1).await;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::membership;
 use crate::group::NodeState;
@@ -14,6 +13,7 @@ use crate::group::failover::{self, Policy};
 use crate::server::Shared;
 use crate::wire::MessageStream;
 use crate::wire::messages::{self, PgError, Reader};
+use crate::wire::tls::{ClientRead, ClientWrite};
 
 /// A command's answer: a table, or an error.
 pub struct Table {
@@ -26,8 +26,8 @@ pub struct Table {
 pub async fn serve(
     shared: Arc<Shared>,
     user: &str,
-    reader: &mut MessageStream<OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut MessageStream<ClientRead>,
+    wr: &mut ClientWrite,
 ) {
     let mut out = BytesMut::new();
     messages::parameter_status("server_version", "15.0 (Reprise admin console)", &mut out);
@@ -36,7 +36,7 @@ pub async fn serve(
     messages::ready_for_query(b'I', &mut out);
     let mut skipping = false;
     loop {
-        if wr.write_all(&out).await.is_err() {
+        if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
             return;
         }
         out.clear();
@@ -101,7 +101,7 @@ const COMMANDS: &[&str] = &[
     "SHOW STATS",
     "SWITCHOVER <group> TO <node>",
     "RESEED <group> <node>",
-    "ADD NODE <group> <node> host=… port=… [dbname=… user=… password=… weight=… priority=… max_connections=…]",
+    "ADD NODE <group> <node> host=… port=… [dbname=… user=… password=… weight=… priority=… max_connections=… sslmode=… sslrootcert=…]",
     "REMOVE NODE <group> <node>",
     "MOVE NODE <node> TO <group>",
     "VERIFY <group>",

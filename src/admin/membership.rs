@@ -34,7 +34,7 @@ pub fn node_options(name: &str, words: &[String]) -> Result<NodeConfig, PgError>
                 "42601",
                 format!("expected key=value, found \"{w}\""),
             )
-            .with_hint("ADD NODE <group> <node> host=… port=… [dbname=… user=… password=… weight=… priority=… max_connections=…]"));
+            .with_hint("ADD NODE <group> <node> host=… port=… [dbname=… user=… password=… weight=… priority=… max_connections=… sslmode=… sslrootcert=…]"));
         };
         let k = k.trim().to_ascii_lowercase();
         let value = match k.as_str() {
@@ -438,6 +438,12 @@ pub fn add_to_file(
     }
     if node.priority != 0 {
         t.insert("priority", toml_edit::value(node.priority as i64));
+    }
+    if node.sslmode != crate::config::SslMode::default() {
+        t.insert("sslmode", toml_edit::value(node.sslmode.as_str()));
+    }
+    if let Some(ca) = &node.sslrootcert {
+        t.insert("sslrootcert", toml_edit::value(ca.as_str()));
     }
     if node.max_connections != 0 {
         t.insert(

@@ -54,6 +54,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     };
     restart("listen", old.listen != new.listen);
     restart("http", old.http != new.http);
+    restart("tls", old.tls != new.tls);
     restart("health", old.health != new.health);
     restart(
         "routing.read_scaling",
@@ -107,6 +108,8 @@ fn same_connection(a: &NodeConfig, b: &NodeConfig, group: &str) -> bool {
         &a.user,
         &a.password,
         a.max_connections,
+        a.sslmode,
+        &a.sslrootcert,
     ) == (
         &b.host,
         b.port,
@@ -114,6 +117,8 @@ fn same_connection(a: &NodeConfig, b: &NodeConfig, group: &str) -> bool {
         &b.user,
         &b.password,
         b.max_connections,
+        b.sslmode,
+        &b.sslrootcert,
     )
 }
 

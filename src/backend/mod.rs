@@ -1,6 +1,7 @@
 //! One backend connection to a node: connect, authenticate (trust, password,
 //! md5, SCRAM-SHA-256), collect the server's parameters and cancel key.
 
+pub mod tls;
 pub mod tracker;
 
 use std::collections::HashMap;
@@ -25,6 +26,8 @@ pub struct Target {
     pub user: String,
     pub password: String,
     pub dbname: String,
+    /// TLS to the node (sslmode, CA).
+    pub tls: tls::NodeTls,
 }
 
 /// Why a backend connection could not be opened.
@@ -70,7 +73,8 @@ impl Target {
         }
     }
 
-    /// Opens the socket: TCP with TCP_NODELAY, or Unix.
+    /// Opens the socket: TCP with TCP_NODELAY, or Unix; then TLS as the
+    /// node's sslmode says (never over a Unix socket).
     pub async fn open(&self) -> std::io::Result<(ReadHalf, WriteHalf)> {
         if self.is_unix() {
             let s = UnixStream::connect(self.addr()).await?;
@@ -79,8 +83,7 @@ impl Target {
         } else {
             let s = TcpStream::connect((self.host.as_str(), self.port)).await?;
             s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            self.tls.start(s, &self.host).await
         }
     }
 }
@@ -94,6 +97,8 @@ pub struct BackendConn {
     pub secret: i32,
     pub host: String,
     pub port: u16,
+    /// TLS settings, for cancel requests.
+    pub tls: tls::NodeTls,
     /// ParameterStatus values the server reported at startup, in order.
     pub params: Vec<(String, String)>,
     /// Responses this connection still owes, and which of them to swallow.
@@ -156,6 +161,7 @@ impl BackendConn {
         packet.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         packet.extend_from_slice(&body);
         writer.write_all(&packet).await.map_err(io)?;
+        writer.flush().await.map_err(io)?;
 
         let proto = |reason: String| ConnectError::Protocol {
             addr: addr.to_string(),
@@ -183,6 +189,7 @@ impl BackendConn {
                     })?;
                     if let Some(reply) = reply {
                         writer.write_all(&reply).await.map_err(io)?;
+                        writer.flush().await.map_err(io)?;
                     }
                 }
                 b'S' => {
@@ -214,6 +221,7 @@ impl BackendConn {
             secret,
             host: target.host.clone(),
             port: target.port,
+            tls: target.tls.clone(),
             params,
             tracker: Tracker::default(),
             prepared: HashMap::new(),
@@ -223,9 +231,10 @@ impl BackendConn {
         })
     }
 
-    /// Writes raw bytes to the node.
+    /// Writes raw bytes to the node (flushed: TLS buffers until then).
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.writer.write_all(bytes).await
+        self.writer.write_all(bytes).await?;
+        self.writer.flush().await
     }
 }
 
@@ -289,14 +298,22 @@ fn auth_reply(
     Ok(Some(out))
 }
 
-/// Sends a CancelRequest for a backend process.
-pub async fn cancel(host: &str, port: u16, pid: i32, secret: i32) -> std::io::Result<()> {
+/// Sends a CancelRequest for a backend process, over TLS when the node's
+/// sslmode makes the proxy's connections use it.
+pub async fn cancel(
+    host: &str,
+    port: u16,
+    tls: &tls::NodeTls,
+    pid: i32,
+    secret: i32,
+) -> std::io::Result<()> {
     let target = Target {
         host: host.to_string(),
         port,
         user: String::new(),
         password: String::new(),
         dbname: String::new(),
+        tls: tls.clone(),
     };
     let (_, mut s) = target.open().await?;
     let mut packet = Vec::with_capacity(16);
@@ -305,5 +322,8 @@ pub async fn cancel(host: &str, port: u16, pid: i32, secret: i32) -> std::io::Re
     packet.extend_from_slice(&pid.to_be_bytes());
     packet.extend_from_slice(&secret.to_be_bytes());
     s.write_all(&packet).await?;
-    s.shutdown().await
+    s.flush().await?;
+    // Delivered; the node may close first, so the close can fail.
+    let _ = s.shutdown().await;
+    Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinSet;
 use tokio::time::{MissedTickBehavior, interval, timeout};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::failover::{self, Policy};
 use super::{Group, Node, NodeState};
@@ -33,7 +33,9 @@ impl ControlConn {
         {
             return Ok(c.clone());
         }
-        let (client, conn) = connect_config(target).connect(NoTls).await?;
+        let (client, conn) = connect_config(target)
+            .connect(target.tls.connector())
+            .await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -48,11 +50,13 @@ impl ControlConn {
     }
 }
 
-/// tokio-postgres settings for a node.
+/// tokio-postgres settings for a node; connect with
+/// `target.tls.connector()`.
 pub fn connect_config(target: &Target) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.host(&target.host)
         .port(target.port)
+        .ssl_mode(target.tls.pg_mode(&target.host))
         .user(&target.user)
         .dbname(&target.dbname)
         .application_name("reprise-control")
@@ -63,14 +67,30 @@ pub fn connect_config(target: &Target) -> tokio_postgres::Config {
     c
 }
 
+/// A tokio-postgres error with what caused it: the server's message, or
+/// the chain of sources (its own text is only the kind, such as "error
+/// performing TLS handshake").
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    s
+}
+
 /// One probe: a round trip on the control connection.
 async fn probe(conn: &ControlConn, node: &Node) -> Result<(), String> {
-    let client = conn.get(&node.target).await.map_err(|e| e.to_string())?;
+    let client = conn.get(&node.target).await.map_err(|e| error_text(&e))?;
     client
         .simple_query("SELECT 1")
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| error_text(&e))
 }
 
 /// Probes once with the timeout, resetting the connection on failure.

@@ -134,6 +134,15 @@ impl Node {
                 user: config.user.clone(),
                 password: config.password.clone(),
                 dbname: config.dbname(&group.name).to_string(),
+                tls: crate::backend::tls::NodeTls::from_config(config).unwrap_or_else(|e| {
+                    // Validated at load; a CA file that went bad since makes
+                    // every connection refuse the node rather than skip TLS.
+                    tracing::error!(node = %config.name, error = %e, "sslrootcert");
+                    crate::backend::tls::NodeTls::unusable(
+                        config.sslmode,
+                        config.sslrootcert.as_deref(),
+                    )
+                }),
             },
             config: config.clone(),
             state: AtomicU8::new(NodeState::Up as u8),

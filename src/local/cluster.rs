@@ -101,6 +101,8 @@ impl LocalCluster {
                     weight: 1,
                     priority: 0,
                     max_connections: 0,
+                    sslmode: Default::default(),
+                    sslrootcert: None,
                 })
                 .collect(),
             max_client_connections: 0,

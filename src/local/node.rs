@@ -128,6 +128,32 @@ impl LocalNode {
         self.settings.push((key.to_string(), value.to_string()));
     }
 
+    /// Writes a file into the data dir (owned by `postgres` when root) with
+    /// the given mode, e.g. `server.key` at 0o600; returns its path.
+    pub fn write_data_file(
+        &self,
+        name: &str,
+        contents: &[u8],
+        mode: u32,
+    ) -> Result<PathBuf, LocalError> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.data_dir.join(name);
+        fs::write(&path, contents).map_err(|e| LocalError::io("write", &path, e))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(|e| LocalError::io("chmod", &path, e))?;
+        chown_to(&path, os::pg_user()?)?;
+        Ok(path)
+    }
+
+    /// Puts `line` first in `pg_hba.conf`, so it wins over initdb's lines
+    /// (e.g. `hostnossl all all all reject`); read at the next start or
+    /// reload.
+    pub fn prepend_hba(&self, line: &str) -> Result<(), LocalError> {
+        let path = self.data_dir.join("pg_hba.conf");
+        let old = fs::read_to_string(&path).map_err(|e| LocalError::io("read", &path, e))?;
+        fs::write(&path, format!("{line}\n{old}")).map_err(|e| LocalError::io("write", &path, e))
+    }
+
     /// The extra settings, in the order they are passed.
     pub fn settings(&self) -> &[(String, String)] {
         &self.settings

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::{Entry, SeqState, sequences_column, setval_sql};
 use crate::backend::BackendConn;
@@ -86,7 +86,7 @@ async fn apply_loop(
 
     // The node: a control connection for its position, a raw one to replay.
     let (local, conn) = connect_config(&node.target)
-        .connect(NoTls)
+        .connect(node.target.tls.connector())
         .await
         .map_err(|e| transient(&e))?;
     tokio::spawn(async move {
@@ -104,7 +104,7 @@ async fn apply_loop(
 
     // The primary: LISTEN for new entries.
     let (source, mut pconn) = connect_config(&primary.target)
-        .connect(NoTls)
+        .connect(primary.target.tls.connector())
         .await
         .map_err(|e| transient(&e))?;
     let wake = Arc::new(Notify::new());

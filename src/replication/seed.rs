@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::{SCHEMA_SQL, SeqState, sequences_column};
 use crate::backend::Target;
@@ -250,7 +250,7 @@ fn addr(t: &Target) -> String {
 /// A tokio-postgres error with the server's detail and hint, if any.
 fn pg_error(e: &tokio_postgres::Error) -> String {
     let Some(db) = e.as_db_error() else {
-        return e.to_string();
+        return crate::group::health::error_text(e);
     };
     let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
     if let Some(d) = db.detail() {
@@ -267,7 +267,7 @@ async fn connect(t: &Target, role: &str) -> Result<Client, String> {
     let mut config = connect_config(t);
     config.application_name("reprise-seed");
     let (client, conn) = config
-        .connect(NoTls)
+        .connect(t.tls.connector())
         .await
         .map_err(|e| format!("could not connect to {role} {}: {}", addr(t), pg_error(&e)))?;
     tokio::spawn(async move {
@@ -647,7 +647,13 @@ fn connection_args(cmd: &mut Command, t: &Target) {
         .arg(dbname)
         .arg("-w")
         .env("PGCONNECT_TIMEOUT", "10")
-        .env("PGAPPNAME", "reprise-seed");
+        .env("PGAPPNAME", "reprise-seed")
+        // The node's own sslmode, so the tools connect as the proxy does.
+        .env("PGSSLMODE", t.tls.mode.as_str());
+    match &t.tls.rootcert {
+        Some(ca) => cmd.env("PGSSLROOTCERT", ca),
+        None => cmd.env_remove("PGSSLROOTCERT"),
+    };
     if !t.password.is_empty() {
         cmd.env("PGPASSWORD", &t.password);
     }
@@ -943,6 +949,7 @@ mod tests {
             user: "u".into(),
             password: String::new(),
             dbname: "d".into(),
+            tls: Default::default(),
         };
         let progress = |_: &str| {};
         let f = seed(&t, &t, 1, Path::new("/x"), &progress);

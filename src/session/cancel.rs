@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 pub struct CancelTarget {
     pub host: String,
     pub port: u16,
+    /// The node's TLS settings: the cancel goes the way queries do.
+    pub tls: crate::backend::tls::NodeTls,
     pub pid: i32,
     pub secret: i32,
 }
@@ -182,6 +184,7 @@ mod tests {
         let t = CancelTarget {
             host: "127.0.0.1".into(),
             port: 1,
+            tls: Default::default(),
             pid: 42,
             secret: 7,
         };

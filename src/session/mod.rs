@@ -20,12 +20,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::backend::{BackendConn, UnitOwner};
 use crate::group::{Group, NodeState};
 use crate::server::Shared;
 use crate::wire::messages::{self, PgError};
+use crate::wire::tls::{ClientRead, ClientWrite};
 use crate::wire::{Frame, FrameError, MessageStream};
 
 use cancel::{CancelGuard, CancelTarget};
@@ -45,21 +45,30 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let (rd, mut wr) = stream.into_split();
-    let mut reader = MessageStream::new(rd, shared.config().max_message_size);
     // A client that never finishes its startup and login would hold a
     // connection slot forever.
     let limit = std::time::Duration::from_millis(shared.config().auth.timeout_ms);
-    let result = match tokio::time::timeout(limit, open(&shared, &mut reader, &mut wr)).await {
-        Ok(r) => r,
-        Err(_) => Err(PgError::fatal(
-            "08006",
-            format!(
-                "the startup and login did not finish within {} ms (auth.timeout_ms)",
-                limit.as_millis()
-            ),
-        )),
+    let deadline = tokio::time::Instant::now() + limit;
+    let Some(crate::wire::tls::Negotiated {
+        reader: rd,
+        writer: mut wr,
+        tls,
+    }) = encryption(stream, &shared, deadline, &peer).await
+    else {
+        return;
     };
+    let mut reader = MessageStream::new(rd, shared.config().max_message_size);
+    let result =
+        match tokio::time::timeout_at(deadline, open(&shared, &mut reader, &mut wr, tls)).await {
+            Ok(r) => r,
+            Err(_) => Err(PgError::fatal(
+                "08006",
+                format!(
+                    "the startup and login did not finish within {} ms (auth.timeout_ms)",
+                    limit.as_millis()
+                ),
+            )),
+        };
     let (params, group, user) = match result {
         Ok(Some(v)) => v,
         Ok(None) => return,
@@ -112,16 +121,50 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// The SSLRequest exchange (and TLS handshake) by `deadline`; None when
+/// the client went away or took too long.
+async fn encryption(
+    stream: TcpStream,
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+    peer: &str,
+) -> Option<crate::wire::tls::Negotiated> {
+    let negotiation = crate::wire::tls::negotiate(stream, shared.tls_acceptor());
+    match tokio::time::timeout_at(deadline, negotiation).await {
+        Ok(Ok(n)) => Some(n),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "connection closed during the TLS negotiation");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "the TLS negotiation did not finish within auth.timeout_ms");
+            None
+        }
+    }
+}
+
 /// Startup and authentication; returns the parameters, group and user.
 async fn open(
     shared: &Arc<Shared>,
-    reader: &mut MessageStream<OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut MessageStream<ClientRead>,
+    wr: &mut ClientWrite,
+    tls: bool,
 ) -> Result<Option<(Vec<(String, String)>, Arc<Group>, String)>, PgError> {
-    let params = match startup::read_startup(shared, reader, wr).await? {
+    let params = match startup::read_startup(shared, reader, wr, tls).await? {
         startup::Opening::Session { params } => params,
-        _ => return Ok(None),
+        startup::Opening::Cancelled => {
+            linger(reader, wr).await;
+            return Ok(None);
+        }
+        startup::Opening::Gone => return Ok(None),
     };
+    if !tls && shared.config().tls.as_ref().is_some_and(|t| t.required) {
+        return Err(PgError::fatal(
+            "28000",
+            "this server requires TLS (SSL) connections: connect with sslmode=require",
+        )
+        .with_hint("the proxy's [tls] section sets required = true"));
+    }
     let get = |k: &str| {
         params
             .iter()
@@ -163,10 +206,22 @@ async fn open(
     Ok(Some((params, group, user)))
 }
 
-async fn refuse(wr: &mut OwnedWriteHalf, e: &PgError) {
+/// After a cancel request: closes our side, then waits briefly for the
+/// client to close its own. Closing while a TLS client's close_notify is
+/// still unread would reset the connection under it, failing its cancel.
+async fn linger(reader: &mut MessageStream<ClientRead>, wr: &mut ClientWrite) {
+    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Ok(Some(_)) = reader.next().await {}
+    })
+    .await;
+}
+
+async fn refuse(wr: &mut ClientWrite, e: &PgError) {
     let mut out = BytesMut::new();
     e.encode(&mut out);
     let _ = wr.write_all(&out).await;
+    let _ = wr.flush().await;
     let _ = wr.shutdown().await;
 }
 
@@ -182,8 +237,8 @@ enum End {
 pub struct Session {
     shared: Arc<Shared>,
     group: Arc<Group>,
-    client: MessageStream<OwnedReadHalf>,
-    client_wr: OwnedWriteHalf,
+    client: MessageStream<ClientRead>,
+    client_wr: ClientWrite,
     /// Output for the client, flushed when input runs dry.
     out: BytesMut,
     /// Reused buffer for what goes to a backend.
@@ -297,8 +352,8 @@ impl Session {
     fn new(
         shared: Arc<Shared>,
         group: Arc<Group>,
-        client: MessageStream<OwnedReadHalf>,
-        client_wr: OwnedWriteHalf,
+        client: MessageStream<ClientRead>,
+        client_wr: ClientWrite,
         params: Vec<(String, String)>,
         cancel: CancelGuard,
     ) -> Session {
@@ -555,6 +610,7 @@ impl Session {
                 .write_all(&self.out)
                 .await
                 .map_err(|_| End::Client)?;
+            self.client_wr.flush().await.map_err(|_| End::Client)?;
             self.out.clear();
         }
         Ok(())
@@ -791,6 +847,7 @@ impl Session {
             self.cancel.slot.set(CancelTarget {
                 host: conn.host.clone(),
                 port: conn.port,
+                tls: conn.tls.clone(),
                 pid: conn.pid,
                 secret: conn.secret,
             });

@@ -1,17 +1,18 @@
-//! The start of a client connection: SSL/GSS refusal, cancel requests,
-//! protocol negotiation, and authentication.
+//! The start of a client connection after the encryption negotiation
+//! (`wire::tls`): cancel requests, protocol negotiation, and
+//! authentication.
 
 use std::sync::OnceLock;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
 
 use crate::config::AuthMethod;
 use crate::server::Shared;
 use crate::wire::messages::{self, PgError, Reader};
 use crate::wire::scram::{ScramError, ScramSecret, ScramServer};
 use crate::wire::startup::{self, MAX_STARTUP_PACKET, StartupPacket};
+use crate::wire::tls::ClientRead;
 use crate::wire::{FrameError, MessageStream};
 
 /// What the client asked for once the startup phase is over.
@@ -27,8 +28,9 @@ pub enum Opening {
 /// Reads startup packets until a session starts or the connection ends.
 pub async fn read_startup<W: AsyncWrite + Unpin>(
     shared: &Shared,
-    reader: &mut MessageStream<OwnedReadHalf>,
+    reader: &mut MessageStream<ClientRead>,
     writer: &mut W,
+    tls: bool,
 ) -> Result<Opening, PgError> {
     reader.set_max_len(MAX_STARTUP_PACKET);
     loop {
@@ -44,14 +46,35 @@ pub async fn read_startup<W: AsyncWrite + Unpin>(
             }
         };
         match startup::parse(&packet) {
+            Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) if tls => {
+                return Err(PgError::fatal(
+                    "08P01",
+                    "encryption requested again on a TLS connection",
+                ));
+            }
             Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) => {
-                // No TLS yet: 'N' tells the client to go on in plain text.
-                writer.write_all(b"N").await.map_err(|_| gone())?;
+                // After an 'N' (wire::tls answered the first request): go on
+                // in plain text.
+                send(writer, b"N").await?;
             }
             Ok(StartupPacket::Cancel { pid, secret }) => {
                 if let Some(t) = shared.cancel.lookup(pid, secret) {
                     tracing::info!(pid, backend_pid = t.pid, node = %format!("{}:{}", t.host, t.port), "forwarding cancel request");
-                    let _ = crate::backend::cancel(&t.host, t.port, t.pid, t.secret).await;
+                    // Bounded: with TLS it waits for the node's answer to
+                    // the SSLRequest, and a hung node must not hold the client.
+                    let limit =
+                        std::time::Duration::from_millis(shared.config().health.connect_timeout_ms);
+                    let cancel = crate::backend::cancel(&t.host, t.port, &t.tls, t.pid, t.secret);
+                    match tokio::time::timeout(limit, cancel).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(pid, error = %e, "cancel request not delivered")
+                        }
+                        Err(_) => tracing::warn!(
+                            pid,
+                            "cancel request not delivered: the node did not answer in time"
+                        ),
+                    }
                 }
                 return Ok(Opening::Cancelled);
             }
@@ -80,6 +103,12 @@ fn gone() -> PgError {
     PgError::fatal("08006", "client connection lost")
 }
 
+/// Writes and flushes (a TLS stream holds its records until flushed).
+async fn send<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> Result<(), PgError> {
+    writer.write_all(bytes).await.map_err(|_| gone())?;
+    writer.flush().await.map_err(|_| gone())
+}
+
 /// Tells a 3.x (x > 0) client that we speak 3.0 and no `_pq_` options.
 async fn negotiate<W: AsyncWrite + Unpin>(
     writer: &mut W,
@@ -98,7 +127,7 @@ async fn negotiate<W: AsyncWrite + Unpin>(
     }
     let mut out = BytesMut::new();
     messages::put_message(b'v', &body, &mut out);
-    writer.write_all(&out).await.map_err(|_| gone())
+    send(writer, &out).await
 }
 
 /// A secret for a user that does not exist, so a failed login does not
@@ -132,19 +161,19 @@ fn auth_failed(user: &str) -> PgError {
 pub async fn authenticate<W: AsyncWrite + Unpin>(
     shared: &Shared,
     user: &str,
-    reader: &mut MessageStream<OwnedReadHalf>,
+    reader: &mut MessageStream<ClientRead>,
     writer: &mut W,
 ) -> Result<(), PgError> {
     let mut out = BytesMut::new();
     if shared.auth_method() == AuthMethod::Trust {
         messages::auth_ok(&mut out);
-        return writer.write_all(&out).await.map_err(|_| gone());
+        return send(writer, &out).await;
     }
     let secret = shared.user_secret(user);
     let known = secret.is_some();
     let mut server = ScramServer::new(secret.unwrap_or_else(|| decoy_secret(user)));
     messages::auth_sasl(ScramServer::mechanisms(), &mut out);
-    writer.write_all(&out).await.map_err(|_| gone())?;
+    send(writer, &out).await?;
 
     let first = read_password_message(reader).await?;
     let mut r = Reader::new(first.body());
@@ -156,7 +185,7 @@ pub async fn authenticate<W: AsyncWrite + Unpin>(
         .map_err(|e| scram_error(e, user))?;
     let mut out = BytesMut::new();
     messages::auth_sasl_continue(reply, &mut out);
-    writer.write_all(&out).await.map_err(|_| gone())?;
+    send(writer, &out).await?;
 
     let last = read_password_message(reader).await?;
     let reply = server
@@ -168,7 +197,7 @@ pub async fn authenticate<W: AsyncWrite + Unpin>(
     let mut out = BytesMut::new();
     messages::auth_sasl_final(reply, &mut out);
     messages::auth_ok(&mut out);
-    writer.write_all(&out).await.map_err(|_| gone())
+    send(writer, &out).await
 }
 
 fn malformed(what: &str) -> PgError {
@@ -188,7 +217,7 @@ fn scram_error(e: ScramError, user: &str) -> PgError {
 }
 
 async fn read_password_message(
-    reader: &mut MessageStream<OwnedReadHalf>,
+    reader: &mut MessageStream<ClientRead>,
 ) -> Result<crate::wire::Frame, PgError> {
     match reader.next().await {
         Ok(Some(f)) if f.tag == b'p' => Ok(f),

@@ -183,6 +183,19 @@ impl TestGroup {
         extra: &[(&str, &str)],
         tweak: impl FnOnce(&mut Config),
     ) -> TestGroup {
+        Self::start_prepared(n, seed, extra, |_| Ok(()), tweak).await
+    }
+
+    /// Same, with `prepare` run on the first copy after the seed script,
+    /// before it is stopped and copied (files in the data dir, pg_hba.conf,
+    /// ALTER SYSTEM: every copy starts with them).
+    pub async fn start_prepared(
+        n: usize,
+        seed: &str,
+        extra: &[(&str, &str)],
+        prepare: impl FnOnce(&LocalNode) -> Result<(), LocalError> + Send + 'static,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestGroup {
         // REPRISE_LOG=info (or debug) shows the proxy's log in test output.
         if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("REPRISE_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -210,7 +223,7 @@ impl TestGroup {
                 if !seed.trim().is_empty() {
                     node.psql("app", &seed)?;
                 }
-                Ok(())
+                prepare(node)
             })
         })
         .await
