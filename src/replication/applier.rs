@@ -14,7 +14,7 @@ use tokio_postgres::AsyncMessage;
 
 use super::{Entry, SeqState, sequences_column, setval_sql};
 use crate::backend::BackendConn;
-use crate::group::health::connect_config;
+use crate::group::health::{connect_config, error_text};
 use crate::group::{Group, NodeState};
 use crate::wire::messages::{self, Reader, put_cstr, put_message};
 
@@ -88,7 +88,7 @@ async fn apply_loop(
     let (local, conn) = connect_config(&node.target)
         .connect(node.target.tls.connector())
         .await
-        .map_err(|e| transient(&e))?;
+        .map_err(|e| Stop::Transient(error_text(&e)))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -106,7 +106,7 @@ async fn apply_loop(
     let (source, mut pconn) = connect_config(&primary.target)
         .connect(primary.target.tls.connector())
         .await
-        .map_err(|e| transient(&e))?;
+        .map_err(|e| Stop::Transient(error_text(&e)))?;
     let wake = Arc::new(Notify::new());
     let w = wake.clone();
     tokio::spawn(async move {
