@@ -78,6 +78,10 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
+    let Some(group) = group else {
+        crate::admin::console::serve(shared.clone(), &user, &mut reader, &mut wr).await;
+        return;
+    };
     let limit = shared
         .config()
         .groups
@@ -149,7 +153,7 @@ async fn open(
     reader: &mut MessageStream<ClientRead>,
     wr: &mut ClientWrite,
     tls: bool,
-) -> Result<Option<(Vec<(String, String)>, Arc<Group>, String)>, PgError> {
+) -> Result<Option<(Vec<(String, String)>, Option<Arc<Group>>, String)>, PgError> {
     let params = match startup::read_startup(shared, reader, wr, tls).await? {
         startup::Opening::Session { params } => params,
         startup::Opening::Cancelled => {
@@ -190,8 +194,8 @@ async fn open(
     let database = get("database").unwrap_or_else(|| user.clone());
     startup::authenticate(shared, &user, reader, wr).await?;
     if database == crate::admin::ADMIN_DATABASE {
-        crate::admin::console::serve(shared.clone(), &user, reader, wr).await;
-        return Ok(None);
+        // The console runs after the login timeout, like a session.
+        return Ok(Some((params, None, user)));
     }
     let Some(group) = shared.group(&database) else {
         return Err(
@@ -203,7 +207,7 @@ async fn open(
             ),
         );
     };
-    Ok(Some((params, group, user)))
+    Ok(Some((params, Some(group), user)))
 }
 
 /// After a cancel request: closes our side, then waits briefly for the
