@@ -524,6 +524,7 @@ async fn reload_refuses_a_broken_config_and_applies_a_valid_change() {
 async fn console_shows_clients_log_config_and_pauses_writes() {
     bounded(TEST_LIMIT, async {
         let g = TestGroup::start(2, |c| {
+            c.auth.timeout_ms = 1500;
             c.auth.users = vec![
                 reprise::config::UserConfig {
                     name: "boss".into(),
@@ -579,6 +580,8 @@ async fn console_shows_clients_log_config_and_pauses_writes() {
             "newest first: {seqs:?}"
         );
 
+        // The console outlives the login timeout (auth.timeout_ms = 1500).
+        tokio::time::sleep(Duration::from_millis(2000)).await;
         let rows = simple_rows(&console, "SHOW CONFIG").await;
         assert!(
             rows.iter()
