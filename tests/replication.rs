@@ -651,3 +651,63 @@ async fn statements_described_and_flushed_before_they_run_are_replicated() {
         assert_eq!(node_state(&status, n), "up", "{status:#}");
     }
 }
+
+/// Tables made outside the proxy (before it started, or directly on every
+/// node) may have defaults that each copy would compute differently:
+/// writes that leave such a column to its default are refused, not
+/// silently replayed into different values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volatile_defaults_of_tables_made_outside_the_proxy_are_refused() {
+    let seed = format!(
+        "{SEED_SQL}\nCREATE TABLE tokens (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), v text, \
+         at timestamptz DEFAULT clock_timestamp());"
+    );
+    let g = TestGroup::start_with(2, &seed, |_| {}).await;
+    let c = connect(&g.proxy.url("app")).await;
+    // The table catalog is loaded shortly after start.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let e = c
+        .execute("INSERT INTO tokens (v) VALUES ('a')", &[])
+        .await
+        .unwrap_err();
+    let text = db_text(&e);
+    assert!(
+        text.starts_with("0A000") && text.contains("\"id\"") && text.contains("gen_random_uuid()"),
+        "{text}"
+    );
+    let e = c
+        .execute(
+            "INSERT INTO tokens (id, v) VALUES ('6d6f7ef4-3c1b-4b4e-9d4a-2b0c6c1d8e11', 'b')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert!(db_text(&e).contains("\"at\""), "{}", db_text(&e));
+    c.execute(
+        "INSERT INTO tokens (id, v, at) VALUES ('6d6f7ef4-3c1b-4b4e-9d4a-2b0c6c1d8e11', 'b', '2026-01-01')",
+        &[],
+    )
+    .await
+    .expect("every volatile default given a value");
+    // A table created directly on every node after the proxy started is
+    // known after the next catalog reload (every 10 s).
+    for i in 0..2 {
+        g.direct(i)
+            .await
+            .batch_execute("CREATE TABLE later (id uuid DEFAULT gen_random_uuid(), v int)")
+            .await
+            .unwrap();
+    }
+    let refused = wait_until(Duration::from_secs(25), || async {
+        match c.execute("INSERT INTO later (v) VALUES (1)", &[]).await {
+            Err(e) => db_text(&e).starts_with("0A000"),
+            Ok(_) => {
+                c.execute("DELETE FROM later", &[]).await.unwrap();
+                false
+            }
+        }
+    })
+    .await;
+    assert!(refused.is_some(), "the new table's default was not found");
+    assert_identical(&g).await;
+}

@@ -160,6 +160,8 @@ pub async fn monitor(
     let mut verdict = Verdict::new(health.failures_before_down);
     let mut probes = JoinSet::new();
     let mut catalog_loaded = false;
+    // Tables changed behind the proxy's back show up at the next reload.
+    let mut rel_loaded_at = tokio::time::Instant::now();
     let spawn_probe = |probes: &mut JoinSet<_>, delay: Duration| {
         let (conn, node) = (conn.clone(), node.clone());
         probes.spawn(async move {
@@ -206,8 +208,11 @@ pub async fn monitor(
                     if !catalog_loaded {
                         catalog_loaded = load_catalog(&group, &conn, &node).await;
                     }
-                    if group.rel_catalog().is_none() {
+                    if group.rel_catalog().is_none()
+                        || rel_loaded_at.elapsed() >= REL_CATALOG_REFRESH
+                    {
                         load_rel_catalog(&group, &conn, &node).await;
+                        rel_loaded_at = tokio::time::Instant::now();
                     }
                 }
             }
@@ -218,6 +223,10 @@ pub async fn monitor(
     }
     probes.abort_all();
 }
+
+/// How often the primary's monitor reloads the table catalog, so tables
+/// created or altered directly on the nodes are known.
+const REL_CATALOG_REFRESH: Duration = Duration::from_secs(10);
 
 /// Loads the table catalog (unique keys, defaults, triggers) from a node.
 pub async fn load_rel_catalog(group: &Group, conn: &ControlConn, node: &Node) {
@@ -232,10 +241,10 @@ pub async fn load_rel_catalog(group: &Group, conn: &ControlConn, node: &Node) {
         Ok(rows) => {
             let rows = rows
                 .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)));
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)));
             group.set_rel_catalog(
                 epoch,
-                crate::replication::rowlocal::RelCatalog::from_rows(rows),
+                crate::replication::rowlocal::RelCatalog::from_full_rows(rows),
             );
         }
         Err(e) => {

@@ -76,6 +76,45 @@ const SERVER_FUNCTIONS: &[&str] = &[
     "pg_postmaster_start_time",
 ];
 
+/// Whether a column default's expression (as `pg_get_expr` prints it)
+/// calls a function whose result differs between copies or runs: the
+/// volatile and server functions above, or a time function or keyword
+/// that was not rewritten to the primary's timestamp.
+pub fn default_differs(expr: &str) -> bool {
+    let e = expr.to_ascii_lowercase();
+    if e.contains(NOW_SETTING) {
+        return false;
+    }
+    // `call`: the word must be followed by `(` (a function call, not a
+    // literal such as 'now').
+    let word_at = |w: &str, call: bool| {
+        e.match_indices(w).any(|(i, _)| {
+            let before = e[..i].chars().next_back();
+            let after = e[i + w.len()..].chars().next();
+            !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '\'')
+                && if call {
+                    after == Some('(')
+                } else {
+                    !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                }
+        })
+    };
+    VOLATILE_FUNCTIONS
+        .iter()
+        .chain(SERVER_FUNCTIONS)
+        .chain(NOW_FUNCTIONS)
+        .any(|f| word_at(f, true))
+        || [
+            "current_timestamp",
+            "current_date",
+            "current_time",
+            "localtime",
+            "localtimestamp",
+        ]
+        .iter()
+        .any(|k| word_at(k, false))
+}
+
 /// Functions rewritten to [`NOW_EXPR`].
 const NOW_FUNCTIONS: &[&str] = &["now", "transaction_timestamp", "statement_timestamp"];
 
@@ -970,6 +1009,30 @@ fn crude_analysis(sql: &str) -> WriteAnalysis {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn defaults_that_differ_between_copies() {
+        for e in [
+            "gen_random_uuid()",
+            "now()",
+            "CURRENT_TIMESTAMP",
+            "(random() * 10)::integer",
+            "clock_timestamp()",
+            "public.uuid_generate_v4()",
+        ] {
+            assert!(default_differs(e), "{e}");
+        }
+        for e in [
+            "0",
+            "'now'::text",
+            "COALESCE(NULLIF(current_setting('reprise.now', true), '')::timestamptz, now())",
+            "my_random_label()",
+            "lower('x')",
+        ] {
+            assert!(!default_differs(e), "{e}");
+        }
+    }
+
     use super::*;
 
     fn rewritten(sql: &str) -> String {

@@ -27,6 +27,10 @@ pub struct TableInfo {
     pub sequence_default: bool,
     /// The table has user triggers.
     pub triggers: bool,
+    /// Columns whose default the copies would compute differently
+    /// (a volatile function, or a time function not rewritten to the
+    /// primary's timestamp): (column, default expression).
+    pub volatile_defaults: Vec<(String, String)>,
 }
 
 /// Tables by name, as loaded from the primary's catalog.
@@ -46,7 +50,16 @@ impl RelCatalog {
         EXISTS (SELECT 1 FROM pg_attrdef d WHERE d.adrelid = c.oid \
                 AND pg_get_expr(d.adbin, d.adrelid) LIKE '%nextval(%') \
           OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attidentity <> ''), \
-        EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal) \
+        EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal), \
+        coalesce((SELECT string_agg(a.attname::text || chr(31) \
+              || CASE WHEN EXISTS (SELECT 1 FROM pg_depend dep JOIN pg_proc p ON p.oid = dep.refobjid \
+                          WHERE dep.classid = 'pg_attrdef'::regclass AND dep.objid = d.oid \
+                          AND dep.refclassid = 'pg_proc'::regclass AND p.provolatile = 'v') \
+                      THEN '!' ELSE '' END \
+              || pg_get_expr(d.adbin, d.adrelid), chr(30)) \
+          FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
+          WHERE d.adrelid = c.oid AND NOT a.attisdropped \
+          AND pg_get_expr(d.adbin, d.adrelid) NOT LIKE '%nextval(%'), '') \
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
         WHERE c.relkind IN ('r', 'p') \
         AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'reprise') \
@@ -55,8 +68,30 @@ impl RelCatalog {
     pub fn from_rows<I: IntoIterator<Item = (String, String, String, bool, bool)>>(
         rows: I,
     ) -> RelCatalog {
+        Self::from_full_rows(
+            rows.into_iter()
+                .map(|(s, n, u, q, t)| (s, n, u, q, t, String::new())),
+        )
+    }
+
+    /// Rows of [`RelCatalog::LOAD_SQL`], with the column defaults
+    /// (`column` US `expression`, RS between columns; the expression starts
+    /// with `!` when it calls a volatile user function). Only the defaults
+    /// the copies would compute differently are kept.
+    pub fn from_full_rows<I: IntoIterator<Item = (String, String, String, bool, bool, String)>>(
+        rows: I,
+    ) -> RelCatalog {
         let mut tables: HashMap<String, Vec<(String, TableInfo)>> = HashMap::new();
-        for (schema, name, uniques, sequence_default, triggers) in rows {
+        for (schema, name, uniques, sequence_default, triggers, defaults) in rows {
+            let volatile_defaults = defaults
+                .split('\u{1e}')
+                .filter_map(|d| d.split_once('\u{1f}'))
+                .filter_map(|(c, e)| match e.strip_prefix('!') {
+                    Some(e) => Some((c.to_string(), e.to_string())),
+                    None => super::determinism::default_differs(e)
+                        .then(|| (c.to_string(), e.to_string())),
+                })
+                .collect();
             let uniques = uniques
                 .split(';')
                 .filter(|u| !u.is_empty())
@@ -68,6 +103,7 @@ impl RelCatalog {
                     uniques,
                     sequence_default,
                     triggers,
+                    volatile_defaults,
                 },
             ));
         }
@@ -86,6 +122,66 @@ impl RelCatalog {
             candidates.iter().find(|(s, _)| s == schema).map(|(_, i)| i)
         }
     }
+}
+
+/// Why an INSERT or COPY in `sql` would leave a column to a default the
+/// copies compute differently (None: it names every such column).
+pub fn volatile_default_use(sql: &str, catalog: &RelCatalog) -> Option<String> {
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return None;
+    };
+    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
+    for stmt in tree["stmts"].as_array()? {
+        let s = &stmt["stmt"]["node"];
+        let (rel, named, uses_default) = if let Some(i) = s.get("InsertStmt") {
+            let cols: Vec<String> = i["cols"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c["node"]["ResTarget"]["name"].as_str())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let uses_default = i["select_stmt"].to_string().contains("SetToDefault");
+            (&i["relation"], cols, uses_default)
+        } else if let Some(c) = s.get("CopyStmt").filter(|c| c["is_from"] == true) {
+            let cols: Vec<String> = c["attlist"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x["node"]["String"]["sval"].as_str())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            (&c["relation"], cols, false)
+        } else {
+            continue;
+        };
+        let schema = rel["schemaname"].as_str().unwrap_or("");
+        let name = rel["relname"].as_str().unwrap_or("");
+        let Some(info) = catalog.lookup(schema, name) else {
+            continue;
+        };
+        let left: Vec<&(String, String)> = info
+            .volatile_defaults
+            .iter()
+            .filter(|(c, _)| uses_default || named.is_empty() || !named.contains(c))
+            .collect();
+        if !left.is_empty() {
+            let list: Vec<String> = left
+                .iter()
+                .map(|(c, e)| format!("\"{c}\" (default {e})"))
+                .collect();
+            return Some(format!(
+                "this write leaves {} of {name} to defaults each copy would compute differently",
+                list.join(", ")
+            ));
+        }
+    }
+    None
 }
 
 /// Functions a row-local expression may call (pure, read nothing else).
@@ -344,6 +440,44 @@ mod tests {
             t("s1", "dup", "id", false, false),
             t("s2", "dup", "id", false, false),
         ])
+    }
+
+    #[test]
+    fn writes_that_leave_volatile_defaults_are_found() {
+        let c = RelCatalog::from_full_rows([(
+            "public".to_string(),
+            "u".to_string(),
+            "id".to_string(),
+            false,
+            false,
+            "id\u{1f}gen_random_uuid()\u{1e}at\u{1f}now()\u{1e}n\u{1f}0\u{1e}f\u{1f}!my_volatile()\u{1e}\
+             t\u{1f}COALESCE(NULLIF(current_setting('reprise.now', true), '')::timestamptz, now())"
+                .to_string(),
+        )]);
+        let found = |sql: &str| volatile_default_use(sql, &c);
+        let r = found("INSERT INTO u (v) VALUES ('x')").unwrap();
+        assert!(
+            r.contains("\"id\"") && r.contains("gen_random_uuid()"),
+            "{r}"
+        );
+        assert!(
+            found("INSERT INTO u VALUES ('00000000-0000-0000-0000-000000000000', 'x', now())")
+                .is_some()
+        );
+        let r = found("INSERT INTO u (id, v) VALUES ($1, 'x')").unwrap();
+        assert!(r.contains("\"at\""), "{r}");
+        assert!(
+            found("INSERT INTO u (id, v, at) VALUES ($1, 'x', $2)")
+                .unwrap()
+                .contains("my_volatile")
+        );
+        assert!(found("INSERT INTO u (id, v, at, f) VALUES ($1, 'x', $2, 1)").is_none());
+        assert!(found("INSERT INTO u (id, v, at) VALUES ($1, 'x', DEFAULT)").is_some());
+        assert!(found("COPY u (v) FROM STDIN").is_some());
+        assert!(found("COPY u (id, at, v, f) FROM STDIN").is_none());
+        assert!(found("COPY u TO STDOUT").is_none());
+        assert!(found("INSERT INTO other (v) VALUES (1)").is_none());
+        assert!(found("UPDATE u SET v = 'y'").is_none());
     }
 
     #[test]

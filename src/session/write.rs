@@ -353,6 +353,13 @@ impl Session {
             )
             .with_hint("add an ORDER BY that fixes the order of the selected rows"));
         }
+        if let Some(catalog) = self.group.rel_catalog()
+            && let Some(reason) = rowlocal::volatile_default_use(sql, &catalog)
+        {
+            return Err(PgError::error("0A000", reason).with_hint(
+                "give the column a value in the statement, or make its default deterministic",
+            ));
+        }
         Ok(a.rewritten)
     }
 
