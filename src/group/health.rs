@@ -210,6 +210,7 @@ pub async fn monitor(
                     }
                     if group.rel_catalog().is_none()
                         || rel_loaded_at.elapsed() >= REL_CATALOG_REFRESH
+                        || group.take_rel_catalog_request()
                     {
                         load_rel_catalog(&group, &conn, &node).await;
                         rel_loaded_at = tokio::time::Instant::now();

@@ -346,6 +346,8 @@ pub struct Group {
     /// Bumped by every schema change seen, so a catalog loaded before it is
     /// not trusted.
     rel_epoch: AtomicU64,
+    /// A reload of the table catalog was asked for.
+    rel_reload: std::sync::atomic::AtomicBool,
     /// Row-locality of statement shapes under the current catalog.
     row_local_cache: std::sync::Mutex<std::collections::HashMap<String, bool>>,
     /// Bumped by every node state change and every promotion.
@@ -403,6 +405,7 @@ impl Group {
             max_lag_ms,
             rel_catalog: std::sync::RwLock::new(None),
             rel_epoch: AtomicU64::new(0),
+            rel_reload: std::sync::atomic::AtomicBool::new(false),
             row_local_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
             events,
             acked: AtomicU64::new(0),
@@ -676,6 +679,17 @@ impl Group {
             }
         }
         v
+    }
+
+    /// A write named a table the catalog does not know: the primary's
+    /// monitor reloads it at its next probe.
+    pub fn request_rel_catalog(&self) {
+        self.rel_reload.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a reload was asked for (and clears the request).
+    pub fn take_rel_catalog_request(&self) -> bool {
+        self.rel_reload.swap(false, Ordering::Relaxed)
     }
 
     /// The epoch to pass to `set_rel_catalog` after loading.

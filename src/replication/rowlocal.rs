@@ -125,8 +125,9 @@ impl RelCatalog {
 }
 
 /// Why an INSERT or COPY in `sql` would leave a column to a default the
-/// copies compute differently (None: it names every such column).
-pub fn volatile_default_use(sql: &str, catalog: &RelCatalog) -> Option<String> {
+/// copies compute differently (None: it names every such column). Sets
+/// `unknown` when it writes to a table the catalog does not know.
+pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool) -> Option<String> {
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
     let Ok(Ok(parsed)) = parsed else {
         return None;
@@ -163,6 +164,9 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog) -> Option<String> {
         let schema = rel["schemaname"].as_str().unwrap_or("");
         let name = rel["relname"].as_str().unwrap_or("");
         let Some(info) = catalog.lookup(schema, name) else {
+            // A temporary table, or one made on the nodes since the last
+            // catalog load.
+            *unknown |= rel["relpersistence"].as_str() != Some("t");
             continue;
         };
         let left: Vec<&(String, String)> = info
@@ -454,7 +458,7 @@ mod tests {
              t\u{1f}COALESCE(NULLIF(current_setting('reprise.now', true), '')::timestamptz, now())"
                 .to_string(),
         )]);
-        let found = |sql: &str| volatile_default_use(sql, &c);
+        let found = |sql: &str| volatile_default_use(sql, &c, &mut false);
         let r = found("INSERT INTO u (v) VALUES ('x')").unwrap();
         assert!(
             r.contains("\"id\"") && r.contains("gen_random_uuid()"),
@@ -477,6 +481,9 @@ mod tests {
         assert!(found("COPY u (id, at, v, f) FROM STDIN").is_none());
         assert!(found("COPY u TO STDOUT").is_none());
         assert!(found("INSERT INTO other (v) VALUES (1)").is_none());
+        let mut unknown = false;
+        volatile_default_use("INSERT INTO other (v) VALUES (1)", &c, &mut unknown);
+        assert!(unknown);
         assert!(found("UPDATE u SET v = 'y'").is_none());
     }
 

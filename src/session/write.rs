@@ -353,12 +353,17 @@ impl Session {
             )
             .with_hint("add an ORDER BY that fixes the order of the selected rows"));
         }
-        if let Some(catalog) = self.group.rel_catalog()
-            && let Some(reason) = rowlocal::volatile_default_use(sql, &catalog)
-        {
-            return Err(PgError::error("0A000", reason).with_hint(
-                "give the column a value in the statement, or make its default deterministic",
-            ));
+        if let Some(catalog) = self.group.rel_catalog() {
+            let mut unknown = false;
+            if let Some(reason) = rowlocal::volatile_default_use(sql, &catalog, &mut unknown) {
+                return Err(PgError::error("0A000", reason).with_hint(
+                    "give the column a value in the statement, or make its default deterministic",
+                ));
+            }
+            if unknown {
+                // Made directly on the nodes: have the catalog reloaded.
+                self.group.request_rel_catalog();
+            }
         }
         Ok(a.rewritten)
     }
