@@ -701,3 +701,41 @@ async fn wait_connect(url: &str) -> tokio_postgres::Client {
     }
     panic!("no client seat came free");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_cannot_be_seeded_is_not_added() {
+    bounded(TEST_LIMIT, async {
+        let g = TestGroup::start(2, |_| {}).await;
+        // Port 1 on loopback: nothing listens there.
+        let (code, text) = admin_error(
+            &g.proxy,
+            "postgres",
+            "ADD NODE app ghost host=127.0.0.1 port=1 dbname=app user=postgres",
+        )
+        .await
+        .expect("refused");
+        assert_eq!(code, "55000", "{text}");
+        assert!(text.contains("ghost"), "{text}");
+        let s = g.proxy.status().await;
+        assert_eq!(members(&s, "app"), ["n1", "n2"], "{s:#}");
+        // Bad options are refused before anything happens.
+        let (code, _) = admin_error(&g.proxy, "postgres", "ADD NODE app x host=h port=abc")
+            .await
+            .unwrap();
+        assert_eq!(code, "22023");
+        let (code, _) = admin_error(&g.proxy, "postgres", "ADD NODE nogroup x host=h port=1")
+            .await
+            .unwrap();
+        assert_eq!(code, "42704");
+        // The group still serves writes, replicated to both copies.
+        let c = connect(&g.proxy.url("app")).await;
+        c.execute(
+            "INSERT INTO notes (body) VALUES ('after a failed add')",
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_identical(&g).await;
+    })
+    .await;
+}
