@@ -516,6 +516,25 @@ async fn reload_refuses_a_broken_config_and_applies_a_valid_change() {
             .execute("INSERT INTO notes (body) VALUES ('third again')", &[])
             .await
             .expect("the other groups' sessions go on");
+
+        // A row changed behind the proxy on the primary itself: the two
+        // subscribers agree, so the primary is the copy reported.
+        wait_group_caught_up(&proxy, "app", Duration::from_secs(30)).await;
+        let n1 = connect(&cluster.nodes[0].url("app")).await;
+        n1.execute("UPDATE items SET price = price + 1 WHERE id = 3", &[])
+            .await
+            .unwrap();
+        let rows = verify(&proxy, "app").await;
+        let bad: Vec<_> = rows.iter().filter(|(_, _, r)| r != "match").collect();
+        assert_eq!(
+            bad,
+            [&(
+                "public.items".to_string(),
+                "n1".to_string(),
+                "MISMATCH".to_string()
+            )],
+            "{rows:?}"
+        );
     })
     .await;
 }

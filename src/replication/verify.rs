@@ -113,47 +113,10 @@ pub async fn verify(group: &Arc<Group>, wait: Duration) -> Result<Arc<Report>, S
         };
         results.push((n.name.clone(), r));
     }
-    let reference = match &results
-        .iter()
-        .find(|(n, _)| *n == node.name)
-        .expect("primary")
-        .1
-    {
-        Ok(m) => m.clone(),
-        Err(e) => return Err(format!("reading the primary's checksums: {e}")),
-    };
-    let mut tables: Vec<String> = reference.keys().cloned().collect();
-    for (_, r) in &results {
-        if let Ok(m) = r {
-            tables.extend(m.keys().filter(|t| !reference.contains_key(*t)).cloned());
-        }
+    if let Some((_, Err(e))) = results.iter().find(|(n, _)| *n == node.name) {
+        return Err(format!("reading the primary's checksums: {e}"));
     }
-    tables.sort();
-    tables.dedup();
-    let mut checks = Vec::new();
-    for table in &tables {
-        for (name, r) in &results {
-            let (rows, checksum, result) = match r {
-                Err(e) => (None, None, e.clone()),
-                Ok(m) => {
-                    let mine = m.get(table);
-                    let ok = mine.is_some() && mine == reference.get(table);
-                    (
-                        mine.map(|v| v.0),
-                        mine.map(|v| v.1.clone()),
-                        if ok { "match" } else { "MISMATCH" }.to_string(),
-                    )
-                }
-            };
-            checks.push(TableCheck {
-                table: table.clone(),
-                node: name.clone(),
-                rows,
-                checksum,
-                result,
-            });
-        }
-    }
+    let checks = judge(&results, &node.name);
     let report = Arc::new(Report {
         group: group.name.clone(),
         seq,
@@ -176,6 +139,66 @@ pub async fn verify(group: &Arc<Group>, wait: Duration) -> Result<Arc<Report>, S
     );
     *group.last_verify.lock().expect("verify") = Some(report.clone());
     Ok(report)
+}
+
+/// Compares the nodes table by table. The reference for a table is the
+/// (rows, checksum) most nodes agree on — so a copy changed behind the
+/// proxy is the one reported, even when it is the primary — and the
+/// primary's when there is no majority. A table missing on a node is a
+/// mismatch there; a node that could not be read is reported with why.
+fn judge(results: &[(String, Result<Checksums, String>)], primary: &str) -> Vec<TableCheck> {
+    let mut tables: Vec<&String> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .flat_map(|m| m.keys())
+        .collect();
+    tables.sort();
+    tables.dedup();
+    let mut checks = Vec::new();
+    for table in tables {
+        let values: Vec<(&str, Option<&(i64, String)>)> = results
+            .iter()
+            .filter_map(|(n, r)| r.as_ref().ok().map(|m| (n.as_str(), m.get(table))))
+            .collect();
+        let count = |v: Option<&(i64, String)>| values.iter().filter(|(_, x)| *x == v).count();
+        let primary_value = values
+            .iter()
+            .find(|(n, _)| *n == primary)
+            .and_then(|(_, v)| *v);
+        let best = values.iter().map(|(_, v)| count(*v)).max().unwrap_or(0);
+        let leaders: Vec<Option<&(i64, String)>> = values
+            .iter()
+            .map(|(_, v)| *v)
+            .filter(|v| count(*v) == best)
+            .collect();
+        let reference = if leaders.iter().all(|v| *v == leaders[0]) {
+            leaders[0]
+        } else {
+            primary_value
+        };
+        for (name, r) in results {
+            let (rows, checksum, result) = match r {
+                Err(e) => (None, None, e.clone()),
+                Ok(m) => {
+                    let mine = m.get(table);
+                    let ok = mine.is_some() && mine == reference;
+                    (
+                        mine.map(|v| v.0),
+                        mine.map(|v| v.1.clone()),
+                        if ok { "match" } else { "MISMATCH" }.to_string(),
+                    )
+                }
+            };
+            checks.push(TableCheck {
+                table: table.clone(),
+                node: name.clone(),
+                rows,
+                checksum,
+                result,
+            });
+        }
+    }
+    checks
 }
 
 /// The checksum entry, committed on the primary under the exclusive write
@@ -280,5 +303,60 @@ pub async fn schedule(group: Arc<Group>, every: Duration, mut stop: watch::Recei
                 tracing::warn!(group = %group.name, error = %e, "scheduled VERIFY could not run")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, tables: &[(&str, i64, &str)]) -> (String, Result<Checksums, String>) {
+        (
+            name.to_string(),
+            Ok(tables
+                .iter()
+                .map(|(t, n, c)| (t.to_string(), (*n, c.to_string())))
+                .collect()),
+        )
+    }
+
+    fn bad(checks: &[TableCheck]) -> Vec<(String, String)> {
+        checks
+            .iter()
+            .filter(|c| c.result != "match")
+            .map(|c| (c.table.clone(), c.node.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn the_copy_that_differs_is_reported_even_the_primary() {
+        let same = [("a", 1, "x"), ("b", 2, "y")];
+        let results = vec![
+            node("p", &[("a", 1, "CHANGED"), ("b", 2, "y")]),
+            node("s1", &same),
+            node("s2", &same),
+        ];
+        assert_eq!(bad(&judge(&results, "p")), [("a".into(), "p".into())]);
+        let results = vec![
+            node("p", &same),
+            node("s1", &[("a", 1, "x")]),
+            node("s2", &same),
+        ];
+        assert_eq!(bad(&judge(&results, "p")), [("b".into(), "s1".into())]);
+    }
+
+    #[test]
+    fn without_a_majority_the_primary_decides_and_unread_nodes_say_why() {
+        let results = vec![
+            node("p", &[("a", 1, "x")]),
+            node("s1", &[("a", 1, "other")]),
+            ("s2".to_string(), Err("not compared: down".to_string())),
+        ];
+        let checks = judge(&results, "p");
+        assert_eq!(
+            bad(&checks),
+            [("a".into(), "s1".into()), ("a".into(), "s2".into())]
+        );
+        assert_eq!(checks[2].result, "not compared: down");
     }
 }
