@@ -485,20 +485,7 @@ impl Session {
                     Err(e) => return Err(End::Fatal(frame_error(e))),
                 }
             }
-            self.flush().await?;
-            if self.draining && self.is_idle() {
-                return Err(End::Fatal(if self.group.is_retired() {
-                    PgError::fatal(
-                        "57P01",
-                        format!(
-                            "terminating connection: group \"{}\" was removed from the configuration",
-                            self.group.name
-                        ),
-                    )
-                } else {
-                    shutting_down()
-                }));
-            }
+            // Before the flush: a client that sees its answer sees its state.
             let in_tx = self.tx_node.is_some() || self.lost_tx.is_some();
             let quiet = self.pending.is_none()
                 && self.batch.is_empty()
@@ -514,6 +501,20 @@ impl Session {
                 (true, true) => cancel::ClientState::IdleInTransaction,
                 (true, false) => cancel::ClientState::Idle,
             });
+            self.flush().await?;
+            if self.draining && self.is_idle() {
+                return Err(End::Fatal(if self.group.is_retired() {
+                    PgError::fatal(
+                        "57P01",
+                        format!(
+                            "terminating connection: group \"{}\" was removed from the configuration",
+                            self.group.name
+                        ),
+                    )
+                } else {
+                    shutting_down()
+                }));
+            }
             let idle_tx_limit = match self.shared.config().idle_in_transaction_timeout_ms {
                 0 => None,
                 ms => (quiet && in_tx).then(|| std::time::Duration::from_millis(ms)),
