@@ -21,7 +21,7 @@ use crate::wire::scram::ScramSecret;
 /// State every session and monitor shares. The config, the groups and
 /// the users change at run time (RELOAD, ADD/REMOVE/MOVE NODE).
 pub struct Shared {
-    config: std::sync::RwLock<Arc<Config>>,
+    config: arc_swap::ArcSwap<Config>,
     /// Groups in config order.
     groups: std::sync::RwLock<Vec<Arc<Group>>>,
     users: std::sync::RwLock<Arc<HashMap<String, ScramSecret>>>,
@@ -40,9 +40,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The current config.
-    pub fn config(&self) -> Arc<Config> {
-        self.config.read().expect("config").clone()
+    /// The current config (cheap: sessions read it on every unit).
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
     }
 
     pub fn auth_method(&self) -> AuthMethod {
@@ -96,7 +96,7 @@ impl Shared {
         } else if new < old {
             self.client_permits.forget_permits(old - new);
         }
-        *self.config.write().expect("config") = config;
+        self.config.store(config);
         Ok(())
     }
 
@@ -170,7 +170,7 @@ impl Server {
         let shared = Arc::new(Shared {
             client_permits: Arc::new(Semaphore::new(config.max_client_connections)),
             client_limit: std::sync::atomic::AtomicUsize::new(config.max_client_connections),
-            config: std::sync::RwLock::new(config),
+            config: arc_swap::ArcSwap::new(config),
             groups: std::sync::RwLock::new(groups),
             users: std::sync::RwLock::new(Arc::new(users)),
             tls,

@@ -405,7 +405,7 @@ fn show_clients(shared: &Shared) -> Table {
 }
 
 fn show_config(shared: &Shared) -> Table {
-    let mut config = (*shared.config()).clone();
+    let mut config = crate::config::Config::clone(&shared.config());
     for u in &mut config.auth.users {
         if !u.password.is_empty() {
             u.password = "********".into();
@@ -460,9 +460,7 @@ fn flatten(prefix: &str, v: &toml::Value, rows: &mut Vec<Vec<Option<String>>>) {
 }
 
 async fn show_log(shared: &Shared, group: &str, count: i64) -> Result<Table, PgError> {
-    let g = shared
-        .group(group)
-        .ok_or_else(|| PgError::error("42704", format!("no group \"{group}\"")))?;
+    let g = membership::named_group(shared, group)?;
     let primary = g.node(g.primary());
     let client = primary.control.get(&primary.target).await.map_err(|e| {
         PgError::error(
@@ -539,9 +537,7 @@ fn first_statement(messages: &[u8]) -> Option<String> {
 }
 
 async fn verify(shared: &Shared, group: &str) -> Result<Table, PgError> {
-    let g = shared
-        .group(group)
-        .ok_or_else(|| PgError::error("42704", format!("no group \"{group}\"")))?;
+    let g = membership::named_group(shared, group)?;
     let report = tokio::spawn(async move {
         crate::replication::verify::verify(&g, crate::replication::verify::WAIT).await
     })
@@ -576,9 +572,7 @@ async fn verify(shared: &Shared, group: &str) -> Result<Table, PgError> {
 /// PAUSE holds new work on the primary (until RESUME) and waits up to
 /// the failover wait for work in flight to finish.
 async fn pause(shared: &Shared, group: &str, on: bool) -> Result<Table, PgError> {
-    let g = shared
-        .group(group)
-        .ok_or_else(|| PgError::error("42704", format!("no group \"{group}\"")))?;
+    let g = membership::named_group(shared, group)?;
     g.admin_pause(on);
     let mut in_flight = g.inside();
     if on {

@@ -102,21 +102,22 @@ pub fn words(command: &str) -> Result<Vec<String>, PgError> {
     Ok(out)
 }
 
-fn not_found_group(shared: &Shared, group: &str) -> PgError {
-    PgError::error("42704", format!("no group \"{group}\"")).with_hint(format!(
-        "the groups are: {}",
-        shared.group_names().join(", ")
-    ))
+/// The running group a command names (42704 listing the groups if none).
+pub fn named_group(shared: &Shared, name: &str) -> Result<Arc<Group>, PgError> {
+    shared.group(name).ok_or_else(|| {
+        PgError::error("42704", format!("no group \"{name}\"")).with_hint(format!(
+            "the groups are: {}",
+            shared.group_names().join(", ")
+        ))
+    })
 }
 
 /// Adds `node` to `group`: seeds it online from a snapshot, then it
 /// catches up and serves reads.
 pub async fn add_node(shared: &Shared, group: &str, node: NodeConfig) -> Result<Added, PgError> {
     let _changes = shared.changes.lock().await;
-    let g = shared
-        .group(group)
-        .ok_or_else(|| not_found_group(shared, group))?;
-    let mut config = (*shared.config()).clone();
+    let g = named_group(shared, group)?;
+    let mut config = Config::clone(&shared.config());
     let gc = config
         .groups
         .iter_mut()
@@ -134,14 +135,9 @@ pub async fn add_node(shared: &Shared, group: &str, node: NodeConfig) -> Result<
         .map_err(|(key, reason)| PgError::error("22023", format!("key `{key}`: {reason}")))?;
     let unsaved = check_writable(&config);
     let seeded = join(shared, &g, &node).await?;
-    let unsaved = unsaved.or_else(|| {
-        save(&config, |doc| add_to_file(doc, group, &node))
-            .err()
-            .map(|e| format!("the config file was not updated: {e}"))
-    });
-    shared
-        .set_config(Arc::new(config))
-        .map_err(|e| PgError::error("F0000", e.to_string()))?;
+    let unsaved = install(shared, config, unsaved, |doc| {
+        add_to_file(doc, group, &node)
+    })?;
     Ok(Added {
         group: group.to_string(),
         node: node.name.clone(),
@@ -159,7 +155,7 @@ pub async fn join(
     g: &Arc<Group>,
     node: &NodeConfig,
 ) -> Result<crate::replication::seed::Seeded, PgError> {
-    let config = shared.config();
+    let config = Arc::clone(&shared.config());
     let index = g.add_node(node);
     g.node(index).set_state(NodeState::Seeding);
     crate::server::start_node(&config, g, index, &g.stop_signal(shared.stop_signal()));
@@ -201,21 +197,15 @@ pub async fn remove_node(
 ) -> Result<Option<String>, PgError> {
     let _changes = shared.changes.lock().await;
     let (g, index) = find(shared, group, node)?;
-    let mut config = (*shared.config()).clone();
+    let mut config = Config::clone(&shared.config());
     if let Some(gc) = config.groups.iter_mut().find(|c| c.name == group) {
         gc.nodes.retain(|n| n.name != node);
     }
     let unsaved = check_writable(&config);
     leave(shared, &g, index).await?;
-    let unsaved = unsaved.or_else(|| {
-        save(&config, |doc| remove_from_file(doc, group, node))
-            .err()
-            .map(|e| format!("the config file was not updated: {e}"))
-    });
-    shared
-        .set_config(Arc::new(config))
-        .map_err(|e| PgError::error("F0000", e.to_string()))?;
-    Ok(unsaved)
+    install(shared, config, unsaved, |doc| {
+        remove_from_file(doc, group, node)
+    })
 }
 
 /// Removes node `index` from a running group (checks first).
@@ -283,9 +273,7 @@ pub async fn move_node(shared: &Shared, node: &str, to: &str) -> Result<Added, P
             );
         }
     };
-    let target = shared
-        .group(to)
-        .ok_or_else(|| not_found_group(shared, to))?;
+    let target = named_group(shared, to)?;
     if from.name == to {
         return Err(PgError::error(
             "55000",
@@ -303,7 +291,7 @@ pub async fn move_node(shared: &Shared, node: &str, to: &str) -> Result<Added, P
     // The node is the same database: name it explicitly, since the
     // default (the group's name) changes with the group.
     moved.dbname = Some(from.node(index).target.dbname.clone());
-    let mut config = (*shared.config()).clone();
+    let mut config = Config::clone(&shared.config());
     for gc in config.groups.iter_mut() {
         if gc.name == from.name {
             gc.nodes.retain(|n| n.name != node);
@@ -325,17 +313,10 @@ pub async fn move_node(shared: &Shared, node: &str, to: &str) -> Result<Added, P
             ),
         )
     })?;
-    let unsaved = unsaved.or_else(|| {
-        save(&config, |doc| {
-            remove_from_file(doc, &from.name, node)?;
-            add_to_file(doc, to, &moved)
-        })
-        .err()
-        .map(|e| format!("the config file was not updated: {e}"))
-    });
-    shared
-        .set_config(Arc::new(config))
-        .map_err(|e| PgError::error("F0000", e.to_string()))?;
+    let unsaved = install(shared, config, unsaved, |doc| {
+        remove_from_file(doc, &from.name, node)?;
+        add_to_file(doc, to, &moved)
+    })?;
     Ok(Added {
         group: to.to_string(),
         node: node.to_string(),
@@ -348,9 +329,7 @@ pub async fn move_node(shared: &Shared, node: &str, to: &str) -> Result<Added, P
 
 /// The group and member index a command names.
 pub fn find(shared: &Shared, group: &str, node: &str) -> Result<(Arc<Group>, usize), PgError> {
-    let g = shared
-        .group(group)
-        .ok_or_else(|| not_found_group(shared, group))?;
+    let g = named_group(shared, group)?;
     let i = g.node_index(node).ok_or_else(|| {
         let names: Vec<String> = g.members().iter().map(|n| n.name.clone()).collect();
         PgError::error("42704", format!("no node \"{node}\" in group \"{group}\""))
@@ -372,6 +351,26 @@ fn check_writable(config: &Config) -> Option<String> {
             path.display()
         )),
     }
+}
+
+/// Makes `config` the running one after a membership change, and applies
+/// `edit` to its file unless `unsaved` already says why it cannot be;
+/// returns why the change is not in the file, if it is not.
+fn install(
+    shared: &Shared,
+    config: Config,
+    unsaved: Option<String>,
+    edit: impl FnOnce(&mut toml_edit::DocumentMut) -> Result<(), String>,
+) -> Result<Option<String>, PgError> {
+    let unsaved = unsaved.or_else(|| {
+        save(&config, edit)
+            .err()
+            .map(|e| format!("the config file was not updated: {e}"))
+    });
+    shared
+        .set_config(Arc::new(config))
+        .map_err(|e| PgError::error("F0000", e.to_string()))?;
+    Ok(unsaved)
 }
 
 /// Applies `edit` to the config file, keeping its comments and layout.

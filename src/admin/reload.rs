@@ -125,7 +125,7 @@ fn same_connection(a: &NodeConfig, b: &NodeConfig, group: &str) -> bool {
 /// Re-reads the config file and applies it; returns what changed.
 pub async fn reload(shared: &Arc<Shared>) -> Result<Vec<String>, PgError> {
     let _changes = shared.changes.lock().await;
-    let old = shared.config();
+    let old = Arc::clone(&shared.config());
     let Some(path) = old.source.clone() else {
         return Err(PgError::error(
             "F0000",

@@ -196,16 +196,8 @@ impl Node {
 
     /// Turns true when the node is removed from its group or the server
     /// stops (`server_stop` is the server's own stop signal).
-    pub fn stop_signal(&self, mut server_stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
-        let rx = self.stop.subscribe();
-        let tx = self.stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = server_stop.wait_for(|s| *s) => { let _ = tx.send(true); }
-                _ = tx.closed() => {}
-            }
-        });
-        rx
+    pub fn stop_signal(&self, server_stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
+        stop_with(&self.stop, server_stop)
     }
 
     /// Whether the node was removed from its group.
@@ -318,8 +310,6 @@ pub struct Group {
     nodes: arc_swap::ArcSwap<Vec<Arc<Node>>>,
     /// The group's configuration (nodes as first configured).
     config: GroupConfig,
-    /// Serialises membership changes (ADD/REMOVE/MOVE NODE, RELOAD).
-    pub membership: tokio::sync::Mutex<()>,
     /// New work is held by PAUSE (maintenance) until RESUME.
     admin_paused: std::sync::atomic::AtomicBool,
     /// Clients connected to the group.
@@ -390,7 +380,6 @@ impl Group {
                     .collect(),
             ),
             config: config.clone(),
-            membership: tokio::sync::Mutex::new(()),
             admin_paused: std::sync::atomic::AtomicBool::new(false),
             last_verify: std::sync::Mutex::new(None),
             clients: Arc::new(AtomicUsize::new(0)),
@@ -540,16 +529,8 @@ impl Group {
     }
 
     /// Turns true when the group is retired or the server stops.
-    pub fn stop_signal(&self, mut server_stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
-        let rx = self.retired.subscribe();
-        let tx = self.retired.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = server_stop.wait_for(|s| *s) => { let _ = tx.send(true); }
-                _ = tx.closed() => {}
-            }
-        });
-        rx
+    pub fn stop_signal(&self, server_stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
+        stop_with(&self.retired, server_stop)
     }
 
     /// A seat for one more client, unless `limit` (0: none) are connected.
@@ -765,10 +746,7 @@ impl Group {
         if seqs == 0 || i == self.primary() {
             return (0, 0);
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now = crate::admin::events::now_ms();
         let since = node.applied_commit_ms();
         let ms = if since > 0 {
             (now - since).max(0) as u64
@@ -937,6 +915,21 @@ impl Group {
                 .collect(),
         }
     }
+}
+
+/// A receiver of `own` that also turns true when `outer` does (a node's or
+/// group's stop follows the server's); the forwarding task ends when every
+/// receiver is gone.
+fn stop_with(own: &watch::Sender<bool>, mut outer: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let rx = own.subscribe();
+    let tx = own.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = outer.wait_for(|s| *s) => { let _ = tx.send(true); }
+            _ = tx.closed() => {}
+        }
+    });
+    rx
 }
 
 /// One of a limited number of places (a client of a group, a backend

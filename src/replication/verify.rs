@@ -120,10 +120,7 @@ pub async fn verify(group: &Arc<Group>, wait: Duration) -> Result<Arc<Report>, S
     let report = Arc::new(Report {
         group: group.name.clone(),
         seq,
-        at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
+        at_ms: crate::admin::events::now_ms(),
         checks,
     });
     publish(group, &report);

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::admin::events::now_ms;
+
 /// Where to send a cancel: a node and its backend process key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
@@ -56,14 +58,6 @@ impl ClientState {
             ClientState::IdleInTransaction => "idle in transaction",
         }
     }
-}
-
-/// Milliseconds since the epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl CancelSlot {

@@ -111,7 +111,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         group: group.name.clone(),
         addr: peer.clone(),
         application_name: app,
-        connected_ms: cancel::now_ms(),
+        connected_ms: crate::admin::events::now_ms(),
     });
     reader.set_max_len(shared.config().max_message_size);
     let mut session = Session::new(shared.clone(), group, reader, wr, params, guard);
@@ -487,15 +487,7 @@ impl Session {
             }
             // Before the flush: a client that sees its answer sees its state.
             let in_tx = self.tx_node.is_some() || self.lost_tx.is_some();
-            let quiet = self.pending.is_none()
-                && self.batch.is_empty()
-                && self.open_batch.is_none()
-                && self.write.sync_wait.is_none()
-                && self
-                    .backends
-                    .iter()
-                    .flatten()
-                    .all(|b| b.tracker.client_units() == 0);
+            let quiet = self.quiet();
             self.cancel.slot.set_state(match (quiet, in_tx) {
                 (false, _) => cancel::ClientState::Active,
                 (true, true) => cancel::ClientState::IdleInTransaction,
@@ -591,9 +583,13 @@ impl Session {
 
     /// No unit in flight, no open transaction, nothing being committed.
     fn is_idle(&self) -> bool {
-        self.tx_node.is_none()
-            && !self.busy_on_primary()
-            && self.write.sync_wait.is_none()
+        self.tx_node.is_none() && !self.busy_on_primary() && self.quiet()
+    }
+
+    /// Nothing of the client's is in flight or waiting (a transaction may
+    /// be open).
+    fn quiet(&self) -> bool {
+        self.write.sync_wait.is_none()
             && self.open_batch.is_none()
             && self.batch.is_empty()
             && self.pending.is_none()

@@ -855,11 +855,14 @@ impl Session {
     pub(super) async fn wait_sync(&mut self) -> Option<Frame> {
         let (seq, term, _) = self.write.sync_wait.as_ref()?;
         let (seq, term) = (*seq, *term);
-        let config = self.shared.config();
-        let r = config.replication.clone();
+        // Read once, not held across the waits below.
+        let (r, failover_wait_ms) = {
+            let config = self.shared.config();
+            (config.replication.clone(), config.health.failover_wait_ms)
+        };
         let need = r.sync_replicas;
         let limit = std::time::Duration::from_millis(r.sync_timeout_ms);
-        let failover_wait = std::time::Duration::from_millis(config.health.failover_wait_ms);
+        let failover_wait = std::time::Duration::from_millis(failover_wait_ms);
         let group = self.group.clone();
         let old_primary = group.node(group.primary()).name.clone();
         let started = std::time::Instant::now();
