@@ -550,25 +550,24 @@ pub async fn assert_present_once(g: &TestGroup, acked: &[String]) {
 /// Every acknowledged insert is there exactly once on the nodes `nodes`.
 pub async fn assert_present_once_on(g: &TestGroup, nodes: &[usize], acked: &[String]) {
     for &i in nodes {
-        let rows = g
-            .direct(i)
-            .await
-            .query(
-                "SELECT body, count(*) FROM notes WHERE body = ANY($1) GROUP BY body",
-                &[&acked],
-            )
-            .await
-            .unwrap();
-        let counts: std::collections::HashMap<String, i64> =
-            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        for body in acked {
-            assert_eq!(
-                counts.get(body),
-                Some(&1),
-                "{body} on {}",
-                g.cluster.nodes[i].name
-            );
-        }
+        assert_present_once_at(&g.cluster.nodes[i], acked).await;
+    }
+}
+
+/// Every acknowledged body is in `node`'s `notes` exactly once.
+pub async fn assert_present_once_at(node: &LocalNode, acked: &[String]) {
+    let rows = connect(&node.url("app"))
+        .await
+        .query(
+            "SELECT body, count(*) FROM notes WHERE body = ANY($1) GROUP BY body",
+            &[&acked],
+        )
+        .await
+        .unwrap();
+    let counts: std::collections::HashMap<String, i64> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for body in acked {
+        assert_eq!(counts.get(body), Some(&1), "{body} on {}", node.name);
     }
 }
 
