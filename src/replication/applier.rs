@@ -101,6 +101,9 @@ async fn apply_loop(
     let mut replay = BackendConn::connect(&node.target, &[], Duration::from_secs(5))
         .await
         .map_err(|e| transient(&e))?;
+    // Statements prepared on `replay`: they live and die with it (any
+    // error ends this run and so the connection).
+    let mut cache = StatementCache::default();
 
     // The primary: LISTEN for new entries.
     let (source, mut pconn) = connect_config(&primary.target)
@@ -196,7 +199,7 @@ async fn apply_loop(
                 let _held = hold(group, &node, run_term).await?;
                 run_outside_transaction(&mut replay, seq, &entry).await?;
             }
-            let p = prepare(&logged, &entry, nontx);
+            let p = prepare(&logged, &entry, nontx, &mut cache);
             bytes += p.buf.len();
             batch.push(p);
         }
@@ -268,12 +271,22 @@ struct Prepared {
 }
 
 /// Encodes one entry as one transaction: setup, the captured messages, the
-/// log row, COMMIT.
-fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool) -> Prepared {
+/// log row, COMMIT. An entry of plain DML replays its statements through
+/// the node's statement cache; any other entry replays its messages as
+/// captured, after DEALLOCATE ALL (it may prepare, deallocate or change the
+/// tables the cached statements use).
+fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool, cache: &mut StatementCache) -> Prepared {
     let h = &entry.header;
     let (before, after): (Vec<SeqState>, Vec<SeqState>) = sequences_column(row.sequences);
     let messages: &[u8] = if nontx { &[] } else { &entry.messages };
-    let mut setup = String::from("RESET ALL; DEALLOCATE ALL; ");
+    // Bounded: ad-hoc statements (literals in the text) would otherwise
+    // pile up on the node.
+    let cached = !nontx && only_dml(&h.tags) && cache.names.len() < MAX_CACHED;
+    let mut setup = String::from(if cached {
+        "RESET ALL; "
+    } else {
+        "RESET ALL; DEALLOCATE ALL; "
+    });
     for s in &h.settings {
         setup.push_str(s);
         setup.push_str("; ");
@@ -288,9 +301,14 @@ fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool) -> Prepared {
     // it and then fails on its key, having changed nothing.
     let mut buf = BytesMut::new();
     buf.extend_from_slice(&messages::query("BEGIN"));
-    append_applied(&mut buf, row);
+    append_applied(&mut buf, row, cache);
     buf.extend_from_slice(&messages::query(&setup));
-    buf.extend_from_slice(messages);
+    if cached {
+        cache.rewrite(messages, &mut buf);
+    } else {
+        cache.clear();
+        buf.extend_from_slice(messages);
+    }
     buf.extend_from_slice(&messages::query(&format!("{} COMMIT", setval_sql(&after))));
     Prepared {
         seq: row.seq,
@@ -299,6 +317,126 @@ fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool) -> Prepared {
         captured_units: count_units(messages),
         tags: h.tags.clone(),
         check_tags: !nontx,
+    }
+}
+
+/// A NUL-terminated name and what follows it.
+fn split(b: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let n = b.iter().position(|&c| c == 0)?;
+    Some((b[..n].to_vec(), &b[n + 1..]))
+}
+
+/// Whether every statement of an entry was plain DML (by its command tags
+/// on the primary): then it cannot have changed what cached statements mean.
+fn only_dml(tags: &[String]) -> bool {
+    tags.iter().all(|t| {
+        matches!(
+            t.split(' ').next().unwrap_or(""),
+            "INSERT" | "UPDATE" | "DELETE" | "SELECT" | "COPY" | "MERGE"
+        )
+    })
+}
+
+/// At most this many statements stay prepared per replay connection.
+const MAX_CACHED: usize = 500;
+
+/// The statements an applier prepared on its replay connection, by their
+/// text and parameter types: a captured Parse of the same statement is not
+/// sent again (no parse and plan per entry), and the entry's Bind,
+/// Describe and Close use the cached name.
+#[derive(Default)]
+struct StatementCache {
+    /// Parse body after the name (query, parameter types) → cached name.
+    names: std::collections::HashMap<Bytes, String>,
+    next: u64,
+}
+
+impl StatementCache {
+    /// The node dropped every prepared statement (DEALLOCATE ALL).
+    fn clear(&mut self) {
+        self.names.clear();
+    }
+
+    /// The cached name of a Parse body's statement, and the Parse to send
+    /// first if the node does not have it yet.
+    fn statement(&mut self, parse_rest: &[u8], out: &mut BytesMut) -> String {
+        if let Some(name) = self.names.get(parse_rest) {
+            return name.clone();
+        }
+        self.next += 1;
+        let name = format!("reprise_{}", self.next);
+        let mut body = BytesMut::new();
+        put_cstr(&mut body, &name);
+        body.extend_from_slice(parse_rest);
+        put_message(b'P', &body, out);
+        self.names
+            .insert(Bytes::copy_from_slice(parse_rest), name.clone());
+        name
+    }
+
+    /// Appends an entry's captured messages to `out`, with its statements
+    /// renamed to cached ones.
+    fn rewrite(&mut self, messages: &[u8], out: &mut BytesMut) {
+        // The entry's own statement names → cached names.
+        let mut local: std::collections::HashMap<Vec<u8>, String> = Default::default();
+        let mut rest = messages;
+        while rest.len() >= 5 {
+            let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
+            let Some(len) = usize::try_from(len)
+                .ok()
+                .filter(|&l| l >= 4 && l < rest.len())
+            else {
+                out.extend_from_slice(rest);
+                return;
+            };
+            let (tag, body, raw) = (rest[0], &rest[5..len + 1], &rest[..len + 1]);
+            rest = &rest[len + 1..];
+            match tag {
+                b'P' => match split(body) {
+                    Some((own, tail)) => {
+                        let name = self.statement(tail, out);
+                        local.insert(own, name);
+                    }
+                    None => out.extend_from_slice(raw),
+                },
+                b'B' => {
+                    let renamed = split(body).and_then(|(portal, tail)| {
+                        let (stmt, tail) = split(tail)?;
+                        let name = local.get(&stmt)?;
+                        let mut b = BytesMut::new();
+                        b.extend_from_slice(&portal);
+                        b.extend_from_slice(&[0]);
+                        put_cstr(&mut b, name);
+                        b.extend_from_slice(tail);
+                        Some(b)
+                    });
+                    match renamed {
+                        Some(b) => put_message(b'B', &b, out),
+                        None => out.extend_from_slice(raw),
+                    }
+                }
+                b'D' | b'C' if body.first() == Some(&b'S') => {
+                    let stmt = split(&body[1..]).map(|(stmt, _)| stmt);
+                    let name = stmt.as_ref().and_then(|s| local.get(s).cloned());
+                    match (tag, name) {
+                        // The cached statement stays; only the entry's name
+                        // for it goes (nothing checks the CloseComplete).
+                        (b'C', Some(_)) => {
+                            local.remove(&stmt.unwrap_or_default());
+                        }
+                        (b'D', Some(n)) => {
+                            let mut b = BytesMut::new();
+                            b.extend_from_slice(b"S");
+                            put_cstr(&mut b, &n);
+                            put_message(b'D', &b, out);
+                        }
+                        _ => out.extend_from_slice(raw),
+                    }
+                }
+                _ => out.extend_from_slice(raw),
+            }
+        }
+        out.extend_from_slice(rest);
     }
 }
 
@@ -483,17 +621,17 @@ pub fn count_units(messages: &[u8]) -> usize {
     n
 }
 
-/// `SELECT reprise.applied(…)` with the payload as a binary parameter.
-fn append_applied(buf: &mut BytesMut, row: &Logged<'_>) {
+/// `SELECT reprise.applied(…)` with the payload as a binary parameter, as
+/// a cached statement.
+fn append_applied(buf: &mut BytesMut, row: &Logged<'_>, cache: &mut StatementCache) {
     let mut parse = BytesMut::new();
-    put_cstr(&mut parse, "");
     put_cstr(
         &mut parse,
         "SELECT reprise.applied($1::bigint, $2::bigint, $3::bytea, $4::text, $5::text, $6::text, \
          to_timestamp($7::bigint / 1000000.0))",
     );
     parse.extend_from_slice(&0i16.to_be_bytes());
-    put_message(b'P', &parse, buf);
+    let name = cache.statement(&parse, buf);
     let params: [(i16, Option<Bytes>); 7] = [
         (0, Some(Bytes::from(row.seq.to_string()))),
         (0, Some(Bytes::from(row.term.to_string()))),
@@ -503,16 +641,21 @@ fn append_applied(buf: &mut BytesMut, row: &Logged<'_>) {
         (0, row.sequences.map(|s| Bytes::from(s.to_string()))),
         (0, Some(Bytes::from(row.committed_us.to_string()))),
     ];
-    put_message(b'B', &bind_body(&params), buf);
+    put_message(b'B', &bind_body_for(&name, &params), buf);
     put_message(b'E', b"\0\0\0\0\0", buf);
     put_message(b'S', b"", buf);
 }
 
 /// A Bind body for the unnamed portal and statement (None is NULL).
 pub fn bind_body(params: &[(i16, Option<Bytes>)]) -> BytesMut {
+    bind_body_for("", params)
+}
+
+/// A Bind body of statement `stmt` for the unnamed portal.
+pub fn bind_body_for(stmt: &str, params: &[(i16, Option<Bytes>)]) -> BytesMut {
     let mut b = BytesMut::new();
     put_cstr(&mut b, "");
-    put_cstr(&mut b, "");
+    put_cstr(&mut b, stmt);
     b.extend_from_slice(&(params.len() as i16).to_be_bytes());
     for (fmt, _) in params {
         b.extend_from_slice(&fmt.to_be_bytes());
@@ -534,6 +677,80 @@ pub fn bind_body(params: &[(i16, Option<Bytes>)]) -> BytesMut {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Frames of raw messages: (tag, body).
+    fn frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while b.len() >= 5 {
+            let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+            out.push((b[0], b[5..len + 1].to_vec()));
+            b = &b[len + 1..];
+        }
+        out
+    }
+
+    fn entry_messages(stmt: &str, sql: &str) -> BytesMut {
+        let mut b = BytesMut::new();
+        let mut parse = BytesMut::new();
+        put_cstr(&mut parse, stmt);
+        put_cstr(&mut parse, sql);
+        parse.extend_from_slice(&0i16.to_be_bytes());
+        put_message(b'P', &parse, &mut b);
+        let mut bind = BytesMut::new();
+        put_cstr(&mut bind, "");
+        put_cstr(&mut bind, stmt);
+        bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        put_message(b'B', &bind, &mut b);
+        let mut describe = BytesMut::from(&b"S"[..]);
+        put_cstr(&mut describe, stmt);
+        put_message(b'D', &describe, &mut b);
+        put_message(b'E', b"\0\0\0\0\0", &mut b);
+        put_message(b'S', b"", &mut b);
+        let mut close = BytesMut::from(&b"S"[..]);
+        put_cstr(&mut close, stmt);
+        put_message(b'C', &close, &mut b);
+        b
+    }
+
+    #[test]
+    fn replayed_statements_are_parsed_once_per_connection() {
+        let mut cache = StatementCache::default();
+        let mut first = BytesMut::new();
+        cache.rewrite(&entry_messages("P_1", "update t set a = 1"), &mut first);
+        let f = frames(&first);
+        let tags: Vec<u8> = f.iter().map(|(t, _)| *t).collect();
+        // Parsed under the cache's name; the entry's Close is dropped.
+        assert_eq!(tags, b"PBDES");
+        assert!(f[0].1.starts_with(b"reprise_1\0update t set a = 1\0"));
+        assert_eq!(&f[1].1[..11], b"\0reprise_1\0");
+        assert_eq!(f[2].1, b"Sreprise_1\0");
+
+        // The same statement under another name in a later entry: no Parse.
+        let mut second = BytesMut::new();
+        cache.rewrite(&entry_messages("other", "update t set a = 1"), &mut second);
+        let f = frames(&second);
+        assert_eq!(f.iter().map(|(t, _)| *t).collect::<Vec<u8>>(), b"BDES");
+        assert_eq!(&f[0].1[..11], b"\0reprise_1\0");
+        assert_eq!(count_units(&second), 1);
+
+        // Another text is another statement; after a clear, parsed again.
+        let mut third = BytesMut::new();
+        cache.rewrite(&entry_messages("", "delete from t"), &mut third);
+        assert!(frames(&third)[0].1.starts_with(b"reprise_2\0delete from t\0"));
+        cache.clear();
+        let mut fourth = BytesMut::new();
+        cache.rewrite(&entry_messages("P_1", "update t set a = 1"), &mut fourth);
+        assert_eq!(frames(&fourth)[0].0, b'P');
+    }
+
+    #[test]
+    fn only_plain_dml_entries_use_the_cache() {
+        let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(only_dml(&t(&["INSERT 0 1", "UPDATE 3", "SELECT 1", "DELETE 0"])));
+        assert!(!only_dml(&t(&["INSERT 0 1", "ALTER TABLE"])));
+        assert!(!only_dml(&t(&["DEALLOCATE ALL"])));
+        assert!(!only_dml(&t(&["PREPARE"])));
+    }
 
     #[test]
     fn counts_units_in_raw_messages() {
