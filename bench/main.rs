@@ -105,6 +105,9 @@ enum Cmd {
         scale: u32,
         #[arg(long, value_delimiter = ',', default_value = "simple,prepared")]
         modes: Vec<String>,
+        /// Copies behind Reprise (1 shows the primary's own cost).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
         #[arg(long, default_value = "bench/results/write.json")]
         out: PathBuf,
     },
@@ -230,8 +233,9 @@ fn main() -> anyhow::Result<()> {
             duration,
             scale,
             modes,
+            nodes,
             out,
-        } => write(clients, duration, scale, &modes, &out),
+        } => write(clients, duration, scale, &modes, nodes, &out),
         Cmd::Failover { runs, clients, out } => failover::run(runs, clients, &out).map(drop),
     }
 }
@@ -494,8 +498,10 @@ fn write(
     duration: u32,
     scale: u32,
     modes: &[String],
+    nodes: usize,
     out: &PathBuf,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=3).contains(&nodes), "--nodes is 1, 2 or 3");
     let bin = PgBin::find()?;
     let dir = tempfile::Builder::new().prefix("reprise-bench").tempdir()?;
     eprintln!("creating 4 local copies with pgbench scale {scale} (n4 is the direct reference) …");
@@ -504,10 +510,12 @@ fn write(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let config = cluster.config("app", "127.0.0.1:0", "127.0.0.1:0");
+    let mut config = cluster.config("app", "127.0.0.1:0", "127.0.0.1:0");
+    config.groups[0].nodes.truncate(nodes);
+    cluster.nodes.truncate(nodes);
     let mut results = Vec::new();
     println!(
-        "pgbench TPC-B, {clients} clients, {duration} s each, scale {scale}, 3 copies through Reprise"
+        "pgbench TPC-B, {clients} clients, {duration} s each, scale {scale}, {nodes} copies through Reprise"
     );
     println!(
         "{:<10} {:>11} {:>12} {:>7} {:>14} {:>14} {:>12}",
