@@ -32,9 +32,13 @@ ALTER TABLE reprise.log ADD COLUMN IF NOT EXISTS sequences text;
 ALTER TABLE reprise.node ADD COLUMN IF NOT EXISTS primary_node text;
 
 -- Appends an entry on the primary inside the writing transaction. The
--- caller holds the group's write lock, so seq order is commit order.
+-- caller holds the group's write lock, so seq order is commit order; a
+-- caller holding it only shared (row-local writes) passes the key of the
+-- commit-order lock, taken here and held through COMMIT, so that the lock
+-- costs no statement of its own.
 -- Refuses entries of another term (fencing a stale primary).
-CREATE OR REPLACE FUNCTION reprise.append(p_term bigint, p_payload bytea, p_seqs_before text)
+CREATE OR REPLACE FUNCTION reprise.append(p_term bigint, p_payload bytea, p_seqs_before text,
+                                          p_order_key bigint)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
 DECLARE
     v_term bigint;
@@ -42,6 +46,9 @@ DECLARE
     v_prev text;
     v_after text;
 BEGIN
+    IF p_order_key IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(p_order_key);
+    END IF;
     SELECT term INTO v_term FROM reprise.node;
     IF v_term IS DISTINCT FROM p_term THEN
         RAISE EXCEPTION 'reprise: this node is at term %, the entry is of term %', v_term, p_term
@@ -62,6 +69,12 @@ BEGIN
     PERFORM pg_notify('reprise_log', v_seq::text);
     RETURN v_seq;
 END
+$fn$;
+
+-- The append of callers holding the write lock exclusively.
+CREATE OR REPLACE FUNCTION reprise.append(p_term bigint, p_payload bytea, p_seqs_before text)
+RETURNS bigint LANGUAGE sql AS $fn$
+    SELECT reprise.append(p_term, p_payload, p_seqs_before, NULL::bigint)
 $fn$;
 
 -- Records an entry replayed on a subscriber, in the replaying transaction:

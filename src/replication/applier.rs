@@ -736,7 +736,11 @@ mod tests {
         // Another text is another statement; after a clear, parsed again.
         let mut third = BytesMut::new();
         cache.rewrite(&entry_messages("", "delete from t"), &mut third);
-        assert!(frames(&third)[0].1.starts_with(b"reprise_2\0delete from t\0"));
+        assert!(
+            frames(&third)[0]
+                .1
+                .starts_with(b"reprise_2\0delete from t\0")
+        );
         cache.clear();
         let mut fourth = BytesMut::new();
         cache.rewrite(&entry_messages("P_1", "update t set a = 1"), &mut fourth);
@@ -746,7 +750,12 @@ mod tests {
     #[test]
     fn only_plain_dml_entries_use_the_cache() {
         let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(only_dml(&t(&["INSERT 0 1", "UPDATE 3", "SELECT 1", "DELETE 0"])));
+        assert!(only_dml(&t(&[
+            "INSERT 0 1",
+            "UPDATE 3",
+            "SELECT 1",
+            "DELETE 0"
+        ])));
         assert!(!only_dml(&t(&["INSERT 0 1", "ALTER TABLE"])));
         assert!(!only_dml(&t(&["DEALLOCATE ALL"])));
         assert!(!only_dml(&t(&["PREPARE"])));

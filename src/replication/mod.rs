@@ -54,11 +54,6 @@ pub fn upgrade_lock_query(group: &str) -> String {
     )
 }
 
-/// Taken just before the append by shared-mode transactions.
-pub fn order_lock_query(group: &str) -> String {
-    format!("SELECT pg_advisory_xact_lock({})", order_key(group))
-}
-
 /// The query that takes the write lock and reads what the entry needs:
 /// the transaction timestamp (also set as `reprise.now` for rewritten time
 /// functions) and the sequence states before the transaction writes.

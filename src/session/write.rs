@@ -55,8 +55,6 @@ pub struct WriteTx {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Own {
     Lock,
-    /// The short commit-order lock before an append.
-    Order,
     Append,
     Commit,
     Rollback,
@@ -596,21 +594,9 @@ impl Session {
         self.inject_append(buf, p);
     }
 
-    /// Adds the log append (Parse/Bind/Execute/Sync) to `buf`, after the
-    /// commit-order lock when the write lock is only shared.
+    /// Adds the log append (Parse/Bind/Execute/Sync) to `buf`; when the
+    /// write lock is only shared, the append takes the commit-order lock.
     fn inject_append(&mut self, buf: &mut BytesMut, p: usize) {
-        let Some(tx) = self.write.tx.as_mut() else {
-            return;
-        };
-        if !tx.exclusive {
-            buf.extend_from_slice(&messages::query(&replication::order_lock_query(
-                &self.group.name,
-            )));
-            if let Some(conn) = self.backends[p].as_mut() {
-                conn.tracker.push(Expect::Own);
-            }
-            self.write.own.push_back(Own::Order);
-        }
         let Some(tx) = self.write.tx.as_mut() else {
             return;
         };
@@ -631,7 +617,7 @@ impl Session {
         messages::put_cstr(&mut parse, "");
         messages::put_cstr(
             &mut parse,
-            "SELECT reprise.append($1::bigint, $2::bytea, $3::text)",
+            "SELECT reprise.append($1::bigint, $2::bytea, $3::text, $4::bigint)",
         );
         parse.extend_from_slice(&0i16.to_be_bytes());
         messages::put_message(b'P', &parse, buf);
@@ -641,6 +627,12 @@ impl Session {
             (
                 0,
                 (!tx.seqs_before.is_empty()).then(|| bytes::Bytes::from(tx.seqs_before.clone())),
+            ),
+            (
+                0,
+                (!tx.exclusive).then(|| {
+                    bytes::Bytes::from(replication::order_key(&self.group.name).to_string())
+                }),
             ),
         ];
         messages::put_message(b'B', &crate::replication::applier::bind_body(&params), buf);
