@@ -272,6 +272,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             for (scenario, protocol) in SELECT_SCENARIOS {
                 runner.measure(scenario, PGBOUNCER, &url, Workload::Select, protocol)?;
             }
+            // What a proxy that only forwards keeps of single-node writes:
+            // the ceiling for any proxy on this machine.
+            runner.measure(TPCB, PGBOUNCER, &url, Workload::Tpcb, Protocol::Prepared)?;
         }
         Err(e) => eprintln!("PgBouncer is not measured: {e}"),
     }
