@@ -172,6 +172,14 @@ pub async fn monitor(
     loop {
         tokio::select! {
             _ = tick.tick() => spawn_probe(&mut probes, Duration::ZERO),
+            _ = group.rel_wanted.notified(), if index == group.primary() => {
+                // A session writes to a table the catalog does not know.
+                if node.is_reachable() {
+                    group.take_rel_catalog_request();
+                    load_rel_catalog(&group, &conn, &node).await;
+                    rel_loaded_at = tokio::time::Instant::now();
+                }
+            }
             _ = node.suspect.notified() => {
                 // A session saw a refused or reset connection: confirm now.
                 if node.is_reachable() && !verdict.confirming() {

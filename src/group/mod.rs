@@ -338,6 +338,10 @@ pub struct Group {
     rel_epoch: AtomicU64,
     /// A reload of the table catalog was asked for.
     rel_reload: std::sync::atomic::AtomicBool,
+    /// Wakes the primary's monitor to reload the table catalog now.
+    pub rel_wanted: tokio::sync::Notify,
+    /// Woken when a table catalog was loaded.
+    rel_loaded: tokio::sync::Notify,
     /// Row-locality of statement shapes under the current catalog.
     row_local_cache: std::sync::Mutex<std::collections::HashMap<String, bool>>,
     /// Bumped by every node state change and every promotion.
@@ -395,6 +399,8 @@ impl Group {
             rel_catalog: std::sync::RwLock::new(None),
             rel_epoch: AtomicU64::new(0),
             rel_reload: std::sync::atomic::AtomicBool::new(false),
+            rel_wanted: tokio::sync::Notify::new(),
+            rel_loaded: tokio::sync::Notify::new(),
             row_local_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
             events,
             acked: AtomicU64::new(0),
@@ -680,10 +686,26 @@ impl Group {
 
     /// Installs a loaded catalog unless the schema changed meanwhile.
     pub fn set_rel_catalog(&self, epoch: u64, c: crate::replication::rowlocal::RelCatalog) {
-        let mut slot = self.rel_catalog.write().expect("rel catalog");
-        if self.rel_epoch() == epoch {
-            *slot = Some(Arc::new(c));
+        {
+            let mut slot = self.rel_catalog.write().expect("rel catalog");
+            if self.rel_epoch() == epoch {
+                *slot = Some(Arc::new(c));
+            }
         }
+        self.rel_loaded.notify_waiters();
+    }
+
+    /// Has the primary's monitor reload the table catalog now and waits
+    /// for it (at most `within`); returns the catalog then in place.
+    pub async fn fresh_rel_catalog(
+        &self,
+        within: std::time::Duration,
+    ) -> Option<Arc<crate::replication::rowlocal::RelCatalog>> {
+        let loaded = self.rel_loaded.notified();
+        self.request_rel_catalog();
+        self.rel_wanted.notify_one();
+        let _ = tokio::time::timeout(within, loaded).await;
+        self.rel_catalog()
     }
 
     /// The log head: the highest committed seq seen.

@@ -165,8 +165,10 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool)
         let name = rel["relname"].as_str().unwrap_or("");
         let Some(info) = catalog.lookup(schema, name) else {
             // A temporary table, or one made on the nodes since the last
-            // catalog load.
-            *unknown |= rel["relpersistence"].as_str() != Some("t");
+            // catalog load (an unqualified name found in several schemas
+            // is known, only ambiguous).
+            *unknown |= rel["relpersistence"].as_str() != Some("t")
+                && (!schema.is_empty() || !catalog.tables.contains_key(name));
             continue;
         };
         let left: Vec<&(String, String)> = info

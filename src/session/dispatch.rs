@@ -59,6 +59,9 @@ pub struct Unit {
     pub ends_tx: bool,
     /// It must not run: answer with this error instead.
     pub refused: Option<PgError>,
+    /// Writes to tables the catalog did not know yet: checked again
+    /// against a fresh catalog before the unit runs.
+    pub recheck: Vec<String>,
 }
 
 /// Whether a classified string may change data: anything beyond session
@@ -80,7 +83,8 @@ impl Session {
             .unwrap_or("")
             .to_string();
         let class = self.group.classifier.classify(&sql);
-        let (f, refused) = match self.deterministic(&class, &sql) {
+        let mut unknown = false;
+        let (f, refused) = match self.deterministic(&class, &sql, &mut unknown) {
             Ok(Some(new_sql)) => (
                 Frame {
                     tag: b'Q',
@@ -113,6 +117,7 @@ impl Session {
             begin: class.begin,
             ends_tx: class.ends_tx,
             refused,
+            recheck: if unknown { vec![sql] } else { Vec::new() },
         }
     }
 
@@ -237,6 +242,7 @@ impl Session {
             begin: None,
             ends_tx: false,
             refused: None,
+            recheck: Vec::new(),
         };
         for frame in frames {
             let mut stmt = None;
@@ -246,7 +252,8 @@ impl Session {
                         let name = name.to_string();
                         let query = query.to_string();
                         let class = self.group.classifier.classify(&query);
-                        let parse = match self.deterministic(&class, &query) {
+                        let mut unknown = false;
+                        let parse = match self.deterministic(&class, &query, &mut unknown) {
                             Ok(Some(new_sql)) => statements::rewrite_parse(&frame, &new_sql),
                             Ok(None) => frame.clone(),
                             Err(e) => {
@@ -254,6 +261,9 @@ impl Session {
                                 frame.clone()
                             }
                         };
+                        if unknown {
+                            unit.recheck.push(query.clone());
+                        }
                         stmt = Some(self.statements.define(&name, parse, class));
                     } else {
                         unit.route = Route::Write;
@@ -370,7 +380,12 @@ impl Session {
     }
 
     /// Routes a complete unit: now, or after the busy backend finishes.
-    pub(super) async fn dispatch(&mut self, unit: Unit) -> Result<(), End> {
+    pub(super) async fn dispatch(&mut self, mut unit: Unit) -> Result<(), End> {
+        if !unit.recheck.is_empty() && unit.refused.is_none() {
+            let sqls = std::mem::take(&mut unit.recheck);
+            let group = self.group.clone();
+            unit.refused = super::write::recheck_defaults(&group, &sqls).await;
+        }
         let refusal = unit
             .refused
             .clone()

@@ -121,6 +121,35 @@ pub fn startup_settings(params: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
+/// Writes to tables the catalog did not know when they were classified:
+/// the catalog is reloaded now and they are checked again, so the first
+/// write to a table made behind the proxy cannot slip a volatile default
+/// past the check.
+pub(super) async fn recheck_defaults(
+    group: &crate::group::Group,
+    sqls: &[String],
+) -> Option<PgError> {
+    let wait = std::time::Duration::from_millis(2000);
+    let catalog = group.fresh_rel_catalog(wait).await?;
+    sqls.iter()
+        .find_map(|sql| volatile_default_refusal(sql, &catalog, &mut false))
+}
+
+/// The 0A000 refusal of a write that leaves a column to a default each
+/// copy would compute differently.
+fn volatile_default_refusal(
+    sql: &str,
+    catalog: &rowlocal::RelCatalog,
+    unknown: &mut bool,
+) -> Option<PgError> {
+    let reason = rowlocal::volatile_default_use(sql, catalog, unknown)?;
+    Some(
+        PgError::error("0A000", reason).with_hint(
+            "give the column a value in the statement, or make its default deterministic",
+        ),
+    )
+}
+
 /// Statements that are per-node maintenance: never logged.
 pub fn is_maintenance(sql: &str) -> bool {
     let first = first_word(sql);
@@ -329,10 +358,13 @@ impl Session {
     /// For a statement that may write: the text to run instead (same on the
     /// primary and on replay), or the 0A000 refusal of a construct that
     /// replay cannot reproduce.
+    /// Sets `unknown` when it writes to a table the catalog does not know
+    /// yet (see `recheck_defaults`).
     pub(super) fn deterministic(
         &self,
         class: &Classification,
         sql: &str,
+        unknown: &mut bool,
     ) -> Result<Option<String>, PgError> {
         if !self.replicating() || class.read_only || class.parse_error {
             return Ok(None);
@@ -352,15 +384,15 @@ impl Session {
             .with_hint("add an ORDER BY that fixes the order of the selected rows"));
         }
         if let Some(catalog) = self.group.rel_catalog() {
-            let mut unknown = false;
-            if let Some(reason) = rowlocal::volatile_default_use(sql, &catalog, &mut unknown) {
-                return Err(PgError::error("0A000", reason).with_hint(
-                    "give the column a value in the statement, or make its default deterministic",
-                ));
+            let mut new_table = false;
+            if let Some(e) = volatile_default_refusal(sql, &catalog, &mut new_table) {
+                return Err(e);
             }
-            if unknown {
+            if new_table {
                 // Made directly on the nodes: have the catalog reloaded.
                 self.group.request_rel_catalog();
+                // A session without temporary tables waits for it.
+                *unknown = self.pinned.is_none();
             }
         }
         Ok(a.rewritten)
