@@ -30,6 +30,62 @@ ALTER TABLE reprise.log ADD COLUMN IF NOT EXISTS sequences text;
 -- The primary this node last heard of (recorded at every promotion), so a
 -- proxy that starts while the primary is down still knows which node it was.
 ALTER TABLE reprise.node ADD COLUMN IF NOT EXISTS primary_node text;
+-- Values a write transaction captured on the primary (reprise.captured):
+-- a JSON array of their text, in the order they were computed.
+ALTER TABLE reprise.log ADD COLUMN IF NOT EXISTS captured text;
+
+-- A value's text and back, under fixed settings, so that it reads back
+-- exactly (all float digits, ISO dates in UTC, hex bytea) whatever the
+-- session's settings are.
+CREATE OR REPLACE FUNCTION reprise.exact_text(p anyelement)
+RETURNS text LANGUAGE plpgsql
+SET extra_float_digits = 3 SET "DateStyle" = 'ISO, YMD' SET "TimeZone" = 'UTC'
+SET "IntervalStyle" = 'postgres' SET bytea_output = 'hex' AS $fn$
+BEGIN
+    RETURN p::text;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION reprise.from_exact_text(p text, p_like anyelement)
+RETURNS anyelement LANGUAGE plpgsql
+SET extra_float_digits = 3 SET "DateStyle" = 'ISO, YMD' SET "TimeZone" = 'UTC'
+SET "IntervalStyle" = 'postgres' SET bytea_output = 'hex' AS $fn$
+DECLARE
+    r ALIAS FOR $0;
+BEGIN
+    r := p;
+    RETURN r;
+END
+$fn$;
+
+-- Row capture of a volatile value (random(), gen_random_uuid(),
+-- clock_timestamp(), a volatile column default…), which the proxy wraps
+-- in this call. On the primary it returns the value and records it in the
+-- transaction; the append logs the list with the entry. On replay (the
+-- applier sets reprise.replay_values) it returns the recorded value in
+-- the same order instead of the one computed here.
+CREATE OR REPLACE FUNCTION reprise.captured(p anyelement)
+RETURNS anyelement LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_replay text := current_setting('reprise.replay_values', true);
+    v_pos integer;
+    v_list jsonb;
+BEGIN
+    IF coalesce(v_replay, '') <> '' THEN
+        v_pos := coalesce(nullif(current_setting('reprise.replay_pos', true), ''), '0')::integer;
+        IF v_pos >= jsonb_array_length(v_replay::jsonb) THEN
+            RAISE EXCEPTION 'reprise: the entry recorded % captured values, its replay asks for more', v_pos
+                USING ERRCODE = 'XX000';
+        END IF;
+        PERFORM set_config('reprise.replay_pos', (v_pos + 1)::text, true);
+        RETURN reprise.from_exact_text(v_replay::jsonb ->> v_pos, p);
+    END IF;
+    v_list := coalesce(nullif(current_setting('reprise.captured', true), ''), '[]')::jsonb;
+    PERFORM set_config('reprise.captured',
+        (v_list || jsonb_build_array(reprise.exact_text(p)))::text, true);
+    RETURN p;
+END
+$fn$;
 
 -- Appends an entry on the primary inside the writing transaction. The
 -- caller holds the group's write lock, so seq order is commit order; a
@@ -61,11 +117,12 @@ BEGIN
     IF p_seqs_before IS NOT NULL THEN
         v_after := reprise.sequences();
     END IF;
-    INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences)
+    INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences, captured)
     VALUES (v_seq, p_term, p_payload, v_prev,
             encode(sha256(convert_to(v_prev, 'UTF8') || p_payload), 'hex'),
             CASE WHEN p_seqs_before IS NULL OR v_after = p_seqs_before THEN NULL
-                 ELSE '[' || coalesce(p_seqs_before, '[]') || ',' || v_after || ']' END);
+                 ELSE '[' || coalesce(p_seqs_before, '[]') || ',' || v_after || ']' END,
+            nullif(current_setting('reprise.captured', true), ''));
     PERFORM pg_notify('reprise_log', v_seq::text);
     RETURN v_seq;
 END
@@ -81,7 +138,7 @@ $fn$;
 -- exactly once (primary key) and only right after the previous one.
 CREATE OR REPLACE FUNCTION reprise.applied(p_seq bigint, p_term bigint, p_payload bytea,
                                            p_prev_hash text, p_hash text, p_sequences text,
-                                           p_committed_at timestamptz)
+                                           p_committed_at timestamptz, p_captured text)
 RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
     v_seq bigint;
@@ -99,9 +156,18 @@ BEGIN
             p_seq, coalesce(v_prev, ''), p_prev_hash
             USING ERRCODE = '40P04';
     END IF;
-    INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences, committed_at)
-    VALUES (p_seq, p_term, p_payload, p_prev_hash, p_hash, p_sequences, p_committed_at);
+    INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences, committed_at, captured)
+    VALUES (p_seq, p_term, p_payload, p_prev_hash, p_hash, p_sequences, p_committed_at, p_captured);
 END
+$fn$;
+
+-- The form of earlier versions (no captured values).
+CREATE OR REPLACE FUNCTION reprise.applied(p_seq bigint, p_term bigint, p_payload bytea,
+                                           p_prev_hash text, p_hash text, p_sequences text,
+                                           p_committed_at timestamptz)
+RETURNS void LANGUAGE sql AS $fn$
+    SELECT reprise.applied(p_seq, p_term, p_payload, p_prev_hash, p_hash, p_sequences,
+                           p_committed_at, NULL::text)
 $fn$;
 
 -- Sequence states, to make replayed nextval calls give the same numbers.

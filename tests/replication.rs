@@ -163,7 +163,11 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         ),
         ("UPDATE src SET v = md5(random()::text)", "random"),
         (
-            "INSERT INTO stamped (at) VALUES (clock_timestamp())",
+            "UPDATE stamped SET at = clock_timestamp() WHERE id > 1",
+            "clock_timestamp",
+        ),
+        (
+            "INSERT INTO stamped (at) SELECT clock_timestamp() FROM src",
             "clock_timestamp",
         ),
         (
@@ -182,6 +186,73 @@ async fn nondeterministic_writes_are_identical_or_refused() {
     c.execute("INSERT INTO stamped DEFAULT VALUES", &[])
         .await
         .unwrap();
+    assert_identical(&g).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volatile_values_in_inserts_are_captured_and_replayed() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute(
+        "CREATE TABLE r (id int PRIMARY KEY, u uuid, x float8, at timestamptz, note text)",
+    )
+    .await
+    .unwrap();
+    // One prepared statement, many executions: a value per execution.
+    let insert = c
+        .prepare(
+            "INSERT INTO r (id, u, x, at, note) \
+             VALUES ($1, gen_random_uuid(), random() * $2, clock_timestamp(), md5(random()::text))",
+        )
+        .await
+        .unwrap();
+    for id in 0..20i32 {
+        c.execute(&insert, &[&id, &1000.0f64]).await.unwrap();
+    }
+    // Settings that would lose digits or move times if values were
+    // recorded as the session prints them.
+    c.batch_execute(
+        "SET extra_float_digits = 0; SET DateStyle = 'SQL, DMY'; SET TimeZone = 'Asia/Tokyo';
+         INSERT INTO r (id, u, x, at) VALUES
+             (100, gen_random_uuid(), random(), clock_timestamp()),
+             (101, gen_random_uuid(), random(), clock_timestamp());",
+    )
+    .await
+    .unwrap();
+    // A failed statement after a savepoint: its values are not replayed.
+    c.batch_execute("BEGIN; INSERT INTO r (id, x) VALUES (200, random()); SAVEPOINT s")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("INSERT INTO r (id, x) VALUES (201, random()), (200, random())")
+        .await
+        .expect_err("duplicate key");
+    assert!(db_text(&e).starts_with("23505"), "{}", db_text(&e));
+    c.batch_execute("ROLLBACK TO SAVEPOINT s; INSERT INTO r (id, x) VALUES (202, random())")
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    // A session with a temporary table: its own writes are not logged and
+    // keep their volatile calls; its logged writes are captured.
+    c.batch_execute(
+        "CREATE TEMP TABLE scratch (u uuid);
+         INSERT INTO scratch VALUES (gen_random_uuid());
+         INSERT INTO r (id, u) VALUES (300, gen_random_uuid());",
+    )
+    .await
+    .unwrap();
+    let row = c
+        .query_one(
+            "SELECT count(*), count(DISTINCT u), count(DISTINCT x), count(DISTINCT at) FROM r",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (n, u, x, at): (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(n, 25);
+    assert_eq!(u, 23, "every generated uuid differs");
+    assert_eq!(x, 24, "every random() differs");
+    assert_eq!(at, 22, "every clock_timestamp() differs");
     assert_identical(&g).await;
 }
 

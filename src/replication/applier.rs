@@ -132,7 +132,7 @@ async fn apply_loop(
     let fetch = source
         .prepare(
             "SELECT seq, term, payload, prev_hash, hash, \
-             (extract(epoch FROM committed_at) * 1000000)::bigint, sequences \
+             (extract(epoch FROM committed_at) * 1000000)::bigint, sequences, captured \
              FROM reprise.log WHERE seq > $1 ORDER BY seq LIMIT 500",
         )
         .await
@@ -171,6 +171,7 @@ async fn apply_loop(
             let hash: String = row.get(4);
             let committed_us: i64 = row.get(5);
             let sequences: Option<String> = row.get(6);
+            let captured: Option<String> = row.get(7);
             let entry =
                 Entry::decode(&payload).map_err(|reason| Stop::Divergent { seq, reason })?;
             let logged = Logged {
@@ -180,6 +181,7 @@ async fn apply_loop(
                 prev_hash: &prev_hash,
                 hash: &hash,
                 sequences: sequences.as_deref(),
+                captured: captured.as_deref(),
                 committed_us,
             };
             let nontx = entry.header.kind == super::NONTX;
@@ -256,6 +258,8 @@ struct Logged<'a> {
     prev_hash: &'a str,
     hash: &'a str,
     sequences: Option<&'a str>,
+    /// Values the transaction captured on the primary (JSON array).
+    captured: Option<&'a str>,
     /// The primary's commit time, µs since the epoch.
     committed_us: i64,
 }
@@ -296,6 +300,18 @@ fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool, cache: &mut StatementCa
         h.now.replace('\'', "''"),
         setval_sql(&before)
     ));
+    if let Some(values) = row.captured {
+        // reprise.captured() returns these, in order, instead of computing.
+        // Dollar-quoted: the entry's settings may turn
+        // standard_conforming_strings off.
+        let mut tag = String::from("$values$");
+        while values.contains(&tag) {
+            tag.insert(1, 'v');
+        }
+        setup.push_str(&format!(
+            "SET LOCAL reprise.replay_values = {tag}{values}{tag}; SET LOCAL reprise.replay_pos = '0'; "
+        ));
+    }
     // The log row first, before anything else (setval is not transactional):
     // a second applier replaying the same entry (another proxy's) waits on
     // it and then fails on its key, having changed nothing.
@@ -628,11 +644,11 @@ fn append_applied(buf: &mut BytesMut, row: &Logged<'_>, cache: &mut StatementCac
     put_cstr(
         &mut parse,
         "SELECT reprise.applied($1::bigint, $2::bigint, $3::bytea, $4::text, $5::text, $6::text, \
-         to_timestamp($7::bigint / 1000000.0))",
+         to_timestamp($7::bigint / 1000000.0), $8::text)",
     );
     parse.extend_from_slice(&0i16.to_be_bytes());
     let name = cache.statement(&parse, buf);
-    let params: [(i16, Option<Bytes>); 7] = [
+    let params: [(i16, Option<Bytes>); 8] = [
         (0, Some(Bytes::from(row.seq.to_string()))),
         (0, Some(Bytes::from(row.term.to_string()))),
         (1, Some(Bytes::copy_from_slice(row.payload))),
@@ -640,6 +656,7 @@ fn append_applied(buf: &mut BytesMut, row: &Logged<'_>, cache: &mut StatementCac
         (0, Some(Bytes::from(row.hash.to_string()))),
         (0, row.sequences.map(|s| Bytes::from(s.to_string()))),
         (0, Some(Bytes::from(row.committed_us.to_string()))),
+        (0, row.captured.map(|s| Bytes::from(s.to_string()))),
     ];
     put_message(b'B', &bind_body_for(&name, &params), buf);
     put_message(b'E', b"\0\0\0\0\0", buf);

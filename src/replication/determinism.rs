@@ -43,6 +43,8 @@ pub struct WriteAnalysis {
     pub insert_select_targets: Vec<String>,
     /// A call to `nextval` or `setval` appears somewhere.
     pub uses_nextval: bool,
+    /// The rewrite captures volatile values (`reprise.captured`).
+    pub captures: bool,
 }
 
 /// Functions whose result differs between runs.
@@ -299,12 +301,14 @@ fn analyze(sql: &str) -> WriteAnalysis {
         refused: None,
         insert_select_targets: Vec::new(),
         uses_nextval: false,
+        captures: false,
     };
     if let Some(stmts) = json.get("stmts").and_then(Value::as_array) {
         for stmt in stmts {
             let ctx = Ctx {
                 data_modifying: has_data_modification(stmt),
                 ddl_expression: false,
+                values: Values::No,
             };
             walker.walk(stmt, ctx);
         }
@@ -314,6 +318,7 @@ fn analyze(sql: &str) -> WriteAnalysis {
         refused: walker.refused,
         insert_select_targets: walker.insert_select_targets,
         uses_nextval: walker.uses_nextval,
+        captures: walker.captures,
     };
     if analysis.refused.is_some() || walker.edits.is_empty() {
         return analysis;
@@ -377,6 +382,42 @@ struct Ctx {
     data_modifying: bool,
     /// Inside a column definition, constraint or ALTER TABLE command.
     ddl_expression: bool,
+    /// Where an `INSERT … VALUES` row list is (its rows are evaluated once
+    /// each, in order, so volatile values there can be captured).
+    values: Values,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Values {
+    /// Not on the way to an INSERT's VALUES lists.
+    No,
+    /// Between the InsertStmt and its VALUES lists.
+    Pending,
+    /// Inside the VALUES lists of an INSERT.
+    Inside,
+}
+
+/// Volatile functions whose value is captured (wrapped in
+/// `reprise.captured`) when they appear in an INSERT's VALUES rows.
+const CAPTURED_FUNCTIONS: &[&str] = &[
+    "random",
+    "random_normal",
+    "gen_random_uuid",
+    "uuidv4",
+    "uuidv7",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "uuid_generate_v4",
+    "gen_random_bytes",
+    "gen_salt",
+    "clock_timestamp",
+    "timeofday",
+];
+
+/// The call that captures an expression's value on the primary and
+/// replays it on the other copies.
+pub fn captured_call(expr: &str) -> String {
+    format!("reprise.captured({expr})")
 }
 
 struct Walker<'a> {
@@ -386,6 +427,7 @@ struct Walker<'a> {
     refused: Option<String>,
     insert_select_targets: Vec<String>,
     uses_nextval: bool,
+    captures: bool,
 }
 
 impl Walker<'_> {
@@ -414,12 +456,20 @@ impl Walker<'_> {
                     if !self.visit(key, child, ctx) {
                         continue;
                     }
-                    let child_ctx = match key.as_str() {
+                    let mut child_ctx = match key.as_str() {
                         "ColumnDef" | "Constraint" | "AlterTableCmd" => Ctx {
                             ddl_expression: true,
                             ..ctx
                         },
                         _ => ctx,
+                    };
+                    child_ctx.values = match (ctx.values, key.as_str()) {
+                        (_, "InsertStmt") => Values::Pending,
+                        (Values::Pending, "select_stmt" | "node" | "SelectStmt") => Values::Pending,
+                        (Values::Pending, "values_lists") => Values::Inside,
+                        (Values::Inside, "SubLink" | "SelectStmt") => Values::No,
+                        (Values::Inside, _) => Values::Inside,
+                        _ => Values::No,
                     };
                     self.walk(child, child_ctx);
                 }
@@ -432,7 +482,7 @@ impl Walker<'_> {
     /// subtree.
     fn visit(&mut self, kind: &str, node: &Value, ctx: Ctx) -> bool {
         match kind {
-            "FuncCall" => self.visit_func_call(node, ctx),
+            "FuncCall" => return self.visit_func_call(node, ctx),
             "SqlvalueFunction" => {
                 let op = node.get("op").and_then(Value::as_i64).unwrap_or(0);
                 let typmod = node.get("typmod").and_then(Value::as_i64).unwrap_or(-1);
@@ -499,16 +549,43 @@ impl Walker<'_> {
         true
     }
 
-    fn visit_func_call(&mut self, node: &Value, ctx: Ctx) {
+    /// A function call; false when its arguments are not to be looked at.
+    fn visit_func_call(&mut self, node: &Value, ctx: Ctx) -> bool {
         let names: Vec<&str> = node
             .get("funcname")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(string_node).collect())
             .unwrap_or_default();
-        let Some(&name) = names.last() else { return };
+        let Some(&name) = names.last() else {
+            return true;
+        };
+        if names == ["reprise", "captured"] {
+            // Already captured (an analysed rewrite): replayed as recorded.
+            return false;
+        }
         let builtin = names.len() == 1 || (names.len() == 2 && names[0] == "pg_catalog");
         if builtin && (name == "nextval" || name == "setval") {
             self.uses_nextval = true;
+        }
+        if builtin
+            && ctx.values == Values::Inside
+            && !ctx.ddl_expression
+            && CAPTURED_FUNCTIONS.contains(&name)
+        {
+            match self.call_span(location(node)) {
+                Some((start, end)) => {
+                    let call = self.sql.get(start..end).unwrap_or_default().to_string();
+                    self.edits.push(Edit {
+                        start,
+                        end,
+                        text: captured_call(&call),
+                    });
+                    self.captures = true;
+                }
+                None => self.refuse(volatile_reason(name)),
+            }
+            // Its value is replayed as recorded, whatever its arguments do.
+            return false;
         }
         if let Some(reason) = refused_function_reason(name) {
             if ctx.ddl_expression {
@@ -520,7 +597,7 @@ impl Walker<'_> {
             } else {
                 self.refuse(reason);
             }
-            return;
+            return true;
         }
         let no_args = node
             .get("args")
@@ -536,6 +613,7 @@ impl Walker<'_> {
                 None => self.cannot_rewrite(&format!("{name}()")),
             }
         }
+        true
     }
 
     fn visit_type_cast(&mut self, node: &Value) {
@@ -1167,22 +1245,61 @@ mod tests {
     #[test]
     fn refuses_functions() {
         for name in VOLATILE_FUNCTIONS.iter().chain(SERVER_FUNCTIONS) {
-            let sql = format!("insert into t (v) values ({name}())");
+            if !CAPTURED_FUNCTIONS.contains(name) {
+                let sql = format!("insert into t (v) values ({name}())");
+                let reason = refused(&sql);
+                assert!(reason.contains(&format!("{name}()")), "{reason}");
+            }
+            let sql = format!("UPDATE t SET v = {}() WHERE id = $1", name.to_uppercase());
             let reason = refused(&sql);
             assert!(reason.contains(&format!("{name}()")), "{reason}");
-            let sql = format!("UPDATE t SET v = {}() WHERE id = $1", name.to_uppercase());
-            refused(&sql);
         }
         let reason = refused("UPDATE t SET token = md5(random()::text)");
         assert!(reason.contains("random()"), "{reason}");
         refused("insert into t select * from s order by random() limit 1");
         refused("insert into t values (public.uuid_generate_v4())");
-        refused("insert into t values (now(), gen_random_uuid())");
+        refused("insert into t select gen_random_uuid() from s");
+        refused("insert into t values ((select random()))");
+        refused("insert into t select * from (values (random())) v");
+        refused("insert into t values (1) on conflict (id) do update set r = random()");
         // Something that looks like our own NOW_EXPR but is not.
         refused(
-            "insert into t values (coalesce(current_setting('reprise.now', true)::timestamptz, clock_timestamp()))",
+            "update t set d = coalesce(current_setting('reprise.now', true)::timestamptz, clock_timestamp())",
         );
         rewritten("UPDATE t SET d = now() WHERE id = $1; update u set e = CURRENT_DATE");
+    }
+
+    #[test]
+    fn captures_volatile_values_in_insert_values() {
+        for name in CAPTURED_FUNCTIONS {
+            let sql = format!("insert into t (v) values ({name}())");
+            let a = analyze_write(&sql);
+            assert_eq!(a.refused, None, "{sql}");
+            assert!(a.captures, "{sql}");
+            assert_eq!(
+                a.rewritten.as_deref(),
+                Some(format!("insert into t (v) values (reprise.captured({name}()))").as_str())
+            );
+        }
+        let a = analyze_write(
+            "INSERT INTO t (a, b, c) VALUES ($1, md5(random()::text), now()), ($2, gen_random_uuid(), random_normal(0, 1))",
+        );
+        assert_eq!(a.refused, None);
+        let out = a.rewritten.expect("rewritten");
+        assert!(parses(&out), "{out}");
+        assert!(
+            out.contains("md5(reprise.captured(random())::text)"),
+            "{out}"
+        );
+        assert!(out.contains("reprise.captured(gen_random_uuid())"), "{out}");
+        assert!(
+            out.contains("reprise.captured(random_normal(0, 1))"),
+            "{out}"
+        );
+        assert!(out.contains("current_setting('reprise.now'"), "{out}");
+        // Idempotent: a captured call is not captured again.
+        let again = analyze_write(&out);
+        assert_eq!((again.rewritten, again.refused), (None, None), "{out}");
     }
 
     #[test]

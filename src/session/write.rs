@@ -369,6 +369,11 @@ impl Session {
         if !self.replicating() || class.read_only || class.parse_error {
             return Ok(None);
         }
+        if self.pinned.is_some() && temp_only(sql, &mut self.write.temps.clone()) {
+            // Not logged: runs on the primary alone, as written (a captured
+            // value there would not be in any entry).
+            return Ok(None);
+        }
         let a = determinism::analyze_write(sql);
         if let Some(reason) = a.refused {
             return Err(PgError::error("0A000", reason));
