@@ -725,10 +725,11 @@ async fn statements_described_and_flushed_before_they_run_are_replicated() {
 
 /// Tables made outside the proxy (before it started, or directly on every
 /// node) may have defaults that each copy would compute differently:
-/// writes that leave such a column to its default are refused, not
+/// writes that leave such a column to its default get its value captured
+/// when the INSERT can name the column, and are refused otherwise — never
 /// silently replayed into different values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn volatile_defaults_of_tables_made_outside_the_proxy_are_refused() {
+async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refused() {
     let seed = format!(
         "{SEED_SQL}\nCREATE TABLE tokens (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), v text, \
          at timestamptz DEFAULT clock_timestamp());"
@@ -737,58 +738,68 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_refused() {
     let c = connect(&g.proxy.url("app")).await;
     // The table catalog is loaded shortly after start.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let e = c
-        .execute("INSERT INTO tokens (v) VALUES ('a')", &[])
+    // With a column list, the defaults are named and their values captured.
+    c.execute("INSERT INTO tokens (v) VALUES ($1), ($2)", &[&"a", &"b"])
         .await
-        .unwrap_err();
-    let text = db_text(&e);
-    assert!(
-        text.starts_with("0A000") && text.contains("\"id\"") && text.contains("gen_random_uuid()"),
-        "{text}"
-    );
-    let e = c
+        .expect("defaults captured");
+    c.batch_execute(
+        "INSERT INTO tokens (id, v, at) VALUES (DEFAULT, 'c', DEFAULT);
+         INSERT INTO tokens DEFAULT VALUES;
+         INSERT INTO tokens (v) VALUES ('d') RETURNING id;",
+    )
+    .await
+    .expect("defaults captured");
+    let given = c
         .execute(
-            "INSERT INTO tokens (id, v) VALUES ('6d6f7ef4-3c1b-4b4e-9d4a-2b0c6c1d8e11', 'b')",
+            "INSERT INTO tokens (id, v, at) VALUES ('6d6f7ef4-3c1b-4b4e-9d4a-2b0c6c1d8e11', 'e', '2026-01-01')",
             &[],
         )
         .await
-        .unwrap_err();
-    assert!(db_text(&e).contains("\"at\""), "{}", db_text(&e));
-    c.execute(
-        "INSERT INTO tokens (id, v, at) VALUES ('6d6f7ef4-3c1b-4b4e-9d4a-2b0c6c1d8e11', 'b', '2026-01-01')",
-        &[],
-    )
-    .await
-    .expect("every volatile default given a value");
+        .expect("every volatile default given a value");
+    assert_eq!(given, 1);
+    // Where the columns cannot be named, still refused.
+    for (sql, column) in [
+        ("INSERT INTO tokens VALUES (DEFAULT, 'f')", "\"id\""),
+        ("INSERT INTO tokens (v) SELECT 'g'", "\"id\""),
+        (
+            "INSERT INTO tokens (id, v) SELECT gen_random_uuid(), 'h'",
+            "gen_random_uuid",
+        ),
+    ] {
+        let e = c.batch_execute(sql).await.expect_err(sql);
+        let text = db_text(&e);
+        assert!(
+            text.starts_with("0A000") && text.contains(column),
+            "{sql}: {text}"
+        );
+    }
     // Tables created directly on every node after the proxy started: the
     // very first write to each (extended and simple protocol) has the
-    // catalog reloaded before it runs, and is refused.
+    // catalog reloaded before it runs, and is captured or refused.
     for i in 0..2 {
         g.direct(i)
             .await
             .batch_execute(
                 "CREATE TABLE later (id uuid DEFAULT gen_random_uuid(), v int);
                  CREATE TABLE later2 (v int, at timestamptz DEFAULT clock_timestamp());
+                 CREATE TABLE later3 (v int, r float8 DEFAULT random());
                  CREATE TABLE plain (v int)",
             )
             .await
             .unwrap();
     }
-    let e = c
-        .execute("INSERT INTO later (v) VALUES ($1)", &[&1i32])
+    c.execute("INSERT INTO later (v) VALUES ($1)", &[&1i32])
         .await
-        .expect_err("the first write to a new table with a volatile default");
-    assert!(
-        db_text(&e).starts_with("0A000") && db_text(&e).contains("\"id\""),
-        "{}",
-        db_text(&e)
-    );
-    let e = c
-        .batch_execute("INSERT INTO later2 (v) VALUES (1)")
+        .expect("the first write to a new table, its default captured");
+    c.batch_execute("INSERT INTO later2 (v) VALUES (1), (2)")
         .await
-        .expect_err("the first simple-protocol write to a new table with a volatile default");
+        .expect("the first simple-protocol write to a new table, its default captured");
+    let e = c
+        .batch_execute("INSERT INTO later3 SELECT 1")
+        .await
+        .expect_err("the first write to a new table that cannot name the default");
     assert!(
-        db_text(&e).starts_with("0A000") && db_text(&e).contains("\"at\""),
+        db_text(&e).starts_with("0A000") && db_text(&e).contains("\"r\""),
         "{}",
         db_text(&e)
     );
@@ -796,5 +807,11 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_refused() {
     c.execute("INSERT INTO plain (v) VALUES (1)", &[])
         .await
         .expect("a new table without volatile defaults");
+    let n: i64 = c
+        .query_one("SELECT count(DISTINCT id) FROM tokens", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 6);
     assert_identical(&g).await;
 }

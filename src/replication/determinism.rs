@@ -338,28 +338,28 @@ fn analyze(sql: &str) -> WriteAnalysis {
 
 /// The scanner's tokens. (`pg_query::scan_tokens` builds a slice from a null
 /// pointer when there are no tokens, which aborts in debug builds.)
-fn scan(sql: &str) -> Option<Vec<ScanToken>> {
+pub(crate) fn scan(sql: &str) -> Option<Vec<ScanToken>> {
     if sql.trim().is_empty() {
         return Some(Vec::new());
     }
     pg_query::scan(sql).ok().map(|r| r.tokens)
 }
 
-fn parses(sql: &str) -> bool {
+pub(crate) fn parses(sql: &str) -> bool {
     panic::catch_unwind(AssertUnwindSafe(|| pg_query::parse(sql, 0).is_ok())).unwrap_or(false)
 }
 
 /// A replacement of `sql[start..end]`.
 #[derive(Debug, Clone, PartialEq)]
-struct Edit {
-    start: usize,
-    end: usize,
-    text: String,
+pub(crate) struct Edit {
+    pub start: usize,
+    pub end: usize,
+    pub text: String,
 }
 
 /// Splice non-overlapping edits into `text`; None if they overlap or do not
 /// fall on character boundaries.
-fn apply_edits(text: &str, mut edits: Vec<Edit>) -> Option<String> {
+pub(crate) fn apply_edits(text: &str, mut edits: Vec<Edit>) -> Option<String> {
     edits.sort_by_key(|e| (e.start, e.end));
     let mut out = String::with_capacity(text.len() + edits.len() * NOW_EXPR.len());
     let mut pos = 0;
@@ -966,7 +966,7 @@ fn dollar_quote(body: &str) -> String {
     }
 }
 
-fn matching_paren(tokens: &[ScanToken], open: usize) -> Option<usize> {
+pub(crate) fn matching_paren(tokens: &[ScanToken], open: usize) -> Option<usize> {
     let mut depth = 0usize;
     for (i, t) in tokens.iter().enumerate().skip(open) {
         if t.token == Token::Ascii40 as i32 {

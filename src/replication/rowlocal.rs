@@ -124,6 +124,166 @@ impl RelCatalog {
     }
 }
 
+/// An `INSERT … VALUES` (or `DEFAULT VALUES`) that leaves columns with
+/// volatile defaults to those defaults, rewritten to give them the default
+/// expression wrapped in `reprise.captured` (row capture: the primary's
+/// values are replayed). Ok(None) when nothing needs it; Err(reason) when
+/// such a write cannot be rewritten (no column list, INSERT … SELECT,
+/// COPY): it is refused as before.
+pub fn capture_volatile_defaults(
+    sql: &str,
+    catalog: &RelCatalog,
+) -> Result<Option<String>, String> {
+    use super::determinism::{Edit, apply_edits, captured_call, matching_paren, parses, scan};
+    use pg_query::protobuf::Token;
+    let mut unknown = false;
+    let Some(reason) = volatile_default_use(sql, catalog, &mut unknown) else {
+        return Ok(None);
+    };
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return Err(reason);
+    };
+    let tree = serde_json::to_value(&parsed.protobuf).map_err(|_| reason.clone())?;
+    let tokens = scan(sql).ok_or_else(|| reason.clone())?;
+    let is = |i: usize, t: Token| tokens.get(i).is_some_and(|k| k.token == t as i32);
+    let token_at = |loc: i64| tokens.iter().position(|t| t.start as i64 == loc);
+    let quote = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+    let captured = |e: &str| captured_call(&format!("({e})"));
+    let mut edits: Vec<Edit> = Vec::new();
+    for stmt in tree["stmts"].as_array().ok_or_else(|| reason.clone())? {
+        let Some(ins) = stmt["stmt"]["node"].get("InsertStmt") else {
+            continue;
+        };
+        let rel = &ins["relation"];
+        let schema = rel["schemaname"].as_str().unwrap_or("");
+        let name = rel["relname"].as_str().unwrap_or("");
+        let Some(info) = catalog.lookup(schema, name) else {
+            continue;
+        };
+        if info.volatile_defaults.is_empty() {
+            continue;
+        }
+        let cols: Vec<(String, i64)> = ins["cols"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| {
+                        let t = &c["node"]["ResTarget"];
+                        Some((t["name"].as_str()?.to_string(), t["location"].as_i64()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let select = &ins["select_stmt"]["node"];
+        let start = stmt["stmt_location"].as_i64().unwrap_or(0) as usize;
+        // The statement's tokens: from its start to the next ';' at depth 0.
+        let first = tokens
+            .iter()
+            .position(|t| t.start as usize >= start)
+            .ok_or_else(|| reason.clone())?;
+        if select.is_null() {
+            // DEFAULT VALUES: name every volatile-default column.
+            let at = (first..tokens.len().saturating_sub(1))
+                .find(|&i| is(i, Token::Default) && is(i + 1, Token::Values))
+                .ok_or_else(|| reason.clone())?;
+            let names: Vec<String> = info
+                .volatile_defaults
+                .iter()
+                .map(|(c, _)| quote(c))
+                .collect();
+            let exprs: Vec<String> = info
+                .volatile_defaults
+                .iter()
+                .map(|(_, e)| captured(e))
+                .collect();
+            edits.push(Edit {
+                start: tokens[at].start as usize,
+                end: tokens[at + 1].end as usize,
+                text: format!("({}) VALUES ({})", names.join(", "), exprs.join(", ")),
+            });
+            continue;
+        }
+        let rows = select["SelectStmt"]["values_lists"]
+            .as_array()
+            .filter(|r| !r.is_empty());
+        let (Some(rows), false) = (rows, cols.is_empty()) else {
+            return Err(reason);
+        };
+        // Columns left out of the list, and DEFAULT items of listed ones.
+        let missing: Vec<&(String, String)> = info
+            .volatile_defaults
+            .iter()
+            .filter(|(c, _)| !cols.iter().any(|(n, _)| n == c))
+            .collect();
+        let close_cols = {
+            let last = token_at(cols.last().expect("not empty").1).ok_or_else(|| reason.clone())?;
+            (last..tokens.len())
+                .find(|&i| is(i, Token::Ascii41))
+                .ok_or_else(|| reason.clone())?
+        };
+        if !missing.is_empty() {
+            let names: Vec<String> = missing.iter().map(|(c, _)| quote(c)).collect();
+            let at = tokens[close_cols].start as usize;
+            edits.push(Edit {
+                start: at,
+                end: at,
+                text: format!(", {}", names.join(", ")),
+            });
+        }
+        // Each VALUES row, by its parentheses.
+        let mut i = (close_cols..tokens.len())
+            .find(|&i| is(i, Token::Values))
+            .ok_or_else(|| reason.clone())?
+            + 1;
+        for row in rows {
+            if !is(i, Token::Ascii40) {
+                return Err(reason);
+            }
+            let close = matching_paren(&tokens, i).ok_or_else(|| reason.clone())?;
+            let items = row["node"]["List"]["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for (k, item) in items.iter().enumerate() {
+                let Some(d) = item["node"].get("SetToDefault") else {
+                    continue;
+                };
+                let Some((_, expr)) = cols
+                    .get(k)
+                    .and_then(|(c, _)| info.volatile_defaults.iter().find(|(v, _)| v == c))
+                else {
+                    continue;
+                };
+                let t =
+                    token_at(d["location"].as_i64().unwrap_or(-1)).ok_or_else(|| reason.clone())?;
+                edits.push(Edit {
+                    start: tokens[t].start as usize,
+                    end: tokens[t].end as usize,
+                    text: captured(expr),
+                });
+            }
+            if !missing.is_empty() {
+                let exprs: Vec<String> = missing.iter().map(|(_, e)| captured(e)).collect();
+                let at = tokens[close].start as usize;
+                edits.push(Edit {
+                    start: at,
+                    end: at,
+                    text: format!(", {}", exprs.join(", ")),
+                });
+            }
+            i = close + 1;
+            if is(i, Token::Ascii44) {
+                i += 1;
+            }
+        }
+    }
+    match apply_edits(sql, edits) {
+        Some(text) if text != sql && parses(&text) => Ok(Some(text)),
+        _ => Err(reason),
+    }
+}
+
 /// Why an INSERT or COPY in `sql` would leave a column to a default the
 /// copies compute differently (None: it names every such column). Sets
 /// `unknown` when it writes to a table the catalog does not know.
@@ -135,7 +295,7 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool)
     let tree = serde_json::to_value(&parsed.protobuf).ok()?;
     for stmt in tree["stmts"].as_array()? {
         let s = &stmt["stmt"]["node"];
-        let (rel, named, uses_default) = if let Some(i) = s.get("InsertStmt") {
+        let (rel, named, defaulted) = if let Some(i) = s.get("InsertStmt") {
             let cols: Vec<String> = i["cols"]
                 .as_array()
                 .map(|a| {
@@ -145,8 +305,23 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool)
                         .collect()
                 })
                 .unwrap_or_default();
-            let uses_default = i["select_stmt"].to_string().contains("SetToDefault");
-            (&i["relation"], cols, uses_default)
+            // Listed columns given DEFAULT in some VALUES row.
+            let defaulted: Vec<String> = i["select_stmt"]["node"]["SelectStmt"]["values_lists"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|row| {
+                    row["node"]["List"]["items"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .enumerate()
+                })
+                .filter(|(_, item)| item["node"].get("SetToDefault").is_some())
+                .filter_map(|(k, _)| cols.get(k).cloned())
+                .collect();
+            (&i["relation"], cols, defaulted)
         } else if let Some(c) = s.get("CopyStmt").filter(|c| c["is_from"] == true) {
             let cols: Vec<String> = c["attlist"]
                 .as_array()
@@ -157,7 +332,7 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool)
                         .collect()
                 })
                 .unwrap_or_default();
-            (&c["relation"], cols, false)
+            (&c["relation"], cols, Vec::new())
         } else {
             continue;
         };
@@ -174,7 +349,7 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool)
         let left: Vec<&(String, String)> = info
             .volatile_defaults
             .iter()
-            .filter(|(c, _)| uses_default || named.is_empty() || !named.contains(c))
+            .filter(|(c, _)| named.is_empty() || !named.contains(c) || defaulted.contains(c))
             .collect();
         if !left.is_empty() {
             let list: Vec<String> = left
@@ -487,6 +662,59 @@ mod tests {
         volatile_default_use("INSERT INTO other (v) VALUES (1)", &c, &mut unknown);
         assert!(unknown);
         assert!(found("UPDATE u SET v = 'y'").is_none());
+    }
+
+    #[test]
+    fn volatile_defaults_are_captured_where_the_insert_can_name_them() {
+        let c = RelCatalog::from_full_rows([(
+            "public".to_string(),
+            "u".to_string(),
+            "id".to_string(),
+            false,
+            false,
+            "id\u{1f}gen_random_uuid()\u{1e}at\u{1f}clock_timestamp()".to_string(),
+        )]);
+        let rewrite = |sql: &str| capture_volatile_defaults(sql, &c);
+        assert_eq!(
+            rewrite("INSERT INTO u (v) VALUES ($1), ($2) RETURNING id")
+                .unwrap()
+                .as_deref(),
+            Some(
+                "INSERT INTO u (v, \"id\", \"at\") VALUES ($1, reprise.captured((gen_random_uuid())), \
+                 reprise.captured((clock_timestamp()))), ($2, reprise.captured((gen_random_uuid())), \
+                 reprise.captured((clock_timestamp()))) RETURNING id"
+            )
+        );
+        assert_eq!(
+            rewrite("insert into u (id, v) values (DEFAULT, 'x')")
+                .unwrap()
+                .as_deref(),
+            Some(
+                "insert into u (id, v, \"at\") values (reprise.captured((gen_random_uuid())), 'x', \
+                 reprise.captured((clock_timestamp())))"
+            )
+        );
+        assert_eq!(
+            rewrite("INSERT INTO u DEFAULT VALUES").unwrap().as_deref(),
+            Some(
+                "INSERT INTO u (\"id\", \"at\") VALUES (reprise.captured((gen_random_uuid())), \
+                 reprise.captured((clock_timestamp())))"
+            )
+        );
+        // Nothing to do, or nothing that can be done.
+        assert_eq!(
+            rewrite("INSERT INTO u (id, at, v) VALUES ($1, $2, $3)"),
+            Ok(None)
+        );
+        assert_eq!(rewrite("INSERT INTO other (v) VALUES (1)"), Ok(None));
+        assert!(rewrite("INSERT INTO u VALUES ($1, 'x')").is_err());
+        assert!(rewrite("INSERT INTO u (v) SELECT 'x'").is_err());
+        assert!(rewrite("COPY u (v) FROM STDIN").is_err());
+        // The rewrite needs no further rewrite.
+        let once = rewrite("INSERT INTO u (v, id) VALUES (1, DEFAULT)")
+            .unwrap()
+            .unwrap();
+        assert_eq!(rewrite(&once), Ok(None), "{once}");
     }
 
     #[test]

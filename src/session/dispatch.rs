@@ -84,14 +84,18 @@ impl Session {
             .to_string();
         let class = self.group.classifier.classify(&sql);
         let mut unknown = false;
+        let mut sent = sql.clone();
         let (f, refused) = match self.deterministic(&class, &sql, &mut unknown) {
-            Ok(Some(new_sql)) => (
-                Frame {
-                    tag: b'Q',
-                    raw: messages::query(&new_sql),
-                },
-                None,
-            ),
+            Ok(Some(new_sql)) => {
+                sent = new_sql;
+                (
+                    Frame {
+                        tag: b'Q',
+                        raw: messages::query(&sent),
+                    },
+                    None,
+                )
+            }
             Ok(None) => (f, None),
             Err(e) => (f, Some(e)),
         };
@@ -117,7 +121,7 @@ impl Session {
             begin: class.begin,
             ends_tx: class.ends_tx,
             refused,
-            recheck: if unknown { vec![sql] } else { Vec::new() },
+            recheck: if unknown { vec![sent] } else { Vec::new() },
         }
     }
 
@@ -253,8 +257,12 @@ impl Session {
                         let query = query.to_string();
                         let class = self.group.classifier.classify(&query);
                         let mut unknown = false;
+                        let mut sent = query.clone();
                         let parse = match self.deterministic(&class, &query, &mut unknown) {
-                            Ok(Some(new_sql)) => statements::rewrite_parse(&frame, &new_sql),
+                            Ok(Some(new_sql)) => {
+                                sent = new_sql;
+                                statements::rewrite_parse(&frame, &sent)
+                            }
                             Ok(None) => frame.clone(),
                             Err(e) => {
                                 unit.refused.get_or_insert(e);
@@ -262,7 +270,7 @@ impl Session {
                             }
                         };
                         if unknown {
-                            unit.recheck.push(query.clone());
+                            unit.recheck.push(sent);
                         }
                         stmt = Some(self.statements.define(&name, parse, class));
                     } else {
@@ -384,7 +392,14 @@ impl Session {
         if !unit.recheck.is_empty() && unit.refused.is_none() {
             let sqls = std::mem::take(&mut unit.recheck);
             let group = self.group.clone();
-            unit.refused = super::write::recheck_defaults(&group, &sqls).await;
+            match super::write::recheck_defaults(&group, &sqls).await {
+                Ok(rewrites) => {
+                    for (old, new) in rewrites {
+                        self.rewrite_unit(&mut unit, &old, &new);
+                    }
+                }
+                Err(e) => unit.refused = Some(e),
+            }
         }
         let refusal = unit
             .refused
@@ -610,6 +625,42 @@ impl Session {
         // Answered here, not by a node: no transaction ended.
         self.unit_seen = Default::default();
         Ok(())
+    }
+
+    /// Replaces the text `old` of a unit's Query, or of a statement it
+    /// parses (redefined, and so are the unit's Binds of it), with `new`.
+    fn rewrite_unit(&mut self, unit: &mut Unit, old: &str, new: &str) {
+        let mut redefined: Vec<(Arc<StmtDef>, Arc<StmtDef>)> = Vec::new();
+        for item in &mut unit.items {
+            match item.frame.tag {
+                b'Q' if messages::Reader::new(item.frame.body()).cstr() == Some(old) => {
+                    item.frame = Frame {
+                        tag: b'Q',
+                        raw: messages::query(new),
+                    };
+                }
+                b'P' => {
+                    let Some((def, previous)) = item.stmt.clone() else {
+                        continue;
+                    };
+                    if statements::parse_fields(def.parse.body()).map(|(_, q)| q) != Some(old) {
+                        continue;
+                    }
+                    let parse = statements::rewrite_parse(&def.parse, new);
+                    let (fresh, _) = self.statements.define(&def.name, parse, def.class.clone());
+                    item.stmt = Some((fresh.clone(), previous));
+                    redefined.push((def, fresh));
+                }
+                _ => {
+                    if let Some((def, previous)) = item.stmt.clone()
+                        && let Some((_, fresh)) =
+                            redefined.iter().find(|(o, _)| Arc::ptr_eq(o, &def))
+                    {
+                        item.stmt = Some((fresh.clone(), previous));
+                    }
+                }
+            }
+        }
     }
 
     fn status_byte(&self) -> u8 {

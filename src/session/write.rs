@@ -124,29 +124,31 @@ pub fn startup_settings(params: &[(String, String)]) -> Vec<String> {
 /// Writes to tables the catalog did not know when they were classified:
 /// the catalog is reloaded now and they are checked again, so the first
 /// write to a table made behind the proxy cannot slip a volatile default
-/// past the check.
+/// past the check. Returns the rewrites to make (text as it would be sent
+/// → text with its volatile defaults captured), or the refusal.
 pub(super) async fn recheck_defaults(
     group: &crate::group::Group,
     sqls: &[String],
-) -> Option<PgError> {
+) -> Result<Vec<(String, String)>, PgError> {
     let wait = std::time::Duration::from_millis(2000);
-    let catalog = group.fresh_rel_catalog(wait).await?;
-    sqls.iter()
-        .find_map(|sql| volatile_default_refusal(sql, &catalog, &mut false))
+    let Some(catalog) = group.fresh_rel_catalog(wait).await else {
+        return Ok(Vec::new());
+    };
+    let mut rewrites = Vec::new();
+    for sql in sqls {
+        match rowlocal::capture_volatile_defaults(sql, &catalog) {
+            Ok(Some(new)) => rewrites.push((sql.clone(), new)),
+            Ok(None) => {}
+            Err(reason) => return Err(default_refusal(reason)),
+        }
+    }
+    Ok(rewrites)
 }
 
-/// The 0A000 refusal of a write that leaves a column to a default each
-/// copy would compute differently.
-fn volatile_default_refusal(
-    sql: &str,
-    catalog: &rowlocal::RelCatalog,
-    unknown: &mut bool,
-) -> Option<PgError> {
-    let reason = rowlocal::volatile_default_use(sql, catalog, unknown)?;
-    Some(
-        PgError::error("0A000", reason).with_hint(
-            "give the column a value in the statement, or make its default deterministic",
-        ),
+fn default_refusal(reason: String) -> PgError {
+    PgError::error("0A000", reason).with_hint(
+        "name the column in the INSERT's column list (its default's value is then captured), \
+         give it a value, or make its default deterministic",
     )
 }
 
@@ -388,10 +390,15 @@ impl Session {
             )
             .with_hint("add an ORDER BY that fixes the order of the selected rows"));
         }
+        let mut rewritten = a.rewritten;
         if let Some(catalog) = self.group.rel_catalog() {
             let mut new_table = false;
-            if let Some(e) = volatile_default_refusal(sql, &catalog, &mut new_table) {
-                return Err(e);
+            let text = rewritten.as_deref().unwrap_or(sql);
+            let _ = rowlocal::volatile_default_use(text, &catalog, &mut new_table);
+            match rowlocal::capture_volatile_defaults(text, &catalog) {
+                Ok(Some(captured)) => rewritten = Some(captured),
+                Ok(None) => {}
+                Err(reason) => return Err(default_refusal(reason)),
             }
             if new_table {
                 // Made directly on the nodes: have the catalog reloaded.
@@ -400,7 +407,7 @@ impl Session {
                 *unknown = self.pinned.is_none();
             }
         }
-        Ok(a.rewritten)
+        Ok(rewritten)
     }
 
     /// The target of an `INSERT … SELECT` without ORDER BY into a table with
