@@ -158,7 +158,7 @@ async fn nondeterministic_writes_are_identical_or_refused() {
     for (sql, construct) in [
         ("INSERT INTO ident (v) SELECT v FROM src", "ORDER BY"),
         (
-            "CREATE TABLE u (id uuid DEFAULT gen_random_uuid())",
+            "ALTER TABLE src ADD COLUMN u uuid DEFAULT gen_random_uuid()",
             "gen_random_uuid",
         ),
         ("UPDATE src SET v = md5(random()::text)", "random"),
@@ -241,6 +241,32 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
     )
     .await
     .unwrap();
+    // A table made through the proxy with volatile defaults, written at
+    // once (the catalog is reloaded after the DDL before the insert runs).
+    c.batch_execute(
+        "CREATE TABLE d (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), v int, \
+         at timestamptz DEFAULT clock_timestamp())",
+    )
+    .await
+    .unwrap();
+    let insert_d = c.prepare("INSERT INTO d (v) VALUES ($1)").await.unwrap();
+    for v in 0..10i32 {
+        c.execute(&insert_d, &[&v]).await.unwrap();
+    }
+    c.batch_execute("INSERT INTO d DEFAULT VALUES")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("INSERT INTO d (v) SELECT 1")
+        .await
+        .expect_err("a default the insert cannot name");
+    assert!(db_text(&e).starts_with("0A000"), "{}", db_text(&e));
+    let distinct: i64 = c
+        .query_one("SELECT count(DISTINCT at) FROM d", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct, 11);
     let row = c
         .query_one(
             "SELECT count(*), count(DISTINCT u), count(DISTINCT x), count(DISTINCT at) FROM r",

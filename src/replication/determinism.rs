@@ -309,6 +309,8 @@ fn analyze(sql: &str) -> WriteAnalysis {
                 data_modifying: has_data_modification(stmt),
                 ddl_expression: false,
                 values: Values::No,
+                create_table: false,
+                stored_default: false,
             };
             walker.walk(stmt, ctx);
         }
@@ -385,6 +387,11 @@ struct Ctx {
     /// Where an `INSERT … VALUES` row list is (its rows are evaluated once
     /// each, in order, so volatile values there can be captured).
     values: Values,
+    /// Inside a CREATE TABLE.
+    create_table: bool,
+    /// Inside a column DEFAULT that is stored, not evaluated (CREATE TABLE,
+    /// ALTER COLUMN … SET DEFAULT): inserts capture its value.
+    stored_default: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,6 +470,19 @@ impl Walker<'_> {
                         },
                         _ => ctx,
                     };
+                    match key.as_str() {
+                        "CreateStmt" => child_ctx.create_table = true,
+                        "Constraint" => {
+                            child_ctx.stored_default = ctx.create_table
+                                && child.get("contype").and_then(Value::as_i64)
+                                    == Some(pg_query::protobuf::ConstrType::ConstrDefault as i64);
+                        }
+                        "AlterTableCmd" => {
+                            child_ctx.stored_default = child.get("subtype").and_then(Value::as_i64)
+                                == Some(pg_query::protobuf::AlterTableType::AtColumnDefault as i64);
+                        }
+                        _ => {}
+                    }
                     child_ctx.values = match (ctx.values, key.as_str()) {
                         (_, "InsertStmt") => Values::Pending,
                         (Values::Pending, "select_stmt" | "node" | "SelectStmt") => Values::Pending,
@@ -586,6 +606,11 @@ impl Walker<'_> {
             }
             // Its value is replayed as recorded, whatever its arguments do.
             return false;
+        }
+        if builtin && ctx.stored_default && CAPTURED_FUNCTIONS.contains(&name) {
+            // A stored default: the inserts that use it capture its value
+            // (or are refused when they cannot name the column).
+            return true;
         }
         if let Some(reason) = refused_function_reason(name) {
             if ctx.ddl_expression {
@@ -1316,13 +1341,24 @@ mod tests {
         refused(
             "with j as (select id from q for update skip locked limit 1) update q set done = true from j where q.id = j.id",
         );
-        let r = refused("CREATE TABLE t (id uuid DEFAULT gen_random_uuid() PRIMARY KEY)");
+        // A stored default is not evaluated by the DDL: allowed (the
+        // inserts that use it capture its value).
+        for sql in [
+            "CREATE TABLE t (id uuid DEFAULT gen_random_uuid() PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())",
+            "alter table t alter column id set default gen_random_uuid()",
+        ] {
+            let a = analyze_write(sql);
+            assert_eq!((a.refused, a.rewritten), (None, None), "{sql}");
+        }
+        // Evaluated for existing rows, or at every write: refused.
+        let r = refused("alter table t add column u uuid DEFAULT gen_random_uuid()");
         assert!(
             r.contains("DEFAULT") && r.contains("gen_random_uuid()"),
             "{r}"
         );
-        let r = refused("alter table t alter column id set default gen_random_uuid()");
-        assert!(r.contains("gen_random_uuid()"), "{r}");
+        let r = refused("CREATE TABLE t (x float8 CHECK (x < random()))");
+        assert!(r.contains("random()"), "{r}");
+        refused("CREATE TABLE t (id bigint DEFAULT txid_current())");
         refused("create table t (a float check (a < random()))");
     }
 

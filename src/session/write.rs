@@ -403,9 +403,14 @@ impl Session {
             if new_table {
                 // Made directly on the nodes: have the catalog reloaded.
                 self.group.request_rel_catalog();
-                // A session without temporary tables waits for it.
-                *unknown = self.pinned.is_none();
+                // The write waits for it (a temporary table of this session
+                // did not get here: see temp_only above).
+                *unknown = true;
             }
+        } else if matches!(first_word(sql).as_str(), "INSERT" | "COPY" | "WITH") {
+            // No catalog yet (start, or a schema change since): a write
+            // that may leave defaults waits for it and is checked then.
+            *unknown = true;
         }
         Ok(rewritten)
     }
