@@ -764,7 +764,7 @@ fn chart_rows(r: &Report) -> Vec<(&Measurement, String)> {
             WAIT_READ,
             vec![DIRECT, REPRISE_1, REPRISE_2, REPRISE_3, PGPOOL],
         ),
-        (TPCB, vec![DIRECT, REPRISE_3, PGPOOL]),
+        (TPCB, vec![DIRECT, PGBOUNCER, REPRISE_3, PGPOOL]),
     ];
     for (scenario, systems) in order {
         for system in systems {
