@@ -838,3 +838,52 @@ async fn a_read_in_flight_on_a_dying_node_is_retried_elsewhere() {
     })
     .await;
 }
+
+/// Values captured on the primary (row capture) are kept in every copy's
+/// log: a node that was down catches up after a switchover from the new
+/// primary's log — entries that primary only replayed — and ends identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_values_survive_a_switchover_and_a_catch_up_from_the_new_primary() {
+    bounded(TEST_LIMIT, async move {
+        let mut g = TestGroup::start(3, |_| {}).await;
+        let c = g.proxy.client("app").await;
+        c.batch_execute(
+            "CREATE TABLE cap (id int PRIMARY KEY, u uuid DEFAULT gen_random_uuid(), x float8)",
+        )
+        .await
+        .unwrap();
+        let n3 = g.cluster.nodes[2].name.clone();
+        blocking(|| g.cluster.nodes[2].stop(StopMode::Fast)).unwrap();
+        let down = wait_node_state(&g.proxy, &n3, &["down"], Duration::from_secs(30)).await;
+        assert!(down.is_some(), "{n3} was not marked down");
+        let insert = c
+            .prepare("INSERT INTO cap (id, x) VALUES ($1, random())")
+            .await
+            .unwrap();
+        for id in 0..20i32 {
+            c.execute(&insert, &[&id]).await.unwrap();
+        }
+        let target = g.cluster.nodes[1].name.clone();
+        admin_named(&g.proxy, &format!("SWITCHOVER app TO {target}"))
+            .await
+            .expect("SWITCHOVER finishes");
+        blocking(|| g.cluster.nodes[2].start()).unwrap();
+        let up = wait_node_state(&g.proxy, &n3, &["up"], Duration::from_secs(60)).await;
+        assert!(up.is_some(), "{n3} did not come back: {:#}", g.proxy.status().await);
+        let c = g.proxy.client("app").await;
+        for id in 20..25i32 {
+            c.execute("INSERT INTO cap (id, x) VALUES ($1, random())", &[&id])
+                .await
+                .unwrap();
+        }
+        assert_eq!(primary_of(&g.proxy.status().await), target);
+        let n: i64 = c
+            .query_one("SELECT count(DISTINCT u) + count(DISTINCT x) FROM cap", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 50);
+        assert_identical(&g).await;
+    })
+    .await;
+}
