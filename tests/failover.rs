@@ -869,7 +869,11 @@ async fn captured_values_survive_a_switchover_and_a_catch_up_from_the_new_primar
             .expect("SWITCHOVER finishes");
         blocking(|| g.cluster.nodes[2].start()).unwrap();
         let up = wait_node_state(&g.proxy, &n3, &["up"], Duration::from_secs(60)).await;
-        assert!(up.is_some(), "{n3} did not come back: {:#}", g.proxy.status().await);
+        assert!(
+            up.is_some(),
+            "{n3} did not come back: {:#}",
+            g.proxy.status().await
+        );
         let c = g.proxy.client("app").await;
         for id in 20..25i32 {
             c.execute("INSERT INTO cap (id, x) VALUES ($1, random())", &[&id])

@@ -279,6 +279,36 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
     assert_eq!(u, 23, "every generated uuid differs");
     assert_eq!(x, 24, "every random() differs");
     assert_eq!(at, 22, "every clock_timestamp() differs");
+    // An UPDATE of one row (its WHERE fixes the key) captures too; one
+    // that may change several rows is refused.
+    let update = c
+        .prepare("UPDATE r SET u = gen_random_uuid(), x = random() WHERE id = $1")
+        .await
+        .unwrap();
+    for id in 0..5i32 {
+        assert_eq!(c.execute(&update, &[&id]).await.unwrap(), 1);
+    }
+    c.batch_execute("UPDATE r SET at = clock_timestamp() WHERE id = 100 AND note IS NULL")
+        .await
+        .unwrap();
+    for sql in [
+        "UPDATE r SET x = random() WHERE id > 5",
+        "UPDATE r SET x = random()",
+        "UPDATE r SET x = random() WHERE note = 'x'",
+    ] {
+        let e = c.batch_execute(sql).await.expect_err(sql);
+        let text = db_text(&e);
+        assert!(
+            text.starts_with("0A000") && text.contains("UPDATE"),
+            "{sql}: {text}"
+        );
+    }
+    let u: i64 = c
+        .query_one("SELECT count(DISTINCT u) FROM r", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(u, 23);
     assert_identical(&g).await;
 }
 

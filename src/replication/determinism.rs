@@ -45,6 +45,9 @@ pub struct WriteAnalysis {
     pub uses_nextval: bool,
     /// The rewrite captures volatile values (`reprise.captured`).
     pub captures: bool,
+    /// Some of them in an UPDATE's SET list: allowed only if the UPDATE
+    /// changes at most one row (the caller checks against the catalog).
+    pub update_captures: bool,
 }
 
 /// Functions whose result differs between runs.
@@ -302,6 +305,7 @@ fn analyze(sql: &str) -> WriteAnalysis {
         insert_select_targets: Vec::new(),
         uses_nextval: false,
         captures: false,
+        update_captures: false,
     };
     if let Some(stmts) = json.get("stmts").and_then(Value::as_array) {
         for stmt in stmts {
@@ -321,6 +325,7 @@ fn analyze(sql: &str) -> WriteAnalysis {
         insert_select_targets: walker.insert_select_targets,
         uses_nextval: walker.uses_nextval,
         captures: walker.captures,
+        update_captures: walker.update_captures,
     };
     if analysis.refused.is_some() || walker.edits.is_empty() {
         return analysis;
@@ -402,6 +407,11 @@ enum Values {
     Pending,
     /// Inside the VALUES lists of an INSERT.
     Inside,
+    /// Between an UpdateStmt and its SET list.
+    UpdatePending,
+    /// Inside the SET list of an UPDATE (captured only when the UPDATE
+    /// changes at most one row: see `WriteAnalysis::update_captures`).
+    UpdateSet,
 }
 
 /// Volatile functions whose value is captured (wrapped in
@@ -435,6 +445,7 @@ struct Walker<'a> {
     insert_select_targets: Vec<String>,
     uses_nextval: bool,
     captures: bool,
+    update_captures: bool,
 }
 
 impl Walker<'_> {
@@ -485,6 +496,10 @@ impl Walker<'_> {
                     }
                     child_ctx.values = match (ctx.values, key.as_str()) {
                         (_, "InsertStmt") => Values::Pending,
+                        (_, "UpdateStmt") => Values::UpdatePending,
+                        (Values::UpdatePending, "target_list") => Values::UpdateSet,
+                        (Values::UpdateSet, "SubLink" | "SelectStmt") => Values::No,
+                        (Values::UpdateSet, _) => Values::UpdateSet,
                         (Values::Pending, "select_stmt" | "node" | "SelectStmt") => Values::Pending,
                         (Values::Pending, "values_lists") => Values::Inside,
                         (Values::Inside, "SubLink" | "SelectStmt") => Values::No,
@@ -588,10 +603,11 @@ impl Walker<'_> {
             self.uses_nextval = true;
         }
         if builtin
-            && ctx.values == Values::Inside
+            && matches!(ctx.values, Values::Inside | Values::UpdateSet)
             && !ctx.ddl_expression
             && CAPTURED_FUNCTIONS.contains(&name)
         {
+            self.update_captures |= ctx.values == Values::UpdateSet;
             match self.call_span(location(node)) {
                 Some((start, end)) => {
                     let call = self.sql.get(start..end).unwrap_or_default().to_string();
@@ -1276,11 +1292,24 @@ mod tests {
                 assert!(reason.contains(&format!("{name}()")), "{reason}");
             }
             let sql = format!("UPDATE t SET v = {}() WHERE id = $1", name.to_uppercase());
-            let reason = refused(&sql);
-            assert!(reason.contains(&format!("{name}()")), "{reason}");
+            if CAPTURED_FUNCTIONS.contains(name) {
+                // Captured; the session allows it only for one row.
+                let a = analyze_write(&sql);
+                assert!(a.update_captures && a.refused.is_none(), "{sql}");
+            } else {
+                let reason = refused(&sql);
+                assert!(reason.contains(&format!("{name}()")), "{reason}");
+            }
         }
-        let reason = refused("UPDATE t SET token = md5(random()::text)");
+        let a = analyze_write("UPDATE t SET token = md5(random()::text)");
+        assert_eq!(
+            a.rewritten.as_deref(),
+            Some("UPDATE t SET token = md5(reprise.captured(random())::text)")
+        );
+        assert!(a.update_captures);
+        let reason = refused("UPDATE t SET v = 1 WHERE random() < 0.5");
         assert!(reason.contains("random()"), "{reason}");
+        refused("UPDATE t SET v = (SELECT random()) WHERE id = 1");
         refused("insert into t select * from s order by random() limit 1");
         refused("insert into t values (public.uuid_generate_v4())");
         refused("insert into t select gen_random_uuid() from s");
@@ -1289,7 +1318,7 @@ mod tests {
         refused("insert into t values (1) on conflict (id) do update set r = random()");
         // Something that looks like our own NOW_EXPR but is not.
         refused(
-            "update t set d = coalesce(current_setting('reprise.now', true)::timestamptz, clock_timestamp())",
+            "delete from t where d < coalesce(current_setting('reprise.now', true)::timestamptz, clock_timestamp())",
         );
         rewritten("UPDATE t SET d = now() WHERE id = $1; update u set e = CURRENT_DATE");
     }

@@ -418,6 +418,31 @@ pub fn is_row_local(sql: &str, catalog: &RelCatalog) -> bool {
     }
 }
 
+/// Whether `sql` is one UPDATE whose WHERE fixes a unique key of its table
+/// (so it changes at most one row, and values computed in its SET list are
+/// computed once, in the same order, on every copy).
+pub fn single_row_update(sql: &str, catalog: &RelCatalog) -> bool {
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return false;
+    };
+    let [raw] = parsed.protobuf.stmts.as_slice() else {
+        return false;
+    };
+    let Some(v) = raw.stmt.as_ref().and_then(|n| serde_json::to_value(n).ok()) else {
+        return false;
+    };
+    let Some(upd) = v["node"].get("UpdateStmt") else {
+        return false;
+    };
+    let Some((info, alias)) = table(upd, catalog) else {
+        return false;
+    };
+    empty(&upd["from_clause"])
+        && empty(&upd["with_clause"])
+        && fixes_unique_key(&upd["where_clause"], info, &alias)
+}
+
 fn empty(v: &Value) -> bool {
     v.is_null() || v.as_array().is_some_and(|a| a.is_empty())
 }

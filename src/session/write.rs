@@ -136,6 +136,12 @@ pub(super) async fn recheck_defaults(
     };
     let mut rewrites = Vec::new();
     for sql in sqls {
+        if first_word(sql) == "UPDATE"
+            && sql.contains("reprise.captured(")
+            && !rowlocal::single_row_update(sql, &catalog)
+        {
+            return Err(multi_row_capture());
+        }
         match rowlocal::capture_volatile_defaults(sql, &catalog) {
             Ok(Some(new)) => rewrites.push((sql.clone(), new)),
             Ok(None) => {}
@@ -143,6 +149,18 @@ pub(super) async fn recheck_defaults(
         }
     }
     Ok(rewrites)
+}
+
+/// Volatile values in the SET list of an UPDATE that may change several
+/// rows: the copies could compute them for the rows in another order.
+fn multi_row_capture() -> PgError {
+    PgError::error(
+        "0A000",
+        "volatile values (random(), gen_random_uuid(), clock_timestamp(), …) in an UPDATE are \
+         captured only when its WHERE fixes a unique key: this UPDATE may change several rows, \
+         and each copy could give them different values",
+    )
+    .with_hint("update one row at a time by its key, or compute the values in the application")
 }
 
 fn default_refusal(reason: String) -> PgError {
@@ -391,6 +409,16 @@ impl Session {
             .with_hint("add an ORDER BY that fixes the order of the selected rows"));
         }
         let mut rewritten = a.rewritten;
+        if a.update_captures {
+            match self.group.rel_catalog() {
+                Some(catalog) if !rowlocal::single_row_update(sql, &catalog) => {
+                    return Err(multi_row_capture());
+                }
+                Some(_) => {}
+                // Checked once the catalog is in (see recheck_defaults).
+                None => *unknown = true,
+            }
+        }
         if let Some(catalog) = self.group.rel_catalog() {
             let mut new_table = false;
             let text = rewritten.as_deref().unwrap_or(sql);
