@@ -61,30 +61,82 @@ $fn$;
 -- Row capture of a volatile value (random(), gen_random_uuid(),
 -- clock_timestamp(), a volatile column default…), which the proxy wraps
 -- in this call. On the primary it returns the value and records it in the
--- transaction; the append logs the list with the entry. On replay (the
+-- transaction; the append logs the record with the entry. On replay (the
 -- applier sets reprise.replay_values) it returns the recorded value in
 -- the same order instead of the one computed here.
 CREATE OR REPLACE FUNCTION reprise.captured(p anyelement)
 RETURNS anyelement LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
     v_replay text := current_setting('reprise.replay_values', true);
+    v_values jsonb;
     v_pos integer;
     v_list jsonb;
 BEGIN
     IF coalesce(v_replay, '') <> '' THEN
+        v_values := v_replay::jsonb;
+        IF jsonb_typeof(v_values) = 'object' THEN
+            v_values := coalesce(v_values -> 'values', '[]');
+        END IF;
         v_pos := coalesce(nullif(current_setting('reprise.replay_pos', true), ''), '0')::integer;
-        IF v_pos >= jsonb_array_length(v_replay::jsonb) THEN
+        IF v_pos >= jsonb_array_length(v_values) THEN
             RAISE EXCEPTION 'reprise: the entry recorded % captured values, its replay asks for more', v_pos
                 USING ERRCODE = 'XX000';
         END IF;
         PERFORM set_config('reprise.replay_pos', (v_pos + 1)::text, true);
-        RETURN reprise.from_exact_text(v_replay::jsonb ->> v_pos, p);
+        RETURN reprise.from_exact_text(v_values ->> v_pos, p);
     END IF;
     v_list := coalesce(nullif(current_setting('reprise.captured', true), ''), '[]')::jsonb;
     PERFORM set_config('reprise.captured',
         (v_list || jsonb_build_array(reprise.exact_text(p)))::text, true);
     RETURN p;
 END
+$fn$;
+
+-- Row capture in an UPDATE of several rows: the value is recorded under
+-- its row's key (p_key: table and key columns), so replay finds it
+-- whatever order that copy visits the rows in. The n-th value computed
+-- for a key is the n-th returned for it.
+CREATE OR REPLACE FUNCTION reprise.captured_keyed(p anyelement, p_key text)
+RETURNS anyelement LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_replay text := current_setting('reprise.replay_values', true);
+    v_seen jsonb;
+    v_n integer;
+    v_value jsonb;
+    v_map jsonb;
+BEGIN
+    IF coalesce(v_replay, '') <> '' THEN
+        v_seen := coalesce(nullif(current_setting('reprise.replay_seen', true), ''), '{}')::jsonb;
+        v_n := coalesce((v_seen ->> p_key)::integer, 0);
+        v_value := v_replay::jsonb -> 'keyed' -> p_key -> v_n;
+        IF v_value IS NULL THEN
+            RAISE EXCEPTION 'reprise: the entry recorded no captured value % for row %', v_n + 1, p_key
+                USING ERRCODE = 'XX000';
+        END IF;
+        PERFORM set_config('reprise.replay_seen',
+            jsonb_set(v_seen, ARRAY[p_key], to_jsonb(v_n + 1))::text, true);
+        RETURN reprise.from_exact_text(v_value #>> '{}', p);
+    END IF;
+    v_map := coalesce(nullif(current_setting('reprise.captured_keyed', true), ''), '{}')::jsonb;
+    v_map := jsonb_set(v_map, ARRAY[p_key],
+        coalesce(v_map -> p_key, '[]') || jsonb_build_array(reprise.exact_text(p)));
+    PERFORM set_config('reprise.captured_keyed', v_map::text, true);
+    RETURN p;
+END
+$fn$;
+
+-- What the transaction captured, as logged with its entry: the ordered
+-- values (a JSON array), or {"values": […], "keyed": {key: […]}} when
+-- some were captured by row.
+CREATE OR REPLACE FUNCTION reprise.captures()
+RETURNS text LANGUAGE sql STABLE AS $fn$
+    SELECT CASE
+        WHEN coalesce(current_setting('reprise.captured_keyed', true), '') <> '' THEN
+            jsonb_build_object(
+                'values', coalesce(nullif(current_setting('reprise.captured', true), ''), '[]')::jsonb,
+                'keyed', current_setting('reprise.captured_keyed', true)::jsonb)::text
+        ELSE nullif(current_setting('reprise.captured', true), '')
+    END
 $fn$;
 
 -- Appends an entry on the primary inside the writing transaction. The
@@ -122,7 +174,7 @@ BEGIN
             encode(sha256(convert_to(v_prev, 'UTF8') || p_payload), 'hex'),
             CASE WHEN p_seqs_before IS NULL OR v_after = p_seqs_before THEN NULL
                  ELSE '[' || coalesce(p_seqs_before, '[]') || ',' || v_after || ']' END,
-            nullif(current_setting('reprise.captured', true), ''));
+            reprise.captures());
     PERFORM pg_notify('reprise_log', v_seq::text);
     RETURN v_seq;
 END

@@ -163,8 +163,8 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         ),
         ("UPDATE src SET v = md5(random()::text)", "random"),
         (
-            "UPDATE stamped SET at = clock_timestamp() WHERE id > 1",
-            "clock_timestamp",
+            "UPDATE src SET v = clock_timestamp()::text WHERE v > 'a'",
+            "UPDATE",
         ),
         (
             "INSERT INTO stamped (at) SELECT clock_timestamp() FROM src",
@@ -291,10 +291,55 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
     c.batch_execute("UPDATE r SET at = clock_timestamp() WHERE id = 100 AND note IS NULL")
         .await
         .unwrap();
+    // Several rows of a table with a primary key: each value is recorded
+    // under its row's key, so a copy visiting the rows in another order
+    // still gets the same values. Here n2 stores rows 0-9 at the end of its
+    // heap (a no-op update made directly on it), so its scans meet them
+    // last while the primary meets them first.
+    wait_caught_up(&g, &[0, 1, 2], Duration::from_secs(30)).await;
+    g.direct(1)
+        .await
+        .batch_execute("UPDATE r SET note = note WHERE id < 10")
+        .await
+        .unwrap();
+    let scan_order = |i: usize| {
+        let g = &g;
+        async move {
+            let c = g.direct(i).await;
+            c.batch_execute("SET enable_indexscan = off; SET enable_bitmapscan = off")
+                .await
+                .unwrap();
+            let ids: Vec<i32> = c
+                .query("SELECT id FROM r", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            ids
+        }
+    };
+    assert_ne!(
+        scan_order(0).await,
+        scan_order(1).await,
+        "n2 meets the rows in another order"
+    );
+    c.batch_execute("UPDATE r SET at = clock_timestamp(), x = random()")
+        .await
+        .unwrap();
+    c.batch_execute(
+        "UPDATE r SET u = gen_random_uuid() WHERE id >= 5;
+         UPDATE r SET x = x + random() WHERE id < 10",
+    )
+    .await
+    .unwrap();
+    // Without a row key the rows cannot be told apart: refused.
+    c.batch_execute("CREATE TABLE nokey (v int, x float8); INSERT INTO nokey (v) VALUES (1), (2)")
+        .await
+        .unwrap();
     for sql in [
-        "UPDATE r SET x = random() WHERE id > 5",
-        "UPDATE r SET x = random()",
-        "UPDATE r SET x = random() WHERE note = 'x'",
+        "UPDATE nokey SET x = random()",
+        "UPDATE r SET x = random() FROM nokey WHERE nokey.v = r.id",
     ] {
         let e = c.batch_execute(sql).await.expect_err(sql);
         let text = db_text(&e);
@@ -303,12 +348,15 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
             "{sql}: {text}"
         );
     }
-    let u: i64 = c
-        .query_one("SELECT count(DISTINCT u) FROM r", &[])
+    let row = c
+        .query_one(
+            "SELECT count(DISTINCT u), count(DISTINCT x), count(DISTINCT at) FROM r",
+            &[],
+        )
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(u, 23);
+        .unwrap();
+    let (u, x, at): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((u, x, at), (25, 25, 25), "a value per row");
     assert_identical(&g).await;
 }
 

@@ -23,6 +23,9 @@ use serde_json::Value;
 pub struct TableInfo {
     /// Column sets of unique indexes (no predicate, no expressions).
     pub uniques: Vec<Vec<String>>,
+    /// A unique column set without NULLs (the primary key, or a unique
+    /// index over NOT NULL columns): it names each row.
+    pub row_key: Option<Vec<String>>,
     /// A column defaults to `nextval` or is an identity column.
     pub sequence_default: bool,
     /// The table has user triggers.
@@ -40,10 +43,13 @@ pub struct RelCatalog {
 }
 
 impl RelCatalog {
-    /// Rows: schema, table, unique column lists (`a,b;c`), sequence default,
-    /// triggers.
+    /// Rows: schema, table, unique column lists (`a,b;c`, a list starting
+    /// with `*` has no NULLs: a row key), sequence default, triggers.
     pub const LOAD_SQL: &'static str = "SELECT n.nspname::text, c.relname::text, \
-        coalesce((SELECT string_agg((SELECT string_agg(a.attname::text, ',' ORDER BY a.attname) \
+        coalesce((SELECT string_agg(CASE WHEN i.indisprimary OR NOT EXISTS (SELECT 1 FROM unnest(i.indkey) k \
+                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k WHERE NOT a.attnotnull) \
+                  THEN '*' ELSE '' END \
+              || (SELECT string_agg(a.attname::text, ',' ORDER BY a.attname) \
               FROM unnest(i.indkey) k JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k), ';') \
           FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indpred IS NULL \
           AND i.indexprs IS NULL), ''), \
@@ -92,15 +98,27 @@ impl RelCatalog {
                         .then(|| (c.to_string(), e.to_string())),
                 })
                 .collect();
+            let mut row_key: Option<Vec<String>> = None;
             let uniques = uniques
                 .split(';')
                 .filter(|u| !u.is_empty())
-                .map(|u| u.split(',').map(str::to_string).collect())
+                .map(|u| {
+                    let cols: Vec<String> = u
+                        .trim_start_matches('*')
+                        .split(',')
+                        .map(str::to_string)
+                        .collect();
+                    if u.starts_with('*') && row_key.is_none() {
+                        row_key = Some(cols.clone());
+                    }
+                    cols
+                })
                 .collect();
             tables.entry(name).or_default().push((
                 schema,
                 TableInfo {
                     uniques,
+                    row_key,
                     sequence_default,
                     triggers,
                     volatile_defaults,
@@ -418,29 +436,98 @@ pub fn is_row_local(sql: &str, catalog: &RelCatalog) -> bool {
     }
 }
 
-/// Whether `sql` is one UPDATE whose WHERE fixes a unique key of its table
-/// (so it changes at most one row, and values computed in its SET list are
-/// computed once, in the same order, on every copy).
-pub fn single_row_update(sql: &str, catalog: &RelCatalog) -> bool {
+/// The UPDATEs of `sql` that capture values (`reprise.captured(…)` in
+/// their SET lists), made safe for replay: in a table with a row key the
+/// calls become `reprise.captured_keyed(…, key)`, so each value is
+/// recorded under the row it was computed for and replay finds it whatever
+/// order that copy visits the rows in; an UPDATE whose WHERE fixes a
+/// unique key (one row) keeps its ordered capture. None when some UPDATE
+/// qualifies for neither (several rows and no row key, or FROM / WITH):
+/// the statement is then refused.
+pub fn key_captures(sql: &str, catalog: &RelCatalog) -> Option<String> {
+    use super::determinism::{Edit, apply_edits, matching_paren, parses, scan};
+    use pg_query::protobuf::Token;
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
     let Ok(Ok(parsed)) = parsed else {
-        return false;
+        return None;
     };
-    let [raw] = parsed.protobuf.stmts.as_slice() else {
-        return false;
+    let tokens = scan(sql)?;
+    let is = |i: usize, t: Token| tokens.get(i).is_some_and(|k| k.token == t as i32);
+    let text = |i: usize| {
+        tokens
+            .get(i)
+            .and_then(|t| sql.get(t.start as usize..t.end as usize))
+            .unwrap_or("")
     };
-    let Some(v) = raw.stmt.as_ref().and_then(|n| serde_json::to_value(n).ok()) else {
-        return false;
-    };
-    let Some(upd) = v["node"].get("UpdateStmt") else {
-        return false;
-    };
-    let Some((info, alias)) = table(upd, catalog) else {
-        return false;
-    };
-    empty(&upd["from_clause"])
-        && empty(&upd["with_clause"])
-        && fixes_unique_key(&upd["where_clause"], info, &alias)
+    let mut edits = Vec::new();
+    for raw in &parsed.protobuf.stmts {
+        let start = raw.stmt_location.max(0) as usize;
+        let end = match raw.stmt_len {
+            n if n > 0 => start + n as usize,
+            _ => sql.len(),
+        };
+        // The captured calls of this statement: (name token, open paren).
+        let calls: Vec<(usize, usize)> = (0..tokens.len())
+            .filter(|&i| {
+                (start..end).contains(&(tokens[i].start as usize))
+                    && text(i).eq_ignore_ascii_case("reprise")
+                    && is(i + 1, Token::Ascii46)
+                    && text(i + 2).eq_ignore_ascii_case("captured")
+                    && is(i + 3, Token::Ascii40)
+            })
+            .map(|i| (i + 2, i + 3))
+            .collect();
+        if calls.is_empty() {
+            continue;
+        }
+        let v = serde_json::to_value(raw.stmt.as_ref()?).ok()?;
+        let Some(upd) = v["node"].get("UpdateStmt") else {
+            continue; // INSERT … VALUES: ordered capture
+        };
+        if !empty(&upd["from_clause"]) || !empty(&upd["with_clause"]) {
+            return None;
+        }
+        let (info, alias) = table(upd, catalog)?;
+        let Some(key) = info.row_key.as_ref() else {
+            if fixes_unique_key(&upd["where_clause"], info, &alias) {
+                continue; // one row: ordered capture
+            }
+            return None;
+        };
+        let rel = &upd["relation"];
+        // As written: the same text runs on every copy.
+        let label = match rel["schemaname"].as_str().unwrap_or("") {
+            "" => rel["relname"].as_str()?.to_string(),
+            schema => format!("{schema}.{}", rel["relname"].as_str()?),
+        };
+        let cols: Vec<String> = key
+            .iter()
+            .map(|c| format!("\"{}\"", c.replace('"', "\"\"")))
+            .collect();
+        let key_expr = format!(
+            ", '{}:' || ROW({})::text",
+            label.replace('\'', "''"),
+            cols.join(", ")
+        );
+        for (name, open) in calls {
+            let close = matching_paren(&tokens, open)?;
+            edits.push(Edit {
+                start: tokens[name].start as usize,
+                end: tokens[name].end as usize,
+                text: "captured_keyed".to_string(),
+            });
+            let at = tokens[close].start as usize;
+            edits.push(Edit {
+                start: at,
+                end: at,
+                text: key_expr.clone(),
+            });
+        }
+    }
+    if edits.is_empty() {
+        return Some(sql.to_string());
+    }
+    apply_edits(sql, edits).filter(|t| parses(t))
 }
 
 fn empty(v: &Value) -> bool {
@@ -740,6 +827,56 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(rewrite(&once), Ok(None), "{once}");
+    }
+
+    #[test]
+    fn captures_in_multi_row_updates_are_keyed_by_row() {
+        let c = RelCatalog::from_full_rows([
+            (
+                "public".to_string(),
+                "k".to_string(),
+                "*id;code".to_string(),
+                true,
+                false,
+                String::new(),
+            ),
+            (
+                "public".to_string(),
+                "nk".to_string(),
+                "code".to_string(),
+                false,
+                false,
+                String::new(),
+            ),
+        ]);
+        assert_eq!(
+            key_captures(
+                "UPDATE k SET r = reprise.captured(random()) WHERE v > 1",
+                &c
+            )
+            .as_deref(),
+            Some(
+                "UPDATE k SET r = reprise.captured_keyed(random(), 'k:' || ROW(\"id\")::text) WHERE v > 1"
+            )
+        );
+        // One row by a (nullable) unique key: ordered capture stays.
+        let one = "UPDATE nk SET r = reprise.captured(random()) WHERE code = $1";
+        assert_eq!(key_captures(one, &c).as_deref(), Some(one));
+        // Several rows and no row key, or FROM: refused.
+        assert_eq!(
+            key_captures("UPDATE nk SET r = reprise.captured(random())", &c),
+            None
+        );
+        assert_eq!(
+            key_captures(
+                "UPDATE k SET r = reprise.captured(random()) FROM nk WHERE nk.code = k.code",
+                &c
+            ),
+            None
+        );
+        // Statements without captures are left alone.
+        let plain = "UPDATE nk SET r = 1; INSERT INTO k (id) VALUES (reprise.captured(random()))";
+        assert_eq!(key_captures(plain, &c).as_deref(), Some(plain));
     }
 
     #[test]

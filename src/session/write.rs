@@ -136,16 +136,17 @@ pub(super) async fn recheck_defaults(
     };
     let mut rewrites = Vec::new();
     for sql in sqls {
-        if first_word(sql) == "UPDATE"
-            && sql.contains("reprise.captured(")
-            && !rowlocal::single_row_update(sql, &catalog)
-        {
-            return Err(multi_row_capture());
+        let mut text = sql.clone();
+        if text.contains("reprise.captured(") {
+            text = rowlocal::key_captures(&text, &catalog).ok_or_else(multi_row_capture)?;
         }
-        match rowlocal::capture_volatile_defaults(sql, &catalog) {
-            Ok(Some(new)) => rewrites.push((sql.clone(), new)),
+        match rowlocal::capture_volatile_defaults(&text, &catalog) {
+            Ok(Some(captured)) => text = captured,
             Ok(None) => {}
             Err(reason) => return Err(default_refusal(reason)),
+        }
+        if text != *sql {
+            rewrites.push((sql.clone(), text));
         }
     }
     Ok(rewrites)
@@ -156,11 +157,12 @@ pub(super) async fn recheck_defaults(
 fn multi_row_capture() -> PgError {
     PgError::error(
         "0A000",
-        "volatile values (random(), gen_random_uuid(), clock_timestamp(), …) in an UPDATE are \
-         captured only when its WHERE fixes a unique key: this UPDATE may change several rows, \
-         and each copy could give them different values",
+        "volatile values (random(), gen_random_uuid(), clock_timestamp(), …) in an UPDATE that \
+         may change several rows are captured only when the table has a primary key (or a unique \
+         key without NULLs) and the UPDATE has no FROM or WITH: each copy could give the rows \
+         different values",
     )
-    .with_hint("update one row at a time by its key, or compute the values in the application")
+    .with_hint("give the table a primary key, update one row at a time by its key, or compute the values in the application")
 }
 
 fn default_refusal(reason: String) -> PgError {
@@ -411,10 +413,15 @@ impl Session {
         let mut rewritten = a.rewritten;
         if a.update_captures {
             match self.group.rel_catalog() {
-                Some(catalog) if !rowlocal::single_row_update(sql, &catalog) => {
-                    return Err(multi_row_capture());
+                Some(catalog) => {
+                    // Each value recorded under its row's key (or, for one
+                    // row, in order).
+                    let text = rewritten.as_deref().unwrap_or(sql);
+                    match rowlocal::key_captures(text, &catalog) {
+                        Some(keyed) => rewritten = Some(keyed),
+                        None => return Err(multi_row_capture()),
+                    }
                 }
-                Some(_) => {}
                 // Checked once the catalog is in (see recheck_defaults).
                 None => *unknown = true,
             }
