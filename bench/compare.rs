@@ -109,6 +109,21 @@ struct Runner {
 }
 
 impl Runner {
+    /// The point reads in every protocol mode, then `wait-read`.
+    fn reads(&mut self, system: &str, url: &str) -> anyhow::Result<()> {
+        for (scenario, protocol) in SELECT_SCENARIOS {
+            self.measure(scenario, system, url, Workload::Select, protocol)?;
+        }
+        self.measure(
+            WAIT_READ,
+            system,
+            url,
+            Workload::WaitRead,
+            Protocol::Prepared,
+        )?;
+        Ok(())
+    }
+
     fn measure(
         &mut self,
         scenario: &str,
@@ -249,16 +264,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     );
 
     // Direct, then PgBouncer in front of the same node.
-    for (scenario, protocol) in SELECT_SCENARIOS {
-        runner.measure(scenario, DIRECT, &direct_url, Workload::Select, protocol)?;
-    }
-    runner.measure(
-        WAIT_READ,
-        DIRECT,
-        &direct_url,
-        Workload::WaitRead,
-        Protocol::Prepared,
-    )?;
+    runner.reads(DIRECT, &direct_url)?;
     runner.measure(
         TPCB,
         DIRECT,
@@ -285,25 +291,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     one.groups[0].nodes.truncate(1);
     let mut two = three.clone();
     two.groups[0].nodes.truncate(2);
-    runner.with_reprise(one, |r, p| {
-        for (scenario, protocol) in SELECT_SCENARIOS {
-            r.measure(
-                scenario,
-                REPRISE_1,
-                &p.url("app"),
-                Workload::Select,
-                protocol,
-            )?;
-        }
-        r.measure(
-            WAIT_READ,
-            REPRISE_1,
-            &p.url("app"),
-            Workload::WaitRead,
-            Protocol::Prepared,
-        )?;
-        Ok(())
-    })?;
+    runner.with_reprise(one, |r, p| r.reads(REPRISE_1, &p.url("app")))?;
     runner.with_reprise(two, |r, p| {
         r.measure(
             "select prepared",
@@ -324,22 +312,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut copies = Vec::new();
     let mut ryw = Vec::new();
     let write_lag = runner.with_reprise(three.clone(), |r, p| {
-        for (scenario, protocol) in SELECT_SCENARIOS {
-            r.measure(
-                scenario,
-                REPRISE_3,
-                &p.url("app"),
-                Workload::Select,
-                protocol,
-            )?;
-        }
-        r.measure(
-            WAIT_READ,
-            REPRISE_3,
-            &p.url("app"),
-            Workload::WaitRead,
-            Protocol::Prepared,
-        )?;
+        r.reads(REPRISE_3, &p.url("app"))?;
         let lag = write_run(r, p)?;
         copies.push(pgbench_copies(REPRISE_3, &cluster.nodes)?);
         let rep = r.measure(
@@ -382,16 +355,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     match Pgpool::start(dir.path(), &nodes, opts.clients) {
         Ok(pool) => {
             let url = pool.url("app");
-            for (scenario, protocol) in SELECT_SCENARIOS {
-                runner.measure(scenario, PGPOOL, &url, Workload::Select, protocol)?;
-            }
-            runner.measure(
-                WAIT_READ,
-                PGPOOL,
-                &url,
-                Workload::WaitRead,
-                Protocol::Prepared,
-            )?;
+            runner.reads(PGPOOL, &url)?;
             runner.measure(TPCB, PGPOOL, &url, Workload::Tpcb, Protocol::Prepared)?;
             copies.push(pgbench_copies(PGPOOL, &cluster.nodes)?);
             let nd = nondeterminism(&runner.load_rt, &url, &cluster.nodes, "nd_pgpool")?;
