@@ -414,22 +414,13 @@ enum Values {
     UpdateSet,
 }
 
-/// Volatile functions whose value is captured (wrapped in
-/// `reprise.captured`) when they appear in an INSERT's VALUES rows.
-const CAPTURED_FUNCTIONS: &[&str] = &[
-    "random",
-    "random_normal",
-    "gen_random_uuid",
-    "uuidv4",
-    "uuidv7",
-    "uuid_generate_v1",
-    "uuid_generate_v1mc",
-    "uuid_generate_v4",
-    "gen_random_bytes",
-    "gen_salt",
-    "clock_timestamp",
-    "timeofday",
-];
+/// Whether a volatile function's value is captured (the call wrapped in
+/// `reprise.captured`) where it appears in an INSERT's VALUES rows or an
+/// UPDATE's SET list: all of them but `setseed`, which returns nothing and
+/// only changes the session's random state.
+fn is_captured(name: &str) -> bool {
+    VOLATILE_FUNCTIONS.contains(&name) && name != "setseed"
+}
 
 /// The call that captures an expression's value on the primary and
 /// replays it on the other copies.
@@ -605,7 +596,7 @@ impl Walker<'_> {
         if builtin
             && matches!(ctx.values, Values::Inside | Values::UpdateSet)
             && !ctx.ddl_expression
-            && CAPTURED_FUNCTIONS.contains(&name)
+            && is_captured(name)
         {
             self.update_captures |= ctx.values == Values::UpdateSet;
             match self.call_span(location(node)) {
@@ -623,7 +614,7 @@ impl Walker<'_> {
             // Its value is replayed as recorded, whatever its arguments do.
             return false;
         }
-        if builtin && ctx.stored_default && CAPTURED_FUNCTIONS.contains(&name) {
+        if builtin && ctx.stored_default && is_captured(name) {
             // A stored default: the inserts that use it capture its value
             // (or are refused when they cannot name the column).
             return true;
@@ -1286,13 +1277,13 @@ mod tests {
     #[test]
     fn refuses_functions() {
         for name in VOLATILE_FUNCTIONS.iter().chain(SERVER_FUNCTIONS) {
-            if !CAPTURED_FUNCTIONS.contains(name) {
+            if !is_captured(name) {
                 let sql = format!("insert into t (v) values ({name}())");
                 let reason = refused(&sql);
                 assert!(reason.contains(&format!("{name}()")), "{reason}");
             }
             let sql = format!("UPDATE t SET v = {}() WHERE id = $1", name.to_uppercase());
-            if CAPTURED_FUNCTIONS.contains(name) {
+            if is_captured(name) {
                 // Captured; the session allows it only for one row.
                 let a = analyze_write(&sql);
                 assert!(a.update_captures && a.refused.is_none(), "{sql}");
@@ -1325,7 +1316,7 @@ mod tests {
 
     #[test]
     fn captures_volatile_values_in_insert_values() {
-        for name in CAPTURED_FUNCTIONS {
+        for name in VOLATILE_FUNCTIONS.iter().filter(|n| is_captured(n)) {
             let sql = format!("insert into t (v) values ({name}())");
             let a = analyze_write(&sql);
             assert_eq!(a.refused, None, "{sql}");
