@@ -147,15 +147,16 @@ impl RelCatalog {
 /// expression wrapped in `reprise.captured` (row capture: the primary's
 /// values are replayed). Ok(None) when nothing needs it; Err(reason) when
 /// such a write cannot be rewritten (no column list, INSERT … SELECT,
-/// COPY): it is refused as before.
+/// COPY): it is refused as before. Sets `unknown` as
+/// [`volatile_default_use`] does.
 pub fn capture_volatile_defaults(
     sql: &str,
     catalog: &RelCatalog,
+    unknown: &mut bool,
 ) -> Result<Option<String>, String> {
     use super::determinism::{Edit, apply_edits, captured_call, matching_paren, parses, scan};
     use pg_query::protobuf::Token;
-    let mut unknown = false;
-    let Some(reason) = volatile_default_use(sql, catalog, &mut unknown) else {
+    let Some(reason) = volatile_default_use(sql, catalog, unknown) else {
         return Ok(None);
     };
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
@@ -786,7 +787,7 @@ mod tests {
             false,
             "id\u{1f}gen_random_uuid()\u{1e}at\u{1f}clock_timestamp()".to_string(),
         )]);
-        let rewrite = |sql: &str| capture_volatile_defaults(sql, &c);
+        let rewrite = |sql: &str| capture_volatile_defaults(sql, &c, &mut false);
         assert_eq!(
             rewrite("INSERT INTO u (v) VALUES ($1), ($2) RETURNING id")
                 .unwrap()

@@ -84,20 +84,27 @@ impl Session {
             .to_string();
         let class = self.group.classifier.classify(&sql);
         let mut unknown = false;
-        let mut sent = sql.clone();
         let (f, refused) = match self.deterministic(&class, &sql, &mut unknown) {
-            Ok(Some(new_sql)) => {
-                sent = new_sql;
-                (
-                    Frame {
-                        tag: b'Q',
-                        raw: messages::query(&sent),
-                    },
-                    None,
-                )
-            }
+            Ok(Some(new_sql)) => (
+                Frame {
+                    tag: b'Q',
+                    raw: messages::query(&new_sql),
+                },
+                None,
+            ),
             Ok(None) => (f, None),
             Err(e) => (f, Some(e)),
+        };
+        // The text as it will be sent, to check again once the catalog is in.
+        let recheck = if unknown {
+            vec![
+                messages::Reader::new(f.body())
+                    .cstr()
+                    .unwrap_or("")
+                    .to_string(),
+            ]
+        } else {
+            Vec::new()
         };
         let route = if class.pin_reason.is_some() || class.parse_error {
             Route::Write
@@ -121,7 +128,7 @@ impl Session {
             begin: class.begin,
             ends_tx: class.ends_tx,
             refused,
-            recheck: if unknown { vec![sent] } else { Vec::new() },
+            recheck,
         }
     }
 
@@ -257,20 +264,16 @@ impl Session {
                         let query = query.to_string();
                         let class = self.group.classifier.classify(&query);
                         let mut unknown = false;
-                        let mut sent = query.clone();
                         let parse = match self.deterministic(&class, &query, &mut unknown) {
-                            Ok(Some(new_sql)) => {
-                                sent = new_sql;
-                                statements::rewrite_parse(&frame, &sent)
-                            }
+                            Ok(Some(new_sql)) => statements::rewrite_parse(&frame, &new_sql),
                             Ok(None) => frame.clone(),
                             Err(e) => {
                                 unit.refused.get_or_insert(e);
                                 frame.clone()
                             }
                         };
-                        if unknown {
-                            unit.recheck.push(sent);
+                        if unknown && let Some((_, sent)) = statements::parse_fields(parse.body()) {
+                            unit.recheck.push(sent.to_string());
                         }
                         stmt = Some(self.statements.define(&name, parse, class));
                     } else {

@@ -136,20 +136,36 @@ pub(super) async fn recheck_defaults(
     };
     let mut rewrites = Vec::new();
     for sql in sqls {
-        let mut text = sql.clone();
-        if text.contains("reprise.captured(") {
-            text = rowlocal::key_captures(&text, &catalog).ok_or_else(multi_row_capture)?;
-        }
-        match rowlocal::capture_volatile_defaults(&text, &catalog) {
-            Ok(Some(captured)) => text = captured,
-            Ok(None) => {}
-            Err(reason) => return Err(default_refusal(reason)),
-        }
-        if text != *sql {
+        let keyed = sql.contains("reprise.captured(");
+        if let Some(text) = capture_rows(sql, keyed, &catalog, &mut false)? {
             rewrites.push((sql.clone(), text));
         }
     }
     Ok(rewrites)
+}
+
+/// `text` with its values captured by row where the catalog asks for it:
+/// UPDATEs capturing values (`keyed`) get them keyed by row, and INSERTs
+/// that leave volatile defaults get those defaults named and captured.
+/// None when nothing changes; the 0A000 refusal when a write cannot be
+/// made safe. Sets `unknown` when a written table is not in the catalog.
+fn capture_rows(
+    text: &str,
+    keyed: bool,
+    catalog: &rowlocal::RelCatalog,
+    unknown: &mut bool,
+) -> Result<Option<String>, PgError> {
+    let mut out = None;
+    if keyed {
+        out = Some(rowlocal::key_captures(text, catalog).ok_or_else(multi_row_capture)?);
+    }
+    let current = out.as_deref().unwrap_or(text);
+    if let Some(captured) =
+        rowlocal::capture_volatile_defaults(current, catalog, unknown).map_err(default_refusal)?
+    {
+        out = Some(captured);
+    }
+    Ok(out.filter(|t| t != text))
 }
 
 /// Volatile values in the SET list of an UPDATE that may change several
@@ -411,41 +427,30 @@ impl Session {
             .with_hint("add an ORDER BY that fixes the order of the selected rows"));
         }
         let mut rewritten = a.rewritten;
-        if a.update_captures {
-            match self.group.rel_catalog() {
-                Some(catalog) => {
-                    // Each value recorded under its row's key (or, for one
-                    // row, in order).
-                    let text = rewritten.as_deref().unwrap_or(sql);
-                    match rowlocal::key_captures(text, &catalog) {
-                        Some(keyed) => rewritten = Some(keyed),
-                        None => return Err(multi_row_capture()),
-                    }
+        match self.group.rel_catalog() {
+            Some(catalog) => {
+                let mut new_table = false;
+                let text = rewritten.as_deref().unwrap_or(sql);
+                if let Some(captured) =
+                    capture_rows(text, a.update_captures, &catalog, &mut new_table)?
+                {
+                    rewritten = Some(captured);
                 }
-                // Checked once the catalog is in (see recheck_defaults).
-                None => *unknown = true,
+                if new_table {
+                    // Made directly on the nodes: have the catalog reloaded.
+                    self.group.request_rel_catalog();
+                    // The write waits for it (a temporary table of this
+                    // session did not get here: see temp_only above).
+                    *unknown = true;
+                }
             }
-        }
-        if let Some(catalog) = self.group.rel_catalog() {
-            let mut new_table = false;
-            let text = rewritten.as_deref().unwrap_or(sql);
-            let _ = rowlocal::volatile_default_use(text, &catalog, &mut new_table);
-            match rowlocal::capture_volatile_defaults(text, &catalog) {
-                Ok(Some(captured)) => rewritten = Some(captured),
-                Ok(None) => {}
-                Err(reason) => return Err(default_refusal(reason)),
+            // No catalog yet (start, or a schema change since): a write that
+            // captures by row or may leave defaults waits for it and is
+            // checked then (see recheck_defaults).
+            None => {
+                *unknown = a.update_captures
+                    || matches!(first_word(sql).as_str(), "INSERT" | "COPY" | "WITH");
             }
-            if new_table {
-                // Made directly on the nodes: have the catalog reloaded.
-                self.group.request_rel_catalog();
-                // The write waits for it (a temporary table of this session
-                // did not get here: see temp_only above).
-                *unknown = true;
-            }
-        } else if matches!(first_word(sql).as_str(), "INSERT" | "COPY" | "WITH") {
-            // No catalog yet (start, or a schema change since): a write
-            // that may leave defaults waits for it and is checked then.
-            *unknown = true;
         }
         Ok(rewritten)
     }
