@@ -258,7 +258,7 @@ struct Logged<'a> {
     prev_hash: &'a str,
     hash: &'a str,
     sequences: Option<&'a str>,
-    /// Values the transaction captured on the primary (JSON array).
+    /// Values the transaction captured on the primary (`reprise.captures()`).
     captured: Option<&'a str>,
     /// The primary's commit time, µs since the epoch.
     committed_us: i64,
@@ -336,12 +336,6 @@ fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool, cache: &mut StatementCa
     }
 }
 
-/// A NUL-terminated name and what follows it.
-fn split(b: &[u8]) -> Option<(Vec<u8>, &[u8])> {
-    let n = b.iter().position(|&c| c == 0)?;
-    Some((b[..n].to_vec(), &b[n + 1..]))
-}
-
 /// Whether every statement of an entry was plain DML (by its command tags
 /// on the primary): then it cannot have changed what cached statements mean.
 fn only_dml(tags: &[String]) -> bool {
@@ -394,7 +388,7 @@ impl StatementCache {
     /// renamed to cached ones.
     fn rewrite(&mut self, messages: &[u8], out: &mut BytesMut) {
         // The entry's own statement names → cached names.
-        let mut local: std::collections::HashMap<Vec<u8>, String> = Default::default();
+        let mut local: std::collections::HashMap<&str, String> = Default::default();
         let mut rest = messages;
         while rest.len() >= 5 {
             let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
@@ -407,23 +401,22 @@ impl StatementCache {
             };
             let (tag, body, raw) = (rest[0], &rest[5..len + 1], &rest[..len + 1]);
             rest = &rest[len + 1..];
+            let mut r = Reader::new(body);
             match tag {
-                b'P' => match split(body) {
-                    Some((own, tail)) => {
-                        let name = self.statement(tail, out);
+                b'P' => match r.cstr() {
+                    Some(own) => {
+                        let name = self.statement(r.rest(), out);
                         local.insert(own, name);
                     }
                     None => out.extend_from_slice(raw),
                 },
                 b'B' => {
-                    let renamed = split(body).and_then(|(portal, tail)| {
-                        let (stmt, tail) = split(tail)?;
-                        let name = local.get(&stmt)?;
+                    let renamed = r.cstr().and_then(|portal| {
+                        let name = local.get(r.cstr()?)?;
                         let mut b = BytesMut::new();
-                        b.extend_from_slice(&portal);
-                        b.extend_from_slice(&[0]);
+                        put_cstr(&mut b, portal);
                         put_cstr(&mut b, name);
-                        b.extend_from_slice(tail);
+                        b.extend_from_slice(r.rest());
                         Some(b)
                     });
                     match renamed {
@@ -431,16 +424,16 @@ impl StatementCache {
                         None => out.extend_from_slice(raw),
                     }
                 }
-                b'D' | b'C' if body.first() == Some(&b'S') => {
-                    let stmt = split(&body[1..]).map(|(stmt, _)| stmt);
-                    let name = stmt.as_ref().and_then(|s| local.get(s).cloned());
-                    match (tag, name) {
+                b'D' | b'C' if r.u8() == Some(b'S') => {
+                    let stmt = r.cstr();
+                    let name = stmt.and_then(|s| local.get(s).cloned());
+                    match (tag, stmt, name) {
                         // The cached statement stays; only the entry's name
                         // for it goes (nothing checks the CloseComplete).
-                        (b'C', Some(_)) => {
-                            local.remove(&stmt.unwrap_or_default());
+                        (b'C', Some(stmt), Some(_)) => {
+                            local.remove(stmt);
                         }
-                        (b'D', Some(n)) => {
+                        (b'D', _, Some(n)) => {
                             let mut b = BytesMut::new();
                             b.extend_from_slice(b"S");
                             put_cstr(&mut b, &n);
