@@ -31,8 +31,16 @@ fn pgbench(port: u16, args: &[&str]) -> String {
 async fn pgbench_init_and_tpcb_leave_identical_copies() {
     let g = TestGroup::start_with(3, "", |_| {}).await;
     let port = g.proxy.addr.port();
+    tokio::task::spawn_blocking(move || pgbench(port, &["-i", "-q", "-s", "2"]))
+        .await
+        .unwrap();
+    // pgbench reads the scale from pgbench_branches in a new session, which
+    // may be routed to a subscriber: let them apply the initialisation
+    // first (read-your-writes is per session).
+    wait_caught_up(&g, &[0, 1, 2], Duration::from_secs(60))
+        .await
+        .expect("the subscribers apply pgbench -i");
     tokio::task::spawn_blocking(move || {
-        pgbench(port, &["-i", "-q", "-s", "2"]);
         for mode in ["simple", "prepared"] {
             let out = pgbench(port, &["-c", "8", "-j", "2", "-T", "5", "-M", mode]);
             assert!(out.contains("number of failed transactions: 0"), "{out}");
