@@ -231,9 +231,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?,
-        proxy_rt: tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
+        proxy_rt: crate::proxy_runtime()?,
         duration: Duration::from_secs(opts.duration),
         clients: opts.clients,
         measurements: Vec::new(),

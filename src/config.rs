@@ -28,6 +28,10 @@ pub struct Config {
     /// On SIGINT/SIGTERM, how long running transactions may take to finish.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// Threads that run the sessions (0: one per CPU core). Where the
+    /// proxy shares its cores with PostgreSQL, 1 costs less CPU per query.
+    #[serde(default)]
+    pub worker_threads: usize,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -63,6 +67,8 @@ fn default_max_message_size() -> usize {
 fn default_max_client_connections() -> usize {
     1000
 }
+const MAX_WORKER_THREADS: usize = 1024;
+
 fn default_shutdown_timeout_ms() -> u64 {
     10_000
 }
@@ -430,6 +436,12 @@ impl Config {
         if self.max_client_connections == 0 {
             return Err(("max_client_connections".into(), "must be at least 1".into()));
         }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err((
+                "worker_threads".into(),
+                format!("must be at most {MAX_WORKER_THREADS} (0: one per CPU core)"),
+            ));
+        }
         let h = &self.health;
         for (key, v) in [
             ("health.interval_ms", h.interval_ms),
@@ -729,6 +741,16 @@ weight = 0
             "name = \"reprise\"\n[[group.node]]",
         ));
         assert_eq!(e.key, "group[0].name");
+        let e = err(&GOOD.replace(
+            "listen = \"127.0.0.1:6432\"",
+            "listen = \"127.0.0.1:6432\"\nworker_threads = 5000",
+        ));
+        assert_eq!(e.key, "worker_threads", "{e}");
+        let e = err(&GOOD.replace(
+            "listen = \"127.0.0.1:6432\"",
+            "listen = \"127.0.0.1:6432\"\nworker_threads = -1",
+        ));
+        assert!(e.to_string().contains("worker_threads"), "{e}");
     }
 
     #[test]

@@ -15,5 +15,5 @@ pub mod server;
 pub mod session;
 pub mod wire;
 
-pub use server::{Server, run};
+pub use server::{Server, run, runtime};
 pub mod demo;

@@ -59,7 +59,10 @@ fn main() -> ExitCode {
             .map(|c| print!("{}", reprise::demo::layout(&c)))
             .map_err(anyhow::Error::from),
         Command::Serve { config } => match reprise::config::Config::load(&config) {
-            Ok(c) => runtime().block_on(reprise::run(c, shutdown_signal())),
+            Ok(c) => match reprise::runtime(c.worker_threads) {
+                Ok(rt) => rt.block_on(reprise::run(c, shutdown_signal())),
+                Err(e) => Err(anyhow::anyhow!("cannot start the runtime: {e}")),
+            },
             Err(e) => Err(e.into()),
         },
         Command::Demo {
@@ -67,15 +70,17 @@ fn main() -> ExitCode {
             port,
             http_port,
             dir,
-        } => runtime().block_on(reprise::demo::run(
-            reprise::demo::DemoOptions {
-                nodes,
-                port,
-                http_port,
-                dir,
-            },
-            shutdown_signal(),
-        )),
+        } => reprise::runtime(0)
+            .expect("tokio runtime")
+            .block_on(reprise::demo::run(
+                reprise::demo::DemoOptions {
+                    nodes,
+                    port,
+                    http_port,
+                    dir,
+                },
+                shutdown_signal(),
+            )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,13 +89,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -383,6 +383,16 @@ async fn too_many(stream: tokio::net::TcpStream, max: usize) {
     let _ = stream.write_all(&out).await;
 }
 
+/// The runtime that serves a config: `worker_threads` threads (0: one
+/// per CPU core).
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        b.worker_threads(worker_threads);
+    }
+    b.enable_all().build()
+}
+
 /// Binds and serves a config until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     Server::bind(config).await?.run(shutdown).await

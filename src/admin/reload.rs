@@ -54,6 +54,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     };
     restart("listen", old.listen != new.listen);
     restart("http", old.http != new.http);
+    restart("worker_threads", old.worker_threads != new.worker_threads);
     restart("tls", old.tls != new.tls);
     restart("health", old.health != new.health);
     restart(
@@ -155,6 +156,7 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<Vec<String>, PgError> {
     // What needs a restart keeps its running value.
     new.listen = old.listen.clone();
     new.http = old.http.clone();
+    new.worker_threads = old.worker_threads;
     let mut done = Vec::new();
     for name in &plan.dropped_groups {
         if let Some(g) = shared.remove_group(name) {
@@ -245,6 +247,7 @@ port = 3
 "#);
         let new = cfg(r#"
 listen = "127.0.0.1:7000"
+worker_threads = 1
 [[group]]
 name = "a"
 [[group.node]]
@@ -273,7 +276,7 @@ port = 5
         assert_eq!(gp.remove, ["a2"]);
         let added: Vec<&str> = gp.add.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(added, ["a2", "a3"]);
-        assert_eq!(p.restart, ["listen"]);
+        assert_eq!(p.restart, ["listen", "worker_threads"]);
         assert_eq!(plan(&old, &old), Plan::default());
     }
 }

@@ -293,7 +293,7 @@ pub struct Session {
     cancel: CancelGuard,
     cancel_target: Option<usize>,
     draining: bool,
-    /// Node state changes and promotions.
+    /// Node state changes and promotions since the session began.
     events: tokio::sync::watch::Receiver<u64>,
     /// Counted among the sessions with work on the primary (a switchover
     /// waits for them).
@@ -457,10 +457,12 @@ impl Session {
     }
 
     async fn main_loop(&mut self) -> Result<(), End> {
-        // One long-lived wait for shutdown, not one per iteration.
+        // Long-lived waits for shutdown and group changes, not one per
+        // iteration: each wait registers with a channel every session shares.
         let mut shutdown = self.shared.shutdown_signal();
         let shutdown_changed = shutdown.changed();
         tokio::pin!(shutdown_changed);
+        let mut group_changed = Box::pin(next_change(self.events.clone()));
         loop {
             if let Some(rfq) = self.wait_sync().await {
                 self.forward_rfq(rfq, self.group.primary());
@@ -534,9 +536,12 @@ impl Session {
                 _ = &mut shutdown_changed, if !self.draining => {
                     self.draining = true;
                 }
-                // The group (the sender) lives as long as the session.
-                _ = self.events.changed() => self.on_group_change(),
-                _ = tokio::time::sleep(idle_tx_limit.unwrap_or_default()), if idle_tx_limit.is_some() => {
+                events = &mut group_changed => {
+                    group_changed.set(next_change(events));
+                    self.on_group_change();
+                }
+                // Lazy: no timer is made unless the branch is enabled.
+                _ = async { tokio::time::sleep(idle_tx_limit.unwrap_or_default()).await }, if idle_tx_limit.is_some() => {
                     return Err(End::Fatal(PgError::fatal(
                         "25P03",
                         format!(
@@ -913,6 +918,17 @@ impl std::ops::DerefMut for Backends {
 }
 
 /// Reads from the polled backend (cancel-safe).
+/// The next node state change or promotion; hands the receiver back for
+/// the wait after it. The group (the sender) lives as long as the session.
+async fn next_change(
+    mut events: tokio::sync::watch::Receiver<u64>,
+) -> tokio::sync::watch::Receiver<u64> {
+    if events.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    events
+}
+
 async fn fill_backend(
     backends: &mut [Option<BackendConn>],
     i: Option<usize>,
