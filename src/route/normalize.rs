@@ -278,6 +278,23 @@ pub fn cache_key(sql: &str) -> Option<String> {
 /// statement's text can be joined with others by `;` (a trailing `--`
 /// comment would swallow what follows). When the lexer is unsure it only
 /// trims whitespace.
+/// `sql` from its first token on: leading white space and comments
+/// skipped, the rest not scanned.
+pub fn trim_start_sql(sql: &str) -> &str {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let Ok((tok, end)) = next_token(b, i) else {
+            return sql.trim_start();
+        };
+        if tok != Tok::Space {
+            return sql.get(i..).unwrap_or(sql);
+        }
+        i = end;
+    }
+    ""
+}
+
 pub fn trim_sql(sql: &str) -> &str {
     let b = sql.as_bytes();
     let mut first = None;
@@ -427,6 +444,11 @@ mod tests {
         );
         assert_eq!(trim_sql(" -- only"), "");
         assert_eq!(trim_sql(" set x = 'oops "), "set x = 'oops");
+        assert_eq!(
+            trim_start_sql("/* a */ -- b\n set x = 1 -- c"),
+            "set x = 1 -- c"
+        );
+        assert_eq!(trim_start_sql(" -- only"), "");
     }
 
     /// A tiny deterministic generator, so the tests need no extra crate.

@@ -190,10 +190,17 @@ fn default_refusal(reason: String) -> PgError {
 
 /// Statements that are per-node maintenance: never logged.
 pub fn is_maintenance(sql: &str) -> bool {
-    let first = first_word(sql);
-    matches!(
-        first.as_str(),
-        "VACUUM" | "ANALYZE" | "ANALYSE" | "CHECKPOINT" | "CLUSTER" | "REINDEX" | "LOAD"
+    first_word_in(
+        sql,
+        &[
+            "VACUUM",
+            "ANALYZE",
+            "ANALYSE",
+            "CHECKPOINT",
+            "CLUSTER",
+            "REINDEX",
+            "LOAD",
+        ],
     )
 }
 
@@ -202,6 +209,11 @@ pub const INDEX_CONCURRENTLY: &str = "CREATE/DROP INDEX CONCURRENTLY";
 
 /// Statements that cannot run inside a transaction block.
 pub fn not_in_transaction(sql: &str) -> Option<&'static str> {
+    // Only these commands can be any of them: DML is answered without
+    // scanning the whole text.
+    if !first_word_in(sql, &["CREATE", "DROP", "ALTER"]) {
+        return None;
+    }
     let upper = sql.to_ascii_uppercase();
     let words: Vec<&str> = upper.split_whitespace().collect();
     let has = |a: &str, b: &str| words.windows(2).any(|w| w[0] == a && w[1] == b);
@@ -322,10 +334,7 @@ pub fn insert_selects_ordered(sql: &str) -> bool {
 
 /// Statements that change the schema.
 pub fn is_ddl(sql: &str) -> bool {
-    matches!(
-        first_word(sql).as_str(),
-        "CREATE" | "ALTER" | "DROP" | "COMMENT"
-    )
+    first_word_in(sql, &["CREATE", "ALTER", "DROP", "COMMENT"])
 }
 
 /// Whether a unit holds a BEGIN asking for snapshot isolation.
@@ -339,41 +348,48 @@ fn sqls_isolated(unit: &Unit) -> bool {
 
 /// A BEGIN/START TRANSACTION asking for REPEATABLE READ or SERIALIZABLE.
 pub fn snapshot_isolation(sql: &str) -> bool {
+    if !first_word_in(sql, &["BEGIN", "START"]) {
+        return false;
+    }
     let upper = sql.to_ascii_uppercase();
-    (upper.contains("REPEATABLE") || upper.contains("SERIALIZABLE"))
-        && !upper.contains("READ ONLY")
-        && matches!(first_word(sql).as_str(), "BEGIN" | "START")
+    (upper.contains("REPEATABLE") || upper.contains("SERIALIZABLE")) && !upper.contains("READ ONLY")
 }
 
 /// Whether a transaction-ending statement is a rollback.
 pub fn is_rollback(sql: &str) -> bool {
-    let w = first_word(sql);
-    w == "ROLLBACK" || w == "ABORT"
+    first_word_in(sql, &["ROLLBACK", "ABORT"])
 }
 
-fn first_word(sql: &str) -> String {
-    crate::route::normalize::trim_sql(sql)
+/// The statement's first keyword as written (after comments and an opening
+/// parenthesis).
+fn first_word(sql: &str) -> &str {
+    crate::route::normalize::trim_start_sql(sql)
         .trim_start_matches('(')
         .split(|c: char| !c.is_ascii_alphabetic())
         .next()
         .unwrap_or("")
-        .to_ascii_uppercase()
+}
+
+/// Whether the statement's first keyword is one of `words` (upper case).
+fn first_word_in(sql: &str, words: &[&str]) -> bool {
+    let first = first_word(sql);
+    words.iter().any(|w| w.eq_ignore_ascii_case(first))
 }
 
 /// The SQL text of a unit's statements (simple Query or Binds); for a unit
 /// that only prepares (the start of a streamed batch), the statements it
 /// prepares.
-pub fn unit_sql(unit: &Unit) -> Vec<String> {
-    let sql_of = |i: &Item| {
-        i.stmt.as_ref().and_then(|(d, _)| {
-            super::statements::parse_fields(d.parse.body()).map(|(_, q)| q.to_string())
-        })
-    };
-    let run: Vec<String> = unit
+pub fn unit_sql(unit: &Unit) -> Vec<&str> {
+    fn sql_of(i: &Item) -> Option<&str> {
+        i.stmt
+            .as_ref()
+            .and_then(|(d, _)| super::statements::parse_fields(d.parse.body()).map(|(_, q)| q))
+    }
+    let run: Vec<&str> = unit
         .items
         .iter()
         .filter_map(|i| match i.frame.tag {
-            b'Q' => Reader::new(i.frame.body()).cstr().map(str::to_string),
+            b'Q' => Reader::new(i.frame.body()).cstr(),
             b'B' => sql_of(i),
             _ => None,
         })
@@ -448,8 +464,7 @@ impl Session {
             // captures by row or may leave defaults waits for it and is
             // checked then (see recheck_defaults).
             None => {
-                *unknown = a.update_captures
-                    || matches!(first_word(sql).as_str(), "INSERT" | "COPY" | "WITH");
+                *unknown = a.update_captures || first_word_in(sql, &["INSERT", "COPY", "WITH"]);
             }
         }
         Ok(rewritten)
@@ -576,7 +591,7 @@ impl Session {
     }
 
     /// Whether every statement is row-local (needs the lock only shared).
-    fn row_local(&self, sqls: &[String]) -> bool {
+    fn row_local(&self, sqls: &[&str]) -> bool {
         let Some(catalog) = self.group.rel_catalog() else {
             return false;
         };
@@ -1068,6 +1083,21 @@ mod tests {
         assert!(is_rollback("rollback"));
         assert!(is_rollback(" ABORT;"));
         assert!(!is_rollback("commit"));
+        assert!(is_ddl("/* c */ Alter table t add b int"));
+        assert!(is_ddl("(create table x (a int))"));
+        assert!(!is_ddl("update creates set a = 1"));
+        assert_eq!(
+            not_in_transaction("-- c\n Drop Index Concurrently i"),
+            Some("CREATE/DROP INDEX CONCURRENTLY")
+        );
+        assert_eq!(
+            not_in_transaction("update t set x = 'index concurrently'"),
+            None
+        );
+        assert_eq!(
+            not_in_transaction("alter system set work_mem = '1MB'"),
+            Some("ALTER SYSTEM")
+        );
     }
 
     #[test]
