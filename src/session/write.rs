@@ -497,7 +497,7 @@ impl Session {
             return Ok(());
         }
         for sql in unit_sql(unit) {
-            if let Some(what) = not_in_transaction(&sql) {
+            if let Some(what) = not_in_transaction(sql) {
                 if what == INDEX_CONCURRENTLY && unit.simple && self.tx_node.is_none() {
                     continue;
                 }
@@ -558,7 +558,7 @@ impl Session {
         if maintenance {
             return false;
         }
-        if sqls.len() == 1 && not_in_transaction(&sqls[0]) == Some(INDEX_CONCURRENTLY) {
+        if sqls.len() == 1 && not_in_transaction(sqls[0]) == Some(INDEX_CONCURRENTLY) {
             // Runs on its own; logged after it succeeded.
             self.write.nontx = Some(unit.items[0].frame.clone());
             return false;
