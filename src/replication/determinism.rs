@@ -364,6 +364,17 @@ pub(crate) struct Edit {
     pub text: String,
 }
 
+impl Edit {
+    /// `text` put in at byte `at`, replacing nothing.
+    pub(crate) fn insert(at: usize, text: String) -> Edit {
+        Edit {
+            start: at,
+            end: at,
+            text,
+        }
+    }
+}
+
 /// Splice non-overlapping edits into `text`; None if they overlap or do not
 /// fall on character boundaries.
 pub(crate) fn apply_edits(text: &str, mut edits: Vec<Edit>) -> Option<String> {

@@ -244,11 +244,7 @@ pub fn capture_volatile_defaults(
         if !missing.is_empty() {
             let names: Vec<String> = missing.iter().map(|(c, _)| quote(c)).collect();
             let at = tokens[close_cols].start as usize;
-            edits.push(Edit {
-                start: at,
-                end: at,
-                text: format!(", {}", names.join(", ")),
-            });
+            edits.push(Edit::insert(at, format!(", {}", names.join(", "))));
         }
         // Each VALUES row, by its parentheses.
         let mut i = (close_cols..tokens.len())
@@ -285,11 +281,7 @@ pub fn capture_volatile_defaults(
             if !missing.is_empty() {
                 let exprs: Vec<String> = missing.iter().map(|(_, e)| captured(e)).collect();
                 let at = tokens[close].start as usize;
-                edits.push(Edit {
-                    start: at,
-                    end: at,
-                    text: format!(", {}", exprs.join(", ")),
-                });
+                edits.push(Edit::insert(at, format!(", {}", exprs.join(", "))));
             }
             i = close + 1;
             if is(i, Token::Ascii44) {
@@ -517,12 +509,7 @@ pub fn key_captures(sql: &str, catalog: &RelCatalog) -> Option<String> {
                 end: tokens[name].end as usize,
                 text: "captured_keyed".to_string(),
             });
-            let at = tokens[close].start as usize;
-            edits.push(Edit {
-                start: at,
-                end: at,
-                text: key_expr.clone(),
-            });
+            edits.push(Edit::insert(tokens[close].start as usize, key_expr.clone()));
         }
     }
     if edits.is_empty() {
