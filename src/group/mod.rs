@@ -696,16 +696,29 @@ impl Group {
     }
 
     /// Has the primary's monitor reload the table catalog now and waits
-    /// for it (at most `within`); returns the catalog then in place.
+    /// for it (at most `within`); None if no load finished in time.
+    ///
+    /// Only a load that starts after this call counts: one already under
+    /// way may have read the tables before the change that sent the caller
+    /// here (a CREATE TABLE that committed while it ran), so the catalog is
+    /// invalidated first and such a load is not installed.
     pub async fn fresh_rel_catalog(
         &self,
         within: std::time::Duration,
     ) -> Option<Arc<crate::replication::rowlocal::RelCatalog>> {
-        let loaded = self.rel_loaded.notified();
-        self.request_rel_catalog();
-        self.rel_wanted.notify_one();
-        let _ = tokio::time::timeout(within, loaded).await;
-        self.rel_catalog()
+        self.invalidate_rel_catalog();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let loaded = self.rel_loaded.notified();
+            if let Some(c) = self.rel_catalog() {
+                return Some(c);
+            }
+            self.request_rel_catalog();
+            self.rel_wanted.notify_one();
+            if tokio::time::timeout_at(deadline, loaded).await.is_err() {
+                return self.rel_catalog();
+            }
+        }
     }
 
     /// The log head: the highest committed seq seen.
@@ -1014,4 +1027,49 @@ pub struct NodeStatus {
     pub port: u16,
     pub weight: u32,
     pub outstanding: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::rowlocal::RelCatalog;
+    use std::time::Duration;
+
+    fn group() -> Arc<Group> {
+        let config: GroupConfig =
+            toml::from_str("name = \"g\"\n[[node]]\nname = \"n1\"\nport = 1\n").expect("config");
+        Arc::new(Group::new(&config, true, 1000))
+    }
+
+    #[tokio::test]
+    async fn a_fresh_catalog_comes_from_a_load_begun_after_the_request() {
+        let g = group();
+        // A load begins (it reads the tables as they are now)…
+        let early = g.rel_epoch();
+        let waiter = tokio::spawn({
+            let g = g.clone();
+            async move { g.fresh_rel_catalog(Duration::from_secs(10)).await }
+        });
+        // …a session asks for a fresh catalog (the monitor hears it)…
+        g.rel_wanted.notified().await;
+        // …and the early load finishes: it is not installed.
+        g.set_rel_catalog(early, RelCatalog::default());
+        assert!(g.rel_catalog().is_none());
+        // The load the request started is.
+        g.rel_wanted.notified().await;
+        g.set_rel_catalog(g.rel_epoch(), RelCatalog::default());
+        let got = waiter.await.expect("joined").expect("a catalog");
+        assert!(Arc::ptr_eq(&got, &g.rel_catalog().expect("installed")));
+    }
+
+    #[tokio::test]
+    async fn no_fresh_catalog_when_no_load_finishes() {
+        let g = group();
+        g.set_rel_catalog(g.rel_epoch(), RelCatalog::default());
+        assert!(
+            g.fresh_rel_catalog(Duration::from_millis(50))
+                .await
+                .is_none()
+        );
+    }
 }

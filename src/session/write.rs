@@ -130,9 +130,17 @@ pub(super) async fn recheck_defaults(
     group: &crate::group::Group,
     sqls: &[String],
 ) -> Result<Vec<(String, String)>, PgError> {
-    let wait = std::time::Duration::from_millis(2000);
-    let Some(catalog) = group.fresh_rel_catalog(wait).await else {
-        return Ok(Vec::new());
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    let Some(catalog) = group.fresh_rel_catalog(WAIT).await else {
+        // Unchecked, it could replay with other values on every copy.
+        return Err(PgError::error(
+            "55000",
+            format!(
+                "Reprise could not load the table catalog within {} s to check this write for volatile values",
+                WAIT.as_secs()
+            ),
+        )
+        .with_hint("retry the statement; the primary may be busy or unreachable"));
     };
     let mut rewrites = Vec::new();
     for sql in sqls {
