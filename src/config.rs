@@ -558,6 +558,17 @@ impl Config {
                     format!("group `{}` has no [[group.node]]", g.name),
                 ));
             }
+            if g.nodes.len() > crate::group::slots::MAX_NODE_SLOTS {
+                return Err((
+                    format!("{gkey}.node"),
+                    format!(
+                        "group `{}` has {} nodes; at most {} are supported",
+                        g.name,
+                        g.nodes.len(),
+                        crate::group::slots::MAX_NODE_SLOTS
+                    ),
+                ));
+            }
             let mut nodes = HashSet::new();
             for (ni, n) in g.nodes.iter().enumerate() {
                 let nkey = format!("{gkey}.node[{ni}]");
@@ -751,6 +762,16 @@ weight = 0
             "listen = \"127.0.0.1:6432\"\nworker_threads = -1",
         ));
         assert!(e.to_string().contains("worker_threads"), "{e}");
+    }
+
+    #[test]
+    fn too_many_nodes_are_refused() {
+        let nodes: String = (0..=crate::group::slots::MAX_NODE_SLOTS)
+            .map(|i| format!("[[group.node]]\nname = \"n{i}\"\nport = {}\n", 1000 + i))
+            .collect();
+        let e = err(&format!("[[group]]\nname = \"app\"\n{nodes}"));
+        assert_eq!(e.key, "group[0].node", "{e}");
+        assert!(e.reason.contains("at most"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,9 @@ use crate::wire::scram::ScramSecret;
 /// the users change at run time (RELOAD, ADD/REMOVE/MOVE NODE).
 pub struct Shared {
     config: arc_swap::ArcSwap<Config>,
+    /// Bumped after each new config: sessions keep a copy and reload it
+    /// only when this moves.
+    config_version: std::sync::atomic::AtomicU64,
     /// Groups in config order.
     groups: std::sync::RwLock<Vec<Arc<Group>>>,
     users: std::sync::RwLock<Arc<HashMap<String, ScramSecret>>>,
@@ -97,7 +100,15 @@ impl Shared {
             self.client_permits.forget_permits(old - new);
         }
         self.config.store(config);
+        self.config_version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Moves whenever a new config is installed.
+    pub fn config_version(&self) -> u64 {
+        self.config_version
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Adds a started group.
@@ -171,6 +182,7 @@ impl Server {
             client_permits: Arc::new(Semaphore::new(config.max_client_connections)),
             client_limit: std::sync::atomic::AtomicUsize::new(config.max_client_connections),
             config: arc_swap::ArcSwap::new(config),
+            config_version: std::sync::atomic::AtomicU64::new(0),
             groups: std::sync::RwLock::new(groups),
             users: std::sync::RwLock::new(Arc::new(users)),
             tls,

@@ -70,6 +70,20 @@ impl Journal {
 }
 
 /// Milliseconds since the Unix epoch.
+/// Milliseconds since the epoch from the kernel's coarse clock (a few ms
+/// behind at worst, and much cheaper): for timestamps only shown to people.
+pub fn coarse_now_ms() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } != 0 {
+        return now_ms();
+    }
+    ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -156,7 +156,16 @@ pub async fn join(
     node: &NodeConfig,
 ) -> Result<crate::replication::seed::Seeded, PgError> {
     let config = Arc::clone(&shared.config());
-    let index = g.add_node(node);
+    let index = g.add_node(node).ok_or_else(|| {
+        PgError::error(
+            "54000",
+            format!(
+                "group \"{}\" has used all its {} node slots (a removed node keeps its slot until Reprise restarts)",
+                g.name,
+                crate::group::slots::MAX_NODE_SLOTS
+            ),
+        )
+    })?;
     g.node(index).set_state(NodeState::Seeding);
     crate::server::start_node(&config, g, index, &g.stop_signal(shared.stop_signal()));
     let policy = Policy::from_config(&config);

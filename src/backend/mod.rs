@@ -4,7 +4,6 @@
 pub mod tls;
 pub mod tracker;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -104,7 +103,9 @@ pub struct BackendConn {
     /// Responses this connection still owes, and which of them to swallow.
     pub tracker: Tracker,
     /// Prepared statements present on this connection: name -> generation.
-    pub prepared: HashMap<String, u64>,
+    /// (A fast hash: looked up for every Bind; the names are the client's
+    /// own, in a map only its session uses.)
+    pub prepared: rustc_hash::FxHashMap<String, u64>,
     /// How many of the session's SET statements were replayed here.
     pub settings_applied: usize,
     /// Counts against the node's `max_connections` while open.
@@ -224,7 +225,7 @@ impl BackendConn {
             tls: target.tls.clone(),
             params,
             tracker: Tracker::default(),
-            prepared: HashMap::new(),
+            prepared: Default::default(),
             settings_applied: 0,
             seat: None,
             stats: ConnStats::default(),

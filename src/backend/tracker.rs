@@ -82,13 +82,13 @@ impl Tracker {
     }
 
     /// Whom the unit now being answered belongs to.
-    fn current_owner(&self) -> Option<UnitOwner> {
+    pub fn owner(&self) -> Option<UnitOwner> {
         self.queue.iter().find_map(Self::unit_end)
     }
 
     /// Accounts for one message from the node.
     pub fn on_message(&mut self, tag: u8) -> Outcome {
-        let owner = self.current_owner();
+        let owner = self.owner();
         let injected_unit = matches!(owner, Some(UnitOwner::Injected | UnitOwner::Own));
         let mut out = Outcome {
             forward: !injected_unit,
@@ -166,6 +166,29 @@ mod tests {
         Expect::Parse {
             injected,
             name: name.into(),
+        }
+    }
+
+    /// The session relays these tags in place without asking the tracker
+    /// (`Session::drain_backend`): that is only right while they change
+    /// nothing here.
+    #[test]
+    fn plain_answers_change_no_state() {
+        let mut t = Tracker::default();
+        t.push(parse(true, "s1"));
+        t.push(Expect::Close { injected: false });
+        t.push(Expect::Sync { injected: false });
+        let before = (t.queue.clone(), t.client_units());
+        for &tag in b"2DCTtnsNIcdHWV" {
+            let o = t.on_message(tag);
+            assert!(o.forward && !o.unit_done && o.not_prepared.is_empty());
+            assert_eq!(o.owner, Some(UnitOwner::Client));
+            assert_eq!(
+                (t.queue.clone(), t.client_units()),
+                before,
+                "tag {}",
+                tag as char
+            );
         }
     }
 

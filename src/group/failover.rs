@@ -390,7 +390,7 @@ pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
     }
     let mut positions = Vec::new();
     for (i, _) in &held {
-        if let Ok(pos) = position(&group.node(*i)).await {
+        if let Ok(pos) = position(group.node(*i)).await {
             positions.push((*i, pos));
         }
     }
@@ -434,10 +434,10 @@ pub async fn failover(group: &Group, policy: &Policy) -> Result<(), String> {
     }
     let term = max_term + 1;
     let name = group.node(new).name.clone();
-    record(&group.node(new), term, "primary", &name).await?;
+    record(group.node(new), term, "primary", &name).await?;
     for (i, _) in &held {
         if *i != new
-            && let Err(e) = record(&group.node(*i), term, "subscriber", &name).await
+            && let Err(e) = record(group.node(*i), term, "subscriber", &name).await
         {
             tracing::warn!(group = %group.name, error = %e, "could not record the new term");
         }

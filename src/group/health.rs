@@ -363,8 +363,8 @@ pub async fn initial_probe(group: &Arc<Group>, health: &HealthConfig, policy: &P
     }
     if positions[p].is_some() {
         group.node(p).set_state(NodeState::Up);
-        load_catalog(group, &group.node(p).control, &group.node(p)).await;
-        load_rel_catalog(group, &group.node(p).control, &group.node(p)).await;
+        load_catalog(group, &group.node(p).control, group.node(p)).await;
+        load_rel_catalog(group, &group.node(p).control, group.node(p)).await;
     } else {
         group.node(p).set_state(NodeState::Down);
     }

@@ -3,6 +3,7 @@
 
 pub mod failover;
 pub mod health;
+pub mod slots;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
@@ -307,7 +308,7 @@ pub struct Group {
     pub name: String,
     /// Every node the group ever had, by index: nodes added at run time are
     /// appended, removed ones stay as `Removed` so indexes never move.
-    nodes: arc_swap::ArcSwap<Vec<Arc<Node>>>,
+    nodes: slots::NodeSlots<Node>,
     /// The group's configuration (nodes as first configured).
     config: GroupConfig,
     /// New work is held by PAUSE (maintenance) until RESUME.
@@ -376,12 +377,11 @@ impl Group {
         let stats = crate::admin::stats::GroupStats::new(&config.name);
         Group {
             name: config.name.clone(),
-            nodes: arc_swap::ArcSwap::from_pointee(
+            nodes: slots::NodeSlots::new(
                 config
                     .nodes
                     .iter()
-                    .map(|n| Arc::new(Node::new(config, n, events.clone(), stats.journal.clone())))
-                    .collect(),
+                    .map(|n| Arc::new(Node::new(config, n, events.clone(), stats.journal.clone()))),
             ),
             config: config.clone(),
             admin_paused: std::sync::atomic::AtomicBool::new(false),
@@ -452,24 +452,23 @@ impl Group {
     }
 
     /// Every node by index, removed ones included (check `is_removed`).
-    pub fn nodes(&self) -> arc_swap::Guard<Arc<Vec<Arc<Node>>>> {
-        self.nodes.load()
+    pub fn nodes(&self) -> &slots::NodeSlots<Node> {
+        &self.nodes
     }
 
     /// Node `i`.
-    pub fn node(&self, i: usize) -> Arc<Node> {
-        self.nodes.load()[i].clone()
+    pub fn node(&self, i: usize) -> &Arc<Node> {
+        &self.nodes[i]
     }
 
     /// How many node slots there are (removed nodes included).
     pub fn slots(&self) -> usize {
-        self.nodes.load().len()
+        self.nodes.len()
     }
 
     /// Nodes that are members now (not removed).
     pub fn members(&self) -> Vec<Arc<Node>> {
         self.nodes
-            .load()
             .iter()
             .filter(|n| !n.is_removed())
             .cloned()
@@ -484,14 +483,14 @@ impl Group {
     /// Index of the member named `name`.
     pub fn node_index(&self, name: &str) -> Option<usize> {
         self.nodes
-            .load()
             .iter()
             .position(|n| n.name == name && !n.is_removed())
     }
 
     /// Adds a node (in state `Down`, so nothing routes to it until its
-    /// monitor and a seed bring it up); returns its index.
-    pub fn add_node(&self, config: &NodeConfig) -> usize {
+    /// monitor and a seed bring it up); returns its index, or None when
+    /// the group has used all its node slots.
+    pub fn add_node(&self, config: &NodeConfig) -> Option<usize> {
         let node = Arc::new(Node::new(
             &self.config,
             config,
@@ -499,15 +498,9 @@ impl Group {
             self.stats.journal.clone(),
         ));
         node.set_state(NodeState::Down);
-        let mut index = 0;
-        self.nodes.rcu(|old| {
-            let mut v = Vec::clone(old);
-            v.push(node.clone());
-            index = v.len() - 1;
-            v
-        });
+        let index = self.nodes.push(node)?;
         self.bump();
-        index
+        Some(index)
     }
 
     /// Takes node `i` out of the group: nothing routes to it, and its
@@ -524,7 +517,7 @@ impl Group {
     /// sessions end.
     pub fn retire(&self) {
         let _ = self.retired.send(true);
-        for n in self.nodes.load().iter() {
+        for n in self.nodes.iter() {
             let _ = n.stop.send(true);
         }
         self.bump();
@@ -748,7 +741,6 @@ impl Group {
     pub fn subscribers_at(&self, seq: u64) -> usize {
         let p = self.primary();
         self.nodes
-            .load()
             .iter()
             .enumerate()
             .filter(|(i, n)| *i != p && !n.is_removed() && n.applied() >= seq)
@@ -767,7 +759,6 @@ impl Group {
         }
         let p = self.primary();
         self.nodes
-            .load()
             .iter()
             .enumerate()
             .all(|(i, n)| i == p || !n.is_up() || seq.saturating_sub(n.applied()) <= max_lag)
@@ -776,7 +767,7 @@ impl Group {
     /// Replication lag of node `i`: (entries, milliseconds).
     pub fn lag(&self, i: usize) -> (u64, u64) {
         let head = self.head_seq();
-        let node = &self.nodes.load()[i];
+        let node = &self.nodes[i];
         let seqs = head.saturating_sub(node.applied());
         if seqs == 0 || i == self.primary() {
             return (0, 0);
@@ -795,7 +786,7 @@ impl Group {
     pub fn publish_lag(&self) {
         metrics::gauge!("reprise_log_head_seq", "group" => self.name.clone())
             .set(self.head_seq() as f64);
-        for (i, n) in self.nodes.load().iter().enumerate() {
+        for (i, n) in self.nodes.iter().enumerate() {
             if n.is_removed() {
                 continue;
             }
@@ -808,7 +799,7 @@ impl Group {
 
     /// Whether node `i` may serve a read that must see `min_seq`.
     pub fn fresh_enough(&self, i: usize, min_seq: u64) -> bool {
-        let node = &self.nodes.load()[i];
+        let node = &self.nodes[i];
         if node.applied() < min_seq {
             return false;
         }
@@ -842,7 +833,7 @@ impl Group {
     /// limit; the primary if no subscriber is.
     pub fn pick_reader_at(&self, exclude: Option<usize>, min_seq: u64) -> Option<usize> {
         let primary = self.primary();
-        let nodes = self.nodes.load();
+        let nodes = &self.nodes;
         if self.read_scaling {
             let n = nodes.len();
             let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
@@ -882,7 +873,7 @@ impl Group {
         if p == best {
             return Some(best);
         }
-        let nodes = self.nodes.load();
+        let nodes = &self.nodes;
         let Some(node) = nodes.get(p) else {
             return Some(best);
         };
@@ -921,7 +912,6 @@ impl Group {
                 .map(|r| r.summary()),
             nodes: self
                 .nodes
-                .load()
                 .iter()
                 .enumerate()
                 .filter(|(_, n)| !n.is_removed())

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::admin::events::now_ms;
+use crate::admin::events::coarse_now_ms;
 
 /// Where to send a cancel: a node and its backend process key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +72,7 @@ impl CancelSlot {
     /// Records what the client is doing (cheap when unchanged).
     pub fn set_state(&self, s: ClientState) {
         if self.state.swap(s as u8, Ordering::Relaxed) != s as u8 {
-            self.since_ms.store(now_ms(), Ordering::Relaxed);
+            self.since_ms.store(coarse_now_ms(), Ordering::Relaxed);
         }
     }
 

@@ -342,8 +342,8 @@ impl Session {
         }
         match unit.route {
             Route::Read => {
-                let routing = &self.shared.config().routing;
-                let replicating = self.shared.config().replication.enabled;
+                let routing = &self.cfg.routing;
+                let replicating = self.cfg.replication.enabled;
                 if self.wrote && routing.read_your_writes && !replicating {
                     // Without replication only the primary has this session's writes.
                     return Ok(primary);
@@ -436,7 +436,8 @@ impl Session {
         if let Some(reason) = unit.pin
             && self.pinned.is_none()
         {
-            tracing::debug!(reason, "session pinned to the primary");
+            self.span
+                .in_scope(|| tracing::debug!(reason, "session pinned to the primary"));
             self.pinned = Some(reason);
         }
         let mut target = match self.choose(&unit) {
@@ -446,28 +447,36 @@ impl Session {
         if target == self.group.primary() && !self.pass.held {
             // New work on the primary: wait while there is none (failover)
             // or writes are held (switchover).
-            if let Err(e) = self.enter_primary().await {
-                return self.fail_unit(&unit, e);
-            }
-            target = match self.choose(&unit) {
-                Ok(i) => i,
+            match self.enter_primary().await {
+                Ok(false) => {}
+                Ok(true) => {
+                    target = match self.choose(&unit) {
+                        Ok(i) => i,
+                        Err(e) => return self.fail_unit(&unit, e),
+                    }
+                }
                 Err(e) => return self.fail_unit(&unit, e),
-            };
+            }
         }
         let retryable = unit.route == Route::Read && self.tx_node.is_none();
         self.send_unit(target, unit, retryable).await
     }
 
     /// Waits until the group has a primary that takes new work, up to
-    /// `failover_wait_ms`, and counts this session in.
-    async fn enter_primary(&mut self) -> Result<(), PgError> {
-        let wait = Duration::from_millis(self.shared.config().health.failover_wait_ms);
+    /// `failover_wait_ms`, and counts this session in. Whether it had to
+    /// wait (the primary may have changed meanwhile).
+    async fn enter_primary(&mut self) -> Result<bool, PgError> {
+        if self.group.node(self.group.primary()).is_up() && self.group.enter() {
+            self.pass.held = true;
+            return Ok(false);
+        }
+        let wait = Duration::from_millis(self.cfg.health.failover_wait_ms);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let opened = self.group.gate.notified();
             if self.group.node(self.group.primary()).is_up() && self.group.enter() {
                 self.pass.held = true;
-                return Ok(());
+                return Ok(true);
             }
             let now = tokio::time::Instant::now();
             // A switchover bounds its own pause: wait it out.
@@ -488,7 +497,7 @@ impl Session {
     /// The primary refused a connection: have it probed now, and wait for it
     /// to come back or for a failover, up to `failover_wait_ms`.
     async fn reconnect_primary(&mut self, first: PgError) -> Result<usize, PgError> {
-        let wait = Duration::from_millis(self.shared.config().health.failover_wait_ms);
+        let wait = Duration::from_millis(self.cfg.health.failover_wait_ms);
         let deadline = tokio::time::Instant::now() + wait;
         let mut last = first;
         loop {
@@ -694,7 +703,7 @@ impl Session {
                 "raise max_connections on the node's [[group.node]] entry, or retry later",
             ));
         };
-        let timeout = Duration::from_millis(self.shared.config().health.connect_timeout_ms);
+        let timeout = Duration::from_millis(self.cfg.health.connect_timeout_ms);
         // A node found down meanwhile (e.g. paused) ends the attempt.
         let mut events = self.group.events();
         let down = self
@@ -716,7 +725,9 @@ impl Session {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(node = %node.name, error = %e, "backend connection failed");
+                self.span.in_scope(
+                    || tracing::warn!(node = %node.name, error = %e, "backend connection failed"),
+                );
                 Err(match e {
                     ConnectError::Server { code, message, .. } => {
                         let code = static_code(&code);
@@ -767,7 +778,7 @@ impl Session {
             // between its messages (a Query would destroy its unnamed
             // statement and portal), and it is captured like its start.
             Some(c) => {
-                if unit.writes && !c && self.shared.config().replication.enabled {
+                if unit.writes && !c && self.cfg.replication.enabled {
                     return self.refuse_in_batch(target, &unit, buf).await;
                 }
                 c
@@ -849,7 +860,9 @@ impl Session {
             return;
         };
         let node = self.group.node(i).clone();
-        tracing::warn!(node = %node.name, error = %why, "lost backend connection");
+        self.span.in_scope(
+            || tracing::warn!(node = %node.name, error = %why, "lost backend connection"),
+        );
         // Evidence the node may be gone: have it probed now.
         node.suspect.notify_one();
         let owed = conn.tracker.client_units();
@@ -873,7 +886,8 @@ impl Session {
             && self.pending.is_none()
             && self.group.pick_reader(Some(i)).is_some()
         {
-            tracing::info!(node = %node.name, "retrying a read on another node");
+            self.span
+                .in_scope(|| tracing::info!(node = %node.name, "retrying a read on another node"));
             unit.avoid = Some(i);
             self.pending = Some(unit);
             return;

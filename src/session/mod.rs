@@ -5,6 +5,7 @@
 
 pub mod cancel;
 mod dispatch;
+mod gate;
 pub mod startup;
 pub mod statements;
 mod write;
@@ -114,11 +115,19 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         connected_ms: crate::admin::events::now_ms(),
     });
     reader.set_max_len(shared.config().max_message_size);
-    let mut session = Session::new(shared.clone(), group, reader, wr, params, guard);
-    let result = {
-        use tracing::Instrument;
-        session.run().instrument(span.clone()).await
-    };
+    let mut session = Session::new(
+        shared.clone(),
+        group,
+        reader,
+        wr,
+        params,
+        guard,
+        span.clone(),
+    );
+    // Not instrumented: entering the span on every poll of the session loop
+    // costs more than the loop's own work per query. The loop's log lines
+    // enter it themselves (`Session::span`).
+    let result = session.run().await;
     {
         use tracing::Instrument;
         session.finish(result).instrument(span).await;
@@ -303,6 +312,13 @@ pub struct Session {
     pub(super) unit_seen: UnitSeen,
     /// Bytes from the client not yet added to the group's stats.
     client_bytes_in: u64,
+    /// The session's tracing span (group, user, peer), entered by the
+    /// loop's log lines.
+    span: tracing::Span,
+    /// The config as of the start of this turn of the loop, and its
+    /// version (`Shared::config_version`).
+    cfg: Arc<crate::config::Config>,
+    cfg_version: u64,
 }
 
 /// What a unit's responses showed, for counting transactions.
@@ -360,13 +376,13 @@ impl Session {
         client_wr: ClientWrite,
         params: Vec<(String, String)>,
         cancel: CancelGuard,
+        span: tracing::Span,
     ) -> Session {
         let write = write::WriteState {
             startup_settings: write::startup_settings(&params),
             ..write::WriteState::default()
         };
         Session {
-            shared,
             events: group.events(),
             pass: PrimaryPass {
                 group: group.clone(),
@@ -402,6 +418,10 @@ impl Session {
             draining: false,
             unit_seen: UnitSeen::default(),
             client_bytes_in: 0,
+            span,
+            cfg_version: shared.config_version(),
+            cfg: Arc::clone(&shared.config()),
+            shared,
         }
     }
 
@@ -459,11 +479,12 @@ impl Session {
     async fn main_loop(&mut self) -> Result<(), End> {
         // Long-lived waits for shutdown and group changes, not one per
         // iteration: each wait registers with a channel every session shares.
+        // Gated: polled again only once woken, not on every turn.
         let mut shutdown = self.shared.shutdown_signal();
-        let shutdown_changed = shutdown.changed();
-        tokio::pin!(shutdown_changed);
-        let mut group_changed = Box::pin(next_change(self.events.clone()));
+        let mut shutdown_changed = gate::Gated::new(shutdown.changed());
+        let mut group_changed = gate::Gated::new(next_change(self.events.clone()));
         loop {
+            self.refresh_config();
             if let Some(rfq) = self.wait_sync().await {
                 self.forward_rfq(rfq, self.group.primary());
                 continue;
@@ -509,7 +530,7 @@ impl Session {
                     shutting_down()
                 }));
             }
-            let idle_tx_limit = match self.shared.config().idle_in_transaction_timeout_ms {
+            let idle_tx_limit = match self.cfg.idle_in_transaction_timeout_ms {
                 0 => None,
                 ms => (quiet && in_tx).then(|| std::time::Duration::from_millis(ms)),
             };
@@ -519,12 +540,17 @@ impl Session {
             let reading_client = self.pending.is_none();
             let polled = self.current.filter(|&i| self.backends[i].is_some());
             tokio::select! {
-                r = self.client.fill(), if reading_client => match r {
-                    Ok(true) => {}
-                    Ok(false) => return Err(End::Client),
-                    Err(FrameError::Io(_)) => return Err(End::Client),
-                    Err(e) => return Err(End::Fatal(frame_error(e))),
-                },
+                // In this order, without drawing a random one: the rare
+                // waits first so a busy session still sees them, the
+                // node's answers before more client input.
+                biased;
+                _ = &mut shutdown_changed, if !self.draining => {
+                    self.draining = true;
+                }
+                events = &mut group_changed => {
+                    group_changed.set(next_change(events));
+                    self.on_group_change();
+                }
                 r = fill_backend(&mut self.backends, polled), if polled.is_some() => {
                     let i = polled.expect("guarded");
                     match r {
@@ -533,13 +559,12 @@ impl Session {
                         Err(e) => self.backend_lost(i, e.to_string()),
                     }
                 },
-                _ = &mut shutdown_changed, if !self.draining => {
-                    self.draining = true;
-                }
-                events = &mut group_changed => {
-                    group_changed.set(next_change(events));
-                    self.on_group_change();
-                }
+                r = self.client.fill(), if reading_client => match r {
+                    Ok(true) => {}
+                    Ok(false) => return Err(End::Client),
+                    Err(FrameError::Io(_)) => return Err(End::Client),
+                    Err(e) => return Err(End::Fatal(frame_error(e))),
+                },
                 // Lazy: no timer is made unless the branch is enabled.
                 _ = async { tokio::time::sleep(idle_tx_limit.unwrap_or_default()).await }, if idle_tx_limit.is_some() => {
                     return Err(End::Fatal(PgError::fatal(
@@ -551,6 +576,15 @@ impl Session {
                     )));
                 }
             }
+        }
+    }
+
+    /// Picks up a config installed since the last turn (RELOAD).
+    fn refresh_config(&mut self) {
+        let v = self.shared.config_version();
+        if v != self.cfg_version {
+            self.cfg = Arc::clone(&self.shared.config());
+            self.cfg_version = v;
         }
     }
 
@@ -680,6 +714,26 @@ impl Session {
             let Some(conn) = self.backends[i].as_mut() else {
                 return Ok(());
             };
+            // Most of what a node sends — rows, descriptions, completions —
+            // answers a client's unit and changes no state: relayed in place.
+            // (The tracker keeps no account of these tags.)
+            if let Ok(Some((tag, raw))) = conn.reader.peek()
+                && !matches!(tag, b'1' | b'3' | b'E' | b'Z' | b'G')
+                && conn.tracker.owner() == Some(UnitOwner::Client)
+            {
+                let len = raw.len();
+                if tag == b'C' {
+                    self.unit_seen.end = transaction_end(&raw[5..]);
+                }
+                self.out.extend_from_slice(raw);
+                conn.stats.received(len);
+                conn.reader.consume(len);
+                self.retry = None;
+                if self.out.len() >= FLUSH_AT {
+                    self.flush().await?;
+                }
+                continue;
+            }
             let frame = match conn.reader.try_next() {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
@@ -830,16 +884,7 @@ impl Session {
                     .stats
                     .error(crate::admin::stats::error_sqlstate(frame.body()));
             }
-            b'C' => {
-                let tag = frame.body();
-                self.unit_seen.end = if tag.starts_with(b"COMMIT") {
-                    Some(true)
-                } else if tag.starts_with(b"ROLLBACK") {
-                    Some(false)
-                } else {
-                    None
-                };
-            }
+            b'C' => self.unit_seen.end = transaction_end(frame.body()),
             _ => {}
         }
     }
@@ -936,6 +981,18 @@ async fn fill_backend(
     match i.and_then(|i| backends[i].as_mut()) {
         Some(conn) => conn.reader.fill().await,
         None => std::future::pending().await,
+    }
+}
+
+/// What a CommandComplete tag says of the transaction: Some(true) for
+/// COMMIT, Some(false) for ROLLBACK, None for any other statement.
+fn transaction_end(tag: &[u8]) -> Option<bool> {
+    if tag.starts_with(b"COMMIT") {
+        Some(true)
+    } else if tag.starts_with(b"ROLLBACK") {
+        Some(false)
+    } else {
+        None
     }
 }
 

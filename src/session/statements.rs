@@ -2,7 +2,6 @@
 //! that runs them: a statement the client prepared on one node is prepared
 //! on demand on whichever node later runs it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -25,7 +24,8 @@ pub struct StmtDef {
 /// The session's statements by name ("" is the unnamed statement).
 #[derive(Debug, Default)]
 pub struct Statements {
-    defs: HashMap<String, Arc<StmtDef>>,
+    /// A fast hash: looked up for every Bind, keys are this client's own.
+    defs: rustc_hash::FxHashMap<String, Arc<StmtDef>>,
     next_generation: u64,
 }
 

@@ -414,7 +414,7 @@ pub fn unit_sql(unit: &Unit) -> Vec<&str> {
 
 impl Session {
     fn replicating(&self) -> bool {
-        self.shared.config().replication.enabled
+        self.cfg.replication.enabled
     }
 
     /// For a statement that may write: the text to run instead (same on the
@@ -805,7 +805,8 @@ impl Session {
                         messages::error_message(f.body())
                     ),
                 );
-                tracing::error!(error = %e, ?kind, "write path failed");
+                self.span
+                    .in_scope(|| tracing::error!(error = %e, ?kind, "write path failed"));
                 if let Some(tx) = self.write.tx.as_mut()
                     && tx.failed.is_none()
                 {
@@ -938,7 +939,7 @@ impl Session {
         }
         self.write.last_seq = self.write.last_seq.max(seq);
         self.group.observe_head(term, seq);
-        let r = &self.shared.config().replication;
+        let r = &self.cfg.replication;
         if !self
             .group
             .ack_ready(seq, r.sync_replicas, r.max_lag_entries)
@@ -959,11 +960,10 @@ impl Session {
     pub(super) async fn wait_sync(&mut self) -> Option<Frame> {
         let (seq, term, _) = self.write.sync_wait.as_ref()?;
         let (seq, term) = (*seq, *term);
-        // Read once, not held across the waits below.
-        let (r, failover_wait_ms) = {
-            let config = self.shared.config();
-            (config.replication.clone(), config.health.failover_wait_ms)
-        };
+        let (r, failover_wait_ms) = (
+            self.cfg.replication.clone(),
+            self.cfg.health.failover_wait_ms,
+        );
         let need = r.sync_replicas;
         let limit = std::time::Duration::from_millis(r.sync_timeout_ms);
         let failover_wait = std::time::Duration::from_millis(failover_wait_ms);

@@ -126,6 +126,21 @@ impl<R: AsyncRead + Unpin> MessageStream<R> {
         }
     }
 
+    /// The next complete message, borrowed in place (tag, whole message):
+    /// relaying it with [`MessageStream::consume`] makes no `Frame`.
+    pub fn peek(&self) -> Result<Option<(u8, &[u8])>, FrameError> {
+        Ok(self
+            .complete_len()?
+            .map(|total| (self.buf[0], &self.buf[..total])))
+    }
+
+    /// Drops the first `len` buffered bytes (a message [`peek`] showed).
+    ///
+    /// [`peek`]: MessageStream::peek
+    pub fn consume(&mut self, len: usize) {
+        self.buf.advance(len);
+    }
+
     /// Reads the next message; `Ok(None)` at a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<Frame>, FrameError> {
         loop {
@@ -189,6 +204,22 @@ mod tests {
             out.push(f);
         }
         Ok(out)
+    }
+
+    #[tokio::test]
+    async fn peeked_messages_are_consumed_in_place() {
+        let mut input = Frame::new(b'D', b"row").raw.to_vec();
+        input.extend_from_slice(&Frame::new(b'Z', b"I").raw);
+        input.extend_from_slice(&[b'C', 0, 0]); // incomplete
+        let mut s = MessageStream::new(&input[..], 1024);
+        assert!(s.fill().await.unwrap());
+        let (tag, raw) = s.peek().unwrap().expect("complete");
+        assert_eq!((tag, raw), (b'D', &Frame::new(b'D', b"row").raw[..]));
+        let len = raw.len();
+        s.consume(len);
+        let f = s.try_next().unwrap().expect("the next one");
+        assert_eq!((f.tag, f.body()), (b'Z', &b"I"[..]));
+        assert!(s.peek().unwrap().is_none(), "the rest is incomplete");
     }
 
     #[tokio::test]
