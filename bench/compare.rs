@@ -17,8 +17,9 @@ use reprise::config::Config;
 use reprise::local::{LocalCluster, LocalNode};
 use serde::Serialize;
 
+use crate::Proxy;
 use crate::charts::{self, Bar};
-use crate::failover::{self, Proxy};
+use crate::failover;
 use crate::load::{self, LoadOptions, LoadReport, Protocol, Workload};
 use crate::pgpool::Pgpool;
 use crate::{PgBouncer, pgbench_digest};
@@ -102,7 +103,6 @@ struct Report {
 
 struct Runner {
     load_rt: tokio::runtime::Runtime,
-    proxy_rt: tokio::runtime::Runtime,
     duration: Duration,
     clients: usize,
     measurements: Vec<Measurement>,
@@ -184,9 +184,9 @@ impl Runner {
         config: Config,
         f: impl FnOnce(&mut Runner, &Proxy) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let proxy = Proxy::start(&self.proxy_rt, config)?;
+        let proxy = Proxy::start(config)?;
         let r = f(self, &proxy);
-        proxy.stop(&self.proxy_rt);
+        proxy.stop();
         r
     }
 }
@@ -231,7 +231,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?,
-        proxy_rt: crate::proxy_runtime()?,
         duration: Duration::from_secs(opts.duration),
         clients: opts.clients,
         measurements: Vec::new(),

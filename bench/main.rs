@@ -308,7 +308,6 @@ fn overhead(
     let dir = tempfile::Builder::new().prefix("reprise-bench").tempdir()?;
     eprintln!("creating 3 local copies with pgbench scale {scale} …");
     let cluster = pgbench_cluster(dir.path(), 3, scale)?;
-    let rt = proxy_runtime()?;
     let direct_port = cluster.nodes[0].port();
     let mut one = cluster.config("app", "127.0.0.1:0", "127.0.0.1:0");
     one.groups[0].nodes.truncate(1);
@@ -353,7 +352,7 @@ fn overhead(
             row("pgbouncer session", tps, lat);
         }
         for (name, config) in [("reprise 1 node", &one), ("reprise 3 nodes", &three)] {
-            let (tps, lat) = through_proxy(&rt, config.clone(), |port, _| {
+            let (tps, lat) = through_proxy(config.clone(), |port, _| {
                 pgbench(&bin, port, mode, clients, duration)
             })?;
             row(name, tps, lat);
@@ -386,21 +385,94 @@ fn pgbench_cluster(dir: &std::path::Path, n: usize, scale: u32) -> anyhow::Resul
 /// Starts Reprise in this process, runs `f` against its port, stops it.
 /// `f` gets the client port and the server's shared state.
 fn through_proxy<T>(
-    rt: &tokio::runtime::Runtime,
     config: Config,
     f: impl FnOnce(u16, &reprise::server::Shared) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let server = rt.block_on(reprise::Server::bind(config))?;
-    let port = server.client_addr().port();
-    let shared = server.shared();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = rt.spawn(server.run(async {
-        let _ = rx.await;
-    }));
-    let r = f(port, &shared);
-    let _ = tx.send(());
-    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+    let proxy = Proxy::start(config)?;
+    let r = f(proxy.port, &proxy.shared);
+    proxy.stop();
     r
+}
+
+/// Reprise running in this process as `reprise serve` runs it with
+/// `worker_threads = 1` (one thread, as PgBouncer has): its own thread and
+/// runtime, apart from the load. Where the proxy shares two cores with
+/// PostgreSQL and the load, as here, one thread costs less CPU per query
+/// than one per core at the same or higher throughput.
+pub(crate) struct Proxy {
+    pub(crate) port: u16,
+    pub(crate) http: std::net::SocketAddr,
+    pub(crate) shared: std::sync::Arc<reprise::server::Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type Started = (
+    u16,
+    std::net::SocketAddr,
+    std::sync::Arc<reprise::server::Shared>,
+);
+
+impl Proxy {
+    pub(crate) fn start(config: Config) -> anyhow::Result<Proxy> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<Started>>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("reprise".into())
+            .spawn(move || {
+                let rt = match reprise::runtime(1) {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match reprise::Server::bind(config).await {
+                        Ok(server) => {
+                            let started = (
+                                server.client_addr().port(),
+                                server.http_addr(),
+                                server.shared(),
+                            );
+                            let _ = ready_tx.send(Ok(started));
+                            let _ = server
+                                .run(async {
+                                    let _ = stopped.await;
+                                })
+                                .await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        let (port, http, shared) = ready_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the proxy thread ended before it started"))??;
+        Ok(Proxy {
+            port,
+            http,
+            shared,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Stops it the way SIGTERM does and waits for its thread.
+    pub(crate) fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// PgBouncer in session mode in front of one node, as the overhead
@@ -408,15 +480,6 @@ fn through_proxy<T>(
 struct PgBouncer {
     port: u16,
     child: std::process::Child,
-}
-
-/// The runtime Reprise runs on in the throughput scenarios: one worker
-/// thread (`worker_threads = 1`), the setting for a proxy that shares its
-/// cores with PostgreSQL and the load, as here (PgBouncer is single-threaded
-/// too). Measured on this 2-core machine: 1–3 µs less proxy CPU per query
-/// than one thread per core, at the same or higher throughput.
-pub(crate) fn proxy_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(reprise::runtime(1)?)
 }
 
 impl PgBouncer {
@@ -514,7 +577,6 @@ fn write(
     eprintln!("creating 4 local copies with pgbench scale {scale} (n4 is the direct reference) …");
     let mut cluster = pgbench_cluster(dir.path(), 4, scale)?;
     let direct = cluster.nodes.pop().expect("four nodes");
-    let rt = proxy_runtime()?;
     let mut config = cluster.config("app", "127.0.0.1:0", "127.0.0.1:0");
     config.groups[0].nodes.truncate(nodes);
     cluster.nodes.truncate(nodes);
@@ -529,7 +591,7 @@ fn write(
     for mode in modes {
         let args = ["-n", "-M", mode.as_str()];
         let (d_tps, _) = pgbench_run(&bin, direct.port(), &args, clients, duration)?;
-        let measured = through_proxy(&rt, config.clone(), |port, shared| {
+        let measured = through_proxy(config.clone(), |port, shared| {
             let group = shared.group("app").expect("group app");
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let sampler = {
@@ -989,47 +1051,6 @@ mod failover {
         }
     }
 
-    /// The proxy running in this process.
-    pub(crate) struct Proxy {
-        pub(crate) port: u16,
-        pub(crate) http: SocketAddr,
-        stop: Option<tokio::sync::oneshot::Sender<()>>,
-        task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    }
-
-    impl Proxy {
-        pub(crate) fn start(
-            rt: &tokio::runtime::Runtime,
-            config: reprise::config::Config,
-        ) -> anyhow::Result<Proxy> {
-            let server = rt.block_on(reprise::Server::bind(config))?;
-            let port = server.client_addr().port();
-            let http = server.http_addr();
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let task = rt.spawn(server.run(async {
-                let _ = rx.await;
-            }));
-            Ok(Proxy {
-                port,
-                http,
-                stop: Some(tx),
-                task,
-            })
-        }
-
-        pub(crate) fn url(&self, db: &str) -> String {
-            format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-        }
-
-        pub(crate) fn stop(mut self, rt: &tokio::runtime::Runtime) {
-            if let Some(tx) = self.stop.take() {
-                let _ = tx.send(());
-            }
-            let _ = rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(10), self.task).await });
-        }
-    }
-
     pub fn run(runs: usize, clients: usize, out: &Path) -> anyhow::Result<Report> {
         let dir = tempfile::Builder::new().prefix("reprise-bench").tempdir()?;
         eprintln!("creating 3 local copies …");
@@ -1074,7 +1095,7 @@ mod failover {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        let proxy = Proxy::start(&rt, config)?;
+        let proxy = crate::Proxy::start(config)?;
         let http = proxy.http;
         let admin_url = proxy.url("reprise");
         let load = Load::start(&rt, &proxy.url("app"), clients)?;
@@ -1283,7 +1304,7 @@ mod failover {
         }
         let acknowledged: usize = logs.iter().map(|l| l.oks.len()).sum();
         let identical = caught_up.is_ok() && digests.iter().all(|d| d == &digests[0]);
-        proxy.stop(&rt);
+        proxy.stop();
 
         let mut summary = BTreeMap::new();
         summary.insert(

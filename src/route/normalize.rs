@@ -274,10 +274,6 @@ pub fn cache_key(sql: &str) -> Option<String> {
     Some(key)
 }
 
-/// `sql` without leading and trailing whitespace and comments, so that a
-/// statement's text can be joined with others by `;` (a trailing `--`
-/// comment would swallow what follows). When the lexer is unsure it only
-/// trims whitespace.
 /// `sql` from its first token on: leading white space and comments
 /// skipped, the rest not scanned.
 pub fn trim_start_sql(sql: &str) -> &str {
@@ -295,6 +291,10 @@ pub fn trim_start_sql(sql: &str) -> &str {
     ""
 }
 
+/// `sql` without leading and trailing whitespace and comments, so that a
+/// statement's text can be joined with others by `;` (a trailing `--`
+/// comment would swallow what follows). When the lexer is unsure it only
+/// trims whitespace.
 pub fn trim_sql(sql: &str) -> &str {
     let b = sql.as_bytes();
     let mut first = None;

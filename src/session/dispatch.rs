@@ -185,7 +185,9 @@ impl Session {
         let mut frames = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         frames.push(f);
-        let unit = self.batch_unit(frames);
+        let unit = self.batch_unit_from(&mut frames);
+        // Emptied, its room kept for the next batch.
+        self.batch = frames;
         match self.open_batch.take() {
             Some(i) => self.send_unit(i, unit, false).await,
             None => self.dispatch(unit).await,
@@ -240,7 +242,12 @@ impl Session {
     }
 
     /// Classifies extended messages and records their statements.
-    pub(super) fn batch_unit(&mut self, frames: Vec<Frame>) -> Unit {
+    pub(super) fn batch_unit(&mut self, mut frames: Vec<Frame>) -> Unit {
+        self.batch_unit_from(&mut frames)
+    }
+
+    /// [`Session::batch_unit`] taking the messages out of `frames`.
+    fn batch_unit_from(&mut self, frames: &mut Vec<Frame>) -> Unit {
         let mut unit = Unit {
             items: Vec::with_capacity(frames.len()),
             route: Route::Any,
@@ -255,7 +262,7 @@ impl Session {
             refused: None,
             recheck: Vec::new(),
         };
-        for frame in frames {
+        for frame in frames.drain(..) {
             let mut stmt = None;
             match frame.tag {
                 b'P' => {

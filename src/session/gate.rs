@@ -19,6 +19,9 @@ pub struct Gated<F> {
     fut: Pin<Box<F>>,
     signal: Arc<Signal>,
     waker: Waker,
+    /// The outer waker last registered (a session's task keeps one waker,
+    /// so registering again is skipped until a wake consumes it).
+    registered: Option<Waker>,
 }
 
 struct Signal {
@@ -47,6 +50,7 @@ impl<F: Future> Gated<F> {
             fut: Box::pin(fut),
             waker: Waker::from(signal.clone()),
             signal,
+            registered: None,
         }
     }
 
@@ -63,10 +67,21 @@ impl<F: Future> Future for Gated<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
         // Registered before the flag is read: a wake in between is not lost.
-        this.signal.outer.register(cx.waker());
+        // A wake takes the registered waker and sets the flag, so while the
+        // flag is clear the same waker is still registered.
+        if !this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            this.signal.outer.register(cx.waker());
+            this.registered = Some(cx.waker().clone());
+        }
         if !this.signal.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
+        // Woken: the waker was taken; register it for the next wake.
+        this.signal.outer.register(cx.waker());
         let mut inner = Context::from_waker(&this.waker);
         this.fut.as_mut().poll(&mut inner)
     }
@@ -125,6 +140,44 @@ mod tests {
             .await
             .expect("woken and ready");
         assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Counts the wakes of the outer task.
+    struct Outer(AtomicUsize);
+    impl Wake for Outer {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn every_wake_reaches_the_outer_task() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let ready = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(std::sync::Mutex::new(None::<Waker>));
+        let mut gated = Gated::new(Probe {
+            polls: polls.clone(),
+            ready,
+            waker: inner.clone(),
+        });
+        let outer = Arc::new(Outer(AtomicUsize::new(0)));
+        let waker = Waker::from(outer.clone());
+        let mut cx = Context::from_waker(&waker);
+        for round in 1..=3 {
+            assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+            assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+            assert_eq!(
+                polls.load(Ordering::SeqCst),
+                round,
+                "one inner poll per wake"
+            );
+            inner.lock().unwrap().take().expect("registered").wake();
+            assert_eq!(
+                outer.0.load(Ordering::SeqCst),
+                round,
+                "wake {round} reached the task"
+            );
+        }
     }
 
     #[tokio::test]
