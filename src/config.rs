@@ -235,6 +235,15 @@ pub struct ReplicationConfig {
     /// Run VERIFY on every group this often (seconds; 0: only on demand).
     #[serde(default)]
     pub verify_interval_s: u64,
+    /// Log entries every copy keeps behind the head; older ones that every
+    /// live copy has applied are deleted (0: the log is never trimmed). A
+    /// copy that was down while its next entries were trimmed is re-seeded.
+    #[serde(default = "default_log_keep_entries")]
+    pub log_keep_entries: u64,
+}
+
+fn default_log_keep_entries() -> u64 {
+    1_000_000
 }
 
 fn default_max_lag_entries() -> u64 {
@@ -255,6 +264,7 @@ impl Default for ReplicationConfig {
             auto_reseed: false,
             pg_bin_dir: None,
             verify_interval_s: 0,
+            log_keep_entries: default_log_keep_entries(),
         }
     }
 }

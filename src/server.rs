@@ -316,6 +316,13 @@ pub async fn start_group(
         policy.clone(),
         group_stop.clone(),
     ));
+    if config.replication.enabled && config.replication.log_keep_entries > 0 {
+        tokio::spawn(failover::trim_log(
+            group.clone(),
+            config.replication.log_keep_entries,
+            group_stop.clone(),
+        ));
+    }
     if config.replication.verify_interval_s > 0 {
         tokio::spawn(crate::replication::verify::schedule(
             group.clone(),

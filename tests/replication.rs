@@ -927,3 +927,92 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refu
     assert_eq!(n, 6);
     assert_identical(&g).await;
 }
+
+/// Entries and the first and last seq of a node's log.
+async fn log_extent(g: &TestGroup, i: usize) -> (i64, i64, i64) {
+    let c = g.direct(i).await;
+    let r = c
+        .query_one(
+            "SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0) FROM reprise.log",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// The log stays bounded: entries more than `log_keep_entries` behind the
+/// head that every live copy applied are deleted on every copy. A copy
+/// that was stopped while its next entries were trimmed cannot catch up
+/// from the log: it is found divergent and (auto_reseed) re-seeded, and
+/// ends identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_trimmed_and_a_copy_away_too_long_is_reseeded() {
+    const KEEP: i64 = 20;
+    let mut g = TestGroup::start(3, |c| {
+        c.replication.log_keep_entries = KEEP as u64;
+        c.replication.auto_reseed = true;
+    })
+    .await;
+    let c = g.proxy.client("app").await;
+    for i in 0..60 {
+        c.execute("INSERT INTO notes (body) VALUES ($1)", &[&format!("a{i}")])
+            .await
+            .unwrap();
+    }
+    // Every copy applied everything: each keeps about KEEP entries (the
+    // trim runs once a second, in steps of KEEP / 10).
+    let trimmed = wait_until(Duration::from_secs(20), || async {
+        let mut ok = true;
+        for i in 0..3 {
+            let (n, first, last) = log_extent(&g, i).await;
+            ok &= first > 1 && n <= KEEP + 2 && last - first + 1 == n;
+        }
+        ok
+    })
+    .await;
+    assert!(
+        trimmed.is_some(),
+        "logs not trimmed: {:?} {:?} {:?}",
+        log_extent(&g, 0).await,
+        log_extent(&g, 1).await,
+        log_extent(&g, 2).await
+    );
+
+    // n3 is away while more than KEEP entries are written and trimmed.
+    let (_, _, n3_last) = log_extent(&g, 2).await;
+    tokio::task::block_in_place(|| g.cluster.nodes[2].stop(reprise::local::StopMode::Fast))
+        .unwrap();
+    for i in 0..60 {
+        c.execute("INSERT INTO notes (body) VALUES ($1)", &[&format!("b{i}")])
+            .await
+            .unwrap();
+    }
+    let gone = wait_until(Duration::from_secs(20), || async {
+        log_extent(&g, 0).await.1 > n3_last + 1
+    })
+    .await;
+    assert!(gone.is_some(), "the primary kept n3's next entries");
+    tokio::task::block_in_place(|| g.cluster.nodes[2].start()).unwrap();
+
+    // Back, re-seeded from the primary (its log now starts where the
+    // primary's does), and identical.
+    let reseeded = wait_until(Duration::from_secs(60), || async {
+        node_state(&g.proxy.status().await, "n3") == "up" && log_extent(&g, 2).await.1 > n3_last
+    })
+    .await;
+    assert!(
+        reseeded.is_some(),
+        "n3 was not re-seeded: {}",
+        g.proxy.status().await
+    );
+    c.execute("INSERT INTO notes (body) VALUES ('after')", &[])
+        .await
+        .unwrap();
+    assert!(
+        wait_caught_up(&g, &[0, 1, 2], Duration::from_secs(20))
+            .await
+            .is_some()
+    );
+    assert_identical_on(&g, &[0, 1, 2], LogCheck::Head).await;
+}

@@ -70,6 +70,10 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         old.replication.enabled != new.replication.enabled,
     );
     restart(
+        "replication.log_keep_entries",
+        old.replication.log_keep_entries != new.replication.log_keep_entries,
+    );
+    restart(
         "replication.verify_interval_s",
         old.replication.verify_interval_s != new.replication.verify_interval_s,
     );

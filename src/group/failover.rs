@@ -275,6 +275,19 @@ async fn compare(group: &Group, index: usize) -> Result<Rejoin, String> {
         }));
     }
     let theirs = hash_at(primary, pos.seq).await?;
+    if theirs.is_none() && pos.seq <= head.seq {
+        // The primary's log holds every entry up to its head unless it was
+        // trimmed: this node was away longer than the log keeps.
+        node.mark_divergent(
+            pos.seq as i64 + 1,
+            format!(
+                "the primary {}'s log no longer holds entry {} (trimmed while this node was away: \
+                 replication.log_keep_entries); it must be re-seeded",
+                primary.name, pos.seq
+            ),
+        );
+        return Ok(Rejoin::State(NodeState::Divergent));
+    }
     if theirs.as_deref() == Some(pos.hash.as_str()) {
         return Ok(Rejoin::State(if pos.seq >= head.seq {
             NodeState::Up
@@ -324,6 +337,65 @@ fn spawn_reseed(group: &Arc<Group>, index: usize, policy: &Policy) {
             tracing::error!(group = %group.name, error = %e, "seeding failed");
         }
     });
+}
+
+/// Keeps the log bounded: every second, deletes on every live copy the
+/// entries more than `keep` behind the head that every live copy has
+/// applied. A copy that is down meanwhile may find its next entries gone
+/// when it returns; it is then divergent and re-seeded.
+pub async fn trim_log(group: Arc<Group>, keep: u64, mut shutdown: watch::Receiver<bool>) {
+    let step = (keep / 10).max(1);
+    let mut trimmed = 0u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+        }
+        let Some((point, live)) = trim_point(&group, keep) else {
+            continue;
+        };
+        if point < trimmed + step {
+            continue;
+        }
+        let mut done = true;
+        for n in &live {
+            if let Err(e) = control(
+                n,
+                "DELETE FROM reprise.log WHERE seq < $1",
+                &[&(point as i64)],
+            )
+            .await
+            {
+                tracing::warn!(group = %group.name, node = %n.name, error = %e, "log trim failed; will retry");
+                done = false;
+            }
+        }
+        if done {
+            tracing::debug!(group = %group.name, below = point, "log trimmed");
+            trimmed = point;
+        }
+    }
+}
+
+/// The seq below which no live copy needs the log (and that is more than
+/// `keep` behind the head), with the live copies; None while the primary
+/// is not up.
+fn trim_point(group: &Group, keep: u64) -> Option<(u64, Vec<Arc<Node>>)> {
+    let p = group.primary();
+    if !group.node(p).is_up() {
+        return None;
+    }
+    let mut point = group.head_seq().saturating_sub(keep);
+    let mut live = Vec::new();
+    for (i, n) in group.nodes().iter().enumerate() {
+        if matches!(n.state(), NodeState::Up | NodeState::CatchingUp) {
+            if i != p {
+                point = point.min(n.applied());
+            }
+            live.push(n.clone());
+        }
+    }
+    Some((point, live))
 }
 
 /// Watches the primary and fails over when it is down; re-seeds divergent

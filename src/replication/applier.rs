@@ -158,6 +158,22 @@ async fn apply_loop(
                 return Err(Stop::Transient("the group has a new primary".into()));
             }
         };
+        if let Some(first) = rows.first()
+            && first.get::<_, i64>(0) > applied + 1
+        {
+            // Seqs have no holes: the entries this node needs next were
+            // trimmed from the primary's log while it was away.
+            let next: i64 = first.get(0);
+            return Err(Stop::Divergent {
+                seq: applied + 1,
+                reason: format!(
+                    "entries {}..{} were trimmed from the primary's log before this node \
+                     applied them (replication.log_keep_entries); it must be re-seeded",
+                    applied + 1,
+                    next - 1
+                ),
+            });
+        }
         if let Some(last) = rows.last() {
             group.observe_head(run_term, last.get::<_, i64>(0) as u64);
         }
