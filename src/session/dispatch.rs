@@ -662,7 +662,7 @@ impl Session {
                     let Some((def, previous)) = item.stmt.clone() else {
                         continue;
                     };
-                    if statements::parse_fields(def.parse.body()).map(|(_, q)| q) != Some(old) {
+                    if def.sql != old {
                         continue;
                     }
                     let parse = statements::rewrite_parse(&def.parse, new);

@@ -19,6 +19,9 @@ pub struct StmtDef {
     /// The client's Parse message, replayed verbatim on other nodes.
     pub parse: Frame,
     pub class: Arc<Classification>,
+    /// The text of `parse` (read once: the write path looks at it on
+    /// every execution).
+    pub sql: String,
 }
 
 /// The session's statements by name ("" is the unnamed statement).
@@ -39,11 +42,15 @@ impl Statements {
         class: Arc<Classification>,
     ) -> (Arc<StmtDef>, Option<u64>) {
         self.next_generation += 1;
+        let sql = parse_fields(parse.body())
+            .map(|(_, q)| q.to_string())
+            .unwrap_or_default();
         let def = Arc::new(StmtDef {
             name: name.to_string(),
             generation: self.next_generation,
             parse,
             class,
+            sql,
         });
         let previous = self
             .defs

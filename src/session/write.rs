@@ -22,8 +22,9 @@ pub struct WriteTx {
     pub implicit: bool,
     /// Raw frontend messages to replay.
     pub capture: BytesMut,
-    /// Statements whose Parse is already in the capture: (name, generation).
-    parsed: HashSet<(String, u64)>,
+    /// Statements whose Parse is already in the capture, by generation
+    /// (unique within the session, so it names the definition).
+    parsed: rustc_hash::FxHashSet<u64>,
     pub tags: Vec<String>,
     pub now: String,
     /// `reprise.sequences()` when the lock was taken.
@@ -48,7 +49,7 @@ pub struct WriteTx {
     /// The capture before the client unit in flight: (bytes, tags, parsed
     /// statements). A unit that fails is taken out again — the client can
     /// only go on past it with ROLLBACK TO SAVEPOINT, which undoes it.
-    unit_mark: (usize, usize, HashSet<(String, u64)>),
+    unit_mark: (usize, usize, rustc_hash::FxHashSet<u64>),
 }
 
 /// A unit the proxy sent for itself on the primary, in order.
@@ -81,7 +82,15 @@ pub struct WriteState {
     pub sync_wait: Option<(u64, u64, Frame)>,
     /// The own unit whose ReadyForQuery just arrived.
     pub last_own: Option<Own>,
+    /// Row-locality of prepared statements' text, with the catalog epoch
+    /// it was judged at: a prepared statement runs again and again, and
+    /// normalising its text for the group's cache each time cost more
+    /// than the rest of the write path's checks together.
+    pub row_local_memo: rustc_hash::FxHashMap<String, (u64, bool)>,
 }
+
+/// Prepared statements' texts a session remembers the row-locality of.
+const ROW_LOCAL_MEMO: usize = 1024;
 
 /// SET statements for startup parameters that change how replayed
 /// statements read their input.
@@ -389,9 +398,7 @@ fn first_word_in(sql: &str, words: &[&str]) -> bool {
 /// prepares.
 pub fn unit_sql(unit: &Unit) -> Vec<&str> {
     fn sql_of(i: &Item) -> Option<&str> {
-        i.stmt
-            .as_ref()
-            .and_then(|(d, _)| super::statements::parse_fields(d.parse.body()).map(|(_, q)| q))
+        i.stmt.as_ref().map(|(d, _)| d.sql.as_str())
     }
     let run: Vec<&str> = unit
         .items
@@ -549,7 +556,7 @@ impl Session {
         if ddl {
             self.group.invalidate_rel_catalog();
         }
-        let row_local = !ddl && self.row_local(&sqls);
+        let row_local = !ddl && self.row_local(&sqls, !unit.simple);
         if let Some(tx) = self.write.tx.as_mut() {
             let capture = !maintenance;
             if capture {
@@ -579,6 +586,8 @@ impl Session {
             exclusive: !row_local,
             ddl,
             settings,
+            // Room for a few statements without growing on each one.
+            capture: BytesMut::with_capacity(4096),
             ..WriteTx::default()
         });
         true
@@ -599,14 +608,32 @@ impl Session {
     }
 
     /// Whether every statement is row-local (needs the lock only shared).
-    fn row_local(&self, sqls: &[&str]) -> bool {
+    /// `prepared`: the texts come from the extended protocol and are kept
+    /// in the session's memo.
+    fn row_local(&mut self, sqls: &[&str], prepared: bool) -> bool {
         let Some(catalog) = self.group.rel_catalog() else {
             return false;
         };
+        let epoch = self.group.rel_epoch();
+        let memo = &mut self.write.row_local_memo;
         !sqls.is_empty()
             && sqls.iter().all(|s| {
-                self.group
-                    .row_local_cached(s, || rowlocal::is_row_local(s, &catalog))
+                if prepared
+                    && let Some(&(e, v)) = memo.get(*s)
+                    && e == epoch
+                {
+                    return v;
+                }
+                let v = self
+                    .group
+                    .row_local_cached(s, || rowlocal::is_row_local(s, &catalog));
+                if prepared {
+                    if memo.len() >= ROW_LOCAL_MEMO {
+                        memo.clear();
+                    }
+                    memo.insert(s.to_string(), (epoch, v));
+                }
+                v
             })
     }
 
@@ -659,12 +686,10 @@ impl Session {
         };
         for item in items {
             if let Some((def, _)) = &item.stmt {
-                let key = (def.name.clone(), def.generation);
                 if item.frame.tag == b'P' {
-                    tx.parsed.insert(key);
-                } else if !tx.parsed.contains(&key) {
+                    tx.parsed.insert(def.generation);
+                } else if tx.parsed.insert(def.generation) {
                     tx.capture.extend_from_slice(&def.parse.raw);
-                    tx.parsed.insert(key);
                 }
             }
             if item.frame.tag != b'H' {
