@@ -403,8 +403,9 @@ pub(crate) struct Proxy {
     pub(crate) port: u16,
     pub(crate) http: std::net::SocketAddr,
     pub(crate) shared: std::sync::Arc<reprise::server::Shared>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Sending (or dropping) it stops the server.
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 type Started = (
@@ -455,8 +456,8 @@ impl Proxy {
             port,
             http,
             shared,
-            stop: Some(stop),
-            thread: Some(thread),
+            stop,
+            thread,
         })
     }
 
@@ -465,13 +466,9 @@ impl Proxy {
     }
 
     /// Stops it the way SIGTERM does and waits for its thread.
-    pub(crate) fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub(crate) fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
     }
 }
 

@@ -69,7 +69,6 @@ impl Journal {
     }
 }
 
-/// Milliseconds since the Unix epoch.
 /// Milliseconds since the epoch from the kernel's coarse clock (a few ms
 /// behind at worst, and much cheaper): for timestamps only shown to people.
 pub fn coarse_now_ms() -> i64 {
@@ -84,6 +83,7 @@ pub fn coarse_now_ms() -> i64 {
     ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000
 }
 
+/// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

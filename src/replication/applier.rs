@@ -158,12 +158,11 @@ async fn apply_loop(
                 return Err(Stop::Transient("the group has a new primary".into()));
             }
         };
-        if let Some(first) = rows.first()
-            && first.get::<_, i64>(0) > applied + 1
+        if let Some(next) = rows.first().map(|r| r.get::<_, i64>(0))
+            && next > applied + 1
         {
             // Seqs have no holes: the entries this node needs next were
             // trimmed from the primary's log while it was away.
-            let next: i64 = first.get(0);
             return Err(Stop::Divergent {
                 seq: applied + 1,
                 reason: format!(

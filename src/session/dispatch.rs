@@ -473,19 +473,17 @@ impl Session {
     /// `failover_wait_ms`, and counts this session in. Whether it had to
     /// wait (the primary may have changed meanwhile).
     async fn enter_primary(&mut self) -> Result<bool, PgError> {
-        if self.group.node(self.group.primary()).is_up() && self.group.enter() {
-            self.pass.held = true;
-            return Ok(false);
-        }
         let wait = Duration::from_millis(self.cfg.health.failover_wait_ms);
-        let deadline = tokio::time::Instant::now() + wait;
+        // Set once the first try failed (the common case reads no clock).
+        let mut until = None;
         loop {
             let opened = self.group.gate.notified();
             if self.group.node(self.group.primary()).is_up() && self.group.enter() {
                 self.pass.held = true;
-                return Ok(true);
+                return Ok(until.is_some());
             }
             let now = tokio::time::Instant::now();
+            let deadline = *until.get_or_insert(now + wait);
             // A switchover bounds its own pause: wait it out.
             if now >= deadline && !self.group.writes_paused() {
                 return Err(self.no_primary(wait));

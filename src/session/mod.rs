@@ -962,7 +962,6 @@ impl std::ops::DerefMut for Backends {
     }
 }
 
-/// Reads from the polled backend (cancel-safe).
 /// The next node state change or promotion; hands the receiver back for
 /// the wait after it. The group (the sender) lives as long as the session.
 async fn next_change(
@@ -974,6 +973,7 @@ async fn next_change(
     events
 }
 
+/// Reads from the polled backend (cancel-safe).
 async fn fill_backend(
     backends: &mut [Option<BackendConn>],
     i: Option<usize>,

@@ -985,10 +985,9 @@ impl Session {
     pub(super) async fn wait_sync(&mut self) -> Option<Frame> {
         let (seq, term, _) = self.write.sync_wait.as_ref()?;
         let (seq, term) = (*seq, *term);
-        let (r, failover_wait_ms) = (
-            self.cfg.replication.clone(),
-            self.cfg.health.failover_wait_ms,
-        );
+        // This turn's config, held across the waits below.
+        let cfg = std::sync::Arc::clone(&self.cfg);
+        let (r, failover_wait_ms) = (&cfg.replication, cfg.health.failover_wait_ms);
         let need = r.sync_replicas;
         let limit = std::time::Duration::from_millis(r.sync_timeout_ms);
         let failover_wait = std::time::Duration::from_millis(failover_wait_ms);
