@@ -234,6 +234,55 @@ fn statement_text(sql: &str, raw: &protobuf::RawStmt) -> String {
     single.deparse(Default::default()).unwrap_or_default()
 }
 
+/// Splits a query string into the parts the write path runs one by one:
+/// every statement that ends a transaction block (COMMIT, ROLLBACK, …)
+/// is a part of its own, and so is a BEGIN or START TRANSACTION that
+/// opens one (one that follows other statements of an implicit block
+/// stays with them, which it turns into its block). The other statements
+/// stay together, in order. Each part is the original text, its `;`
+/// included. `None` when the string does not parse or is one part.
+pub fn split_transaction_control(sql: &str) -> Option<Vec<String>> {
+    let tree = parse(sql)?;
+    // Where each part starts; a part runs to the start of the next.
+    let mut starts: Vec<usize> = Vec::new();
+    // Whether the last part may take more statements.
+    let mut open = false;
+    for raw in &tree.stmts {
+        let start = usize::try_from(raw.stmt_location).ok()?;
+        let control = match raw.stmt.as_deref().and_then(|s| s.node.as_ref()) {
+            Some(NodeEnum::TransactionStmt(t)) => match TransactionStmtKind::try_from(t.kind) {
+                Ok(TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart) => {
+                    !open
+                }
+                Ok(
+                    TransactionStmtKind::TransStmtCommit
+                    | TransactionStmtKind::TransStmtRollback
+                    | TransactionStmtKind::TransStmtPrepare
+                    | TransactionStmtKind::TransStmtCommitPrepared
+                    | TransactionStmtKind::TransStmtRollbackPrepared,
+                ) => true,
+                _ => false,
+            },
+            _ => false,
+        };
+        if control || !open {
+            starts.push(if starts.is_empty() { 0 } else { start });
+        }
+        open = !control;
+    }
+    if starts.len() < 2 {
+        return None;
+    }
+    // Text between statements (a comment, a stray `;`) stays with the part
+    // before it, so the parts together are the whole string.
+    let mut out = Vec::with_capacity(starts.len());
+    for (k, &start) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).copied().unwrap_or(sql.len());
+        out.push(sql.get(start..end)?.to_string());
+    }
+    Some(out)
+}
+
 /// Whether a statement's kind only reads, before looking inside it.
 fn reads_only(node: &NodeEnum) -> bool {
     match node {
@@ -578,6 +627,55 @@ mod tests {
 
     fn c(sql: &str) -> Classification {
         classify(sql, &FunctionCatalog::builtin())
+    }
+
+    #[test]
+    fn transaction_control_is_split_off() {
+        let split = |sql: &str| split_transaction_control(sql);
+        assert_eq!(
+            split("BEGIN; INSERT INTO t VALUES (1); COMMIT;").unwrap(),
+            ["BEGIN; ", "INSERT INTO t VALUES (1); ", "COMMIT;"]
+        );
+        assert_eq!(
+            split("insert into t values (1); insert into t values (2); commit; select 1").unwrap(),
+            [
+                "insert into t values (1); insert into t values (2); ",
+                "commit; ",
+                "select 1"
+            ]
+        );
+        // A BEGIN after statements of an implicit block makes it its
+        // block: they stay together.
+        assert_eq!(
+            split("insert into t values (1); begin; update t set v = 2; commit").unwrap(),
+            [
+                "insert into t values (1); begin; update t set v = 2; ",
+                "commit"
+            ]
+        );
+        assert_eq!(
+            split("-- a note\nSTART TRANSACTION ISOLATION LEVEL SERIALIZABLE;\nDELETE FROM t /* x */; ROLLBACK; ;").unwrap(),
+            [
+                "-- a note\nSTART TRANSACTION ISOLATION LEVEL SERIALIZABLE;\n",
+                "DELETE FROM t /* x */; ",
+                "ROLLBACK; ;"
+            ]
+        );
+        // The parts together are the whole string.
+        let sql = "BEGIN;UPDATE t SET s = 'é; COMMIT';COMMIT AND CHAIN;SELECT 1;END";
+        let parts = split(sql).unwrap();
+        assert_eq!(parts.concat(), sql);
+        assert_eq!(parts.len(), 5);
+        // Nothing to split, or nothing that parses.
+        for sql in [
+            "COMMIT",
+            "insert into t values (1); insert into t values (2)",
+            "BEGIN",
+            "select 1; select 2",
+            "BEGIN; COMMIT garbage",
+        ] {
+            assert_eq!(split(sql), None, "{sql}");
+        }
     }
 
     #[test]

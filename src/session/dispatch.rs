@@ -62,6 +62,10 @@ pub struct Unit {
     /// Writes to tables the catalog did not know yet: checked again
     /// against a fresh catalog before the unit runs.
     pub recheck: Vec<String>,
+    /// The Query as the client sent it, when it writes and holds
+    /// transaction control among other statements: it may have to run as
+    /// separate queries (`Session::runs_split`).
+    pub whole: Option<Frame>,
 }
 
 /// Whether a classified string may change data: anything beyond session
@@ -83,6 +87,9 @@ impl Session {
             .unwrap_or("")
             .to_string();
         let class = self.group.classifier.classify(&sql);
+        let whole =
+            (may_write(&class) && class.statements > 1 && (class.ends_tx || class.begin.is_some()))
+                .then(|| f.clone());
         let mut unknown = false;
         let (f, refused) = match self.deterministic(&class, &sql, &mut unknown) {
             Ok(Some(new_sql)) => (
@@ -129,6 +136,7 @@ impl Session {
             ends_tx: class.ends_tx,
             refused,
             recheck,
+            whole,
         }
     }
 
@@ -261,6 +269,7 @@ impl Session {
             ends_tx: false,
             refused: None,
             recheck: Vec::new(),
+            whole: None,
         };
         for frame in frames.drain(..) {
             let mut stmt = None;
@@ -399,6 +408,26 @@ impl Session {
 
     /// Routes a complete unit: now, or after the busy backend finishes.
     pub(super) async fn dispatch(&mut self, mut unit: Unit) -> Result<(), End> {
+        if unit.whole.is_some() && self.runs_split(&unit) {
+            // Split once nothing is in flight: the next ReadyForQuery is
+            // then the first part's.
+            if self.busy_backend().is_some() {
+                self.pending = Some(unit);
+                return Ok(());
+            }
+            let parts = unit.whole.take().and_then(|f| {
+                messages::Reader::new(f.body())
+                    .cstr()
+                    .and_then(crate::route::classify::split_transaction_control)
+            });
+            if let Some(parts) = parts {
+                // (Ahead of what is left of a string split before.)
+                for part in parts.into_iter().rev() {
+                    self.split.push_front(part);
+                }
+                unit = self.next_part().expect("a split has two parts or more");
+            }
+        }
         if !unit.recheck.is_empty() && unit.refused.is_none() {
             let sqls = std::mem::take(&mut unit.recheck);
             let group = self.group.clone();

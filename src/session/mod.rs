@@ -16,6 +16,7 @@ pub use write::{
     snapshot_isolation, startup_settings, temp_only,
 };
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -296,6 +297,10 @@ pub struct Session {
     discard_until_sync: bool,
     /// A unit that must wait until the busy backend is idle.
     pending: Option<Unit>,
+    /// The rest of a client's query string that runs as separate queries
+    /// (see `Session::runs_split`): each part is sent once the one before
+    /// succeeded; their ReadyForQuery messages but the last are not relayed.
+    pub(super) split: VecDeque<String>,
     /// The last read unit, for one transparent retry if its node dies
     /// before answering.
     retry: Option<(usize, Unit)>,
@@ -412,6 +417,7 @@ impl Session {
             copy_sync_ignored: false,
             discard_until_sync: false,
             pending: None,
+            split: VecDeque::new(),
             retry: None,
             cancel,
             cancel_target: None,
@@ -498,7 +504,7 @@ impl Session {
                 }
             }
             // Take every complete client message we may act on now.
-            while self.pending.is_none() {
+            while self.pending.is_none() && self.split.is_empty() {
                 match self.client.try_next() {
                     Ok(Some(f)) => {
                         self.client_bytes_in += f.raw.len() as u64;
@@ -537,7 +543,7 @@ impl Session {
             if self.pass.held && !self.busy_on_primary() {
                 self.pass.release();
             }
-            let reading_client = self.pending.is_none();
+            let reading_client = self.pending.is_none() && self.split.is_empty();
             let polled = self.current.filter(|&i| self.backends[i].is_some());
             tokio::select! {
                 // In this order, without drawing a random one: the rare
@@ -632,6 +638,7 @@ impl Session {
             && self.open_batch.is_none()
             && self.batch.is_empty()
             && self.pending.is_none()
+            && self.split.is_empty()
             && self
                 .backends
                 .iter()
@@ -829,9 +836,24 @@ impl Session {
         }
     }
 
-    /// Forwards a ReadyForQuery from node `i` and follows its status.
+    /// The next part of a split query string, as a unit for the primary.
+    pub(super) fn next_part(&mut self) -> Option<Unit> {
+        let sql = self.split.pop_front()?;
+        let mut unit = self.query_unit(Frame {
+            tag: b'Q',
+            raw: messages::query(&sql),
+        });
+        // Where the whole string would have run.
+        unit.route = dispatch::Route::Write;
+        Some(unit)
+    }
+
+    /// Forwards a ReadyForQuery from node `i` and follows its status; in
+    /// a split query string, sends the next part instead while all went well.
     fn forward_rfq(&mut self, rfq: Frame, i: usize) {
         let status = rfq.body().first().copied().unwrap_or(b'I');
+        // An error ends a split string, as it would end one query.
+        let failed = self.unit_seen.error;
         if status == b'I' {
             // A transaction ended: a block by its COMMIT or ROLLBACK tag
             // (none: it was lost), an autocommit unit by whether it failed.
@@ -847,7 +869,13 @@ impl Session {
             self.unit_seen = UnitSeen::default();
         }
         self.tx_node = (status != b'I').then_some(i);
-        self.out.extend_from_slice(&rfq.raw);
+        if failed {
+            self.split.clear();
+        }
+        match self.next_part() {
+            Some(unit) => self.pending = Some(unit),
+            None => self.out.extend_from_slice(&rfq.raw),
+        }
     }
 
     /// Sends raw bytes to backend `i`; a failure counts as losing it.
@@ -865,6 +893,8 @@ impl Session {
     /// Counts an error the proxy itself sends to the client, and sends it.
     fn put_error(&mut self, e: &PgError) {
         self.unit_seen.error = true;
+        // Nothing more of a split query string runs.
+        self.split.clear();
         self.group.stats.error(e.code.as_bytes());
         e.encode(&mut self.out);
     }

@@ -523,21 +523,41 @@ impl Session {
                 .with_hint("run it on each node directly"));
             }
         }
-        if unit.begin.is_some() && self.tx_node.is_none() && sqls_isolated(unit) {
+        if self.begins_isolated(unit) {
             return Err(PgError::error(
                 "0A000",
                 "Reprise needs BEGIN ISOLATION LEVEL REPEATABLE READ/SERIALIZABLE in a query of its own before writes",
             )
-            .with_hint("send the BEGIN and the writes as separate queries"));
+            .with_hint("send the BEGIN and the writes as separate queries (in the extended protocol: each followed by its own Sync)"));
         }
         if unit.ends_tx {
             return Err(PgError::error(
                 "0A000",
                 "Reprise needs COMMIT in a query of its own after writes, so that it can log the transaction first",
             )
-            .with_hint("send the writes and COMMIT as separate queries"));
+            .with_hint("send the writes and COMMIT as separate queries (in the extended protocol: each followed by its own Sync)"));
         }
         Ok(())
+    }
+
+    /// A simple Query that writes and holds a COMMIT (or ROLLBACK, …), or a
+    /// REPEATABLE READ / SERIALIZABLE BEGIN: it runs only as separate
+    /// queries (the log append must precede the COMMIT, the lock the
+    /// snapshot). `write_check` refuses it when it cannot be split.
+    pub(super) fn runs_split(&self, unit: &Unit) -> bool {
+        self.replicating()
+            && unit.simple
+            && unit.writes
+            && unit.refused.is_none()
+            && (unit.ends_tx || self.begins_isolated(unit))
+            && unit_sql(unit)
+                .iter()
+                .all(|sql| not_in_transaction(sql).is_none())
+    }
+
+    /// The unit opens a REPEATABLE READ or SERIALIZABLE transaction block.
+    fn begins_isolated(&self, unit: &Unit) -> bool {
+        unit.begin.is_some() && self.tx_node.is_none() && sqls_isolated(unit)
     }
 
     /// A unit about to go to the primary: takes the write lock first if it
