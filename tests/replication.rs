@@ -1072,6 +1072,13 @@ async fn writes_and_commit_in_one_query_string_are_replicated() {
     )
     .await
     .unwrap();
+    // The BEGIN runs before the write lock is taken: its READ ONLY holds.
+    let e = c
+        .batch_execute("BEGIN READ ONLY; INSERT INTO s VALUES (9, 'x')")
+        .await
+        .unwrap_err();
+    assert!(db_text(&e).starts_with("25006"), "{}", db_text(&e));
+    c.batch_execute("ROLLBACK").await.unwrap();
     // Left open by the string: the client commits it later.
     c.batch_execute(
         "BEGIN; INSERT INTO s VALUES (7, 'h'); COMMIT; BEGIN; INSERT INTO s VALUES (8, 'i')",
@@ -1111,4 +1118,267 @@ async fn writes_and_commit_in_one_query_string_are_replicated() {
         "{ids:?}"
     );
     assert_identical(&g).await;
+}
+
+/// The command tags (and the ReadyForQuery status) among messages.
+fn tags_in(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
+    msgs.iter()
+        .filter_map(|(t, body)| match t {
+            b'C' => Some(String::from_utf8_lossy(&body[..body.len() - 1]).to_string()),
+            b'Z' => Some(format!("Z{}", body[0] as char)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_commit_in_one_batch_are_replicated() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute("CREATE TABLE pipe (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let mut raw = Raw::connect(&g.proxy).await;
+    // As a pipelining driver sends a transaction: every statement before
+    // one Sync, a named statement used twice, a read after the COMMIT.
+    let batch = |statements: &[(&str, &str, &[&str])]| {
+        let mut out = Vec::new();
+        for (name, sql, params) in statements {
+            if !sql.is_empty() {
+                Raw::parse(&mut out, name, sql);
+            }
+            Raw::bind(&mut out, name, params);
+            Raw::execute(&mut out);
+        }
+        Raw::msg(&mut out, b'S', b"");
+        out
+    };
+    let insert = "INSERT INTO pipe VALUES ($1::int, $2)";
+    raw.send(&batch(&[
+        ("", "BEGIN", &[]),
+        ("ins", insert, &["1", "a"]),
+        ("ins", "", &["2", "b"]),
+        ("", "COMMIT", &[]),
+        ("", "SELECT count(*) FROM pipe", &[]),
+    ]))
+    .await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got), None, "{got:?}");
+    assert_eq!(
+        tags_in(&got),
+        [
+            "BEGIN",
+            "INSERT 0 1",
+            "INSERT 0 1",
+            "COMMIT",
+            "SELECT 1",
+            "ZI"
+        ]
+    );
+    // One ReadyForQuery for the batch: the next query's answer is its own.
+    let mut out = Vec::new();
+    Raw::msg(&mut out, b'Q', b"SELECT 1\0");
+    raw.send(&out).await;
+    assert_eq!(tags_in(&raw.until(b'Z').await), ["SELECT 1", "ZI"]);
+    // An error ends the batch there: its COMMIT never runs.
+    raw.send(&batch(&[
+        ("", "BEGIN", &[]),
+        ("ins", "", &["3", "c"]),
+        ("ins", "", &["1", "dup"]),
+        ("", "COMMIT", &[]),
+    ]))
+    .await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got).as_deref(), Some("23505"), "{got:?}");
+    assert_eq!(tags_in(&got), ["BEGIN", "INSERT 0 1", "ZE"]);
+    let mut out = Vec::new();
+    Raw::msg(&mut out, b'Q', b"ROLLBACK\0");
+    raw.send(&out).await;
+    assert_eq!(tags_in(&raw.until(b'Z').await), ["ROLLBACK", "ZI"]);
+    // Without BEGIN: the writes commit at their Sync, the COMMIT warns
+    // that no transaction is open (as PostgreSQL does for this batch).
+    raw.send(&batch(&[("ins", "", &["4", "d"]), ("", "COMMIT", &[])]))
+        .await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got), None, "{got:?}");
+    assert_eq!(tags_in(&got), ["INSERT 0 1", "COMMIT", "ZI"]);
+    assert_identical(&g).await;
+    for i in 0..3 {
+        let ids: Vec<i32> = g
+            .direct(i)
+            .await
+            .query("SELECT id FROM pipe ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(ids, [1, 2, 4], "rows on n{}", i + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tmp_streamed_commit() {
+    let g = TestGroup::start(2, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute("CREATE TABLE pipe (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let mut raw = Raw::connect(&g.proxy).await;
+    let mut out = Vec::new();
+    Raw::parse(&mut out, "", "BEGIN");
+    Raw::bind(&mut out, "", &[]);
+    Raw::execute(&mut out);
+    Raw::parse(&mut out, "", "INSERT INTO pipe VALUES (1, 'a')");
+    Raw::bind(&mut out, "", &[]);
+    Raw::execute(&mut out);
+    Raw::msg(&mut out, b'H', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'C').await;
+    eprintln!("first: {got:?}");
+    let got = raw.until(b'C').await;
+    eprintln!("second: {got:?}");
+    let mut out = Vec::new();
+    Raw::parse(&mut out, "", "COMMIT");
+    Raw::bind(&mut out, "", &[]);
+    Raw::execute(&mut out);
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    eprintln!("third: {:?}", tags_in(&got));
+    eprintln!("err: {:?}", error_in(&got));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("status: {}", g.proxy.status().await);
+    for i in 0..2 {
+        let rows = g.direct(i).await.query("SELECT seq, length(payload), encode(payload, 'escape') FROM reprise.log ORDER BY seq", &[]).await.unwrap();
+        for r in rows {
+            let (a, b, p): (i64, i32, String) = (r.get(0), r.get(1), r.get(2));
+            eprintln!(
+                "n{} log {a} {b} {}",
+                i + 1,
+                p.replace('\n', " ").chars().take(300).collect::<String>()
+            );
+        }
+    }
+    assert_identical(&g).await;
+    for i in 0..2 {
+        let n: i64 = g
+            .direct(i)
+            .await
+            .query_one("SELECT count(*) FROM pipe", &[])
+            .await
+            .unwrap()
+            .get(0);
+        eprintln!("n{} rows {n}", i + 1);
+    }
+}
+
+/// Parse, Bind and Execute of `sql` as the unnamed statement.
+fn statement(out: &mut Vec<u8>, sql: &str) {
+    Raw::parse(out, "", sql);
+    Raw::bind(out, "", &[]);
+    Raw::execute(out);
+}
+
+/// BEGIN and `first`, a Flush and their answers; then `then`, COMMIT and
+/// Sync: the answers up to the ReadyForQuery.
+async fn streamed_commit(raw: &mut Raw, first: &str, then: &str) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    statement(&mut out, "BEGIN");
+    statement(&mut out, first);
+    Raw::msg(&mut out, b'H', b"");
+    raw.send(&out).await;
+    assert_eq!(tags_in(&raw.until(b'C').await), ["BEGIN"]);
+    assert_eq!(tags_in(&raw.until(b'C').await), ["INSERT 0 1"]);
+    let mut out = Vec::new();
+    statement(&mut out, then);
+    statement(&mut out, "COMMIT");
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    raw.until(b'Z').await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_in_a_streamed_batch_is_logged_or_refused() {
+    let g = TestGroup::start(2, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute("CREATE TABLE pipe (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let mut raw = Raw::connect(&g.proxy).await;
+    // Writes, a Flush (the driver reads their answers), more writes and
+    // the COMMIT with the Sync: the batch streams to the primary as it
+    // comes; it is ended before the COMMIT, which runs once every answer is
+    // in and the log entry appended.
+    let got = streamed_commit(
+        &mut raw,
+        "INSERT INTO pipe VALUES (1, 'a')",
+        "INSERT INTO pipe VALUES (2, 'b')",
+    )
+    .await;
+    assert_eq!(error_in(&got), None, "{got:?}");
+    assert_eq!(tags_in(&got), ["INSERT 0 1", "COMMIT", "ZI"]);
+    // An error in the streamed part: the COMMIT does not run, the block is
+    // left failed, as without Reprise.
+    let got = streamed_commit(
+        &mut raw,
+        "INSERT INTO pipe VALUES (7, 'g')",
+        "INSERT INTO pipe VALUES (1, 'dup')",
+    )
+    .await;
+    assert_eq!(error_in(&got).as_deref(), Some("23505"), "{got:?}");
+    assert_eq!(tags_in(&got), ["ZE"]);
+    let mut out = Vec::new();
+    Raw::msg(&mut out, b'Q', b"ROLLBACK\0");
+    raw.send(&out).await;
+    assert_eq!(tags_in(&raw.until(b'Z').await), ["ROLLBACK", "ZI"]);
+    // A COMMIT before a Flush cannot be logged with its writes' answers:
+    // refused, and the transaction is gone (no write lock is left held).
+    let mut out = Vec::new();
+    statement(&mut out, "INSERT INTO pipe VALUES (3, 'c')");
+    statement(&mut out, "COMMIT");
+    Raw::msg(&mut out, b'H', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'E').await;
+    assert_eq!(error_in(&got).as_deref(), Some("0A000"), "{got:?}");
+    let mut out = Vec::new();
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    assert_eq!(tags_in(&raw.until(b'Z').await), ["ZI"]);
+    // A ROLLBACK in a streamed batch runs.
+    let mut out = Vec::new();
+    statement(&mut out, "BEGIN");
+    statement(&mut out, "INSERT INTO pipe VALUES (6, 'f')");
+    Raw::msg(&mut out, b'H', b"");
+    statement(&mut out, "ROLLBACK");
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got), None, "{got:?}");
+    assert_eq!(tags_in(&got), ["BEGIN", "INSERT 0 1", "ROLLBACK", "ZI"]);
+    // Other sessions write on; this one too.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        c.batch_execute("INSERT INTO pipe VALUES (4, 'd')"),
+    )
+    .await
+    .expect("the write lock is free")
+    .unwrap();
+    let mut out = Vec::new();
+    Raw::msg(&mut out, b'Q', b"INSERT INTO pipe VALUES (5, 'e')\0");
+    raw.send(&out).await;
+    assert_eq!(tags_in(&raw.until(b'Z').await), ["INSERT 0 1", "ZI"]);
+    assert_identical(&g).await;
+    for i in 0..2 {
+        let ids: Vec<i32> = g
+            .direct(i)
+            .await
+            .query("SELECT id FROM pipe ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(ids, [1, 2, 4, 5], "rows on n{}", i + 1);
+    }
 }

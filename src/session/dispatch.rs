@@ -12,8 +12,20 @@ use super::{End, MAX_BATCH_BYTES, Session, write};
 use crate::backend::{BackendConn, ConnectError, Expect};
 use crate::group::NodeState;
 use crate::route::Classification;
+use crate::route::classify::split_transaction_control;
 use crate::wire::Frame;
 use crate::wire::messages::{self, PgError};
+
+/// A part of a client's query string or batch that runs as a unit of its
+/// own (see `Session::runs_split`).
+#[derive(Debug)]
+pub enum Part {
+    /// Statements of a query string, classified when their turn comes
+    /// (what ran before may have changed the catalog).
+    Query(String),
+    /// Messages of a batch, with a Sync of their own unless last.
+    Unit(Box<Unit>),
+}
 
 /// Where a unit may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +78,122 @@ pub struct Unit {
     /// transaction control among other statements: it may have to run as
     /// separate queries (`Session::runs_split`).
     pub whole: Option<Frame>,
+}
+
+impl Unit {
+    /// An extended-protocol unit of messages already classified (their
+    /// statements defined): a part of a split batch.
+    fn of_items(items: Vec<Item>) -> Unit {
+        let mut unit = Unit {
+            items: Vec::new(),
+            route: Route::Any,
+            settings: Vec::new(),
+            pin: None,
+            syncs: 0,
+            simple: false,
+            avoid: None,
+            writes: false,
+            begin: None,
+            ends_tx: false,
+            refused: None,
+            recheck: Vec::new(),
+            whole: None,
+        };
+        for item in &items {
+            match (item.frame.tag, &item.stmt) {
+                (b'B', Some((def, _))) => unit.note_bind(&def.class),
+                (b'B', None) => unit.route = Route::Write,
+                (b'P', None) => unit.route = Route::Write,
+                (b'S', _) => unit.syncs += 1,
+                _ => {}
+            }
+        }
+        unit.items = items;
+        unit
+    }
+
+    /// What binding a statement of class `c` makes of the unit.
+    fn note_bind(&mut self, c: &Classification) {
+        let read =
+            c.pin_reason.is_none() && !c.parse_error && (c.read_only || c.begin == Some(true));
+        if !read {
+            self.route = Route::Write;
+        } else if self.route == Route::Any {
+            self.route = Route::Read;
+        }
+        self.writes |= may_write(c);
+        self.begin = self.begin.or(c.begin);
+        self.ends_tx |= c.ends_tx;
+        self.settings.extend(c.session_settings.iter().cloned());
+        self.pin = self.pin.or(c.pin_reason);
+    }
+}
+
+/// A batch's messages (one Sync, at the end) split like a query string
+/// (see `split_transaction_control`): a statement that ends a transaction
+/// block, and a BEGIN that opens a part, go in a part of their own (their
+/// Parse right before, Bind, Describe and Execute); the messages between
+/// such statements stay together. Every part but the last gets a Sync of
+/// its own, so a part is answered before the next is sent. `None` when
+/// there is one part.
+fn split_batch(items: &[Item]) -> Option<Vec<Vec<Item>>> {
+    let class = |it: &Item| match (&it.stmt, it.frame.tag) {
+        (Some((d, _)), b'B') => Some(d.class.clone()),
+        _ => None,
+    };
+    let mut parts: Vec<Vec<Item>> = vec![Vec::new()];
+    // The last part is a control statement's, until its Execute.
+    let mut control = false;
+    for item in items {
+        let last = parts.last_mut().expect("never empty");
+        if let Some(c) = class(item)
+            && (c.ends_tx || c.begin.is_some())
+        {
+            let defines_it = last.last().is_some_and(|p| {
+                p.frame.tag == b'P'
+                    && match (&p.stmt, &item.stmt) {
+                        (Some((a, _)), Some((b, _))) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    }
+            });
+            let parse = if defines_it { last.pop() } else { None };
+            // A BEGIN after statements of an implicit block makes it its
+            // block: it stays with them.
+            if c.ends_tx || last.is_empty() {
+                if !last.is_empty() {
+                    parts.push(Vec::new());
+                }
+                control = true;
+            }
+            let part = parts.last_mut().expect("never empty");
+            part.extend(parse);
+            part.push(item.clone());
+            continue;
+        }
+        last.push(item.clone());
+        if control && item.frame.tag == b'E' {
+            parts.push(Vec::new());
+            control = false;
+        }
+    }
+    // What follows the last statement (its Sync, a Close) goes with it.
+    let runs = |part: &[Item]| part.iter().any(|i| matches!(i.frame.tag, b'B' | b'E'));
+    if parts.len() > 1 && !runs(parts.last().expect("never empty")) {
+        let tail = parts.pop().expect("checked");
+        parts.last_mut().expect("checked").extend(tail);
+    }
+    parts.retain(|p| !p.is_empty());
+    if parts.len() < 2 {
+        return None;
+    }
+    let last = parts.len() - 1;
+    for part in &mut parts[..last] {
+        part.push(Item {
+            frame: Frame::new(b'S', b""),
+            stmt: None,
+        });
+    }
+    Some(parts)
 }
 
 /// Whether a classified string may change data: anything beyond session
@@ -149,6 +277,9 @@ impl Session {
         if let Some(i) = self.open_batch {
             let mut unit = self.batch_unit(vec![f]);
             unit.syncs = 0;
+            if self.commits_stream(&unit) {
+                return self.cut_stream(i, unit).await;
+            }
             return self.send_unit(i, unit, false).await;
         }
         self.batch_bytes += f.raw.len();
@@ -187,7 +318,8 @@ impl Session {
             self.discard_until_sync = false;
             self.batch.clear();
             self.batch_bytes = 0;
-            messages::ready_for_query(b'I', &mut self.out);
+            let status = self.discard_status.take();
+            messages::ready_for_query(status.unwrap_or(self.status_byte()), &mut self.out);
             return Ok(());
         }
         let mut frames = std::mem::take(&mut self.batch);
@@ -217,6 +349,23 @@ impl Session {
             }
         }
         self.batch_capture = None;
+        Ok(())
+    }
+
+    /// The Bind of a COMMIT in a batch streaming to the primary that wrote:
+    /// the node's part of the batch ends here with a Sync of ours (its
+    /// answer is not the client's), and the COMMIT and what follows wait for
+    /// the client's Sync, to run as a unit of their own once every answer of
+    /// the writes is in and the log entry can be appended.
+    async fn cut_stream(&mut self, i: usize, commit: Unit) -> Result<(), End> {
+        self.open_batch = None;
+        self.stream_cut = true;
+        let end = self.batch_unit(vec![Frame::new(b'S', b"")]);
+        self.send_unit(i, end, false).await?;
+        for item in commit.items {
+            self.batch_bytes += item.frame.raw.len();
+            self.batch.push(item.frame);
+        }
         Ok(())
     }
 
@@ -299,20 +448,7 @@ impl Session {
                 b'B' => match statements::bind_statement(frame.body()) {
                     Some(name) => match self.statements.get(name) {
                         Some(def) => {
-                            let c = &def.class;
-                            let read = c.pin_reason.is_none()
-                                && !c.parse_error
-                                && (c.read_only || c.begin == Some(true));
-                            if !read {
-                                unit.route = Route::Write;
-                            } else if unit.route == Route::Any {
-                                unit.route = Route::Read;
-                            }
-                            unit.writes |= may_write(c);
-                            unit.begin = unit.begin.or(c.begin);
-                            unit.ends_tx |= c.ends_tx;
-                            unit.settings.extend(c.session_settings.iter().cloned());
-                            unit.pin = unit.pin.or(c.pin_reason);
+                            unit.note_bind(&def.class);
                             stmt = Some((def, None));
                         }
                         None => unit.route = Route::Write,
@@ -418,14 +554,10 @@ impl Session {
             let parts = unit.whole.take().and_then(|f| {
                 messages::Reader::new(f.body())
                     .cstr()
-                    .and_then(crate::route::classify::split_transaction_control)
+                    .and_then(split_transaction_control)
             });
             if let Some(parts) = parts {
-                // (Ahead of what is left of a string split before.)
-                for part in parts.into_iter().rev() {
-                    self.split.push_front(part);
-                }
-                unit = self.next_part().expect("a split has two parts or more");
+                unit = self.split_into(parts.into_iter().map(Part::Query));
             }
         }
         if !unit.recheck.is_empty() && unit.refused.is_none() {
@@ -438,6 +570,20 @@ impl Session {
                     }
                 }
                 Err(e) => unit.refused = Some(e),
+            }
+        }
+        if !unit.simple && self.runs_split(&unit) {
+            // A batch (its statements defined, its rewrites made).
+            if self.busy_backend().is_some() {
+                self.pending = Some(unit);
+                return Ok(());
+            }
+            if let Some(parts) = split_batch(&unit.items) {
+                unit = self.split_into(
+                    parts
+                        .into_iter()
+                        .map(|p| Part::Unit(Box::new(Unit::of_items(p)))),
+                );
             }
         }
         let refusal = unit
@@ -496,6 +642,15 @@ impl Session {
         }
         let retryable = unit.route == Route::Read && self.tx_node.is_none();
         self.send_unit(target, unit, retryable).await
+    }
+
+    /// Queues the parts of a split unit (ahead of what is left of one split
+    /// before) and returns the first.
+    fn split_into(&mut self, parts: impl DoubleEndedIterator<Item = Part>) -> Unit {
+        for part in parts.rev() {
+            self.split.push_front(part);
+        }
+        self.next_part().expect("a split has two parts or more")
     }
 
     /// Waits until the group has a primary that takes new work, up to
@@ -619,29 +774,39 @@ impl Session {
         )
     }
 
-    /// A write in the middle of a streamed batch whose start did not write:
-    /// the write lock cannot be taken there. The node's part of the batch is
-    /// ended with a Sync whose answers are dropped, and the client gets an
-    /// error until its own Sync.
+    /// A part of a streamed batch that cannot run: a write after a start
+    /// that did not write (the write lock cannot be taken there), or a
+    /// COMMIT before the batch's Sync (the log entry could not be complete).
+    /// As an error in a batch would, it aborts the transaction: the node's
+    /// part of the batch is ended with a Sync and rolled back (answers
+    /// dropped); the client gets the error, nothing until its own Sync, and
+    /// then, in a transaction block, a failed block until its ROLLBACK.
     async fn refuse_in_batch(
         &mut self,
         target: usize,
         unit: &Unit,
         mut buf: BytesMut,
+        e: PgError,
     ) -> Result<(), End> {
+        let in_block =
+            self.tx_node.is_some() || self.write.tx.as_ref().is_some_and(|t| !t.implicit);
         if let Some(conn) = self.backends[target].as_mut() {
             buf.extend_from_slice(&[b'S', 0, 0, 0, 4]);
             conn.tracker.push(Expect::Sync { injected: true });
+            buf.extend_from_slice(&messages::query("ROLLBACK"));
+            conn.tracker.push(Expect::Sync { injected: true });
+        }
+        self.write_lost();
+        if self.tx_node == Some(target) {
+            self.tx_node = None;
+        }
+        if in_block {
+            self.lost_tx = Some((e.message.clone(), true));
         }
         let bytes = buf.split().freeze();
         self.scratch = buf;
         self.open_batch = None;
         self.batch_capture = None;
-        let e = PgError::error(
-            "0A000",
-            "Reprise needs a pipelined batch to write before its first Flush: this write came after a Flush of statements that only read",
-        )
-        .with_hint("send a Sync before the write, or put the write first");
         self.answer_unsent(unit, e)?;
         self.send_raw(target, &bytes).await
     }
@@ -807,13 +972,36 @@ impl Session {
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
         let continuing = self.batch_capture.filter(|_| target == primary);
+        if unit.syncs == 0
+            && unit.ends_tx
+            && self.open_batch == Some(target)
+            && self.cfg.replication.enabled
+            && (unit.writes || continuing == Some(true) || self.write.tx.is_some())
+            && !write::unit_sql(&unit).iter().any(|s| write::is_rollback(s))
+        {
+            // A COMMIT in a batch streaming to the primary (sent on as it
+            // comes, after a Flush or past the batch size limit): the
+            // answers of its writes may still be on their way, and the log
+            // entry must hold them before the COMMIT is sent.
+            let e = PgError::error(
+                "0A000",
+                "Reprise needs a Sync between a pipelined batch's writes and its COMMIT when the batch had a Flush (or was too large to hold)",
+            )
+            .with_hint("send a Sync before the COMMIT");
+            return self.refuse_in_batch(target, &unit, buf, e).await;
+        }
         let captured = match continuing {
             // More of a batch already streaming: nothing may be injected
             // between its messages (a Query would destroy its unnamed
             // statement and portal), and it is captured like its start.
             Some(c) => {
                 if unit.writes && !c && self.cfg.replication.enabled {
-                    return self.refuse_in_batch(target, &unit, buf).await;
+                    let e = PgError::error(
+                        "0A000",
+                        "Reprise needs a pipelined batch to write before its first Flush: this write came after a Flush of statements that only read",
+                    )
+                    .with_hint("send a Sync before the write, or put the write first");
+                    return self.refuse_in_batch(target, &unit, buf, e).await;
                 }
                 c
             }
@@ -1040,4 +1228,103 @@ fn static_code(code: &str) -> &'static str {
         .find(|k| **k == code)
         .copied()
         .unwrap_or("08006")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::{FunctionCatalog, classify};
+
+    /// Items of a batch written as "P:sql", "B", "E", "S" (one unnamed
+    /// statement at a time).
+    fn batch(spec: &[&str]) -> Vec<Item> {
+        let mut statements = statements::Statements::default();
+        spec.iter()
+            .map(|m| {
+                let (tag, sql) = m.split_once(':').unwrap_or((m, ""));
+                let tag = tag.as_bytes()[0];
+                let mut body = Vec::new();
+                if tag == b'P' {
+                    body.extend_from_slice(b"\0");
+                    body.extend_from_slice(sql.as_bytes());
+                    body.extend_from_slice(b"\0\0\0");
+                }
+                let frame = Frame::new(tag, &body);
+                let stmt = match tag {
+                    b'P' => {
+                        let class = Arc::new(classify(sql, &FunctionCatalog::builtin()));
+                        Some(statements.define("", frame.clone(), class))
+                    }
+                    b'B' => statements.get("").map(|d| (d, None)),
+                    _ => None,
+                };
+                Item { frame, stmt }
+            })
+            .collect()
+    }
+
+    fn tags(parts: &[Vec<Item>]) -> Vec<String> {
+        parts
+            .iter()
+            .map(|p| p.iter().map(|i| i.frame.tag as char).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_is_split_around_its_commits() {
+        let items = batch(&[
+            "P:BEGIN",
+            "B",
+            "E",
+            "P:INSERT INTO t VALUES (1)",
+            "B",
+            "E",
+            "P:COMMIT",
+            "B",
+            "E",
+            "P:SELECT 1",
+            "B",
+            "E",
+            "S",
+        ]);
+        let parts = split_batch(&items).unwrap();
+        // The BEGIN, the writes, the COMMIT (each with its Parse), the read
+        // after it with the client's Sync; a Sync added to all but the last.
+        assert_eq!(tags(&parts), ["PBES", "PBES", "PBES", "PBES"]);
+        let units: Vec<Unit> = parts.into_iter().map(Unit::of_items).collect();
+        assert!(!units[0].writes && units[0].begin == Some(false));
+        assert!(units[1].writes && !units[1].ends_tx && units[1].begin.is_none());
+        assert!(!units[2].writes && units[2].ends_tx);
+        assert_eq!(units[3].route, Route::Read);
+        assert!(units.iter().all(|u| u.syncs == 1));
+        // A BEGIN after a write joins it (it makes the implicit block its
+        // transaction), as in a query string.
+        let items = batch(&[
+            "P:DELETE FROM t",
+            "B",
+            "E",
+            "P:BEGIN",
+            "B",
+            "E",
+            "P:UPDATE t SET v = 2",
+            "B",
+            "E",
+            "S",
+        ]);
+        assert!(split_batch(&items).is_none());
+
+        // A COMMIT last keeps the client's Sync.
+        let items = batch(&["P:UPDATE t SET v = 1", "B", "E", "P:COMMIT", "B", "E", "S"]);
+        assert_eq!(tags(&split_batch(&items).unwrap()), ["PBES", "PBES"]);
+        // A COMMIT parsed but never bound runs nothing.
+        let items = batch(&["P:COMMIT", "P:DELETE FROM t", "B", "E", "S"]);
+        assert!(split_batch(&items).is_none());
+        // Nothing to split.
+        for spec in [
+            &["P:INSERT INTO t VALUES (1)", "B", "E", "S"][..],
+            &["P:COMMIT", "B", "E", "S"][..],
+        ] {
+            assert!(split_batch(&batch(spec)).is_none(), "{spec:?}");
+        }
+    }
 }

@@ -295,12 +295,18 @@ pub struct Session {
     copy_sync_ignored: bool,
     /// Drop client messages until the next Sync (its backend was lost).
     discard_until_sync: bool,
+    /// The ReadyForQuery status to answer that Sync with (None: the
+    /// session's own).
+    discard_status: Option<u8>,
+    /// A batch streaming to the primary was ended before its COMMIT with a
+    /// Sync of ours, still unanswered (see `Session::cut_stream`).
+    stream_cut: bool,
     /// A unit that must wait until the busy backend is idle.
     pending: Option<Unit>,
     /// The rest of a client's query string that runs as separate queries
     /// (see `Session::runs_split`): each part is sent once the one before
     /// succeeded; their ReadyForQuery messages but the last are not relayed.
-    pub(super) split: VecDeque<String>,
+    pub(super) split: VecDeque<dispatch::Part>,
     /// The last read unit, for one transparent retry if its node dies
     /// before answering.
     retry: Option<(usize, Unit)>,
@@ -416,6 +422,8 @@ impl Session {
             last_unit_simple: true,
             copy_sync_ignored: false,
             discard_until_sync: false,
+            discard_status: None,
+            stream_cut: false,
             pending: None,
             split: VecDeque::new(),
             retry: None,
@@ -836,13 +844,16 @@ impl Session {
         }
     }
 
-    /// The next part of a split query string, as a unit for the primary.
+    /// The next part of a split query string or batch, as a unit for the
+    /// primary.
     pub(super) fn next_part(&mut self) -> Option<Unit> {
-        let sql = self.split.pop_front()?;
-        let mut unit = self.query_unit(Frame {
-            tag: b'Q',
-            raw: messages::query(&sql),
-        });
+        let mut unit = match self.split.pop_front()? {
+            dispatch::Part::Query(sql) => self.query_unit(Frame {
+                tag: b'Q',
+                raw: messages::query(&sql),
+            }),
+            dispatch::Part::Unit(unit) => *unit,
+        };
         // Where the whole string would have run.
         unit.route = dispatch::Route::Write;
         Some(unit)
@@ -869,12 +880,39 @@ impl Session {
             self.unit_seen = UnitSeen::default();
         }
         self.tx_node = (status != b'I').then_some(i);
+        if std::mem::take(&mut self.stream_cut) {
+            // The answer to our Sync that ended a streamed batch.
+            if failed {
+                self.abort_batch(status);
+            }
+            return;
+        }
         if failed {
             self.split.clear();
         }
         match self.next_part() {
             Some(unit) => self.pending = Some(unit),
             None => self.out.extend_from_slice(&rfq.raw),
+        }
+    }
+
+    /// The batch failed before the Sync that ended its streaming: as after
+    /// an error, the rest of it (waiting, or still to come) does not run;
+    /// the client's Sync is answered with `status`.
+    fn abort_batch(&mut self, status: u8) {
+        match self.pending.take() {
+            Some(unit) if !unit.simple => {
+                for _ in 0..unit.syncs {
+                    messages::ready_for_query(status, &mut self.out);
+                }
+            }
+            other => {
+                self.pending = other;
+                self.batch.clear();
+                self.batch_bytes = 0;
+                self.discard_until_sync = true;
+                self.discard_status = Some(status);
+            }
         }
     }
 

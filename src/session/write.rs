@@ -540,19 +540,32 @@ impl Session {
         Ok(())
     }
 
-    /// A simple Query that writes and holds a COMMIT (or ROLLBACK, …), or a
-    /// REPEATABLE READ / SERIALIZABLE BEGIN: it runs only as separate
-    /// queries (the log append must precede the COMMIT, the lock the
-    /// snapshot). `write_check` refuses it when it cannot be split.
+    /// A unit that writes and holds a COMMIT (or ROLLBACK, …) or a BEGIN:
+    /// it runs only as separate units. The log append must precede the
+    /// COMMIT; the write lock must follow the BEGIN (taken before it, the
+    /// BEGIN would be ignored, its READ ONLY or isolation level with it).
+    /// `write_check` refuses what cannot be split.
     pub(super) fn runs_split(&self, unit: &Unit) -> bool {
+        // (A batch: the messages up to one Sync.)
+        let control = (unit.ends_tx || (unit.begin.is_some() && self.tx_node.is_none()))
+            && (unit.simple || unit.syncs == 1);
         self.replicating()
-            && unit.simple
+            && control
             && unit.writes
             && unit.refused.is_none()
-            && (unit.ends_tx || self.begins_isolated(unit))
             && unit_sql(unit)
                 .iter()
                 .all(|sql| not_in_transaction(sql).is_none())
+    }
+
+    /// A message of a batch streaming to the primary binds a COMMIT (or
+    /// PREPARE TRANSACTION, …) after the batch wrote: see `cut_stream`.
+    pub(super) fn commits_stream(&self, unit: &Unit) -> bool {
+        self.replicating()
+            && unit.ends_tx
+            && self.batch_capture == Some(true)
+            && self.write.tx.is_some()
+            && !unit_sql(unit).iter().any(|s| is_rollback(s))
     }
 
     /// The unit opens a REPEATABLE READ or SERIALIZABLE transaction block.

@@ -442,7 +442,35 @@ def f_pipeline():
             pass
         row = conn.execute(f"SELECT count(*) FROM {t}").fetchone()
         check(row == (10,), f"count after failed pipeline {row} (the implicit transaction up to the sync rolls back)")
-    return "5 inserts + select; executemany + sync in tx; error recovery"
+        # commit() queued in the pipeline behind the writes: one batch up to
+        # its sync holds the writes and the COMMIT
+        with connect(autocommit=False) as tx:
+            with tx.pipeline():
+                tx.execute(f"INSERT INTO {t} VALUES (%s, %s)", (13, "s"))
+                tx.execute(f"UPDATE {t} SET v = v || '+' WHERE id = %s", (13,))
+                tx.commit()
+                tx.execute(f"INSERT INTO {t} VALUES (%s, %s)", (14, "s"))
+                tx.commit()
+            try:
+                with tx.pipeline():
+                    tx.execute(f"INSERT INTO {t} VALUES (%s, %s)", (15, "t"))
+                    tx.execute(f"INSERT INTO {t} VALUES (%s, %s)", (13, "dup"))
+                    tx.commit()
+                raise Fail("duplicate key in a committed pipeline not raised")
+            except errors.UniqueViolation:
+                tx.rollback()
+            with tx.pipeline():
+                tx.execute(f"INSERT INTO {t} VALUES (%s, %s)", (16, "u"))
+                tx.rollback()
+            # a result fetched inside the pipeline (a Flush, not a Sync), then more
+            # writes and the commit
+            with tx.pipeline():
+                got = tx.execute(f"INSERT INTO {t} VALUES (%s, %s) RETURNING id", (17, "w")).fetchone()
+                tx.execute(f"INSERT INTO {t} VALUES (%s, %s)", (got[0] + 1, "x"))
+                tx.commit()
+        row = conn.execute(f"SELECT count(*), string_agg(v, ',' ORDER BY id) FROM {t} WHERE id > 12").fetchone()
+        check(row == (4, "s+,s,w,x"), f"rows committed in pipelines {row}")
+    return "5 inserts + select; executemany + sync in tx; error recovery; commit in pipeline, also after a fetch"
 
 
 def f_listen_notify():
