@@ -153,6 +153,7 @@ DECLARE
     v_seq bigint;
     v_prev text;
     v_after text;
+    v_captured text;
 BEGIN
     IF p_order_key IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(p_order_key);
@@ -169,12 +170,16 @@ BEGIN
     IF p_seqs_before IS NOT NULL THEN
         v_after := reprise.sequences();
     END IF;
+    v_captured := reprise.captures();
+    -- The hash covers what replay uses: the previous hash, the payload and
+    -- the values captured on the primary.
     INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences, captured)
     VALUES (v_seq, p_term, p_payload, v_prev,
-            encode(sha256(convert_to(v_prev, 'UTF8') || p_payload), 'hex'),
+            encode(sha256(convert_to(v_prev, 'UTF8') || p_payload
+                          || convert_to(coalesce(v_captured, ''), 'UTF8')), 'hex'),
             CASE WHEN p_seqs_before IS NULL OR v_after = p_seqs_before THEN NULL
                  ELSE '[' || coalesce(p_seqs_before, '[]') || ',' || v_after || ']' END,
-            reprise.captures());
+            v_captured);
     PERFORM pg_notify('reprise_log', v_seq::text);
     RETURN v_seq;
 END

@@ -366,6 +366,23 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
     let (u, x, at): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!((u, x, at), (25, 25, 25), "a value per row");
     assert_identical(&g).await;
+    // Each entry's hash covers the values captured with it.
+    let (wrong, captured): (i64, i64) = {
+        let row = g
+            .direct(0)
+            .await
+            .query_one(
+                "SELECT count(*) FILTER (WHERE hash <> encode(sha256(convert_to(prev_hash, 'UTF8') \
+                 || payload || convert_to(coalesce(captured, ''), 'UTF8')), 'hex')), \
+                 count(*) FILTER (WHERE captured IS NOT NULL) FROM reprise.log",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(wrong, 0);
+    assert!(captured > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1202,6 +1219,25 @@ async fn writes_and_commit_in_one_batch_are_replicated() {
     let got = raw.until(b'Z').await;
     assert_eq!(error_in(&got), None, "{got:?}");
     assert_eq!(tags_in(&got), ["INSERT 0 1", "COMMIT", "ZI"]);
+    // A snapshot-isolation block: its BEGIN runs before the write lock.
+    raw.send(&batch(&[
+        ("", "BEGIN ISOLATION LEVEL SERIALIZABLE", &[]),
+        ("ins", "", &["5", "e"]),
+        ("", "SHOW transaction_isolation", &[]),
+        ("", "COMMIT", &[]),
+    ]))
+    .await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got), None, "{got:?}");
+    assert_eq!(
+        tags_in(&got),
+        ["BEGIN", "INSERT 0 1", "SHOW", "COMMIT", "ZI"]
+    );
+    let shown = got.iter().find(|(t, _)| *t == b'D').expect("a row");
+    assert!(
+        String::from_utf8_lossy(&shown.1).contains("serializable"),
+        "{shown:?}"
+    );
     assert_identical(&g).await;
     for i in 0..3 {
         let ids: Vec<i32> = g
@@ -1213,7 +1249,7 @@ async fn writes_and_commit_in_one_batch_are_replicated() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        assert_eq!(ids, [1, 2, 4], "rows on n{}", i + 1);
+        assert_eq!(ids, [1, 2, 4, 5], "rows on n{}", i + 1);
     }
 }
 
