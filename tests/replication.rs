@@ -1335,7 +1335,7 @@ async fn streamed_commit(raw: &mut Raw, first: &str, then: &str) -> Vec<(u8, Vec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_in_a_streamed_batch_is_logged_or_refused() {
+async fn a_batch_streamed_to_the_primary_is_checked_and_logged() {
     let g = TestGroup::start(2, |_| {}).await;
     let c = g.proxy.client("app").await;
     c.batch_execute("CREATE TABLE pipe (id int PRIMARY KEY, v text)")
@@ -1392,6 +1392,38 @@ async fn a_commit_in_a_streamed_batch_is_logged_or_refused() {
     let got = raw.until(b'Z').await;
     assert_eq!(error_in(&got), None, "{got:?}");
     assert_eq!(tags_in(&got), ["BEGIN", "INSERT 0 1", "ROLLBACK", "ZI"]);
+    // What a batch that does not stream would be refused, it is refused
+    // streaming too: a value each copy would compute differently.
+    let mut out = Vec::new();
+    statement(&mut out, "BEGIN");
+    statement(&mut out, "INSERT INTO pipe VALUES (8, 'h')");
+    Raw::msg(&mut out, b'H', b"");
+    raw.send(&out).await;
+    raw.until(b'C').await;
+    raw.until(b'C').await;
+    let mut out = Vec::new();
+    statement(&mut out, "INSERT INTO pipe SELECT 9, random()::text");
+    statement(&mut out, "COMMIT");
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got).as_deref(), Some("0A000"), "{got:?}");
+    let mut out = Vec::new();
+    Raw::msg(&mut out, b'Q', b"ROLLBACK\0");
+    raw.send(&out).await;
+    assert_eq!(
+        tags_in(&raw.until(b'Z').await).last().map(String::as_str),
+        Some("ZI")
+    );
+    // A snapshot-isolation BEGIN streamed with writes cannot be honoured.
+    let mut out = Vec::new();
+    statement(&mut out, "BEGIN ISOLATION LEVEL SERIALIZABLE");
+    statement(&mut out, "INSERT INTO pipe VALUES (10, 'j')");
+    Raw::msg(&mut out, b'H', b"");
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got).as_deref(), Some("0A000"), "{got:?}");
     // Other sessions write on; this one too.
     tokio::time::timeout(
         Duration::from_secs(20),

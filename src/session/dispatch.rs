@@ -560,18 +560,7 @@ impl Session {
                 unit = self.split_into(parts.into_iter().map(Part::Query));
             }
         }
-        if !unit.recheck.is_empty() && unit.refused.is_none() {
-            let sqls = std::mem::take(&mut unit.recheck);
-            let group = self.group.clone();
-            match super::write::recheck_defaults(&group, &sqls).await {
-                Ok(rewrites) => {
-                    for (old, new) in rewrites {
-                        self.rewrite_unit(&mut unit, &old, &new);
-                    }
-                }
-                Err(e) => unit.refused = Some(e),
-            }
-        }
+        self.recheck(&mut unit).await;
         if !unit.simple && self.runs_split(&unit) {
             // A batch (its statements defined, its rewrites made).
             if self.busy_backend().is_some() {
@@ -642,6 +631,24 @@ impl Session {
         }
         let retryable = unit.route == Route::Read && self.tx_node.is_none();
         self.send_unit(target, unit, retryable).await
+    }
+
+    /// Writes to tables the catalog did not know when the unit was
+    /// classified: checked against a fresh catalog (rewritten, or refused).
+    async fn recheck(&mut self, unit: &mut Unit) {
+        if unit.recheck.is_empty() || unit.refused.is_some() {
+            return;
+        }
+        let sqls = std::mem::take(&mut unit.recheck);
+        let group = self.group.clone();
+        match super::write::recheck_defaults(&group, &sqls).await {
+            Ok(rewrites) => {
+                for (old, new) in rewrites {
+                    self.rewrite_unit(unit, &old, &new);
+                }
+            }
+            Err(e) => unit.refused = Some(e),
+        }
     }
 
     /// Queues the parts of a split unit (ahead of what is left of one split
@@ -947,9 +954,21 @@ impl Session {
     pub(super) async fn send_unit(
         &mut self,
         i: usize,
-        unit: Unit,
+        mut unit: Unit,
         retryable: bool,
     ) -> Result<(), End> {
+        if unit.syncs == 0 && self.open_batch == Some(i) {
+            // Streaming: what `dispatch` checks for a whole batch is checked
+            // for each part as it comes.
+            self.recheck(&mut unit).await;
+            let refusal = unit
+                .refused
+                .clone()
+                .or_else(|| self.streamed_begin_refusal(&unit));
+            if let Some(e) = refusal {
+                return self.refuse_in_batch(i, &unit, BytesMut::new(), e).await;
+            }
+        }
         let mut target = i;
         if let Err(e) = self.connect(target).await {
             self.group.node(target).suspect.notify_one();

@@ -568,6 +568,21 @@ impl Session {
             && !unit_sql(unit).iter().any(|s| is_rollback(s))
     }
 
+    /// The start of a batch streaming to the primary opens a READ ONLY,
+    /// REPEATABLE READ or SERIALIZABLE block and writes: the write lock,
+    /// which must come first, would make its BEGIN a no-op (a batch that is
+    /// not streamed is split instead).
+    pub(super) fn streamed_begin_refusal(&self, unit: &Unit) -> Option<PgError> {
+        let special = unit.begin == Some(true) || self.begins_isolated(unit);
+        (self.replicating() && unit.writes && special && self.batch_capture.is_none()).then(|| {
+            PgError::error(
+                "0A000",
+                "Reprise needs a Sync after a READ ONLY, REPEATABLE READ or SERIALIZABLE BEGIN that a pipelined batch writes after, when the batch had a Flush (or was too large to hold)",
+            )
+            .with_hint("send a Sync after the BEGIN")
+        })
+    }
+
     /// The unit opens a REPEATABLE READ or SERIALIZABLE transaction block.
     fn begins_isolated(&self, unit: &Unit) -> bool {
         unit.begin.is_some() && self.tx_node.is_none() && sqls_isolated(unit)
