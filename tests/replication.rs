@@ -1120,6 +1120,49 @@ async fn writes_and_commit_in_one_query_string_are_replicated() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(text.trim(), "a!,b!,e!,F,G,H,I");
+    // A COPY FROM STDIN among the parts: its data flows between them.
+    let copy = |sql: &str, data: &str| {
+        use std::io::Write;
+        // (Bounded: a proxy that stopped reading the data would hang psql.)
+        let mut child = Command::new("timeout")
+            .args([
+                "30",
+                "psql",
+                "-X",
+                "-q",
+                "-At",
+                "-c",
+                sql,
+                &g.proxy.url("app"),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(data.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = copy("BEGIN; COPY s FROM STDIN; COMMIT", "10\tj\n11\tk\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = copy("BEGIN; COPY s FROM STDIN; COMMIT", "12\tl\nbad\tm\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid input syntax"));
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM s WHERE id >= 10", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
     let ids: Vec<i32> = g
         .direct(2)
         .await
@@ -1131,7 +1174,8 @@ async fn writes_and_commit_in_one_query_string_are_replicated() {
         .collect();
     // (A subscriber may still be applying: compared fully below.)
     assert!(
-        ids.iter().all(|i| [1, 2, 4, 5, 6, 7, 8].contains(i)),
+        ids.iter()
+            .all(|i| [1, 2, 4, 5, 6, 7, 8, 10, 11].contains(i)),
         "{ids:?}"
     );
     assert_identical(&g).await;

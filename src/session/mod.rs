@@ -307,6 +307,10 @@ pub struct Session {
     /// (see `Session::runs_split`): each part is sent once the one before
     /// succeeded; their ReadyForQuery messages but the last are not relayed.
     pub(super) split: VecDeque<dispatch::Part>,
+    /// A node asked the client for COPY data (CopyInResponse relayed) and
+    /// the client has not ended it: its CopyData is read even between the
+    /// parts of a split string.
+    copy_in: bool,
     /// The last read unit, for one transparent retry if its node dies
     /// before answering.
     retry: Option<(usize, Unit)>,
@@ -426,6 +430,7 @@ impl Session {
             stream_cut: false,
             pending: None,
             split: VecDeque::new(),
+            copy_in: false,
             retry: None,
             cancel,
             cancel_target: None,
@@ -512,7 +517,7 @@ impl Session {
                 }
             }
             // Take every complete client message we may act on now.
-            while self.pending.is_none() && self.split.is_empty() {
+            while self.pending.is_none() && (self.split.is_empty() || self.copy_in) {
                 match self.client.try_next() {
                     Ok(Some(f)) => {
                         self.client_bytes_in += f.raw.len() as u64;
@@ -551,7 +556,7 @@ impl Session {
             if self.pass.held && !self.busy_on_primary() {
                 self.pass.release();
             }
-            let reading_client = self.pending.is_none() && self.split.is_empty();
+            let reading_client = self.pending.is_none() && (self.split.is_empty() || self.copy_in);
             let polled = self.current.filter(|&i| self.backends[i].is_some());
             tokio::select! {
                 // In this order, without drawing a random one: the rare
@@ -693,6 +698,9 @@ impl Session {
             }
             b'S' => self.sync(f).await,
             b'd' | b'c' | b'f' => {
+                if f.tag != b'd' {
+                    self.copy_in = false;
+                }
                 // COPY data goes to the backend running the COPY.
                 if let Some(i) = self.current
                     && self.backends[i].is_some()
@@ -863,6 +871,7 @@ impl Session {
     /// a split query string, sends the next part instead while all went well.
     fn forward_rfq(&mut self, rfq: Frame, i: usize) {
         let status = rfq.body().first().copied().unwrap_or(b'I');
+        self.copy_in = false;
         // An error ends a split string, as it would end one query.
         let failed = self.unit_seen.error;
         if status == b'I' {
@@ -953,6 +962,7 @@ impl Session {
                     .error(crate::admin::stats::error_sqlstate(frame.body()));
             }
             b'C' => self.unit_seen.end = transaction_end(frame.body()),
+            b'G' => self.copy_in = true,
             _ => {}
         }
     }
