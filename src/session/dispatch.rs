@@ -81,8 +81,9 @@ pub struct Unit {
 }
 
 impl Unit {
-    /// An extended-protocol unit of messages already classified (their
-    /// statements defined): a part of a split batch.
+    /// An extended-protocol unit of `items` (their statements already
+    /// defined), classified by what they bind: a part of a split batch, or
+    /// with no items the start of any batch.
     fn of_items(items: Vec<Item>) -> Unit {
         let mut unit = Unit {
             items: Vec::new(),
@@ -405,21 +406,7 @@ impl Session {
 
     /// [`Session::batch_unit`] taking the messages out of `frames`.
     fn batch_unit_from(&mut self, frames: &mut Vec<Frame>) -> Unit {
-        let mut unit = Unit {
-            items: Vec::with_capacity(frames.len()),
-            route: Route::Any,
-            settings: Vec::new(),
-            pin: None,
-            syncs: 0,
-            simple: false,
-            avoid: None,
-            writes: false,
-            begin: None,
-            ends_tx: false,
-            refused: None,
-            recheck: Vec::new(),
-            whole: None,
-        };
+        let mut unit = Unit::of_items(Vec::with_capacity(frames.len()));
         for frame in frames.drain(..) {
             let mut stmt = None;
             match frame.tag {
