@@ -249,22 +249,14 @@ pub fn split_transaction_control(sql: &str) -> Option<Vec<String>> {
     let mut open = false;
     for raw in &tree.stmts {
         let start = usize::try_from(raw.stmt_location).ok()?;
-        let control = match raw.stmt.as_deref().and_then(|s| s.node.as_ref()) {
-            Some(NodeEnum::TransactionStmt(t)) => match TransactionStmtKind::try_from(t.kind) {
-                Ok(TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart) => {
-                    !open
-                }
-                Ok(
-                    TransactionStmtKind::TransStmtCommit
-                    | TransactionStmtKind::TransStmtRollback
-                    | TransactionStmtKind::TransStmtPrepare
-                    | TransactionStmtKind::TransStmtCommitPrepared
-                    | TransactionStmtKind::TransStmtRollbackPrepared,
-                ) => true,
-                _ => false,
-            },
-            _ => false,
-        };
+        // What the statement does to the block, as `classify` judges it.
+        let mut c = Classification::empty();
+        if let Some(NodeEnum::TransactionStmt(t)) =
+            raw.stmt.as_deref().and_then(|s| s.node.as_ref())
+        {
+            transaction(&mut c, t);
+        }
+        let control = c.ends_tx || (c.begin.is_some() && !open);
         if control || !open {
             starts.push(if starts.is_empty() { 0 } else { start });
         }
