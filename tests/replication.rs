@@ -1163,15 +1163,7 @@ async fn writes_and_commit_in_one_query_string_are_replicated() {
         .unwrap()
         .get(0);
     assert_eq!(n, 2);
-    let ids: Vec<i32> = g
-        .direct(2)
-        .await
-        .query("SELECT id FROM s ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = ids_on(&g, 2, "s").await;
     // (A subscriber may still be applying: compared fully below.)
     assert!(
         ids.iter()
@@ -1179,6 +1171,18 @@ async fn writes_and_commit_in_one_query_string_are_replicated() {
         "{ids:?}"
     );
     assert_identical(&g).await;
+}
+
+/// The ids of `table` on node `i`, in order.
+async fn ids_on(g: &TestGroup, i: usize, table: &str) -> Vec<i32> {
+    g.direct(i)
+        .await
+        .query(&format!("SELECT id FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 /// The command tags (and the ReadyForQuery status) among messages.
@@ -1284,15 +1288,7 @@ async fn writes_and_commit_in_one_batch_are_replicated() {
     );
     assert_identical(&g).await;
     for i in 0..3 {
-        let ids: Vec<i32> = g
-            .direct(i)
-            .await
-            .query("SELECT id FROM pipe ORDER BY id", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let ids = ids_on(&g, i, "pipe").await;
         assert_eq!(ids, [1, 2, 4, 5], "rows on n{}", i + 1);
     }
 }
@@ -1482,15 +1478,7 @@ async fn a_batch_streamed_to_the_primary_is_checked_and_logged() {
     assert_eq!(tags_in(&raw.until(b'Z').await), ["INSERT 0 1", "ZI"]);
     assert_identical(&g).await;
     for i in 0..2 {
-        let ids: Vec<i32> = g
-            .direct(i)
-            .await
-            .query("SELECT id FROM pipe ORDER BY id", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let ids = ids_on(&g, i, "pipe").await;
         assert_eq!(ids, [1, 2, 4, 5], "rows on n{}", i + 1);
     }
 }
