@@ -145,15 +145,16 @@ $fn$;
 -- commit-order lock, taken here and held through COMMIT, so that the lock
 -- costs no statement of its own.
 -- Refuses entries of another term (fencing a stale primary).
-CREATE OR REPLACE FUNCTION reprise.append(p_term bigint, p_payload bytea, p_seqs_before text,
-                                          p_order_key bigint)
-RETURNS bigint LANGUAGE plpgsql AS $fn$
+-- Returns the row as appliers read it, so that the proxy can hand it to
+-- its own appliers once the transaction committed.
+CREATE OR REPLACE FUNCTION reprise.append_row(p_term bigint, p_payload bytea, p_seqs_before text,
+                                              p_order_key bigint)
+RETURNS TABLE (r_seq bigint, r_prev_hash text, r_hash text, r_sequences text,
+               r_captured text, r_committed_us bigint)
+LANGUAGE plpgsql AS $fn$
 DECLARE
     v_term bigint;
-    v_seq bigint;
-    v_prev text;
     v_after text;
-    v_captured text;
 BEGIN
     IF p_order_key IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(p_order_key);
@@ -163,26 +164,33 @@ BEGIN
         RAISE EXCEPTION 'reprise: this node is at term %, the entry is of term %', v_term, p_term
             USING ERRCODE = '40P02', HINT = 'a newer primary exists; retry the transaction';
     END IF;
-    SELECT seq, hash INTO v_seq, v_prev FROM reprise.log ORDER BY seq DESC LIMIT 1;
-    v_seq := coalesce(v_seq, 0) + 1;
-    v_prev := coalesce(v_prev, '');
+    SELECT l.seq, l.hash INTO r_seq, r_prev_hash FROM reprise.log l ORDER BY l.seq DESC LIMIT 1;
+    r_seq := coalesce(r_seq, 0) + 1;
+    r_prev_hash := coalesce(r_prev_hash, '');
     -- Row-local transactions (no snapshot passed) never touch sequences.
     IF p_seqs_before IS NOT NULL THEN
         v_after := reprise.sequences();
     END IF;
-    v_captured := reprise.captures();
+    r_captured := reprise.captures();
     -- The hash covers what replay uses: the previous hash, the payload and
     -- the values captured on the primary.
-    INSERT INTO reprise.log (seq, term, payload, prev_hash, hash, sequences, captured)
-    VALUES (v_seq, p_term, p_payload, v_prev,
-            encode(sha256(convert_to(v_prev, 'UTF8') || p_payload
-                          || convert_to(coalesce(v_captured, ''), 'UTF8')), 'hex'),
-            CASE WHEN p_seqs_before IS NULL OR v_after = p_seqs_before THEN NULL
-                 ELSE '[' || coalesce(p_seqs_before, '[]') || ',' || v_after || ']' END,
-            v_captured);
-    PERFORM pg_notify('reprise_log', v_seq::text);
-    RETURN v_seq;
+    r_hash := encode(sha256(convert_to(r_prev_hash, 'UTF8') || p_payload
+                            || convert_to(coalesce(r_captured, ''), 'UTF8')), 'hex');
+    r_sequences := CASE WHEN p_seqs_before IS NULL OR v_after = p_seqs_before THEN NULL
+                        ELSE '[' || coalesce(p_seqs_before, '[]') || ',' || v_after || ']' END;
+    INSERT INTO reprise.log AS l (seq, term, payload, prev_hash, hash, sequences, captured)
+    VALUES (r_seq, p_term, p_payload, r_prev_hash, r_hash, r_sequences, r_captured)
+    RETURNING (extract(epoch FROM l.committed_at) * 1000000)::bigint INTO r_committed_us;
+    PERFORM pg_notify('reprise_log', r_seq::text);
+    RETURN NEXT;
 END
+$fn$;
+
+-- The append as earlier versions called it: the seq only.
+CREATE OR REPLACE FUNCTION reprise.append(p_term bigint, p_payload bytea, p_seqs_before text,
+                                          p_order_key bigint)
+RETURNS bigint LANGUAGE sql AS $fn$
+    SELECT r_seq FROM reprise.append_row(p_term, p_payload, p_seqs_before, p_order_key)
 $fn$;
 
 -- The append of callers holding the write lock exclusively.

@@ -718,8 +718,13 @@ async fn promotion_is_refused_when_it_could_lose_an_acknowledged_commit() {
             .unwrap();
         assert_identical(&g).await;
 
-        // n2 stops applying; n3 acknowledges the next commits alone.
+        // n2 stops applying; n3 acknowledges the next commits alone. n2 is
+        // marked down first: an applier that is still running takes the
+        // proxy's own recent commits from memory, which would let n2 catch
+        // up even after the primary dies.
         blocking(|| g.cluster.nodes[1].pause()).unwrap();
+        let n2_down = wait_node_state(&g.proxy, "n2", &["down"], Duration::from_secs(30)).await;
+        assert!(n2_down.is_some(), "the paused n2 was not marked down");
         let mut acked = Vec::new();
         for i in 0..20 {
             let body = format!("while n2 hangs {i}");

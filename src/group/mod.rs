@@ -329,6 +329,10 @@ pub struct Group {
     head: AtomicU64,
     /// Woken whenever a node applies entries.
     pub applied_notify: tokio::sync::Notify,
+    /// Log rows this proxy's sessions committed lately (see `RecentLog`).
+    recent: std::sync::Mutex<crate::replication::RecentLog>,
+    /// Woken when a row is published to `recent`.
+    pub published: tokio::sync::Notify,
     /// Readers skip subscribers further behind than this (ms).
     pub max_lag_ms: u64,
     /// Tables' unique keys, defaults and triggers, for row-local writes
@@ -395,6 +399,8 @@ impl Group {
             read_scaling,
             head: AtomicU64::new(0),
             applied_notify: tokio::sync::Notify::new(),
+            recent: Default::default(),
+            published: tokio::sync::Notify::new(),
             max_lag_ms,
             rel_catalog: std::sync::RwLock::new(None),
             rel_epoch: AtomicU64::new(0),
@@ -730,6 +736,34 @@ impl Group {
         if p.applied() < seq {
             p.set_applied(seq);
         }
+    }
+
+    /// A session's transaction committed with this log row on the primary
+    /// of `term`: the appliers may replay it without reading it back.
+    pub fn publish(&self, term: u64, row: crate::replication::LogRow) {
+        if term != self.term() || self.slots() < 2 {
+            return;
+        }
+        self.recent.lock().expect("recent log").publish(term, row);
+        self.published.notify_waiters();
+    }
+
+    /// Rows published in `term` that continue `seq` (see `RecentLog::after`).
+    pub fn recent_after(
+        &self,
+        term: u64,
+        seq: i64,
+        max: usize,
+    ) -> (Vec<Arc<crate::replication::LogRow>>, bool) {
+        let recent = self.recent.lock().expect("recent log");
+        let rows = recent.after(term, seq, max);
+        let above = rows.is_empty() && recent.has_above(term, seq);
+        (rows, above)
+    }
+
+    /// Every subscriber applied `seq`: its published rows can go.
+    pub fn forget_recent_through(&self, seq: i64) {
+        self.recent.lock().expect("recent log").forget_through(seq);
     }
 
     /// Wakes everyone waiting for nodes to apply entries.

@@ -5,6 +5,7 @@
 //! the applier and marks the node divergent — never skipped.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -12,7 +13,7 @@ use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
 use tokio_postgres::AsyncMessage;
 
-use super::{Entry, SeqState, sequences_column, setval_sql};
+use super::{Entry, LogRow, SeqState, sequences_column, setval_sql};
 use crate::backend::BackendConn;
 use crate::group::health::{connect_config, error_text};
 use crate::group::{Group, NodeState};
@@ -111,11 +112,16 @@ async fn apply_loop(
         .await
         .map_err(|e| Stop::Transient(error_text(&e)))?;
     let wake = Arc::new(Notify::new());
-    let w = wake.clone();
+    // The highest seq the primary announced (the NOTIFY payloads).
+    let announced = Arc::new(AtomicI64::new(0));
+    let (w, a) = (wake.clone(), announced.clone());
     tokio::spawn(async move {
         let mut stream = futures_util::stream::poll_fn(move |cx| pconn.poll_message(cx));
         while let Some(Ok(m)) = stream.next().await {
-            if let AsyncMessage::Notification(_) = m {
+            if let AsyncMessage::Notification(n) = m {
+                if let Ok(seq) = n.payload().parse::<i64>() {
+                    a.fetch_max(seq, Ordering::AcqRel);
+                }
                 w.notify_one();
             }
         }
@@ -137,6 +143,8 @@ async fn apply_loop(
         )
         .await
         .map_err(|e| transient(&e))?;
+    // Read the primary's log first: this node may be far behind.
+    let mut must_fetch = true;
     loop {
         if stopped(shutdown) {
             return Ok(());
@@ -150,15 +158,63 @@ async fn apply_loop(
                 node.state().as_str()
             )));
         }
-        // A hung primary never answers: a failover ends the wait.
-        let after: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&applied];
-        let rows = tokio::select! {
-            r = source.query(&fetch, &after) => r.map_err(|e| transient(&e))?,
-            _ = group.until(&mut events, |g| g.term() != run_term) => {
-                return Err(Stop::Transient("the group has a new primary".into()));
+        let published = group.published.notified();
+        tokio::pin!(published);
+        published.as_mut().enable();
+        let mut rows = Vec::new();
+        if !must_fetch {
+            // Rows this proxy's sessions committed: no read of the primary.
+            let (recent, above) = group.recent_after(run_term, applied, FETCH_ROWS);
+            rows = recent;
+            let behind = announced
+                .load(Ordering::Acquire)
+                .max(group.head_seq() as i64)
+                > applied;
+            if rows.is_empty() && (above || behind) {
+                // The next row may be on its way from a session whose
+                // COMMIT answer is still in flight: give it a moment.
+                let _ = tokio::time::timeout(Duration::from_millis(2), published).await;
+                rows = group.recent_after(run_term, applied, FETCH_ROWS).0;
+                must_fetch = rows.is_empty();
+            } else if rows.is_empty() {
+                tokio::select! {
+                    _ = published => {}
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(1000)) => must_fetch = true,
+                    _ = shutdown.changed() => {}
+                    _ = events.changed() => {}
+                }
+                if source.is_closed() {
+                    return Err(Stop::Transient("lost the connection to the primary".into()));
+                }
+                continue;
             }
-        };
-        if let Some(next) = rows.first().map(|r| r.get::<_, i64>(0))
+            if !rows.is_empty() && node.state() == NodeState::CatchingUp {
+                node.set_state(NodeState::Up);
+            }
+        }
+        if must_fetch {
+            must_fetch = false;
+            // A hung primary never answers: a failover ends the wait.
+            let after: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&applied];
+            let fetched = tokio::select! {
+                r = source.query(&fetch, &after) => r.map_err(|e| transient(&e))?,
+                _ = group.until(&mut events, |g| g.term() != run_term) => {
+                    return Err(Stop::Transient("the group has a new primary".into()));
+                }
+            };
+            rows = fetched.iter().map(|r| Arc::new(log_row(r))).collect();
+            if rows.len() == FETCH_ROWS {
+                must_fetch = true;
+            }
+            if rows.is_empty() {
+                if node.state() == NodeState::CatchingUp {
+                    node.set_state(NodeState::Up);
+                }
+                continue;
+            }
+        }
+        if let Some(next) = rows.first().map(|r| r.seq)
             && next > applied + 1
         {
             // Seqs have no holes: the entries this node needs next were
@@ -174,31 +230,14 @@ async fn apply_loop(
             });
         }
         if let Some(last) = rows.last() {
-            group.observe_head(run_term, last.get::<_, i64>(0) as u64);
+            group.observe_head(run_term, last.seq as u64);
         }
         let mut batch: Vec<Prepared> = Vec::new();
         let mut bytes = 0usize;
         for row in &rows {
-            let seq: i64 = row.get(0);
-            let term: i64 = row.get(1);
-            let payload: Vec<u8> = row.get(2);
-            let prev_hash: String = row.get(3);
-            let hash: String = row.get(4);
-            let committed_us: i64 = row.get(5);
-            let sequences: Option<String> = row.get(6);
-            let captured: Option<String> = row.get(7);
+            let seq = row.seq;
             let entry =
-                Entry::decode(&payload).map_err(|reason| Stop::Divergent { seq, reason })?;
-            let logged = Logged {
-                seq,
-                term,
-                payload: &payload,
-                prev_hash: &prev_hash,
-                hash: &hash,
-                sequences: sequences.as_deref(),
-                captured: captured.as_deref(),
-                committed_us,
-            };
+                Entry::decode(&row.payload).map_err(|reason| Stop::Divergent { seq, reason })?;
             let nontx = entry.header.kind == super::NONTX;
             // Bounded so the node's answers never fill the socket while we
             // are still writing (both sides would wait on each other).
@@ -216,7 +255,7 @@ async fn apply_loop(
                 let _held = hold(group, &node, run_term).await?;
                 run_outside_transaction(&mut replay, seq, &entry).await?;
             }
-            let p = prepare(&logged, &entry, nontx, &mut cache);
+            let p = prepare(row, &entry, nontx, &mut cache);
             bytes += p.buf.len();
             batch.push(p);
         }
@@ -228,20 +267,38 @@ async fn apply_loop(
             })
             .await?;
         }
-        if rows.is_empty() {
-            if node.state() == NodeState::CatchingUp {
-                node.set_state(NodeState::Up);
-            }
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
-                _ = shutdown.changed() => {}
-                _ = events.changed() => {}
-            }
-            if source.is_closed() {
-                return Err(Stop::Transient("lost the connection to the primary".into()));
-            }
-        }
+        forget_applied_rows(group);
+    }
+}
+
+/// Rows fetched from the primary's log at most per read.
+const FETCH_ROWS: usize = 500;
+
+/// A row of the log fetch.
+fn log_row(r: &tokio_postgres::Row) -> LogRow {
+    LogRow {
+        seq: r.get(0),
+        term: r.get(1),
+        payload: Bytes::from(r.get::<_, Vec<u8>>(2)),
+        prev_hash: r.get(3),
+        hash: r.get(4),
+        committed_us: r.get(5),
+        sequences: r.get(6),
+        captured: r.get(7),
+    }
+}
+
+/// Drops the published rows every replaying subscriber has applied.
+fn forget_applied_rows(group: &Group) {
+    let primary = group.primary();
+    let low = (0..group.slots())
+        .filter(|&i| i != primary)
+        .map(|i| group.node(i))
+        .filter(|n| matches!(n.state(), NodeState::Up | NodeState::CatchingUp))
+        .map(|n| n.applied())
+        .min();
+    if let Some(low) = low {
+        group.forget_recent_through(low as i64);
     }
 }
 
@@ -265,28 +322,36 @@ async fn hold<'a>(
     Ok(guard)
 }
 
-/// A log row as read from the primary.
-struct Logged<'a> {
-    seq: i64,
-    term: i64,
-    payload: &'a [u8],
-    prev_hash: &'a str,
-    hash: &'a str,
-    sequences: Option<&'a str>,
-    /// Values the transaction captured on the primary (`reprise.captures()`).
-    captured: Option<&'a str>,
-    /// The primary's commit time, µs since the epoch.
-    committed_us: i64,
-}
-
 /// One entry encoded for replay: the bytes to send and what to expect.
 struct Prepared {
     seq: i64,
     committed_us: i64,
     buf: BytesMut,
-    captured_units: usize,
+    layout: Layout,
     tags: Vec<String>,
     check_tags: bool,
+}
+
+/// How a prepared entry's answers are laid out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Layout {
+    /// BEGIN, the log row, the setup, each captured unit (this many) with
+    /// its own ReadyForQuery, COMMIT.
+    Units(usize),
+    /// Plain DML in few round trips: BEGIN with the setup; the log row and
+    /// the statements as one extended batch (one Sync); with `simple`, the
+    /// captured simple queries as one string; COMMIT.
+    Compact { simple: bool },
+}
+
+impl Layout {
+    /// ReadyForQuery messages the entry's answers hold.
+    fn rfqs(self) -> usize {
+        match self {
+            Layout::Units(n) => n + 4,
+            Layout::Compact { simple } => 3 + simple as usize,
+        }
+    }
 }
 
 /// Encodes one entry as one transaction: setup, the captured messages, the
@@ -294,9 +359,10 @@ struct Prepared {
 /// the node's statement cache; any other entry replays its messages as
 /// captured, after DEALLOCATE ALL (it may prepare, deallocate or change the
 /// tables the cached statements use).
-fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool, cache: &mut StatementCache) -> Prepared {
+fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache) -> Prepared {
     let h = &entry.header;
-    let (before, after): (Vec<SeqState>, Vec<SeqState>) = sequences_column(row.sequences);
+    let (before, after): (Vec<SeqState>, Vec<SeqState>) =
+        sequences_column(row.sequences.as_deref());
     let messages: &[u8] = if nontx { &[] } else { &entry.messages };
     // Bounded: ad-hoc statements (literals in the text) would otherwise
     // pile up on the node.
@@ -315,7 +381,7 @@ fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool, cache: &mut StatementCa
         h.now.replace('\'', "''"),
         setval_sql(&before)
     ));
-    if let Some(values) = row.captured {
+    if let Some(values) = &row.captured {
         // reprise.captured() returns these, in order, instead of computing.
         // Dollar-quoted: the entry's settings may turn
         // standard_conforming_strings off.
@@ -331,24 +397,110 @@ fn prepare(row: &Logged<'_>, entry: &Entry, nontx: bool, cache: &mut StatementCa
     // a second applier replaying the same entry (another proxy's) waits on
     // it and then fails on its key, having changed nothing.
     let mut buf = BytesMut::new();
-    buf.extend_from_slice(&messages::query("BEGIN"));
-    append_applied(&mut buf, row, cache);
-    buf.extend_from_slice(&messages::query(&setup));
-    if cached {
-        cache.rewrite(messages, &mut buf);
+    let compact = if cached && before.is_empty() {
+        compact_kind(messages)
     } else {
-        cache.clear();
-        buf.extend_from_slice(messages);
-    }
+        None
+    };
+    let layout = match compact {
+        Some(simple) => {
+            // Nothing non-transactional runs before the log row here (no
+            // setval), so the setup may come first.
+            buf.extend_from_slice(&messages::query(&format!("BEGIN; {setup}")));
+            append_applied(&mut buf, row, cache);
+            if simple {
+                put_message(b'S', b"", &mut buf);
+                joined_queries(messages, &mut buf);
+            } else {
+                let mut units = BytesMut::new();
+                cache.rewrite(messages, &mut units);
+                without_syncs(&units, &mut buf);
+                put_message(b'S', b"", &mut buf);
+            }
+            Layout::Compact { simple }
+        }
+        None => {
+            buf.extend_from_slice(&messages::query("BEGIN"));
+            append_applied(&mut buf, row, cache);
+            put_message(b'S', b"", &mut buf);
+            buf.extend_from_slice(&messages::query(&setup));
+            if cached {
+                cache.rewrite(messages, &mut buf);
+            } else {
+                cache.clear();
+                buf.extend_from_slice(messages);
+            }
+            Layout::Units(count_units(messages))
+        }
+    };
     buf.extend_from_slice(&messages::query(&format!("{} COMMIT", setval_sql(&after))));
     Prepared {
         seq: row.seq,
         committed_us: row.committed_us,
         buf,
-        captured_units: count_units(messages),
+        layout,
         tags: h.tags.clone(),
         check_tags: !nontx,
     }
+}
+
+/// Whether an entry's messages can replay in the compact layout: only
+/// extended-protocol statements (`Some(false)`: their Syncs can go, the
+/// batch ends with one), or only simple queries (`Some(true)`: they can run
+/// as one string). COPY data or a mix keeps the unit-by-unit layout.
+fn compact_kind(messages: &[u8]) -> Option<bool> {
+    let (mut simple, mut extended) = (false, false);
+    let mut rest = messages;
+    while !rest.is_empty() {
+        let (tag, _, next) = split_frame(rest)?;
+        match tag {
+            b'Q' => simple = true,
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'S' => extended = true,
+            _ => return None,
+        }
+        rest = next;
+    }
+    match (simple, extended) {
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        _ => None,
+    }
+}
+
+/// One frame of raw messages: (tag, body, the rest); None if malformed.
+fn split_frame(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let len = i32::from_be_bytes(b.get(1..5)?.try_into().ok()?);
+    let len = usize::try_from(len).ok().filter(|&l| l >= 4)?;
+    let body = b.get(5..len + 1)?;
+    Some((b[0], body, &b[len + 1..]))
+}
+
+/// Copies frames to `out`, leaving out the Syncs (an error then skips the
+/// rest of the batch, which ends the entry as a failed one anyway).
+fn without_syncs(mut b: &[u8], out: &mut BytesMut) {
+    while let Some((tag, body, next)) = split_frame(b) {
+        if tag != b'S' {
+            out.extend_from_slice(&b[..body.len() + 5]);
+        }
+        b = next;
+    }
+}
+
+/// The texts of simple queries as one Query message, bytes as captured
+/// (the session's client_encoding may not be UTF-8). Each text parsed on
+/// its own on the primary, so only a trailing line comment can reach past
+/// its end: the separator starts on a new line.
+fn joined_queries(mut b: &[u8], out: &mut BytesMut) {
+    let mut sql = Vec::new();
+    while let Some((_, body, next)) = split_frame(b) {
+        if !sql.is_empty() {
+            sql.extend_from_slice(b"\n;\n");
+        }
+        sql.extend_from_slice(body.strip_suffix(b"\0").unwrap_or(body));
+        b = next;
+    }
+    sql.push(0);
+    put_message(b'Q', &sql, out);
 }
 
 /// Whether every statement of an entry was plain DML (by its command tags
@@ -464,44 +616,83 @@ impl StatementCache {
     }
 }
 
+/// Which part of a replayed entry an answer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Part {
+    Begin,
+    LogRow,
+    Setup,
+    Statement,
+    Commit,
+}
+
+impl Part {
+    fn doing(self) -> &'static str {
+        match self {
+            Part::Begin => "beginning the transaction",
+            Part::LogRow => "recording the entry",
+            Part::Setup => "setting up the transaction",
+            Part::Statement => "replaying a statement",
+            Part::Commit => "committing",
+        }
+    }
+}
+
+/// The part an answer belongs to, after `rfqs` ReadyForQuery messages and
+/// `completes` CommandCompletes since the last.
+fn part_of(layout: Layout, rfqs: usize, completes: usize) -> Part {
+    match layout {
+        Layout::Units(units) => match rfqs {
+            0 => Part::Begin,
+            1 => Part::LogRow,
+            2 => Part::Setup,
+            r if r <= units + 2 => Part::Statement,
+            _ => Part::Commit,
+        },
+        Layout::Compact { simple } => match (rfqs, completes) {
+            (0, _) => Part::Setup,
+            (1, 0) => Part::LogRow,
+            (1, _) if simple => Part::LogRow,
+            (1, _) => Part::Statement,
+            (2, _) if simple => Part::Statement,
+            _ => Part::Commit,
+        },
+    }
+}
+
 /// Reads one replayed entry's responses and checks them.
 async fn read_result(conn: &mut BackendConn, p: &Prepared) -> Result<(), Stop> {
-    let total = p.captured_units + 4;
+    let total = p.layout.rfqs();
     let mut rfqs = 0;
+    // CommandCompletes since the last ReadyForQuery.
+    let mut completes = 0;
     let mut tags = Vec::new();
     let mut error: Option<String> = None;
     let mut moved = false;
     while rfqs < total {
         let f = next_frame(conn).await?;
-        if f.tag == b'E'
-            && error.is_none()
-            && matches!(
-                messages::error_code(f.body()).as_deref(),
-                Some("40P03" | "23505")
-            )
-            && rfqs == 1
-        {
-            // The node's position moved under us (another proxy's applier
-            // replayed this entry): not a divergence; re-read the position.
-            moved = true;
-        }
+        let part = part_of(p.layout, rfqs, completes);
         match f.tag {
-            b'Z' => rfqs += 1,
-            b'C' if rfqs >= 3 && rfqs <= p.captured_units + 2 => {
-                tags.push(Reader::new(f.body()).cstr().unwrap_or_default().to_string());
+            b'Z' => {
+                rfqs += 1;
+                completes = 0;
+            }
+            b'C' => {
+                if part == Part::Statement {
+                    tags.push(Reader::new(f.body()).cstr().unwrap_or_default().to_string());
+                }
+                completes += 1;
             }
             b'E' if error.is_none() => {
-                let part = match rfqs {
-                    0 => "beginning the transaction",
-                    1 => "recording the entry",
-                    2 => "setting up the transaction",
-                    r if r <= p.captured_units + 2 => "replaying a statement",
-                    _ => "committing",
-                };
+                let code = messages::error_code(f.body()).unwrap_or_default();
+                // The node's position moved under us (another proxy's
+                // applier replayed this entry): not a divergence; re-read
+                // the position.
+                moved = part == Part::LogRow && matches!(code.as_str(), "40P03" | "23505");
                 error = Some(format!(
-                    "{part}: {} (SQLSTATE {})",
+                    "{}: {} (SQLSTATE {code})",
+                    part.doing(),
                     messages::error_message(f.body()),
-                    messages::error_code(f.body()).unwrap_or_default()
                 ));
             }
             _ => {}
@@ -646,8 +837,8 @@ pub fn count_units(messages: &[u8]) -> usize {
 }
 
 /// `SELECT reprise.applied(…)` with the payload as a binary parameter, as
-/// a cached statement.
-fn append_applied(buf: &mut BytesMut, row: &Logged<'_>, cache: &mut StatementCache) {
+/// a cached statement (the caller ends the batch with a Sync).
+fn append_applied(buf: &mut BytesMut, row: &LogRow, cache: &mut StatementCache) {
     let mut parse = BytesMut::new();
     put_cstr(
         &mut parse,
@@ -659,16 +850,15 @@ fn append_applied(buf: &mut BytesMut, row: &Logged<'_>, cache: &mut StatementCac
     let params: [(i16, Option<Bytes>); 8] = [
         (0, Some(Bytes::from(row.seq.to_string()))),
         (0, Some(Bytes::from(row.term.to_string()))),
-        (1, Some(Bytes::copy_from_slice(row.payload))),
+        (1, Some(row.payload.clone())),
         (0, Some(Bytes::from(row.prev_hash.to_string()))),
         (0, Some(Bytes::from(row.hash.to_string()))),
-        (0, row.sequences.map(|s| Bytes::from(s.to_string()))),
+        (0, row.sequences.clone().map(Bytes::from)),
         (0, Some(Bytes::from(row.committed_us.to_string()))),
-        (0, row.captured.map(|s| Bytes::from(s.to_string()))),
+        (0, row.captured.clone().map(Bytes::from)),
     ];
     put_message(b'B', &bind_body_for(&name, &params), buf);
     put_message(b'E', b"\0\0\0\0\0", buf);
-    put_message(b'S', b"", buf);
 }
 
 /// A Bind body for the unnamed portal and statement (None is NULL).
@@ -811,5 +1001,58 @@ mod tests {
         assert_eq!(count_units(&[b'S', 0x80, 0, 0, 0]), 0);
         assert_eq!(count_units(&[b'S', 0, 0, 0, 3, b'S', 0, 0, 0, 4]), 0);
         assert_eq!(count_units(&[b'S', 0, 0, 0, 4, b'S', 0, 0, 0, 4]), 2);
+    }
+
+    #[test]
+    fn plain_statements_replay_in_few_round_trips() {
+        let ext = entry_messages("s", "update t set a = 1");
+        let mut simple = BytesMut::new();
+        simple.extend_from_slice(&messages::query("update t set a = 1 -- note"));
+        simple.extend_from_slice(&messages::query("delete from t;"));
+        assert_eq!(compact_kind(&ext), Some(false));
+        assert_eq!(compact_kind(&simple), Some(true));
+        // A mix, COPY data, or a malformed frame keep the unit layout.
+        let mut mixed = ext.clone();
+        mixed.extend_from_slice(&simple);
+        assert_eq!(compact_kind(&mixed), None);
+        let mut copy = simple.clone();
+        put_message(b'd', b"1\n", &mut copy);
+        assert_eq!(compact_kind(&copy), None);
+        assert_eq!(compact_kind(&[b'Q', 0, 0, 0, 9, b'x']), None);
+
+        let mut out = BytesMut::new();
+        without_syncs(&ext, &mut out);
+        let kept: Vec<u8> = frames(&out).iter().map(|(t, _)| *t).collect();
+        assert_eq!(kept, b"PBDEC");
+
+        let mut q = BytesMut::new();
+        joined_queries(&simple, &mut q);
+        let f = frames(&q);
+        assert_eq!(f.len(), 1);
+        assert_eq!(
+            f[0].1,
+            b"update t set a = 1 -- note\n;\ndelete from t;\0".to_vec()
+        );
+    }
+
+    #[test]
+    fn answers_are_told_apart_by_part() {
+        let units = Layout::Units(2);
+        assert_eq!(units.rfqs(), 6);
+        assert_eq!(part_of(units, 1, 0), Part::LogRow);
+        assert_eq!(part_of(units, 3, 0), Part::Statement);
+        assert_eq!(part_of(units, 4, 0), Part::Statement);
+        assert_eq!(part_of(units, 5, 0), Part::Commit);
+        let ext = Layout::Compact { simple: false };
+        assert_eq!(ext.rfqs(), 3);
+        assert_eq!(part_of(ext, 0, 3), Part::Setup);
+        assert_eq!(part_of(ext, 1, 0), Part::LogRow);
+        assert_eq!(part_of(ext, 1, 1), Part::Statement);
+        assert_eq!(part_of(ext, 2, 0), Part::Commit);
+        let simple = Layout::Compact { simple: true };
+        assert_eq!(simple.rfqs(), 4);
+        assert_eq!(part_of(simple, 1, 0), Part::LogRow);
+        assert_eq!(part_of(simple, 2, 1), Part::Statement);
+        assert_eq!(part_of(simple, 3, 0), Part::Commit);
     }
 }

@@ -66,6 +66,91 @@ pub fn lock_query(group: &str) -> String {
     )
 }
 
+/// A log row as the primary holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRow {
+    pub seq: i64,
+    pub term: i64,
+    pub payload: Bytes,
+    pub prev_hash: String,
+    pub hash: String,
+    pub sequences: Option<String>,
+    /// Values the transaction captured on the primary (`reprise.captures()`).
+    pub captured: Option<String>,
+    /// The primary's commit time, µs since the epoch.
+    pub committed_us: i64,
+}
+
+/// Log rows this proxy's sessions committed lately, so that its appliers
+/// replay them without reading them back from the primary. Rows come in
+/// as their COMMITs are answered, not quite in seq order; an applier
+/// takes a run that continues its position, and reads the primary's log
+/// for anything missing (rows of other proxies, commits whose outcome the
+/// session could not see, rows dropped here for room).
+#[derive(Debug, Default)]
+pub struct RecentLog {
+    /// The term of the rows held.
+    term: u64,
+    rows: std::collections::BTreeMap<i64, std::sync::Arc<LogRow>>,
+    bytes: usize,
+}
+
+impl RecentLog {
+    /// At most this many rows, or this many payload bytes, are held.
+    const MAX_ROWS: usize = 4096;
+    const MAX_BYTES: usize = 32 << 20;
+
+    /// A row committed on the primary of `term`.
+    pub fn publish(&mut self, term: u64, row: LogRow) {
+        if term != self.term {
+            self.rows.clear();
+            self.bytes = 0;
+            self.term = term;
+        }
+        self.bytes += row.payload.len();
+        if let Some(old) = self.rows.insert(row.seq, std::sync::Arc::new(row)) {
+            self.bytes -= old.payload.len();
+        }
+        while self.rows.len() > Self::MAX_ROWS || self.bytes > Self::MAX_BYTES {
+            match self.rows.pop_first() {
+                Some((_, r)) => self.bytes -= r.payload.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Up to `max` rows of `term` that follow `seq` without a hole.
+    pub fn after(&self, term: u64, seq: i64, max: usize) -> Vec<std::sync::Arc<LogRow>> {
+        if term != self.term {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (&s, row) in self.rows.range(seq + 1..) {
+            if s != seq + 1 + out.len() as i64 || out.len() >= max {
+                break;
+            }
+            out.push(row.clone());
+        }
+        out
+    }
+
+    /// Whether a row of `term` above `seq` is held (one before it may
+    /// still be on its way).
+    pub fn has_above(&self, term: u64, seq: i64) -> bool {
+        term == self.term && self.rows.range(seq + 1..).next().is_some()
+    }
+
+    /// Rows up to `seq` are applied everywhere they are wanted.
+    pub fn forget_through(&mut self, seq: i64) {
+        while let Some(entry) = self.rows.first_entry() {
+            if *entry.key() > seq {
+                break;
+            }
+            self.bytes -= entry.remove().payload.len();
+        }
+    }
+}
+
 /// What one log entry replays.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EntryHeader {
@@ -211,5 +296,49 @@ mod tests {
     fn lock_keys_differ_per_group_and_are_stable() {
         assert_eq!(lock_key("app"), lock_key("app"));
         assert_ne!(lock_key("app"), lock_key("app2"));
+    }
+
+    fn row(seq: i64) -> LogRow {
+        LogRow {
+            seq,
+            term: 2,
+            payload: Bytes::from(vec![0u8; 10]),
+            prev_hash: String::new(),
+            hash: String::new(),
+            sequences: None,
+            captured: None,
+            committed_us: 0,
+        }
+    }
+
+    #[test]
+    fn recent_rows_are_handed_out_in_runs_without_holes() {
+        let mut r = RecentLog::default();
+        for s in [3, 1, 2, 5] {
+            r.publish(2, row(s));
+        }
+        let seqs = |v: Vec<std::sync::Arc<LogRow>>| v.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(r.after(2, 0, 10)), [1, 2, 3]);
+        assert_eq!(seqs(r.after(2, 1, 1)), [2]);
+        // 4 is missing: nothing after 3 yet, but something above it.
+        assert!(r.after(2, 3, 10).is_empty());
+        assert!(r.has_above(2, 3));
+        assert!(!r.has_above(2, 5));
+        // Another term's rows are not this run's.
+        assert!(r.after(3, 0, 10).is_empty());
+        r.forget_through(2);
+        assert!(r.after(2, 0, 10).is_empty());
+        assert_eq!(seqs(r.after(2, 2, 10)), [3]);
+        // A new term starts over.
+        r.publish(3, row(9));
+        assert!(r.after(2, 2, 10).is_empty());
+        assert!(!r.has_above(2, 0));
+        assert_eq!(r.bytes, 10);
+        // Bounded by count.
+        for s in 10..(10 + RecentLog::MAX_ROWS as i64 + 5) {
+            r.publish(3, row(s));
+        }
+        assert_eq!(r.rows.len(), RecentLog::MAX_ROWS);
+        assert!(r.after(3, 8, 1).is_empty());
     }
 }

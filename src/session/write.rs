@@ -34,6 +34,11 @@ pub struct WriteTx {
     pub failed: Option<PgError>,
     /// The seq the append returned.
     pub seq: Option<u64>,
+    /// The entry's payload, once appended.
+    payload: bytes::Bytes,
+    /// The log row the append wrote (published to the appliers once the
+    /// transaction committed).
+    row: Option<replication::LogRow>,
     /// The client's own ReadyForQuery, held until the commit is settled.
     pub held_rfq: Option<Frame>,
     /// The append (and so the COMMIT) has been sent.
@@ -802,10 +807,11 @@ impl Session {
         messages::put_cstr(&mut parse, "");
         messages::put_cstr(
             &mut parse,
-            "SELECT reprise.append($1::bigint, $2::bytea, $3::text, $4::bigint)",
+            "SELECT * FROM reprise.append_row($1::bigint, $2::bytea, $3::text, $4::bigint)",
         );
         parse.extend_from_slice(&0i16.to_be_bytes());
         messages::put_message(b'P', &parse, buf);
+        tx.payload = payload.clone();
         let params = [
             (0i16, Some(bytes::Bytes::from(term.to_string()))),
             (1, Some(payload)),
@@ -865,6 +871,7 @@ impl Session {
                         }
                         Own::Append => {
                             tx.seq = cols.first().cloned().flatten().and_then(|v| v.parse().ok());
+                            tx.row = appended_row(&cols, tx.term, &tx.payload);
                         }
                         _ => {}
                     }
@@ -952,10 +959,13 @@ impl Session {
             return Ok(None);
         }
         if status == b'I' {
-            // An explicit transaction ended (COMMIT or ROLLBACK).
+            // An explicit transaction ended (COMMIT or ROLLBACK; a COMMIT
+            // that failed rolled the appended entry back too).
             let tx = self.write.tx.take().expect("checked");
-            if let Some(seq) = tx.seq {
-                return Ok(self.committed(seq, tx.term, f, tx.ddl));
+            if let Some(seq) = tx.seq
+                && !failed_unit
+            {
+                return Ok(self.committed(seq, tx.term, f, tx.ddl, tx.row));
             }
         }
         Ok(Some(f))
@@ -985,7 +995,9 @@ impl Session {
         let held = tx.held_rfq?;
         let idle = Frame::new(b'Z', b"I");
         match (kind, ok, tx.seq, tx.failed) {
-            (Own::Commit, true, Some(seq), None) => self.committed(seq, tx.term, idle, tx.ddl),
+            (Own::Commit, true, Some(seq), None) => {
+                self.committed(seq, tx.term, idle, tx.ddl, tx.row)
+            }
             (_, _, _, Some(e)) => {
                 self.put_error(&e);
                 Some(idle)
@@ -1005,10 +1017,20 @@ impl Session {
     }
 
     /// A transaction committed at `seq`: remember it, maybe wait for subscribers.
-    fn committed(&mut self, seq: u64, term: u64, rfq: Frame, ddl: bool) -> Option<Frame> {
+    fn committed(
+        &mut self,
+        seq: u64,
+        term: u64,
+        rfq: Frame,
+        ddl: bool,
+        row: Option<replication::LogRow>,
+    ) -> Option<Frame> {
         if ddl {
             // A schema change committed: reload the table catalog after it.
             self.group.invalidate_rel_catalog();
+        }
+        if let Some(row) = row {
+            self.group.publish(term, row);
         }
         self.write.last_seq = self.write.last_seq.max(seq);
         self.group.observe_head(term, seq);
@@ -1144,6 +1166,32 @@ fn data_row(body: &[u8]) -> Vec<Option<String>> {
         }
     }
     out
+}
+
+/// The log row `reprise.append_row` answered with (its columns: seq,
+/// prev_hash, hash, sequences, captured, committed_us). None if a column
+/// is not plain ASCII: the text came in the session's client_encoding,
+/// which may not be the UTF-8 the appliers read the log in, so they read
+/// that row from the primary instead.
+fn appended_row(
+    cols: &[Option<String>],
+    term: u64,
+    payload: &bytes::Bytes,
+) -> Option<replication::LogRow> {
+    if cols.iter().flatten().any(|c| !c.is_ascii()) {
+        return None;
+    }
+    let col = |i: usize| cols.get(i).cloned().flatten();
+    Some(replication::LogRow {
+        seq: col(0)?.parse().ok()?,
+        term: i64::try_from(term).ok()?,
+        payload: payload.clone(),
+        prev_hash: col(1)?,
+        hash: col(2)?,
+        sequences: col(3),
+        captured: col(4),
+        committed_us: col(5)?.parse().ok()?,
+    })
 }
 
 #[cfg(test)]
