@@ -1293,62 +1293,6 @@ async fn writes_and_commit_in_one_batch_are_replicated() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tmp_streamed_commit() {
-    let g = TestGroup::start(2, |_| {}).await;
-    let c = g.proxy.client("app").await;
-    c.batch_execute("CREATE TABLE pipe (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let mut raw = Raw::connect(&g.proxy).await;
-    let mut out = Vec::new();
-    Raw::parse(&mut out, "", "BEGIN");
-    Raw::bind(&mut out, "", &[]);
-    Raw::execute(&mut out);
-    Raw::parse(&mut out, "", "INSERT INTO pipe VALUES (1, 'a')");
-    Raw::bind(&mut out, "", &[]);
-    Raw::execute(&mut out);
-    Raw::msg(&mut out, b'H', b"");
-    raw.send(&out).await;
-    let got = raw.until(b'C').await;
-    eprintln!("first: {got:?}");
-    let got = raw.until(b'C').await;
-    eprintln!("second: {got:?}");
-    let mut out = Vec::new();
-    Raw::parse(&mut out, "", "COMMIT");
-    Raw::bind(&mut out, "", &[]);
-    Raw::execute(&mut out);
-    Raw::msg(&mut out, b'S', b"");
-    raw.send(&out).await;
-    let got = raw.until(b'Z').await;
-    eprintln!("third: {:?}", tags_in(&got));
-    eprintln!("err: {:?}", error_in(&got));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    eprintln!("status: {}", g.proxy.status().await);
-    for i in 0..2 {
-        let rows = g.direct(i).await.query("SELECT seq, length(payload), encode(payload, 'escape') FROM reprise.log ORDER BY seq", &[]).await.unwrap();
-        for r in rows {
-            let (a, b, p): (i64, i32, String) = (r.get(0), r.get(1), r.get(2));
-            eprintln!(
-                "n{} log {a} {b} {}",
-                i + 1,
-                p.replace('\n', " ").chars().take(300).collect::<String>()
-            );
-        }
-    }
-    assert_identical(&g).await;
-    for i in 0..2 {
-        let n: i64 = g
-            .direct(i)
-            .await
-            .query_one("SELECT count(*) FROM pipe", &[])
-            .await
-            .unwrap()
-            .get(0);
-        eprintln!("n{} rows {n}", i + 1);
-    }
-}
-
 /// Parse, Bind and Execute of `sql` as the unnamed statement.
 fn statement(out: &mut Vec<u8>, sql: &str) {
     Raw::parse(out, "", sql);
