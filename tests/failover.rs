@@ -788,6 +788,82 @@ async fn promotion_is_refused_when_it_could_lose_an_acknowledged_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_subscriber_catches_up_on_the_proxys_commits_after_the_primary_died() {
+    bounded(TEST_LIMIT, async move {
+        // Slow failure detection: the paused subscriber stays `up`, and the
+        // dead primary is not replaced while the test looks.
+        let mut g = TestGroup::start(2, |c| {
+            c.health.interval_ms = 200;
+            c.health.failures_before_down = 500;
+        })
+        .await;
+        let c = g.proxy.client("app").await;
+        c.execute("INSERT INTO notes (body) VALUES ('before')", &[])
+            .await
+            .unwrap();
+        assert_identical(&g).await;
+
+        // n2 hangs while commits are acknowledged by the primary alone.
+        blocking(|| g.cluster.nodes[1].pause()).unwrap();
+        let mut acked = Vec::new();
+        for i in 0..30 {
+            let body = format!("while n2 hangs {i}");
+            c.execute("INSERT INTO notes (body) VALUES ($1)", &[&body])
+                .await
+                .unwrap();
+            acked.push(body);
+        }
+        // The primary dies with them; then n2 answers again. Its applier
+        // replays them from the rows this proxy's sessions committed: the
+        // primary's log cannot be read any more.
+        blocking(|| g.cluster.nodes[0].kill()).unwrap();
+        blocking(|| g.cluster.nodes[1].resume()).unwrap();
+        let n2 = g.direct(1).await;
+        let caught_up = wait_until(Duration::from_secs(30), || async {
+            let n: i64 = n2
+                .query_one("SELECT count(*) FROM notes WHERE body = ANY($1)", &[&acked])
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            n == acked.len() as i64
+        })
+        .await;
+        assert!(
+            caught_up.is_some(),
+            "n2 did not replay the commits acknowledged while it hung: {:#}",
+            g.proxy.status().await
+        );
+        // As the primary logged them: the same log rows, hash chain intact.
+        let log: Vec<(i64, String, String)> = n2
+            .query(
+                "SELECT seq, prev_hash, hash FROM reprise.log ORDER BY seq",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert!(log.len() > acked.len(), "log rows on n2: {}", log.len());
+        for pair in log.windows(2) {
+            assert_eq!(pair[1].0, pair[0].0 + 1, "seqs follow each other");
+            assert_eq!(
+                pair[1].1, pair[0].2,
+                "entry {} continues the chain",
+                pair[1].0
+            );
+        }
+        let n: i64 = n2
+            .query_one("SELECT count(*) FROM notes", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, acked.len() as i64 + 1, "no row twice, none missing");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_in_flight_on_a_dying_node_is_retried_elsewhere() {
     bounded(TEST_LIMIT, async move {
         const READ: &str = "SELECT count(*) FROM generate_series(1, 2000000)";
