@@ -198,6 +198,100 @@ async fn nondeterministic_writes_are_identical_or_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_statement_aborts_the_transaction_block_like_any_error() {
+    let g = TestGroup::start(2, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute("CREATE TABLE tt (id int PRIMARY KEY, v float8)")
+        .await
+        .unwrap();
+    let refused = "INSERT INTO tt SELECT 2, random()";
+    let code = |r: Result<(), tokio_postgres::Error>| r.map_err(|e| sqlstate(&e)).err();
+
+    // The block fails: what follows is ignored, COMMIT rolls back.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("INSERT INTO tt VALUES (1, 1)")
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c.batch_execute(refused).await).as_deref(),
+        Some("0A000")
+    );
+    assert_eq!(
+        code(c.batch_execute("INSERT INTO tt VALUES (3, 3)").await).as_deref(),
+        Some("25P02")
+    );
+    // Prepared statements too.
+    assert_eq!(
+        c.execute("SELECT $1::int", &[&1])
+            .await
+            .map_err(|e| sqlstate(&e))
+            .err()
+            .as_deref(),
+        Some("25P02")
+    );
+    // (PostgreSQL answers it with ROLLBACK, not an error.)
+    c.batch_execute("COMMIT").await.unwrap();
+
+    // Through the extended protocol, and recovered with a savepoint.
+    c.batch_execute("BEGIN; INSERT INTO tt VALUES (11, 1); SAVEPOINT a")
+        .await
+        .unwrap();
+    let e = c
+        .execute("INSERT INTO tt SELECT $1, random()", &[&12i32])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    c.batch_execute("ROLLBACK TO a; INSERT INTO tt VALUES (13, 1); COMMIT")
+        .await
+        .unwrap();
+
+    // A query string runs up to the refused statement, as up to an error:
+    // the first block commits, the second is left failed.
+    let e = c
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO tt VALUES (21, 1); COMMIT; BEGIN; INSERT INTO tt VALUES (22, 1); {refused}; COMMIT"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    assert_eq!(
+        code(c.batch_execute("SELECT 1").await).as_deref(),
+        Some("25P02")
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+
+    // Outside a block a refusal ends nothing: the session goes on.
+    assert_eq!(
+        code(c.batch_execute(refused).await).as_deref(),
+        Some("0A000")
+    );
+    c.batch_execute("INSERT INTO tt VALUES (31, 1)")
+        .await
+        .unwrap();
+
+    // Any failed statement that wrote nothing leaves the writes before it
+    // in the entry (it used to take out the unit before it).
+    c.batch_execute("BEGIN; INSERT INTO tt VALUES (41, 1); SAVEPOINT b")
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c.batch_execute("SELECT 1 / 0").await).as_deref(),
+        Some("22012")
+    );
+    c.batch_execute("ROLLBACK TO b; COMMIT").await.unwrap();
+
+    assert_identical(&g).await;
+    for i in 0..2 {
+        assert_eq!(
+            ids_on(&g, i, "tt").await,
+            [11, 13, 21, 31, 41],
+            "rows on n{}",
+            i + 1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volatile_values_in_inserts_are_captured_and_replayed() {
     let g = TestGroup::start(3, |_| {}).await;
     let c = g.proxy.client("app").await;

@@ -81,6 +81,43 @@ pub struct Unit {
 }
 
 impl Unit {
+    /// A Query that makes the node raise `e` (SQLSTATE, message, detail,
+    /// hint): for an error that must abort the transaction block there.
+    pub(super) fn raising(e: &PgError) -> Unit {
+        let mut sql = format!(
+            "RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}",
+            e.code,
+            dollar_quoted(&e.message)
+        );
+        for (key, v) in [("DETAIL", &e.detail), ("HINT", &e.hint)] {
+            if let Some(v) = v {
+                sql.push_str(&format!(", {key} = {}", dollar_quoted(v)));
+            }
+        }
+        let body = format!("BEGIN {sql}; END");
+        Unit {
+            items: vec![Item {
+                frame: Frame {
+                    tag: b'Q',
+                    raw: messages::query(&format!("DO {}", dollar_quoted(&body))),
+                },
+                stmt: None,
+            }],
+            route: Route::Write,
+            settings: Vec::new(),
+            pin: None,
+            syncs: 1,
+            simple: true,
+            avoid: None,
+            writes: false,
+            begin: None,
+            ends_tx: false,
+            refused: None,
+            recheck: Vec::new(),
+            whole: None,
+        }
+    }
+
     /// An extended-protocol unit of `items` (their statements already
     /// defined), classified by what they bind: a part of a split batch, or
     /// with no items the start of any batch.
@@ -572,6 +609,18 @@ impl Session {
                 self.pending = Some(unit);
                 return Ok(());
             }
+            if let Some(node) = self.tx_node
+                && unit.syncs == 1
+            {
+                // In a transaction block an error aborts the block: the
+                // block's node raises it, so that what follows (25P02,
+                // COMMIT answered with ROLLBACK) is PostgreSQL's own.
+                self.group
+                    .stats
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return self.send_unit(node, Unit::raising(&e), false).await;
+            }
             return self.fail_unit(&unit, e);
         }
         if self.lost_tx.is_some() {
@@ -1017,7 +1066,9 @@ impl Session {
             // The start of a streamed batch.
             self.batch_capture = Some(captured);
         }
-        if captured && continuing.is_none() {
+        if continuing.is_none() && target == primary {
+            // Every unit, captured or not: one that fails takes out what
+            // it captured, and nothing before it.
             self.mark_capture();
         }
         if !buf.is_empty()
@@ -1236,6 +1287,16 @@ fn static_code(code: &str) -> &'static str {
         .unwrap_or("08006")
 }
 
+/// `text` as a dollar-quoted literal, with a tag it does not contain.
+fn dollar_quoted(text: &str) -> String {
+    let mut tag = String::from("$r$");
+    // The literal ends at the tag's first occurrence after the opening one.
+    while format!("{text}{tag}").find(&tag) != Some(text.len()) {
+        tag.insert(1, 'r');
+    }
+    format!("{tag}{text}{tag}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1332,5 +1393,20 @@ mod tests {
         ] {
             assert!(split_batch(&batch(spec)).is_none(), "{spec:?}");
         }
+    }
+
+    #[test]
+    fn dollar_quoted_text_ends_where_it_should() {
+        assert_eq!(dollar_quoted("it's"), "$r$it's$r$");
+        assert_eq!(dollar_quoted("a $r$ b"), "$rr$a $r$ b$rr$");
+        // A text ending in part of the tag would close it early.
+        assert_eq!(dollar_quoted("x$r"), "$rr$x$r$rr$");
+        assert_eq!(dollar_quoted("x$"), "$r$x$$r$");
+        let u = Unit::raising(&PgError::error("0A000", "no $r$").with_hint("h"));
+        let sql = String::from_utf8_lossy(u.items[0].frame.body()).to_string();
+        assert_eq!(
+            sql,
+            "DO $rrr$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = $rr$no $r$$rr$, HINT = $r$h$r$; END$rrr$\0"
+        );
     }
 }

@@ -47,6 +47,9 @@ pub struct WriteTx {
     pub kind: String,
     /// The write lock is held exclusively (else shared: row-local writes).
     pub exclusive: bool,
+    /// The primary reported the transaction block failed (status 'E'):
+    /// its COMMIT only rolls back, so no entry is appended.
+    aborted: bool,
     /// The transaction changed the schema.
     pub ddl: bool,
     /// The term its entry was appended in.
@@ -554,10 +557,14 @@ impl Session {
         // (A batch: the messages up to one Sync.)
         let control = (unit.ends_tx || (unit.begin.is_some() && self.tx_node.is_none()))
             && (unit.simple || unit.syncs == 1);
+        // A refused query string still runs up to the refused statement,
+        // as PostgreSQL runs a string up to an error: its parts are
+        // classified (and refused) one by one. A refused batch is not
+        // split: its parts would not carry the refusal.
         self.replicating()
             && control
             && unit.writes
-            && unit.refused.is_none()
+            && (unit.refused.is_none() || unit.simple)
             && unit_sql(unit)
                 .iter()
                 .all(|sql| not_in_transaction(sql).is_none())
@@ -775,7 +782,7 @@ impl Session {
 
     /// A COMMIT unit in a write transaction: append the entry first.
     pub(super) fn before_commit(&mut self, unit: &Unit, buf: &mut BytesMut, p: usize) {
-        if self.write.tx.is_none() || !unit.ends_tx || unit.writes {
+        if self.write.tx.as_ref().is_none_or(|t| t.aborted) || !unit.ends_tx || unit.writes {
             return;
         }
         if unit_sql(unit).iter().any(|s| is_rollback(s)) {
@@ -935,6 +942,9 @@ impl Session {
         let Some(tx) = self.write.tx.as_mut() else {
             return Ok(Some(f));
         };
+        if !tx.implicit {
+            tx.aborted = status == b'E';
+        }
         if failed_unit && !tx.implicit {
             // Its statements did not happen (what ran before the error is
             // undone by the ROLLBACK TO SAVEPOINT that must follow).
