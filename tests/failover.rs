@@ -703,6 +703,24 @@ async fn no_promotable_primary_makes_writes_wait_then_fail_clearly() {
     .await;
 }
 
+/// Writes `n` notes one by one (each must be acknowledged within 30 s)
+/// while n2 hangs; returns their bodies.
+async fn notes_while_n2_hangs(c: &tokio_postgres::Client, n: usize) -> Vec<String> {
+    let mut acked = Vec::new();
+    for i in 0..n {
+        let body = format!("while n2 hangs {i}");
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            c.execute("INSERT INTO notes (body) VALUES ($1)", &[&body]),
+        )
+        .await
+        .expect("write while n2 hangs")
+        .unwrap();
+        acked.push(body);
+    }
+    acked
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promotion_is_refused_when_it_could_lose_an_acknowledged_commit() {
     bounded(TEST_LIMIT, async move {
@@ -725,18 +743,7 @@ async fn promotion_is_refused_when_it_could_lose_an_acknowledged_commit() {
         blocking(|| g.cluster.nodes[1].pause()).unwrap();
         let n2_down = wait_node_state(&g.proxy, "n2", &["down"], Duration::from_secs(30)).await;
         assert!(n2_down.is_some(), "the paused n2 was not marked down");
-        let mut acked = Vec::new();
-        for i in 0..20 {
-            let body = format!("while n2 hangs {i}");
-            tokio::time::timeout(
-                Duration::from_secs(30),
-                c.execute("INSERT INTO notes (body) VALUES ($1)", &[&body]),
-            )
-            .await
-            .expect("write while n2 hangs")
-            .unwrap();
-            acked.push(body);
-        }
+        let acked = notes_while_n2_hangs(&c, 20).await;
         let on_n3: i64 = g
             .direct(2)
             .await
@@ -805,14 +812,7 @@ async fn a_lagging_subscriber_catches_up_on_the_proxys_commits_after_the_primary
 
         // n2 hangs while commits are acknowledged by the primary alone.
         blocking(|| g.cluster.nodes[1].pause()).unwrap();
-        let mut acked = Vec::new();
-        for i in 0..30 {
-            let body = format!("while n2 hangs {i}");
-            c.execute("INSERT INTO notes (body) VALUES ($1)", &[&body])
-                .await
-                .unwrap();
-            acked.push(body);
-        }
+        let acked = notes_while_n2_hangs(&c, 30).await;
         // The primary dies with them; then n2 answers again. Its applier
         // replays them from the rows this proxy's sessions committed: the
         // primary's log cannot be read any more.

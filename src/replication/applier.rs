@@ -136,11 +136,11 @@ async fn apply_loop(
     }
 
     let fetch = source
-        .prepare(
+        .prepare(&format!(
             "SELECT seq, term, payload, prev_hash, hash, \
              (extract(epoch FROM committed_at) * 1000000)::bigint, sequences, captured \
-             FROM reprise.log WHERE seq > $1 ORDER BY seq LIMIT 500",
-        )
+             FROM reprise.log WHERE seq > $1 ORDER BY seq LIMIT {FETCH_ROWS}"
+        ))
         .await
         .map_err(|e| transient(&e))?;
     // Read the primary's log first: this node may be far behind.
@@ -385,12 +385,9 @@ fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache)
         // reprise.captured() returns these, in order, instead of computing.
         // Dollar-quoted: the entry's settings may turn
         // standard_conforming_strings off.
-        let mut tag = String::from("$values$");
-        while values.contains(&tag) {
-            tag.insert(1, 'v');
-        }
         setup.push_str(&format!(
-            "SET LOCAL reprise.replay_values = {tag}{values}{tag}; SET LOCAL reprise.replay_pos = '0'; "
+            "SET LOCAL reprise.replay_values = {}; SET LOCAL reprise.replay_pos = '0'; ",
+            super::dollar_quoted(values)
         ));
     }
     // The log row first, before anything else (setval is not transactional):

@@ -247,6 +247,17 @@ pub fn changed_sequences(
     (b, a)
 }
 
+/// `text` as a dollar-quoted SQL literal (safe whatever
+/// standard_conforming_strings is), with a tag the text cannot end early.
+pub fn dollar_quoted(text: &str) -> String {
+    let mut tag = String::from("$r$");
+    // The literal ends at the tag's first occurrence after the opening one.
+    while format!("{text}{tag}").find(&tag) != Some(text.len()) {
+        tag.insert(1, 'r');
+    }
+    format!("{tag}{text}{tag}")
+}
+
 /// SQL that puts sequences into the given states.
 pub fn setval_sql(states: &[SeqState]) -> String {
     states
@@ -340,5 +351,14 @@ mod tests {
         }
         assert_eq!(r.rows.len(), RecentLog::MAX_ROWS);
         assert!(r.after(3, 8, 1).is_empty());
+    }
+
+    #[test]
+    fn dollar_quoted_text_ends_where_it_should() {
+        assert_eq!(dollar_quoted("it's"), "$r$it's$r$");
+        assert_eq!(dollar_quoted("a $r$ b"), "$rr$a $r$ b$rr$");
+        // A text ending in part of the tag would close it early.
+        assert_eq!(dollar_quoted("x$r"), "$rr$x$r$rr$");
+        assert_eq!(dollar_quoted("x$"), "$r$x$$r$");
     }
 }

@@ -11,6 +11,7 @@ use super::statements::{self, StmtDef};
 use super::{End, MAX_BATCH_BYTES, Session, write};
 use crate::backend::{BackendConn, ConnectError, Expect};
 use crate::group::NodeState;
+use crate::replication::dollar_quoted;
 use crate::route::Classification;
 use crate::route::classify::split_transaction_control;
 use crate::wire::Frame;
@@ -104,17 +105,9 @@ impl Unit {
                 stmt: None,
             }],
             route: Route::Write,
-            settings: Vec::new(),
-            pin: None,
             syncs: 1,
             simple: true,
-            avoid: None,
-            writes: false,
-            begin: None,
-            ends_tx: false,
-            refused: None,
-            recheck: Vec::new(),
-            whole: None,
+            ..Unit::of_items(Vec::new())
         }
     }
 
@@ -1287,16 +1280,6 @@ fn static_code(code: &str) -> &'static str {
         .unwrap_or("08006")
 }
 
-/// `text` as a dollar-quoted literal, with a tag it does not contain.
-fn dollar_quoted(text: &str) -> String {
-    let mut tag = String::from("$r$");
-    // The literal ends at the tag's first occurrence after the opening one.
-    while format!("{text}{tag}").find(&tag) != Some(text.len()) {
-        tag.insert(1, 'r');
-    }
-    format!("{tag}{text}{tag}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1396,12 +1379,7 @@ mod tests {
     }
 
     #[test]
-    fn dollar_quoted_text_ends_where_it_should() {
-        assert_eq!(dollar_quoted("it's"), "$r$it's$r$");
-        assert_eq!(dollar_quoted("a $r$ b"), "$rr$a $r$ b$rr$");
-        // A text ending in part of the tag would close it early.
-        assert_eq!(dollar_quoted("x$r"), "$rr$x$r$rr$");
-        assert_eq!(dollar_quoted("x$"), "$r$x$$r$");
+    fn a_raised_error_keeps_its_text() {
         let u = Unit::raising(&PgError::error("0A000", "no $r$").with_hint("h"));
         let sql = String::from_utf8_lossy(u.items[0].frame.body()).to_string();
         assert_eq!(
