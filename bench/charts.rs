@@ -35,6 +35,8 @@ pub fn system_color(system: &str) -> RGBColor {
         RGBColor(230, 140, 30)
     } else if system.starts_with("Pgpool") {
         RGBColor(200, 50, 50)
+    } else if system.contains("no proxy") {
+        RGBColor(150, 150, 150)
     } else if system.contains("1 node") {
         RGBColor(120, 170, 230)
     } else if system.contains("2 nodes") {

@@ -38,6 +38,7 @@ pub const REPRISE_1: &str = "Reprise, 1 node";
 pub const REPRISE_2: &str = "Reprise, 2 nodes";
 pub const REPRISE_3: &str = "Reprise, 3 nodes";
 pub const PGPOOL: &str = "Pgpool-II, 3 nodes";
+pub const COPIES_ALONE: &str = "3 copies, no proxy";
 
 /// One measurement.
 #[derive(Debug, Serialize)]
@@ -132,6 +133,19 @@ impl Runner {
         workload: Workload,
         protocol: Protocol,
     ) -> anyhow::Result<&LoadReport> {
+        self.measure_mirrored(scenario, system, url, &[], workload, protocol)
+    }
+
+    /// `measure`, every operation also run on each of `mirrors`.
+    fn measure_mirrored(
+        &mut self,
+        scenario: &str,
+        system: &str,
+        url: &str,
+        mirrors: &[String],
+        workload: Workload,
+        protocol: Protocol,
+    ) -> anyhow::Result<&LoadReport> {
         let opts = LoadOptions {
             url: url.to_string(),
             workload,
@@ -142,6 +156,7 @@ impl Runner {
             write_ratio: 0.0,
             rate: None,
             progress: false,
+            mirrors: mirrors.to_vec(),
         };
         let report = self
             .load_rt
@@ -252,6 +267,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             write_ratio: 0.0,
             rate: None,
             progress: false,
+            mirrors: Vec::new(),
         };
         runner.load_rt.block_on(load::run(&warm))?;
     }
@@ -360,6 +376,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         }
         Err(e) => eprintln!("Pgpool-II is not measured: {e}"),
     }
+    // The same transactions run on all three copies at once with nothing in
+    // between: what the copies' own work leaves of direct's throughput on
+    // this machine, the ceiling for any replication that re-executes writes
+    // on every copy. Last, because it makes the copies differ.
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url("app")).collect();
+    runner.measure_mirrored(
+        TPCB,
+        COPIES_ALONE,
+        &urls[0],
+        &urls[1..],
+        Workload::Tpcb,
+        Protocol::Prepared,
+    )?;
     drop(direct);
     cluster.stop();
     drop(cluster);
@@ -725,7 +754,10 @@ fn chart_rows(r: &Report) -> Vec<(&Measurement, String)> {
             WAIT_READ,
             vec![DIRECT, REPRISE_1, REPRISE_2, REPRISE_3, PGPOOL],
         ),
-        (TPCB, vec![DIRECT, PGBOUNCER, REPRISE_3, PGPOOL]),
+        (
+            TPCB,
+            vec![DIRECT, PGBOUNCER, COPIES_ALONE, REPRISE_3, PGPOOL],
+        ),
     ];
     for (scenario, systems) in order {
         for system in systems {
@@ -862,7 +894,10 @@ fn summary(r: &Report) -> String {
           advisory lock for a 2 ms server-side wait, so each node serves one at a time \
           (latency-bound: it scales with the nodes serving reads, not with cores). \
           `tpcb`: pgbench's TPC-B-like transaction; through Reprise and Pgpool-II every \
-          transaction is applied on all 3 copies, direct on one.\n\n";
+          transaction is applied on all 3 copies, direct on one. `3 copies, no proxy`: every \
+          client runs each TPC-B transaction, with the same values, on all three copies at \
+          once with nothing in between — the copies' own work on this shared machine, the \
+          ceiling for any replication that re-executes writes on every copy.\n\n";
     if let Some(l) = &r.write_lag {
         s += &format!(
             "## Subscriber lag during the TPC-B run through Reprise (3 nodes)\n\n\

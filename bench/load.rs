@@ -14,6 +14,13 @@
 //!   function that waits 2 ms server-side under a node-local advisory lock,
 //!   so each node serves at most one at a time: a latency-bound read whose
 //!   throughput grows with the number of nodes serving reads, not with CPU.
+//!
+//! With `mirrors`, every client also holds a connection to each mirror and
+//! runs each operation, with the same values, on all its connections at
+//! once; an operation counts when all of them finished. That is replication
+//! by re-running everything everywhere with nothing in between: the
+//! database work once per copy, the client's once — what the copies alone
+//! cost a machine that hosts them all.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -86,6 +93,8 @@ pub struct LoadOptions {
     pub rate: Option<f64>,
     /// A progress line on stderr every second.
     pub progress: bool,
+    /// Endpoints that run every operation too, at the same time.
+    pub mirrors: Vec<String>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -351,7 +360,7 @@ pub async fn run(opts: &LoadOptions) -> anyhow::Result<LoadReport> {
     // Every connection is open before the clock starts.
     let mut conns = Vec::new();
     for _ in 0..opts.clients {
-        conns.push(Conn::open(&opts.url, opts.protocol, opts.workload).await?);
+        conns.push(open_all(opts).await?);
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -443,9 +452,18 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds")
 }
 
+/// A client's connection to the endpoint, then one to each mirror.
+async fn open_all(opts: &LoadOptions) -> anyhow::Result<Vec<Conn>> {
+    let mut conns = Vec::with_capacity(1 + opts.mirrors.len());
+    for url in std::iter::once(&opts.url).chain(&opts.mirrors) {
+        conns.push(Conn::open(url, opts.protocol, opts.workload).await?);
+    }
+    Ok(conns)
+}
+
 async fn client_loop(
     id: usize,
-    mut conn: Conn,
+    mut conns: Vec<Conn>,
     opts: LoadOptions,
     scale: Scale,
     shared: Arc<Shared>,
@@ -477,28 +495,25 @@ async fn client_loop(
         {
             break;
         }
+        value += 1;
         let started = Instant::now();
-        let outcome = match opts.workload {
-            Workload::Select => select(&conn, &mut rng, scale).await.map(|_| None),
-            Workload::WaitRead => {
-                let aid = rng.random_range(1..=scale.accounts());
-                conn.run(WAIT_READ, &[aid]).await.map(|_| None)
-            }
-            Workload::Tpcb => tpcb(&conn, &mut rng, scale).await.map(|_| None),
-            Workload::Mixed => {
-                if rng.random_bool(opts.write_ratio.clamp(0.0, 1.0)) {
-                    tpcb(&conn, &mut rng, scale).await.map(|_| None)
-                } else {
-                    select(&conn, &mut rng, scale).await.map(|_| None)
-                }
-            }
-            Workload::RwAfterW => {
-                value += 1;
-                let slots = (scale.accounts() - 1 - id as i32) / opts.clients as i32;
-                let aid = 1 + id as i32 + opts.clients as i32 * rng.random_range(0..slots.max(1));
-                read_after_write(&conn, aid, value).await.map(Some)
-            }
+        // Every connection draws the same values from its own copy of the
+        // generator; the last copy carries on.
+        let mut rngs = vec![rng.clone(); conns.len()];
+        let outcome = if let [conn] = conns.as_slice() {
+            operation(conn, &mut rngs[0], &opts, scale, id, value).await
+        } else {
+            let all = conns
+                .iter()
+                .zip(rngs.iter_mut())
+                .map(|(conn, rng)| operation(conn, rng, &opts, scale, id, value));
+            futures_util::future::join_all(all)
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map(|fresh| fresh.into_iter().next().flatten())
         };
+        rng = rngs.pop().expect("one connection at least");
         match outcome {
             Ok(fresh) => {
                 let _ = result
@@ -517,25 +532,59 @@ async fn client_loop(
                 if result.errors.len() < 5 {
                     result.errors.push(error_text(&e));
                 }
-                if conn.client.is_closed() {
+                if conns.iter().any(|c| c.client.is_closed()) {
                     // Reopen, unless the run is over.
                     loop {
                         if shared.stop.load(Ordering::Relaxed) {
                             return result;
                         }
-                        if let Ok(c) = Conn::open(&opts.url, opts.protocol, opts.workload).await {
-                            conn = c;
+                        if let Ok(c) = open_all(&opts).await {
+                            conns = c;
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 } else {
-                    let _ = conn.client.simple_query("ROLLBACK").await;
+                    for conn in &conns {
+                        let _ = conn.client.simple_query("ROLLBACK").await;
+                    }
                 }
             }
         }
     }
     result
+}
+
+/// One operation of the workload on one connection; for `rw-after-w`,
+/// whether the read saw the write.
+async fn operation(
+    conn: &Conn,
+    rng: &mut StdRng,
+    opts: &LoadOptions,
+    scale: Scale,
+    id: usize,
+    value: i32,
+) -> Result<Option<bool>, tokio_postgres::Error> {
+    match opts.workload {
+        Workload::Select => select(conn, rng, scale).await.map(|_| None),
+        Workload::WaitRead => {
+            let aid = rng.random_range(1..=scale.accounts());
+            conn.run(WAIT_READ, &[aid]).await.map(|_| None)
+        }
+        Workload::Tpcb => tpcb(conn, rng, scale).await.map(|_| None),
+        Workload::Mixed => {
+            if rng.random_bool(opts.write_ratio.clamp(0.0, 1.0)) {
+                tpcb(conn, rng, scale).await.map(|_| None)
+            } else {
+                select(conn, rng, scale).await.map(|_| None)
+            }
+        }
+        Workload::RwAfterW => {
+            let slots = (scale.accounts() - 1 - id as i32) / opts.clients as i32;
+            let aid = 1 + id as i32 + opts.clients as i32 * rng.random_range(0..slots.max(1));
+            read_after_write(conn, aid, value).await.map(Some)
+        }
+    }
 }
 
 fn error_text(e: &tokio_postgres::Error) -> String {

@@ -73,6 +73,11 @@ enum Cmd {
         /// --duration seconds (the docker demo's steady load).
         #[arg(long)]
         forever: bool,
+        /// Also run every operation, with the same values, on this endpoint
+        /// at the same time (repeatable): re-execution on several copies with
+        /// nothing in between.
+        #[arg(long)]
+        mirror: Vec<String>,
     },
     /// Direct, PgBouncer, Reprise (1, 2, 3 nodes) and Pgpool-II measured
     /// in one run on the same copies; results, summary and charts in
@@ -176,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             rate,
             json,
             forever,
+            mirror,
         } => {
             let opts = load::LoadOptions {
                 url,
@@ -190,6 +196,7 @@ fn main() -> anyhow::Result<()> {
                 write_ratio,
                 rate,
                 progress: !forever,
+                mirrors: mirror,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
