@@ -628,6 +628,7 @@ fn ready(src: &mut impl Source, opts: &Opts, params: &[(String, String)], log: &
             settings: session::startup_settings(params),
             tags: log.clone(),
             kind: String::new(),
+            prepares: Vec::new(),
         },
         messages: capture.freeze(),
     };

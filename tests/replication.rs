@@ -292,6 +292,91 @@ async fn a_refused_statement_aborts_the_transaction_block_like_any_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepared_statements_replicate_and_sessions_keep_their_own_names() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let a = g.proxy.client("app").await;
+    let b = g.proxy.client("app").await;
+    a.batch_execute("CREATE TABLE tp (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+
+    // Defined, run, dropped and run again (an error) in autocommit: the
+    // DEALLOCATE used to stop every subscriber ("does not exist").
+    a.batch_execute("PREPARE rd(int) AS SELECT v FROM tp WHERE id = $1")
+        .await
+        .unwrap();
+    a.batch_execute("EXECUTE rd(1); DEALLOCATE rd")
+        .await
+        .unwrap();
+    let e = a.batch_execute("EXECUTE rd(1)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "26000");
+
+    // Two sessions, one name, different statements, interleaved: each
+    // EXECUTE must replay its own session's statement.
+    a.batch_execute("PREPARE ins(int) AS INSERT INTO tp VALUES ($1, 'a')")
+        .await
+        .unwrap();
+    b.batch_execute("PREPARE ins(int) AS INSERT INTO tp VALUES ($1, 'b')")
+        .await
+        .unwrap();
+    a.batch_execute("EXECUTE ins(1)").await.unwrap();
+    b.batch_execute("EXECUTE ins(2)").await.unwrap();
+    a.batch_execute("EXECUTE ins(3)").await.unwrap();
+
+    // In a block: one prepared before it, one inside it, a DEALLOCATE of
+    // the first; then the second after the block.
+    a.batch_execute(
+        "BEGIN; EXECUTE ins(4); PREPARE ins2(int) AS INSERT INTO tp VALUES ($1, 'c'); \
+         EXECUTE ins2(5); DEALLOCATE ins; COMMIT",
+    )
+    .await
+    .unwrap();
+    a.batch_execute("EXECUTE ins2(6)").await.unwrap();
+    // A failed EXECUTE in a block, recovered with a savepoint.
+    a.batch_execute("BEGIN; SAVEPOINT s").await.unwrap();
+    assert_eq!(
+        sqlstate(&a.batch_execute("EXECUTE ins2(5)").await.unwrap_err()),
+        "23505"
+    );
+    a.batch_execute("ROLLBACK TO s; EXECUTE ins2(7); COMMIT")
+        .await
+        .unwrap();
+    // Nondeterministic values in a prepared write are captured like any.
+    b.batch_execute("PREPARE rnd(int) AS INSERT INTO tp VALUES ($1, random()::text)")
+        .await
+        .unwrap();
+    b.batch_execute(
+        "EXECUTE rnd(8); DEALLOCATE ALL; PREPARE ins(int) AS INSERT INTO tp VALUES ($1, 'd')",
+    )
+    .await
+    .unwrap();
+    b.batch_execute("EXECUTE ins(9)").await.unwrap();
+
+    assert_identical(&g).await;
+    for i in 0..3 {
+        assert_eq!(
+            ids_on(&g, i, "tp").await,
+            [1, 2, 3, 4, 5, 6, 7, 8, 9],
+            "rows on n{}",
+            i + 1
+        );
+        let st = g.proxy.status().await;
+        let node = &st["groups"][0]["nodes"][i];
+        assert_eq!(node["state"], "up", "n{}: {node}", i + 1);
+    }
+    let v: Vec<String> = g
+        .direct(0)
+        .await
+        .query("SELECT v FROM tp WHERE id <= 3 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(v, ["a", "b", "a"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volatile_values_in_inserts_are_captured_and_replayed() {
     let g = TestGroup::start(3, |_| {}).await;
     let c = g.proxy.client("app").await;

@@ -303,9 +303,14 @@ pub async fn install_schema(
     if !exists {
         tracing::info!(group = %group.name, node = %node.name, "installing the reprise schema");
     }
-    // Idempotent: creates what is missing and upgrades the functions.
-    client.batch_execute(crate::replication::SCHEMA_SQL).await?;
-    Ok(())
+    // Idempotent: creates what is missing and upgrades the functions —
+    // without a NOTICE in the proxy's log for each part that exists.
+    client
+        .batch_execute("SET client_min_messages = warning")
+        .await?;
+    let installed = client.batch_execute(crate::replication::SCHEMA_SQL).await;
+    let reset = client.batch_execute("RESET client_min_messages").await;
+    installed.and(reset)
 }
 
 /// Probes every node once, in parallel, installs the schema, chooses the

@@ -366,13 +366,14 @@ fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache)
     let messages: &[u8] = if nontx { &[] } else { &entry.messages };
     // Bounded: ad-hoc statements (literals in the text) would otherwise
     // pile up on the node.
-    let cached = !nontx && only_dml(&h.tags) && cache.names.len() < MAX_CACHED;
+    let cached =
+        !nontx && only_dml(&h.tags) && h.prepares.is_empty() && cache.names.len() < MAX_CACHED;
     let mut setup = String::from(if cached {
         "RESET ALL; "
     } else {
         "RESET ALL; DEALLOCATE ALL; "
     });
-    for s in &h.settings {
+    for s in h.settings.iter().chain(&h.prepares) {
         setup.push_str(s);
         setup.push_str("; ");
     }

@@ -165,6 +165,11 @@ pub struct EntryHeader {
     /// own, idempotently, before the entry is recorded.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kind: String,
+    /// SQL-level prepared statements to PREPARE first (their source
+    /// text): those the entry's EXECUTE and DEALLOCATE statements use that
+    /// the session prepared before the transaction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prepares: Vec<String>,
 }
 
 /// The entry kind of commands that run outside a transaction block.
@@ -284,6 +289,7 @@ mod tests {
                 settings: vec!["SET search_path = a".into()],
                 tags: vec!["INSERT 0 2".into()],
                 kind: String::new(),
+                prepares: Vec::new(),
             },
             messages: Bytes::from_static(b"Q\0\0\0\x0dselect 1\0"),
         };

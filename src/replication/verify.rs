@@ -230,6 +230,7 @@ async fn append_checksum(
             settings: Vec::new(),
             tags: vec!["SELECT 1".into()],
             kind: String::new(),
+            prepares: Vec::new(),
         },
         messages: messages.freeze(),
     };

@@ -94,6 +94,33 @@ pub struct Classification {
     pub parse_error: bool,
     /// Number of statements in the string (0 when it did not parse).
     pub statements: usize,
+    /// What the string does to SQL-level prepared statements (PREPARE,
+    /// EXECUTE, DEALLOCATE, DISCARD ALL), in order.
+    pub prepared: Vec<SqlPrepared>,
+}
+
+/// A statement about an SQL-level prepared statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlPrepared {
+    /// `PREPARE name … AS …`, with its source text.
+    Prepare { name: String, text: String },
+    /// `EXECUTE name …`.
+    Execute(String),
+    /// `DEALLOCATE name`; `None`: `DEALLOCATE ALL`.
+    Deallocate(Option<String>),
+    /// `DISCARD ALL` (also counted among the session settings).
+    DiscardAll,
+}
+
+impl SqlPrepared {
+    /// A statement that only defines or drops a prepared statement: it
+    /// changes no data, like a session setting.
+    pub fn is_definition(&self) -> bool {
+        matches!(
+            self,
+            SqlPrepared::Prepare { .. } | SqlPrepared::Deallocate(_)
+        )
+    }
 }
 
 /// The transaction state a query string leaves behind.
@@ -124,6 +151,7 @@ impl Classification {
             pin_reason: None,
             parse_error: false,
             statements: 0,
+            prepared: Vec::new(),
         }
     }
 
@@ -180,9 +208,22 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             NodeEnum::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
                 cacheable = false;
                 out.session_settings.push(statement_text(sql, raw));
+                out.prepared.push(SqlPrepared::DiscardAll);
             }
             NodeEnum::ListenStmt(_) => out.pin("LISTEN"),
-            NodeEnum::PrepareStmt(_) => out.pin("PREPARE"),
+            NodeEnum::PrepareStmt(p) => {
+                // Keeps source text.
+                cacheable = false;
+                out.pin("PREPARE");
+                out.prepared.push(SqlPrepared::Prepare {
+                    name: p.name.clone(),
+                    text: statement_text(sql, raw),
+                });
+            }
+            NodeEnum::ExecuteStmt(e) => out.prepared.push(SqlPrepared::Execute(e.name.clone())),
+            NodeEnum::DeallocateStmt(d) => out.prepared.push(SqlPrepared::Deallocate(
+                (!d.isall && !d.name.is_empty()).then(|| d.name.clone()),
+            )),
             NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => {
                 out.pin("cursor WITH HOLD")
             }
@@ -973,6 +1014,31 @@ mod tests {
         }
         let got = c("select pg_advisory_lock(1)");
         assert!(!got.read_only);
+    }
+
+    #[test]
+    fn sql_prepared_statements_are_listed_in_order() {
+        let got = c(
+            "PREPARE p(int) AS INSERT INTO t VALUES ($1); EXECUTE p(1); \
+                     DEALLOCATE p; DEALLOCATE PREPARE q; DEALLOCATE ALL; DISCARD ALL",
+        );
+        assert_eq!(
+            got.prepared,
+            [
+                SqlPrepared::Prepare {
+                    name: "p".into(),
+                    text: "PREPARE p(int) AS INSERT INTO t VALUES ($1)".into()
+                },
+                SqlPrepared::Execute("p".into()),
+                SqlPrepared::Deallocate(Some("p".into())),
+                SqlPrepared::Deallocate(Some("q".into())),
+                SqlPrepared::Deallocate(None),
+                SqlPrepared::DiscardAll,
+            ]
+        );
+        let defs = got.prepared.iter().filter(|p| p.is_definition()).count();
+        assert_eq!(defs, 4);
+        assert!(c("select 1").prepared.is_empty());
     }
 
     #[test]

@@ -12,8 +12,8 @@ use super::{End, MAX_BATCH_BYTES, Session, write};
 use crate::backend::{BackendConn, ConnectError, Expect};
 use crate::group::NodeState;
 use crate::replication::dollar_quoted;
-use crate::route::Classification;
 use crate::route::classify::split_transaction_control;
+use crate::route::{Classification, SqlPrepared};
 use crate::wire::Frame;
 use crate::wire::messages::{self, PgError};
 
@@ -79,6 +79,8 @@ pub struct Unit {
     /// transaction control among other statements: it may have to run as
     /// separate queries (`Session::runs_split`).
     pub whole: Option<Frame>,
+    /// What it does to SQL-level prepared statements (a simple Query).
+    pub prepared: Vec<SqlPrepared>,
 }
 
 impl Unit {
@@ -129,6 +131,7 @@ impl Unit {
             refused: None,
             recheck: Vec::new(),
             whole: None,
+            prepared: Vec::new(),
         };
         for item in &items {
             match (item.frame.tag, &item.stmt) {
@@ -233,8 +236,10 @@ fn may_write(c: &Classification) -> bool {
     if c.read_only {
         return false;
     }
-    let control =
-        c.session_settings.len() + usize::from(c.begin.is_some()) + usize::from(c.ends_tx);
+    let control = c.session_settings.len()
+        + usize::from(c.begin.is_some())
+        + usize::from(c.ends_tx)
+        + c.prepared.iter().filter(|p| p.is_definition()).count();
     c.parse_error || c.statements > control
 }
 
@@ -250,14 +255,21 @@ impl Session {
             (may_write(&class) && class.statements > 1 && (class.ends_tx || class.begin.is_some()))
                 .then(|| f.clone());
         let mut unknown = false;
+        let mut prepared = class.prepared.clone();
         let (f, refused) = match self.deterministic(&class, &sql, &mut unknown) {
-            Ok(Some(new_sql)) => (
-                Frame {
-                    tag: b'Q',
-                    raw: messages::query(&new_sql),
-                },
-                None,
-            ),
+            Ok(Some(new_sql)) => {
+                if !prepared.is_empty() {
+                    // A PREPARE is remembered as it was sent.
+                    prepared = self.group.classifier.classify(&new_sql).prepared.clone();
+                }
+                (
+                    Frame {
+                        tag: b'Q',
+                        raw: messages::query(&new_sql),
+                    },
+                    None,
+                )
+            }
             Ok(None) => (f, None),
             Err(e) => (f, Some(e)),
         };
@@ -296,6 +308,7 @@ impl Session {
             refused,
             recheck,
             whole,
+            prepared,
         }
     }
 
@@ -1074,7 +1087,7 @@ impl Session {
             self.before_commit(&unit, &mut buf, target);
         }
         if captured {
-            self.capture_unit(&unit.items);
+            self.capture_unit(&unit.items, &unit.prepared);
         }
         let conn = self.backends[target].as_mut().expect("connected");
         // Replay SETs this backend has not seen.
@@ -1096,6 +1109,23 @@ impl Session {
         if !unit.settings.is_empty() {
             self.settings.extend(unit.settings.iter().cloned());
             conn.settings_applied = self.settings.len();
+        }
+        for p in &unit.prepared {
+            match p {
+                // (A name in use: the PREPARE fails, the old one stays.)
+                SqlPrepared::Prepare { name, text } => {
+                    self.sql_prepared
+                        .entry(name.clone())
+                        .or_insert_with(|| text.clone());
+                }
+                SqlPrepared::Deallocate(Some(name)) => {
+                    self.sql_prepared.remove(name);
+                }
+                SqlPrepared::Deallocate(None) | SqlPrepared::DiscardAll => {
+                    self.sql_prepared.clear()
+                }
+                SqlPrepared::Execute(_) => {}
+            }
         }
         for _ in 0..unit.syncs {
             self.group.node(target).begin_unit();

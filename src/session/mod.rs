@@ -279,6 +279,9 @@ pub struct Session {
     write: write::WriteState,
     /// Session-level SET statements, replayed on every backend used.
     settings: Vec<String>,
+    /// SQL-level prepared statements (PREPARE), by name: their source
+    /// text, for the log entries that EXECUTE them.
+    sql_prepared: rustc_hash::FxHashMap<String, String>,
     statements: Statements,
     /// Extended-protocol messages waiting for their Sync.
     batch: Vec<Frame>,
@@ -418,6 +421,7 @@ impl Session {
             wrote: false,
             write,
             settings: Vec::new(),
+            sql_prepared: Default::default(),
             statements: Statements::default(),
             batch: Vec::new(),
             batch_bytes: 0,

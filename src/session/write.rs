@@ -11,7 +11,7 @@ use super::dispatch::{Item, Unit};
 use super::{End, Session};
 use crate::backend::Expect;
 use crate::replication::{self, Entry, EntryHeader, determinism, rowlocal};
-use crate::route::Classification;
+use crate::route::{Classification, SqlPrepared};
 use crate::wire::Frame;
 use crate::wire::messages::{self, PgError, Reader};
 
@@ -54,10 +54,27 @@ pub struct WriteTx {
     pub ddl: bool,
     /// The term its entry was appended in.
     pub term: u64,
-    /// The capture before the client unit in flight: (bytes, tags, parsed
-    /// statements). A unit that fails is taken out again — the client can
-    /// only go on past it with ROLLBACK TO SAVEPOINT, which undoes it.
-    unit_mark: (usize, usize, rustc_hash::FxHashSet<u64>),
+    /// SQL-level prepared statements the entry replays first (their
+    /// PREPARE texts): those its EXECUTE and DEALLOCATE statements use
+    /// that were prepared before it.
+    pub prepares: Vec<String>,
+    /// Names of SQL-level prepared statements the entry has at this point
+    /// of its capture (from `prepares` or a captured PREPARE).
+    defined: rustc_hash::FxHashSet<String>,
+    /// The capture before the client unit in flight. A unit that fails is
+    /// taken out again — the client can only go on past it with ROLLBACK
+    /// TO SAVEPOINT, which undoes it.
+    unit_mark: CaptureMark,
+}
+
+/// Where a write transaction's capture stood before a client unit.
+#[derive(Debug, Default)]
+struct CaptureMark {
+    bytes: usize,
+    tags: usize,
+    parsed: rustc_hash::FxHashSet<u64>,
+    prepares: usize,
+    defined: rustc_hash::FxHashSet<String>,
 }
 
 /// A unit the proxy sent for itself on the primary, in order.
@@ -735,15 +752,42 @@ impl Session {
     /// Remembers where the capture stands before a client unit.
     pub(super) fn mark_capture(&mut self) {
         if let Some(tx) = self.write.tx.as_mut() {
-            tx.unit_mark = (tx.capture.len(), tx.tags.len(), tx.parsed.clone());
+            tx.unit_mark = CaptureMark {
+                bytes: tx.capture.len(),
+                tags: tx.tags.len(),
+                parsed: tx.parsed.clone(),
+                prepares: tx.prepares.len(),
+                defined: tx.defined.clone(),
+            };
         }
     }
 
     /// Copies a sent unit into the capture.
-    pub(super) fn capture_unit(&mut self, items: &[Item]) {
+    pub(super) fn capture_unit(&mut self, items: &[Item], prepared: &[SqlPrepared]) {
         let Some(tx) = self.write.tx.as_mut() else {
             return;
         };
+        // An entry replays on a connection of its own: the SQL-level
+        // prepared statements it uses but did not prepare come with it.
+        for p in prepared {
+            match p {
+                SqlPrepared::Prepare { name, .. } => {
+                    tx.defined.insert(name.clone());
+                }
+                SqlPrepared::Execute(name) | SqlPrepared::Deallocate(Some(name)) => {
+                    if !tx.defined.contains(name)
+                        && let Some(text) = self.sql_prepared.get(name)
+                    {
+                        tx.prepares.push(text.clone());
+                        tx.defined.insert(name.clone());
+                    }
+                    if matches!(p, SqlPrepared::Deallocate(_)) {
+                        tx.defined.remove(name);
+                    }
+                }
+                SqlPrepared::Deallocate(None) | SqlPrepared::DiscardAll => tx.defined.clear(),
+            }
+        }
         for item in items {
             if let Some((def, _)) = &item.stmt {
                 if item.frame.tag == b'P' {
@@ -803,6 +847,7 @@ impl Session {
                 settings: tx.settings.clone(),
                 tags: tx.tags.clone(),
                 kind: tx.kind.clone(),
+                prepares: tx.prepares.clone(),
             },
             messages: tx.capture.split().freeze(),
         };
@@ -948,10 +993,12 @@ impl Session {
         if failed_unit && !tx.implicit {
             // Its statements did not happen (what ran before the error is
             // undone by the ROLLBACK TO SAVEPOINT that must follow).
-            let (bytes, tags, parsed) = std::mem::take(&mut tx.unit_mark);
-            tx.capture.truncate(bytes);
-            tx.tags.truncate(tags);
-            tx.parsed = parsed;
+            let mark = std::mem::take(&mut tx.unit_mark);
+            tx.capture.truncate(mark.bytes);
+            tx.tags.truncate(mark.tags);
+            tx.parsed = mark.parsed;
+            tx.prepares.truncate(mark.prepares);
+            tx.defined = mark.defined;
         }
         if tx.implicit {
             // Our own transaction around an autocommit write: settle it.
