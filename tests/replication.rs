@@ -182,6 +182,10 @@ async fn nondeterministic_writes_are_identical_or_refused() {
             "CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.at := clock_timestamp(); RETURN NEW; END $$",
             "clock_timestamp",
         ),
+        (
+            "DELETE FROM src WHERE v = current_setting('app.who')",
+            "current_setting",
+        ),
     ] {
         let e = c.batch_execute(sql).await.unwrap_err();
         let text = db_text(&e);
@@ -194,7 +198,24 @@ async fn nondeterministic_writes_are_identical_or_refused() {
     c.execute("INSERT INTO stamped DEFAULT VALUES", &[])
         .await
         .unwrap();
+    // A setting of this session (set_config, a startup parameter) written
+    // into a row: the primary's value is captured (the replay's session
+    // has neither; it used to write '' there).
+    c.batch_execute("SELECT set_config('app.who', 'alice', false)")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO src VALUES (current_setting('app.who') || '@')")
+        .await
+        .unwrap();
     assert_identical(&g).await;
+    let who: i64 = g
+        .direct(2)
+        .await
+        .query_one("SELECT count(*) FROM src WHERE v = 'alice@'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -720,12 +741,35 @@ async fn startup_time_zone_and_temporary_tables() {
     )
     .await
     .unwrap();
-    c.execute(
-        "INSERT INTO tz SELECT '2024-06-01 12:00'::timestamptz FROM scratch LIMIT 1",
-        &[],
-    )
-    .await
-    .unwrap();
+    // A write that reads the temporary table could not be replayed (the
+    // table is on the primary alone): refused, the session goes on.
+    let e = c
+        .execute(
+            "INSERT INTO tz SELECT '2024-06-01 12:00'::timestamptz FROM scratch LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{}", db_text(&e));
+    // Logged strings of two more sessions make a temporary table of the
+    // same name, next to a permanent one: the replay connection keeps no
+    // temporary table from one entry to the next, so they neither collide
+    // nor shadow the permanent table for a later session's write.
+    for _ in 0..2 {
+        let d = g.proxy.client("app").await;
+        d.batch_execute(
+            "CREATE TABLE IF NOT EXISTS scratch (a int);
+             INSERT INTO tz VALUES ('2024-02-01 10:00');
+             CREATE TEMP TABLE scratch (a int);
+             INSERT INTO pg_temp.scratch VALUES (7);",
+        )
+        .await
+        .unwrap();
+    }
+    let e2 = g.proxy.client("app").await;
+    e2.batch_execute("INSERT INTO scratch VALUES (9)")
+        .await
+        .unwrap();
     let n: i64 = c
         .query_one("SELECT sum(a) FROM scratch", &[])
         .await
@@ -741,6 +785,18 @@ async fn startup_time_zone_and_temporary_tables() {
         .unwrap()
         .get(0);
     assert_eq!(t, "2024-01-01 01:00:00+00");
+    for i in 0..3 {
+        let a: Vec<i32> = g
+            .direct(i)
+            .await
+            .query("SELECT a FROM public.scratch", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(a, [9], "the permanent table on n{}", i + 1);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

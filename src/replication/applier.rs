@@ -366,8 +366,15 @@ fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache)
     let messages: &[u8] = if nontx { &[] } else { &entry.messages };
     // Bounded: ad-hoc statements (literals in the text) would otherwise
     // pile up on the node.
-    let cached =
-        !nontx && only_dml(&h.tags) && h.prepares.is_empty() && cache.names.len() < MAX_CACHED;
+    // Temporary tables an entry makes must not outlive it on the replay
+    // connection (the next entry could be another session's, whose
+    // unqualified names they would shadow): an entry whose text mentions
+    // one is replayed in full and drops them at its end.
+    let cached = !nontx
+        && only_dml(&h.tags)
+        && h.prepares.is_empty()
+        && !mentions_temp(messages)
+        && cache.names.len() < MAX_CACHED;
     let mut setup = String::from(if cached {
         "RESET ALL; "
     } else {
@@ -431,7 +438,15 @@ fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache)
             Layout::Units(count_units(messages))
         }
     };
-    buf.extend_from_slice(&messages::query(&format!("{} COMMIT", setval_sql(&after))));
+    let discard = if cached || nontx {
+        ""
+    } else {
+        "DISCARD TEMP; "
+    };
+    buf.extend_from_slice(&messages::query(&format!(
+        "{}{discard}COMMIT",
+        setval_sql(&after)
+    )));
     Prepared {
         seq: row.seq,
         committed_us: row.committed_us,
@@ -499,6 +514,12 @@ fn joined_queries(mut b: &[u8], out: &mut BytesMut) {
     }
     sql.push(0);
     put_message(b'Q', &sql, out);
+}
+
+/// Whether captured messages mention a temporary object (`TEMP`,
+/// `TEMPORARY`, `pg_temp`, in any case; a false match only costs speed).
+fn mentions_temp(messages: &[u8]) -> bool {
+    messages.windows(4).any(|w| w.eq_ignore_ascii_case(b"temp"))
 }
 
 /// Whether every statement of an entry was plain DML (by its command tags

@@ -433,6 +433,21 @@ fn is_captured(name: &str) -> bool {
     VOLATILE_FUNCTIONS.contains(&name) && name != "setseed"
 }
 
+/// A `current_setting('reprise.…')` call: Reprise's own settings, which
+/// replay sets itself (the primary's timestamp in `NOW_EXPR`, …).
+fn reads_own_setting(call: &Value) -> bool {
+    call.get("args")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(|a| a.get("node"))
+        .and_then(|n| n.get("AConst"))
+        .and_then(|c| c.get("val"))
+        .and_then(|v| v.get("Sval"))
+        .and_then(|s| s.get("sval"))
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.starts_with("reprise."))
+}
+
 /// The call that captures an expression's value on the primary and
 /// replays it on the other copies.
 pub fn captured_call(expr: &str) -> String {
@@ -587,6 +602,24 @@ impl Walker<'_> {
     }
 
     /// A function call; false when its arguments are not to be looked at.
+    /// Wraps the call at `node` in `reprise.captured` (or refuses with
+    /// `reason` when its text cannot be found).
+    fn capture(&mut self, node: &Value, ctx: Ctx, reason: String) {
+        self.update_captures |= ctx.values == Values::UpdateSet;
+        match self.call_span(location(node)) {
+            Some((start, end)) => {
+                let call = self.sql.get(start..end).unwrap_or_default().to_string();
+                self.edits.push(Edit {
+                    start,
+                    end,
+                    text: captured_call(&call),
+                });
+                self.captures = true;
+            }
+            None => self.refuse(reason),
+        }
+    }
+
     fn visit_func_call(&mut self, node: &Value, ctx: Ctx) -> bool {
         let names: Vec<&str> = node
             .get("funcname")
@@ -604,25 +637,29 @@ impl Walker<'_> {
         if builtin && (name == "nextval" || name == "setval") {
             self.uses_nextval = true;
         }
-        if builtin
-            && matches!(ctx.values, Values::Inside | Values::UpdateSet)
-            && !ctx.ddl_expression
-            && is_captured(name)
-        {
-            self.update_captures |= ctx.values == Values::UpdateSet;
-            match self.call_span(location(node)) {
-                Some((start, end)) => {
-                    let call = self.sql.get(start..end).unwrap_or_default().to_string();
-                    self.edits.push(Edit {
-                        start,
-                        end,
-                        text: captured_call(&call),
-                    });
-                    self.captures = true;
-                }
-                None => self.refuse(volatile_reason(name)),
-            }
+        let capturable = matches!(ctx.values, Values::Inside | Values::UpdateSet);
+        if builtin && capturable && !ctx.ddl_expression && is_captured(name) {
+            self.capture(node, ctx, volatile_reason(name));
             // Its value is replayed as recorded, whatever its arguments do.
+            return false;
+        }
+        if builtin
+            && name == "current_setting"
+            && ctx.data_modifying
+            && !ctx.ddl_expression
+            && !ctx.stored_default
+            && !reads_own_setting(node)
+        {
+            // A setting of the client's session (set_config, a startup
+            // parameter): the replay's session does not have it.
+            let reason = "current_setting() in a write reads a setting of this session, which the \
+                          other copies' replay does not have; pass the value as a parameter"
+                .to_string();
+            if capturable {
+                self.capture(node, ctx, reason);
+            } else {
+                self.refuse(reason);
+            }
             return false;
         }
         if builtin && ctx.stored_default && is_captured(name) {
@@ -1356,6 +1393,30 @@ mod tests {
         // Idempotent: a captured call is not captured again.
         let again = analyze_write(&out);
         assert_eq!((again.rewritten, again.refused), (None, None), "{out}");
+    }
+
+    #[test]
+    fn session_settings_in_writes_are_captured_or_refused() {
+        let a = analyze_write("INSERT INTO t (a, b) VALUES (1, current_setting('app.user'))");
+        assert_eq!(a.refused, None);
+        let out = a.rewritten.expect("captured");
+        assert!(
+            out.contains("reprise.captured(current_setting('app.user'))"),
+            "{out}"
+        );
+        let a = analyze_write("UPDATE t SET owner = current_setting('app.user') WHERE id = 1");
+        assert!(a.update_captures, "{a:?}");
+        let r = refused("DELETE FROM t WHERE owner = current_setting('app.user')");
+        assert!(r.contains("current_setting"), "{r}");
+        // Reprise's own settings, reads and stored defaults are left alone.
+        for sql in [
+            "DELETE FROM t WHERE d < current_setting('reprise.now', true)::timestamptz",
+            "SELECT current_setting('app.user')",
+            "CREATE TABLE t (owner text DEFAULT current_setting('app.user'))",
+        ] {
+            let a = analyze_write(sql);
+            assert_eq!((a.refused, a.rewritten), (None, None), "{sql}");
+        }
     }
 
     #[test]

@@ -348,6 +348,74 @@ pub fn temp_only(sql: &str, temps: &mut HashSet<String>) -> bool {
     all
 }
 
+/// A temporary relation `sql` refers to (besides being its only target,
+/// which `temp_only` covers), if any: a table of this session's `temps`
+/// or one named in `pg_temp`. It exists on the primary alone, so a write
+/// that reads it cannot be replayed anywhere else.
+pub fn temp_reference(sql: &str, temps: &HashSet<String>) -> Option<String> {
+    if temps.is_empty() && !sql.to_ascii_lowercase().contains("pg_temp") {
+        return None;
+    }
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return None;
+    };
+    let v = serde_json::to_value(&parsed.protobuf).ok()?;
+    // Names a WITH clause defines are not tables; a temporary table the
+    // text itself makes is made again where it is replayed.
+    let mut ctes = HashSet::new();
+    let mut made = HashSet::new();
+    walk_json(&v, &mut |node| {
+        if let Some(name) = node
+            .get("CommonTableExpr")
+            .and_then(|c| c["ctename"].as_str())
+        {
+            ctes.insert(name.to_string());
+        }
+        if let Some(rel) = node.get("RangeVar")
+            && rel["relpersistence"].as_str() == Some("t")
+            && let Some(name) = rel["relname"].as_str()
+        {
+            made.insert(name.to_string());
+        }
+    });
+    let mut found = None;
+    walk_json(&v, &mut |node| {
+        let Some(rel) = node.get("RangeVar") else {
+            return;
+        };
+        let name = rel["relname"].as_str().unwrap_or_default();
+        let schema = rel["schemaname"].as_str().unwrap_or_default();
+        let temp = schema == "pg_temp"
+            || schema.is_empty() && temps.contains(name) && !ctes.contains(name);
+        if temp && !made.contains(name) && found.is_none() {
+            found = Some(name.to_string());
+        }
+    });
+    found
+}
+
+/// Calls `f` on every JSON object in `v`, depth first.
+fn walk_json(
+    v: &serde_json::Value,
+    f: &mut impl FnMut(&serde_json::Map<String, serde_json::Value>),
+) {
+    match v {
+        serde_json::Value::Object(m) => {
+            f(m);
+            for child in m.values() {
+                walk_json(child, f);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for child in a {
+                walk_json(child, f);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Whether every `INSERT … SELECT` in `sql` orders its rows.
 pub fn insert_selects_ordered(sql: &str) -> bool {
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
@@ -467,6 +535,18 @@ impl Session {
             // Not logged: runs on the primary alone, as written (a captured
             // value there would not be in any entry).
             return Ok(None);
+        }
+        if let Some(table) = temp_reference(sql, &self.write.temps) {
+            return Err(PgError::error(
+                "0A000",
+                format!(
+                    "this write reads the temporary table {table}, which exists only on the primary: \
+                     the copies could not replay it"
+                ),
+            )
+            .with_hint(
+                "write the rows with their values (INSERT … VALUES, COPY), or use a permanent table",
+            ));
         }
         let a = determinism::analyze_write(sql);
         if let Some(reason) = a.refused {
@@ -1328,6 +1408,49 @@ mod tests {
         assert!(!temps.contains("tt"));
         assert!(!temp_only("create table t (a int)", &mut temps));
         assert!(!temp_only("selec", &mut temps));
+    }
+
+    #[test]
+    fn writes_that_read_temporary_tables_are_found() {
+        let temps: HashSet<String> = ["tmp".to_string()].into();
+        let found = |sql| temp_reference(sql, &temps);
+        assert_eq!(
+            found("insert into real select * from tmp").as_deref(),
+            Some("tmp")
+        );
+        assert_eq!(
+            found("update real set v = t.v from tmp t where t.id = real.id").as_deref(),
+            Some("tmp")
+        );
+        assert_eq!(
+            found("delete from real where id in (select id from tmp)").as_deref(),
+            Some("tmp")
+        );
+        assert_eq!(
+            found("create table r2 as select * from tmp").as_deref(),
+            Some("tmp")
+        );
+        assert_eq!(
+            found("insert into real select * from pg_temp.other").as_deref(),
+            Some("other")
+        );
+        assert_eq!(found("insert into real values (1)"), None);
+        assert_eq!(found("insert into real select * from app.tmp"), None);
+        assert_eq!(
+            found("with tmp as (select 1 as id) insert into real select id from tmp"),
+            None
+        );
+        assert_eq!(
+            temp_reference("insert into real select * from tmp", &HashSet::new()),
+            None
+        );
+        // Made by the same text: replayed with it.
+        assert_eq!(
+            found(
+                "insert into real values (1); create temp table x (a int); insert into pg_temp.x values (1)"
+            ),
+            None
+        );
     }
 
     #[test]
