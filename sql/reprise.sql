@@ -235,11 +235,29 @@ RETURNS void LANGUAGE sql AS $fn$
                            p_committed_at, NULL::text)
 $fn$;
 
--- Sequence states, to make replayed nextval calls give the same numbers.
+-- The value the next nextval of a sequence not called since its creation
+-- or last RESTART / setval(…, false) returns (pg_sequences shows NULL).
+CREATE OR REPLACE FUNCTION reprise.sequence_next(p_schema name, p_name name)
+RETURNS bigint LANGUAGE plpgsql STABLE AS $fn$
+DECLARE
+    v bigint;
+BEGIN
+    EXECUTE format('SELECT last_value FROM %I.%I', p_schema, p_name) INTO v;
+    RETURN v;
+END
+$fn$;
+
+-- Sequence states, to make replayed nextval calls give the same numbers:
+-- [name, last value (NULL if not called), the value a replay sets with
+-- is_called = false when it is NULL: where nextval starts, after a
+-- RESTART WITH too].
 CREATE OR REPLACE FUNCTION reprise.sequences()
 RETURNS text LANGUAGE sql STABLE AS $fn$
     SELECT coalesce(json_agg(json_build_array(format('%I.%I', schemaname, sequencename),
-                                              last_value, start_value)
+                                              last_value,
+                                              CASE WHEN last_value IS NULL
+                                                   THEN reprise.sequence_next(schemaname, sequencename)
+                                                   ELSE start_value END)
                              ORDER BY schemaname, sequencename)::text, '[]')
     FROM pg_sequences
     WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'reprise')

@@ -216,6 +216,21 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         .unwrap()
         .get(0);
     assert_eq!(who, 1);
+    // A sequence restarted elsewhere than its start: the replay used to
+    // set it back to its start (and stop on a duplicate key).
+    c.batch_execute(
+        "CREATE TABLE restarted (id serial PRIMARY KEY, v text); INSERT INTO restarted (v) VALUES ('a')",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("ALTER SEQUENCE restarted_id_seq RESTART WITH 100")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO restarted (v) VALUES ('b'), ('c')")
+        .await
+        .unwrap();
+    assert_identical(&g).await;
+    assert_eq!(ids_on(&g, 2, "restarted").await, [1, 100, 101]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
