@@ -186,6 +186,10 @@ async fn nondeterministic_writes_are_identical_or_refused() {
             "DELETE FROM src WHERE v = current_setting('app.who')",
             "current_setting",
         ),
+        (
+            "DELETE FROM src WHERE v IN (SELECT v FROM src LIMIT 1)",
+            "ORDER BY",
+        ),
     ] {
         let e = c.batch_execute(sql).await.unwrap_err();
         let text = db_text(&e);

@@ -271,6 +271,9 @@ const NEEDLES: &[&str] = &[
     "setval",
     "function",
     "procedure",
+    "limit",
+    "offset",
+    "fetch",
 ];
 
 /// Cheap pre-filter so that the common statement without any of the
@@ -315,6 +318,7 @@ fn analyze(sql: &str) -> WriteAnalysis {
                 values: Values::No,
                 create_table: false,
                 stored_default: false,
+                in_exists: false,
             };
             walker.walk(stmt, ctx);
         }
@@ -408,6 +412,9 @@ struct Ctx {
     /// Inside a column DEFAULT that is stored, not evaluated (CREATE TABLE,
     /// ALTER COLUMN … SET DEFAULT): inserts capture its value.
     stored_default: bool,
+    /// Right under an `EXISTS (…)`: which rows its SELECT returns does not
+    /// matter, only whether there are any.
+    in_exists: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -498,6 +505,10 @@ impl Walker<'_> {
                         },
                         _ => ctx,
                     };
+                    child_ctx.in_exists = key == "SubLink"
+                        && child.get("sub_link_type").and_then(Value::as_i64)
+                            == Some(pg_query::protobuf::SubLinkType::ExistsSublink as i64)
+                        || ctx.in_exists && key != "SelectStmt";
                     match key.as_str() {
                         "CreateStmt" => child_ctx.create_table = true,
                         "Constraint" => {
@@ -579,6 +590,23 @@ impl Walker<'_> {
                     "FOR UPDATE/SHARE SKIP LOCKED inside a write picks rows depending on \
                      concurrent locks, so replay could change different rows; select the \
                      rows by key instead"
+                        .to_string(),
+                );
+            }
+            "SelectStmt"
+                if ctx.data_modifying
+                    && !ctx.in_exists
+                    && ["limit_count", "limit_offset"]
+                        .iter()
+                        .any(|k| node.get(*k).is_some_and(|v| !v.is_null()))
+                    && node
+                        .get("sort_clause")
+                        .and_then(Value::as_array)
+                        .is_none_or(Vec::is_empty) =>
+            {
+                self.refuse(
+                    "LIMIT or OFFSET without ORDER BY in a write picks rows in storage order, \
+                     which differs between copies of the group; add an ORDER BY on a unique key"
                         .to_string(),
                 );
             }
@@ -1420,8 +1448,31 @@ mod tests {
     }
 
     #[test]
+    fn limits_without_order_in_writes_are_refused() {
+        for sql in [
+            "DELETE FROM t WHERE id IN (SELECT id FROM t WHERE done LIMIT 100)",
+            "UPDATE t SET a = 1 WHERE id = (SELECT id FROM t OFFSET 3 LIMIT 1)",
+            "INSERT INTO t SELECT * FROM s LIMIT 10",
+            "INSERT INTO t SELECT * FROM s FETCH FIRST 2 ROWS ONLY",
+            "CREATE TABLE t2 AS SELECT * FROM s LIMIT 5",
+            "DELETE FROM t WHERE EXISTS (SELECT 1 FROM s WHERE s.id IN (SELECT id FROM u LIMIT 1))",
+        ] {
+            let r = refused(sql);
+            assert!(r.contains("ORDER BY"), "{sql}: {r}");
+        }
+        for sql in [
+            "DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY id LIMIT 100)",
+            "DELETE FROM t WHERE EXISTS (SELECT 1 FROM s WHERE s.id = t.id LIMIT 1)",
+            "SELECT * FROM t LIMIT 1",
+        ] {
+            let a = analyze_write(sql);
+            assert_eq!((a.refused, a.rewritten), (None, None), "{sql}");
+        }
+    }
+
+    #[test]
     fn refuses_other_constructs() {
-        let r = refused("delete from t where ctid in (select ctid from t limit 10)");
+        let r = refused("delete from t where ctid in (select ctid from t order by id limit 10)");
         assert!(r.contains("ctid"), "{r}");
         let r = refused("update t set a = 1 where t.xmin = 5");
         assert!(r.contains("xmin"), "{r}");
