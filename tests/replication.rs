@@ -235,6 +235,25 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         .unwrap();
     assert_identical(&g).await;
     assert_eq!(ids_on(&g, 2, "restarted").await, [1, 100, 101]);
+    // A column default that reads a session setting (an audit column):
+    // the insert that leaves it to its default captures the value.
+    c.batch_execute(
+        "CREATE TABLE audited (id int PRIMARY KEY, who text DEFAULT current_setting('app.who'))",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("INSERT INTO audited (id) VALUES (1)")
+        .await
+        .unwrap();
+    assert_identical(&g).await;
+    let who: String = g
+        .direct(2)
+        .await
+        .query_one("SELECT who FROM audited WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "alice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,8 +83,9 @@ const SERVER_FUNCTIONS: &[&str] = &[
 
 /// Whether a column default's expression (as `pg_get_expr` prints it)
 /// calls a function whose result differs between copies or runs: the
-/// volatile and server functions above, or a time function or keyword
-/// that was not rewritten to the primary's timestamp.
+/// volatile and server functions above, `current_setting` (a setting of
+/// the inserting session), or a time function or keyword that was not
+/// rewritten to the primary's timestamp.
 pub fn default_differs(expr: &str) -> bool {
     let e = expr.to_ascii_lowercase();
     if e.contains(NOW_SETTING) {
@@ -108,6 +109,7 @@ pub fn default_differs(expr: &str) -> bool {
         .iter()
         .chain(SERVER_FUNCTIONS)
         .chain(NOW_FUNCTIONS)
+        .chain(&["current_setting"])
         .any(|f| word_at(f, true))
         || [
             "current_timestamp",
@@ -1205,6 +1207,7 @@ mod tests {
             "(random() * 10)::integer",
             "clock_timestamp()",
             "public.uuid_generate_v4()",
+            "current_setting('app.user'::text)",
         ] {
             assert!(default_differs(e), "{e}");
         }
