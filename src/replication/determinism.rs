@@ -631,7 +631,6 @@ impl Walker<'_> {
         true
     }
 
-    /// A function call; false when its arguments are not to be looked at.
     /// Wraps the call at `node` in `reprise.captured` (or refuses with
     /// `reason` when its text cannot be found).
     fn capture(&mut self, node: &Value, ctx: Ctx, reason: String) {
@@ -650,6 +649,7 @@ impl Walker<'_> {
         }
     }
 
+    /// A function call; false when its arguments are not to be looked at.
     fn visit_func_call(&mut self, node: &Value, ctx: Ctx) -> bool {
         let names: Vec<&str> = node
             .get("funcname")

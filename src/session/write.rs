@@ -353,7 +353,13 @@ pub fn temp_only(sql: &str, temps: &mut HashSet<String>) -> bool {
 /// or one named in `pg_temp`. It exists on the primary alone, so a write
 /// that reads it cannot be replayed anywhere else.
 pub fn temp_reference(sql: &str, temps: &HashSet<String>) -> Option<String> {
-    if temps.is_empty() && !sql.to_ascii_lowercase().contains("pg_temp") {
+    // Every write passes here: no copy of the text for the common case.
+    let names_temp_schema = || {
+        sql.as_bytes()
+            .windows(7)
+            .any(|w| w.eq_ignore_ascii_case(b"pg_temp"))
+    };
+    if temps.is_empty() && !names_temp_schema() {
         return None;
     }
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
