@@ -410,12 +410,33 @@ async fn sql_prepared_statements_replicate_and_sessions_keep_their_own_names() {
     .await
     .unwrap();
     b.batch_execute("EXECUTE ins(9)").await.unwrap();
+    // A PREPARE that failed defined nothing: the next one of that name
+    // is the statement entries replay (the failed text used to be kept).
+    let e = b
+        .batch_execute("PREPARE late(int) AS INSERT INTO tp (id, v, w) VALUES ($1, 'x', 'x')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42703");
+    b.batch_execute("PREPARE late(int) AS INSERT INTO tp VALUES ($1, 'e')")
+        .await
+        .unwrap();
+    b.batch_execute("EXECUTE late(10)").await.unwrap();
+    // Through the extended protocol (as most drivers send any SQL).
+    b.execute("PREPARE ext(int) AS INSERT INTO tp VALUES ($1, 'f')", &[])
+        .await
+        .unwrap();
+    b.execute("EXECUTE ext(11)", &[]).await.unwrap();
+    b.execute("DEALLOCATE ext", &[]).await.unwrap();
+    b.batch_execute("PREPARE ext(int) AS INSERT INTO tp VALUES ($1, 'g')")
+        .await
+        .unwrap();
+    b.execute("EXECUTE ext(12)", &[]).await.unwrap();
 
     assert_identical(&g).await;
     for i in 0..3 {
         assert_eq!(
             ids_on(&g, i, "tp").await,
-            [1, 2, 3, 4, 5, 6, 7, 8, 9],
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
             "rows on n{}",
             i + 1
         );

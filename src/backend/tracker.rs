@@ -5,6 +5,8 @@
 
 use std::collections::VecDeque;
 
+use crate::route::SqlPrepared;
+
 /// One response we wait for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
@@ -21,6 +23,10 @@ pub enum Expect {
     /// ReadyForQuery ending a unit the proxy sent for itself whose rows and
     /// errors it reads (the write lock, the log append).
     Own,
+    /// The CommandComplete of an SQL-level PREPARE, DEALLOCATE or DISCARD
+    /// ALL in a client unit: the session's account of its prepared
+    /// statements changes only once the node has done it.
+    Defines(SqlPrepared),
 }
 
 /// Whom the unit being answered belongs to.
@@ -51,14 +57,48 @@ pub struct Outcome {
 pub struct Tracker {
     queue: VecDeque<Expect>,
     client_units: usize,
+    /// `Defines` in the queue.
+    defines: usize,
 }
 
 impl Tracker {
     pub fn push(&mut self, e: Expect) {
-        if matches!(e, Expect::Sync { injected: false } | Expect::Captured) {
-            self.client_units += 1;
+        match e {
+            Expect::Sync { injected: false } | Expect::Captured => self.client_units += 1,
+            Expect::Defines(_) => self.defines += 1,
+            _ => {}
         }
         self.queue.push_back(e);
+    }
+
+    /// SQL-level prepared statement changes sent and not yet completed
+    /// (checked before relaying a CommandComplete in place).
+    pub fn defines_pending(&self) -> bool {
+        self.defines > 0
+    }
+
+    /// Those changes, in the order they were sent.
+    pub fn pending_defines(&self) -> impl Iterator<Item = &SqlPrepared> {
+        self.queue.iter().filter_map(|e| match e {
+            Expect::Defines(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    /// A CommandComplete arrived (`tag`: its body): the change it
+    /// completes, if it completes one of the unit being answered.
+    pub fn completed(&mut self, tag: &[u8]) -> Option<SqlPrepared> {
+        if self.defines == 0 {
+            return None;
+        }
+        let i = self.position(|e| matches!(e, Expect::Defines(p) if p.completed_by(tag)))?;
+        match self.queue.remove(i) {
+            Some(Expect::Defines(p)) => {
+                self.defines -= 1;
+                Some(p)
+            }
+            _ => None,
+        }
     }
 
     fn unit_end(e: &Expect) -> Option<UnitOwner> {
@@ -116,13 +156,19 @@ impl Tracker {
                     .position(|e| Self::unit_end(e).is_some())
                     .unwrap_or(self.queue.len());
                 for e in self.queue.drain(..end) {
-                    if let Expect::Parse { name, .. } = e {
-                        out.not_prepared.push(name);
+                    match e {
+                        Expect::Parse { name, .. } => out.not_prepared.push(name),
+                        // Skipped, or it was the one that failed.
+                        Expect::Defines(_) => self.defines -= 1,
+                        _ => {}
                     }
                 }
             }
             b'Z' => {
                 while let Some(e) = self.queue.pop_front() {
+                    if let Expect::Defines(_) = e {
+                        self.defines -= 1;
+                    }
                     if let Some(o) = Self::unit_end(&e) {
                         let client = matches!(o, UnitOwner::Client | UnitOwner::ClientCaptured);
                         out.forward = client;
@@ -155,6 +201,7 @@ impl Tracker {
     pub fn clear(&mut self) {
         self.queue.clear();
         self.client_units = 0;
+        self.defines = 0;
     }
 }
 
@@ -239,5 +286,43 @@ mod tests {
         assert!(!t.on_message(b'1').forward); // c, injected in the next unit
         assert!(t.on_message(b'Z').unit_done);
         assert!(t.is_idle());
+    }
+
+    /// An SQL PREPARE counts once the node completed it: one that failed,
+    /// was skipped, or belongs to a later unit does not.
+    #[test]
+    fn sql_definitions_count_once_completed_in_their_unit() {
+        let prepare = |name: &str| {
+            Expect::Defines(SqlPrepared::Prepare {
+                name: name.into(),
+                text: format!("PREPARE {name} AS SELECT 1"),
+            })
+        };
+        let name = |p: Option<SqlPrepared>| match p {
+            Some(SqlPrepared::Prepare { name, .. }) => Some(name),
+            _ => None,
+        };
+        let mut t = Tracker::default();
+        // `PREPARE a …; PREPARE b …; PREPARE c …` where b fails.
+        t.push(prepare("a"));
+        t.push(prepare("b"));
+        t.push(prepare("c"));
+        t.push(Expect::Sync { injected: false });
+        // `PREPARE d …` not completed; then `PREPARE e …`, pipelined.
+        t.push(prepare("d"));
+        t.push(Expect::Sync { injected: false });
+        t.push(prepare("e"));
+        t.push(Expect::Sync { injected: false });
+        assert!(t.defines_pending());
+        assert_eq!(t.completed(b"SELECT 1\0"), None);
+        assert_eq!(name(t.completed(b"PREPARE\0")), Some("a".into()));
+        assert!(t.on_message(b'E').forward);
+        assert!(t.on_message(b'Z').unit_done);
+        let left: Vec<_> = t.pending_defines().cloned().collect();
+        assert_eq!(left.len(), 2, "b and c are gone with their unit: {left:?}");
+        assert!(t.on_message(b'Z').unit_done);
+        assert_eq!(name(t.completed(b"PREPARE\0")), Some("e".into()));
+        assert!(t.on_message(b'Z').unit_done);
+        assert!(!t.defines_pending() && t.is_idle());
     }
 }

@@ -121,6 +121,20 @@ impl SqlPrepared {
             SqlPrepared::Prepare { .. } | SqlPrepared::Deallocate(_)
         )
     }
+
+    /// Whether a CommandComplete with this tag (its body: the tag and a
+    /// NUL) is the node completing this statement. An EXECUTE completes
+    /// with the tag of the statement it runs: never this one.
+    pub fn completed_by(&self, tag: &[u8]) -> bool {
+        let tag = tag.strip_suffix(b"\0").unwrap_or(tag);
+        match self {
+            SqlPrepared::Prepare { .. } => tag == b"PREPARE",
+            SqlPrepared::Deallocate(Some(_)) => tag == b"DEALLOCATE",
+            SqlPrepared::Deallocate(None) => tag == b"DEALLOCATE ALL",
+            SqlPrepared::DiscardAll => tag == b"DISCARD ALL",
+            SqlPrepared::Execute(_) => false,
+        }
+    }
 }
 
 /// The transaction state a query string leaves behind.
@@ -1039,6 +1053,21 @@ mod tests {
         let defs = got.prepared.iter().filter(|p| p.is_definition()).count();
         assert_eq!(defs, 4);
         assert!(c("select 1").prepared.is_empty());
+        // Each is known by its own command tag, NUL-terminated as sent.
+        let tags: [&[u8]; 6] = [
+            b"PREPARE\0",
+            b"INSERT 0 1\0",
+            b"DEALLOCATE\0",
+            b"DEALLOCATE\0",
+            b"DEALLOCATE ALL\0",
+            b"DISCARD ALL\0",
+        ];
+        for (i, p) in got.prepared.iter().enumerate() {
+            for (j, tag) in tags.iter().enumerate() {
+                let same_kind = tags[i] == *tag && i != 1;
+                assert_eq!(p.completed_by(tag), same_kind, "{p:?} by {j}");
+            }
+        }
     }
 
     #[test]

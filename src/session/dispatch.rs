@@ -79,7 +79,8 @@ pub struct Unit {
     /// transaction control among other statements: it may have to run as
     /// separate queries (`Session::runs_split`).
     pub whole: Option<Frame>,
-    /// What it does to SQL-level prepared statements (a simple Query).
+    /// What it does to SQL-level prepared statements, in order (of its
+    /// Query, or of the statements it binds).
     pub prepared: Vec<SqlPrepared>,
 }
 
@@ -135,7 +136,7 @@ impl Unit {
         };
         for item in &items {
             match (item.frame.tag, &item.stmt) {
-                (b'B', Some((def, _))) => unit.note_bind(&def.class),
+                (b'B', Some((def, _))) => unit.note_bind(def),
                 (b'B', None) => unit.route = Route::Write,
                 (b'P', None) => unit.route = Route::Write,
                 (b'S', _) => unit.syncs += 1,
@@ -146,8 +147,12 @@ impl Unit {
         unit
     }
 
-    /// What binding a statement of class `c` makes of the unit.
-    fn note_bind(&mut self, c: &Classification) {
+    /// What binding statement `def` makes of the unit.
+    fn note_bind(&mut self, def: &StmtDef) {
+        let c = &def.class;
+        if !c.prepared.is_empty() {
+            self.prepared.extend(def.sql_prepared());
+        }
         let read =
             c.pin_reason.is_none() && !c.parse_error && (c.read_only || c.begin == Some(true));
         if !read {
@@ -478,7 +483,7 @@ impl Session {
                 b'B' => match statements::bind_statement(frame.body()) {
                     Some(name) => match self.statements.get(name) {
                         Some(def) => {
-                            unit.note_bind(&def.class);
+                            unit.note_bind(&def);
                             stmt = Some((def, None));
                         }
                         None => unit.route = Route::Write,
@@ -1097,6 +1102,7 @@ impl Session {
             conn.settings_applied += 1;
         }
         for item in &unit.items {
+            expect_definitions(conn, item, &unit.prepared);
             emit(conn, item, &mut buf, captured);
         }
         if target == primary {
@@ -1109,23 +1115,6 @@ impl Session {
         if !unit.settings.is_empty() {
             self.settings.extend(unit.settings.iter().cloned());
             conn.settings_applied = self.settings.len();
-        }
-        for p in &unit.prepared {
-            match p {
-                // (A name in use: the PREPARE fails, the old one stays.)
-                SqlPrepared::Prepare { name, text } => {
-                    self.sql_prepared
-                        .entry(name.clone())
-                        .or_insert_with(|| text.clone());
-                }
-                SqlPrepared::Deallocate(Some(name)) => {
-                    self.sql_prepared.remove(name);
-                }
-                SqlPrepared::Deallocate(None) | SqlPrepared::DiscardAll => {
-                    self.sql_prepared.clear()
-                }
-                SqlPrepared::Execute(_) => {}
-            }
         }
         for _ in 0..unit.syncs {
             self.group.node(target).begin_unit();
@@ -1241,6 +1230,24 @@ impl Session {
 
 /// Writes one item for `conn`, preparing its statement there first if the
 /// client prepared it elsewhere.
+/// Before a Query or Bind that defines or drops SQL-level prepared
+/// statements: their completions to wait for (`Session::sql_prepared`
+/// follows the node, not what was sent).
+fn expect_definitions(conn: &mut BackendConn, item: &Item, query: &[SqlPrepared]) {
+    let expect = |p: SqlPrepared| {
+        if !matches!(p, SqlPrepared::Execute(_)) {
+            conn.tracker.push(Expect::Defines(p));
+        }
+    };
+    match (item.frame.tag, &item.stmt) {
+        (b'Q', _) => query.iter().cloned().for_each(expect),
+        (b'B', Some((def, _))) if !def.class.prepared.is_empty() => {
+            def.sql_prepared().for_each(expect)
+        }
+        _ => {}
+    }
+}
+
 fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut, captured: bool) {
     let f = &item.frame;
     match (f.tag, &item.stmt) {

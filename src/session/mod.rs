@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 
 use crate::backend::{BackendConn, UnitOwner};
 use crate::group::{Group, NodeState};
+use crate::route::SqlPrepared;
 use crate::server::Shared;
 use crate::wire::messages::{self, PgError};
 use crate::wire::tls::{ClientRead, ClientWrite};
@@ -746,6 +747,7 @@ impl Session {
             // (The tracker keeps no account of these tags.)
             if let Ok(Some((tag, raw))) = conn.reader.peek()
                 && !matches!(tag, b'1' | b'3' | b'E' | b'Z' | b'G')
+                && !(tag == b'C' && conn.tracker.defines_pending())
                 && conn.tracker.owner() == Some(UnitOwner::Client)
             {
                 let len = raw.len();
@@ -793,7 +795,14 @@ impl Session {
             for name in &outcome.not_prepared {
                 conn.prepared.remove(name);
             }
+            let defined = match frame.tag {
+                b'C' => conn.tracker.completed(frame.body()),
+                _ => None,
+            };
             let idle = conn.tracker.client_units() == 0;
+            if let Some(p) = defined {
+                self.sql_prepared_done(p);
+            }
             match outcome.owner {
                 Some(UnitOwner::Own) => {
                     self.on_own_message(&frame);
@@ -969,6 +978,40 @@ impl Session {
             b'G' => self.copy_in = true,
             _ => {}
         }
+    }
+
+    /// The node completed a PREPARE, DEALLOCATE or DISCARD ALL the client
+    /// sent: what entries replay for the statement names now.
+    fn sql_prepared_done(&mut self, p: SqlPrepared) {
+        match p {
+            SqlPrepared::Prepare { name, text } => {
+                self.sql_prepared.insert(name, text);
+            }
+            SqlPrepared::Deallocate(Some(name)) => {
+                self.sql_prepared.remove(&name);
+            }
+            SqlPrepared::Deallocate(None) | SqlPrepared::DiscardAll => self.sql_prepared.clear(),
+            SqlPrepared::Execute(_) => {}
+        }
+    }
+
+    /// The text a PREPARE of `name` had, as the node will know it once
+    /// what was sent to the primary before is done: a PREPARE of a name in
+    /// use fails, a DEALLOCATE drops it.
+    pub(super) fn sql_prepared_text(&self, name: &str) -> Option<String> {
+        let mut text = self.sql_prepared.get(name).cloned();
+        let primary = self.backends[self.group.primary()].as_ref();
+        for p in primary.iter().flat_map(|c| c.tracker.pending_defines()) {
+            match p {
+                SqlPrepared::Prepare { name: n, text: t } if n == name && text.is_none() => {
+                    text = Some(t.clone())
+                }
+                SqlPrepared::Deallocate(Some(n)) if n == name => text = None,
+                SqlPrepared::Deallocate(None) | SqlPrepared::DiscardAll => text = None,
+                _ => {}
+            }
+        }
+        text
     }
 
     /// Points cancel requests at backend `i`.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use crate::route::Classification;
+use crate::route::SqlPrepared;
 use crate::wire::Frame;
 use crate::wire::messages::{Reader, put_cstr, put_message};
 
@@ -22,6 +23,20 @@ pub struct StmtDef {
     /// The text of `parse` (read once: the write path looks at it on
     /// every execution).
     pub sql: String,
+}
+
+impl StmtDef {
+    /// What executing it does to SQL-level prepared statements (a PREPARE
+    /// with its text as sent to the node).
+    pub fn sql_prepared(&self) -> impl Iterator<Item = SqlPrepared> + '_ {
+        self.class.prepared.iter().map(|p| match p {
+            SqlPrepared::Prepare { name, .. } => SqlPrepared::Prepare {
+                name: name.clone(),
+                text: self.sql.clone(),
+            },
+            other => other.clone(),
+        })
+    }
 }
 
 /// The session's statements by name ("" is the unnamed statement).

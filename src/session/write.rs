@@ -850,21 +850,28 @@ impl Session {
 
     /// Copies a sent unit into the capture.
     pub(super) fn capture_unit(&mut self, items: &[Item], prepared: &[SqlPrepared]) {
-        let Some(tx) = self.write.tx.as_mut() else {
-            return;
-        };
         // An entry replays on a connection of its own: the SQL-level
         // prepared statements it uses but did not prepare come with it.
         for p in prepared {
+            let Some(tx) = self.write.tx.as_ref() else {
+                return;
+            };
+            let text = match p {
+                SqlPrepared::Execute(name) | SqlPrepared::Deallocate(Some(name))
+                    if !tx.defined.contains(name) =>
+                {
+                    self.sql_prepared_text(name)
+                }
+                _ => None,
+            };
+            let tx = self.write.tx.as_mut().expect("checked above");
             match p {
                 SqlPrepared::Prepare { name, .. } => {
                     tx.defined.insert(name.clone());
                 }
                 SqlPrepared::Execute(name) | SqlPrepared::Deallocate(Some(name)) => {
-                    if !tx.defined.contains(name)
-                        && let Some(text) = self.sql_prepared.get(name)
-                    {
-                        tx.prepares.push(text.clone());
+                    if let Some(text) = text {
+                        tx.prepares.push(text);
                         tx.defined.insert(name.clone());
                     }
                     if matches!(p, SqlPrepared::Deallocate(_)) {
@@ -874,6 +881,9 @@ impl Session {
                 SqlPrepared::Deallocate(None) | SqlPrepared::DiscardAll => tx.defined.clear(),
             }
         }
+        let Some(tx) = self.write.tx.as_mut() else {
+            return;
+        };
         for item in items {
             if let Some((def, _)) = &item.stmt {
                 if item.frame.tag == b'P' {
