@@ -675,6 +675,35 @@ async fn copy_ddl_settings_and_read_your_writes() {
             .get(0);
         assert_eq!(n, 1, "read-your-writes");
     }
+    // COPY to a file on the server writes it there, from the primary
+    // alone: no entry makes every copy write it again. COPY from a file
+    // or program on the server is refused: each copy would read its own.
+    let file = std::env::temp_dir().join(format!("reprise-copy-{}.tsv", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(10)).await;
+    let (_, _, head) = log_extent(&g, 0).await;
+    c.batch_execute(&format!("COPY s2.kv TO '{}'", file.display()))
+        .await
+        .unwrap();
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(written, "1\tone\n2\ttwo\n3\tthree\n");
+    assert_eq!(
+        log_extent(&g, 0).await.2,
+        head,
+        "COPY TO a file is not logged"
+    );
+    for from in [
+        format!("'{}'", file.display()),
+        "PROGRAM 'cat /dev/null'".into(),
+    ] {
+        let e = c
+            .batch_execute(&format!("COPY s2.kv FROM {from}"))
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{from}: {e:?}");
+        assert!(db_text(&e).contains("COPY … FROM STDIN"), "{from}: {e:?}");
+    }
+    let _ = std::fs::remove_file(&file);
     assert_identical(&g).await;
 }
 

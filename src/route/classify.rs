@@ -97,6 +97,13 @@ pub struct Classification {
     /// What the string does to SQL-level prepared statements (PREPARE,
     /// EXECUTE, DEALLOCATE, DISCARD ALL), in order.
     pub prepared: Vec<SqlPrepared>,
+    /// A COPY reads a file or a program's output on the server: it would
+    /// read each node's own.
+    pub copy_from_server: bool,
+    /// COPY statements that only read and write what they read to a file
+    /// or a program on the server: they run on the primary alone and
+    /// change no data.
+    pub copy_to_server: usize,
 }
 
 /// A statement about an SQL-level prepared statement.
@@ -166,6 +173,8 @@ impl Classification {
             parse_error: false,
             statements: 0,
             prepared: Vec::new(),
+            copy_from_server: false,
+            copy_to_server: 0,
         }
     }
 
@@ -225,6 +234,13 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
                 out.prepared.push(SqlPrepared::DiscardAll);
             }
             NodeEnum::ListenStmt(_) => out.pin("LISTEN"),
+            NodeEnum::CopyStmt(c) if c.is_program || !c.filename.is_empty() => {
+                if c.is_from {
+                    out.copy_from_server = true;
+                } else if inner(&c.query).is_none_or(reads_only) {
+                    out.copy_to_server += 1;
+                }
+            }
             NodeEnum::PrepareStmt(p) => {
                 // Keeps source text.
                 cacheable = false;
@@ -1068,6 +1084,37 @@ mod tests {
                 assert_eq!(p.completed_by(tag), same_kind, "{p:?} by {j}");
             }
         }
+    }
+
+    #[test]
+    fn copies_with_server_files_are_told_apart() {
+        for sql in [
+            "COPY t FROM '/tmp/t.csv' CSV",
+            "COPY t (a) FROM PROGRAM 'gunzip -c /tmp/t.gz'",
+            "select 1; copy t from '/x'",
+        ] {
+            assert!(c(sql).copy_from_server, "{sql}");
+        }
+        for sql in [
+            "COPY t FROM STDIN",
+            "COPY t TO STDOUT",
+            "COPY t TO '/tmp/x'",
+        ] {
+            assert!(!c(sql).copy_from_server, "{sql}");
+        }
+        let to = |sql| c(sql).copy_to_server;
+        assert_eq!(to("COPY t TO '/tmp/t.csv'"), 1);
+        assert_eq!(
+            to("COPY (SELECT * FROM t) TO PROGRAM 'cat'; COPY t TO '/x'"),
+            2
+        );
+        assert_eq!(to("COPY t TO STDOUT"), 0);
+        // Writes as it copies: logged like any write.
+        assert_eq!(to("COPY (DELETE FROM t RETURNING *) TO '/tmp/gone'"), 0);
+        assert!(
+            !c("COPY t TO '/tmp/t.csv'").read_only,
+            "runs on the primary"
+        );
     }
 
     #[test]

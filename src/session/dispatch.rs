@@ -236,7 +236,8 @@ fn split_batch(items: &[Item]) -> Option<Vec<Vec<Item>>> {
 }
 
 /// Whether a classified string may change data: anything beyond session
-/// settings, transaction control and pure reads.
+/// settings, transaction control, prepared statement definitions and
+/// reads (to the client or to a file on the primary).
 fn may_write(c: &Classification) -> bool {
     if c.read_only {
         return false;
@@ -244,7 +245,8 @@ fn may_write(c: &Classification) -> bool {
     let control = c.session_settings.len()
         + usize::from(c.begin.is_some())
         + usize::from(c.ends_tx)
-        + c.prepared.iter().filter(|p| p.is_definition()).count();
+        + c.prepared.iter().filter(|p| p.is_definition()).count()
+        + c.copy_to_server;
     c.parse_error || c.statements > control
 }
 

@@ -542,6 +542,16 @@ impl Session {
             // value there would not be in any entry).
             return Ok(None);
         }
+        if class.copy_from_server {
+            return Err(PgError::error(
+                "0A000",
+                "COPY FROM a file or a program on the server would read each copy's own file \
+                 or program: the copies could differ",
+            )
+            .with_hint(
+                "send the data from the client with COPY … FROM STDIN (in psql: \\copy … from 'file')",
+            ));
+        }
         if let Some(table) = temp_reference(sql, &self.write.temps) {
             return Err(PgError::error(
                 "0A000",
