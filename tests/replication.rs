@@ -254,6 +254,37 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         .unwrap()
         .get(0);
     assert_eq!(who, "alice");
+    // Large objects: the server picks an OID from a counter of its own,
+    // which a temporary table (on the primary alone) has moved on there.
+    let t = g.proxy.client("app").await;
+    t.batch_execute("CREATE TEMP TABLE moves_the_oid_counter (a int)")
+        .await
+        .unwrap();
+    t.batch_execute("CREATE TABLE docs (id int PRIMARY KEY, body oid)")
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO docs VALUES (1, lo_from_bytea(0, 'one'))",
+        "SELECT lo_create(0)",
+        "SELECT lo_import('/etc/hostname')",
+    ] {
+        let e = t.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+    }
+    t.batch_execute("INSERT INTO docs VALUES (2, lo_from_bytea(424242, 'two'))")
+        .await
+        .unwrap();
+    assert_identical(&g).await;
+    for i in 0..3 {
+        let body: Vec<u8> = g
+            .direct(i)
+            .await
+            .query_one("SELECT lo_get(body) FROM docs WHERE id = 2", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(body, b"two", "n{}", i + 1);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,6 +276,7 @@ const NEEDLES: &[&str] = &[
     "limit",
     "offset",
     "fetch",
+    "lo_",
 ];
 
 /// Cheap pre-filter so that the common statement without any of the
@@ -440,6 +441,58 @@ enum Values {
 /// only changes the session's random state.
 fn is_captured(name: &str) -> bool {
     VOLATILE_FUNCTIONS.contains(&name) && name != "setseed"
+}
+
+/// Why a call of a large object function would differ between copies:
+/// the server picks the new object's OID (from a counter of its own) unless
+/// the call names a nonzero OID as a literal, and `lo_import` reads a file
+/// on the server.
+fn large_object_reason(name: &str, call: &Value) -> Option<String> {
+    let literal_oid = || {
+        let mut arg = call
+            .get("args")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())?
+            .get("node")?;
+        // `12345::oid`
+        while let Some(inner) = arg.get("TypeCast").and_then(|c| c.get("arg")?.get("node")) {
+            arg = inner;
+        }
+        let val = arg.get("AConst")?.get("val")?;
+        let oid = match val.get("Ival") {
+            Some(i) => i.get("ival").and_then(Value::as_i64).unwrap_or(0),
+            None => val
+                .get("Sval")?
+                .get("sval")?
+                .as_str()?
+                .trim()
+                .parse()
+                .ok()?,
+        };
+        (oid != 0).then_some(oid)
+    };
+    match name {
+        "lo_import" => Some(
+            "lo_import() reads a file on the server: each copy of the group would read its \
+             own; send the data with lo_from_bytea(oid, data)"
+                .to_string(),
+        ),
+        "lo_creat" => Some(format!(
+            "{name}() lets the server pick the large object's OID, which would differ on each \
+             copy of the group; use lo_create(oid) with an OID the application chooses"
+        )),
+        "lo_create" | "lo_from_bytea" if literal_oid().is_none() => Some(format!(
+            "{name}() without an OID given as a nonzero literal lets the server pick the large \
+             object's OID, which would differ on each copy of the group; pass the OID the \
+             application chooses as a literal, e.g. {name}(424242{})",
+            if name == "lo_from_bytea" {
+                ", data"
+            } else {
+                ""
+            }
+        )),
+        _ => None,
+    }
 }
 
 /// A `current_setting('reprise.…')` call: Reprise's own settings, which
@@ -695,6 +748,10 @@ impl Walker<'_> {
         if builtin && ctx.stored_default && is_captured(name) {
             // A stored default: the inserts that use it capture its value
             // (or are refused when they cannot name the column).
+            return true;
+        }
+        if builtin && let Some(reason) = large_object_reason(name, node) {
+            self.refuse(reason);
             return true;
         }
         if let Some(reason) = refused_function_reason(name) {
@@ -1424,6 +1481,30 @@ mod tests {
         // Idempotent: a captured call is not captured again.
         let again = analyze_write(&out);
         assert_eq!((again.rewritten, again.refused), (None, None), "{out}");
+    }
+
+    #[test]
+    fn large_objects_need_an_oid_the_application_chose() {
+        for sql in [
+            "SELECT lo_create(0)",
+            "SELECT lo_creat(-1)",
+            "INSERT INTO t VALUES (1, lo_from_bytea(0, 'x'))",
+            "INSERT INTO t VALUES (1, lo_from_bytea($1, 'x'))",
+            "SELECT pg_catalog.lo_create('0'::oid)",
+            "SELECT lo_import('/etc/hosts', 5000)",
+        ] {
+            let a = analyze_write(sql);
+            assert!(a.refused.is_some_and(|r| r.contains("lo_")), "{sql}");
+        }
+        for sql in [
+            "SELECT lo_create(424242)",
+            "SELECT lo_create('424242'::oid)",
+            "INSERT INTO t VALUES (1, lo_from_bytea(5000, 'x'))",
+            "SELECT lo_unlink(5000)",
+            "SELECT lo_put(5000, 0, 'y')",
+        ] {
+            assert_eq!(analyze_write(sql).refused, None, "{sql}");
+        }
     }
 
     #[test]
