@@ -285,6 +285,61 @@ async fn nondeterministic_writes_are_identical_or_refused() {
             .get(0);
         assert_eq!(body, b"two", "n{}", i + 1);
     }
+    // `SET col = DEFAULT` where the default differs between copies: the
+    // default's values are captured by row (keyed), or refused without a key.
+    // Writes in the same query string or transaction as the definition of
+    // such a default: the catalog cannot know it yet, so they are refused
+    // (they used to run with each copy's own values).
+    for (setup, write) in [
+        (
+            "",
+            "CREATE TABLE early (id int PRIMARY KEY, tok uuid DEFAULT gen_random_uuid()); \
+             INSERT INTO early (id) VALUES (1)",
+        ),
+        (
+            "BEGIN; CREATE TABLE early (id int PRIMARY KEY, tok uuid DEFAULT gen_random_uuid())",
+            "INSERT INTO early (id) VALUES (1)",
+        ),
+        (
+            "BEGIN; CREATE TABLE early (id int PRIMARY KEY, tok uuid); \
+             ALTER TABLE early ALTER COLUMN tok SET DEFAULT gen_random_uuid()",
+            "INSERT INTO early (id) VALUES (1)",
+        ),
+    ] {
+        if !setup.is_empty() {
+            t.batch_execute(setup).await.unwrap();
+        }
+        let e = t.batch_execute(write).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{write}: {e:?}");
+        t.batch_execute("ROLLBACK").await.unwrap();
+    }
+    t.batch_execute(
+        "CREATE TABLE tokens (id int PRIMARY KEY, tok uuid DEFAULT gen_random_uuid());
+         CREATE TABLE keyless (n int, tok uuid);
+         ALTER TABLE keyless ALTER COLUMN tok SET DEFAULT gen_random_uuid();",
+    )
+    .await
+    .unwrap();
+    t.batch_execute(
+        "INSERT INTO tokens (id, tok) SELECT g, NULL FROM generate_series(1, 20) g ORDER BY g;
+         INSERT INTO keyless (n, tok) VALUES (1, NULL), (2, NULL);",
+    )
+    .await
+    .unwrap();
+    // And once committed, an insert in one string with another table's
+    // definition is captured as usual.
+    t.batch_execute("CREATE TABLE other (a int); INSERT INTO tokens (id) VALUES (21), (22)")
+        .await
+        .unwrap();
+    t.batch_execute("UPDATE tokens SET tok = DEFAULT WHERE id > 5")
+        .await
+        .unwrap();
+    let e = t
+        .batch_execute("UPDATE keyless SET tok = DEFAULT")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    assert_identical(&g).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -958,6 +1013,26 @@ async fn commands_outside_transactions_get_their_own_entries() {
             .collect();
         assert_eq!(idx, vec!["items_id_name", "items_pkey"], "n{}", i + 1);
     }
+    // A procedure that commits inside cannot run in the transaction an
+    // autocommit write is logged in: the client is told why, and nothing
+    // of it stays anywhere.
+    c.batch_execute(
+        "CREATE TABLE steps (id int PRIMARY KEY);
+         CREATE PROCEDURE in_steps() LANGUAGE plpgsql AS $$
+         BEGIN FOR i IN 1..3 LOOP INSERT INTO steps VALUES (i); COMMIT; END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    let e = c.batch_execute("CALL in_steps()").await.unwrap_err();
+    let text = db_text(&e);
+    assert!(text.starts_with("2D000"), "{text}");
+    assert!(
+        text.contains("autocommit write in one transaction"),
+        "{text}"
+    );
+    c.batch_execute("SELECT 1").await.unwrap();
+    assert_identical(&g).await;
+    assert_eq!(ids_on(&g, 0, "steps").await, Vec::<i32>::new());
 }
 
 /// A free loopback port.

@@ -48,6 +48,10 @@ pub struct WriteAnalysis {
     /// Some of them in an UPDATE's SET list: allowed only if the UPDATE
     /// changes at most one row (the caller checks against the catalog).
     pub update_captures: bool,
+    /// Tables (their names, unqualified) given a column DEFAULT the copies
+    /// would compute differently, by CREATE TABLE or ALTER TABLE: inserts
+    /// capture its values only once the catalog knows it.
+    pub declared_defaults: Vec<String>,
 }
 
 /// Functions whose result differs between runs.
@@ -312,9 +316,12 @@ fn analyze(sql: &str) -> WriteAnalysis {
         uses_nextval: false,
         captures: false,
         update_captures: false,
+        stored_defaults: 0,
     };
+    let mut declared_defaults = Vec::new();
     if let Some(stmts) = json.get("stmts").and_then(Value::as_array) {
         for stmt in stmts {
+            let stored_before = walker.stored_defaults;
             let ctx = Ctx {
                 data_modifying: has_data_modification(stmt),
                 ddl_expression: false,
@@ -324,6 +331,14 @@ fn analyze(sql: &str) -> WriteAnalysis {
                 in_exists: false,
             };
             walker.walk(stmt, ctx);
+            if walker.stored_defaults > stored_before {
+                let node = &stmt["stmt"]["node"];
+                let rel = node
+                    .get("CreateStmt")
+                    .or_else(|| node.get("AlterTableStmt"))
+                    .and_then(|n| n["relation"]["relname"].as_str());
+                declared_defaults.extend(rel.map(str::to_string));
+            }
         }
     }
     let mut analysis = WriteAnalysis {
@@ -333,6 +348,7 @@ fn analyze(sql: &str) -> WriteAnalysis {
         uses_nextval: walker.uses_nextval,
         captures: walker.captures,
         update_captures: walker.update_captures,
+        declared_defaults,
     };
     if analysis.refused.is_some() || walker.edits.is_empty() {
         return analysis;
@@ -525,6 +541,8 @@ struct Walker<'a> {
     uses_nextval: bool,
     captures: bool,
     update_captures: bool,
+    /// Column DEFAULTs seen that the copies would compute differently.
+    stored_defaults: usize,
 }
 
 impl Walker<'_> {
@@ -745,9 +763,11 @@ impl Walker<'_> {
             }
             return false;
         }
-        if builtin && ctx.stored_default && is_captured(name) {
+        let session_setting = name == "current_setting" && !reads_own_setting(node);
+        if builtin && ctx.stored_default && (is_captured(name) || session_setting) {
             // A stored default: the inserts that use it capture its value
             // (or are refused when they cannot name the column).
+            self.stored_defaults += 1;
             return true;
         }
         if builtin && let Some(reason) = large_object_reason(name, node) {
@@ -757,7 +777,7 @@ impl Walker<'_> {
         if let Some(reason) = refused_function_reason(name) {
             if ctx.ddl_expression {
                 self.refuse(format!(
-                    "a column DEFAULT or CHECK that calls {name}() would give a different value \
+                    "a column DEFAULT, CHECK or ALTER … USING expression that calls {name}() would give a different value \
                      on each copy of the group; generate the value in the application and pass \
                      it as a parameter"
                 ));
@@ -1481,6 +1501,22 @@ mod tests {
         // Idempotent: a captured call is not captured again.
         let again = analyze_write(&out);
         assert_eq!((again.rewritten, again.refused), (None, None), "{out}");
+    }
+
+    #[test]
+    fn defaults_that_differ_are_reported_where_declared() {
+        let declared = |sql: &str| analyze_write(sql).declared_defaults;
+        assert_eq!(
+            declared(
+                "CREATE TABLE a (id int, u uuid DEFAULT gen_random_uuid()); \
+                 CREATE TABLE b (id int DEFAULT 1); \
+                 ALTER TABLE c ALTER COLUMN at SET DEFAULT clock_timestamp(); \
+                 CREATE TABLE d (who text DEFAULT current_setting('app.who'))"
+            ),
+            ["a", "c", "d"]
+        );
+        assert!(declared("CREATE TABLE e (at timestamptz DEFAULT now())").is_empty());
+        assert!(declared("INSERT INTO a (id, u) VALUES (1, gen_random_uuid())").is_empty());
     }
 
     #[test]

@@ -295,6 +295,79 @@ pub fn capture_volatile_defaults(
     }
 }
 
+/// The tables (unqualified names) that the INSERT, UPDATE and COPY FROM
+/// statements of `sql` write.
+pub fn written_tables(sql: &str) -> Vec<String> {
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return Vec::new();
+    };
+    let Ok(tree) = serde_json::to_value(&parsed.protobuf) else {
+        return Vec::new();
+    };
+    let stmts = tree["stmts"].as_array().cloned().unwrap_or_default();
+    stmts
+        .iter()
+        .filter_map(|stmt| {
+            let n = &stmt["stmt"]["node"];
+            let s = n
+                .get("InsertStmt")
+                .or_else(|| n.get("UpdateStmt"))
+                .or_else(|| n.get("CopyStmt").filter(|c| c["is_from"] == true))?;
+            s["relation"]["relname"].as_str().map(str::to_string)
+        })
+        .collect()
+}
+
+/// An UPDATE that sets a column whose default the copies would compute
+/// differently to `DEFAULT`, with that `DEFAULT` replaced by the default's
+/// expression: the write analysis then captures its values by row, as it
+/// would the expression written out. None when there is no such UPDATE.
+pub fn expand_update_defaults(sql: &str, catalog: &RelCatalog) -> Option<String> {
+    use super::determinism::{Edit, apply_edits, scan};
+    if !sql.to_ascii_lowercase().contains("default") {
+        return None;
+    }
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return None;
+    };
+    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
+    let tokens = scan(sql)?;
+    let mut edits = Vec::new();
+    for stmt in tree["stmts"].as_array()? {
+        let Some(update) = stmt["stmt"]["node"].get("UpdateStmt") else {
+            continue;
+        };
+        let rel = &update["relation"];
+        let schema = rel["schemaname"].as_str().unwrap_or("");
+        let Some(info) = catalog.lookup(schema, rel["relname"].as_str().unwrap_or("")) else {
+            continue;
+        };
+        for target in update["target_list"].as_array().into_iter().flatten() {
+            let t = &target["node"]["ResTarget"];
+            let Some(d) = t["val"]["node"].get("SetToDefault") else {
+                continue;
+            };
+            let column = t["name"].as_str().unwrap_or("");
+            let Some((_, expr)) = info.volatile_defaults.iter().find(|(c, _)| c == column) else {
+                continue;
+            };
+            let at = d["location"].as_i64().unwrap_or(-1);
+            let token = tokens.iter().find(|k| k.start as i64 == at)?;
+            edits.push(Edit {
+                start: token.start as usize,
+                end: token.end as usize,
+                text: format!("({expr})"),
+            });
+        }
+    }
+    if edits.is_empty() {
+        return None;
+    }
+    apply_edits(sql, edits)
+}
+
 /// Why an INSERT or COPY in `sql` would leave a column to a default the
 /// copies compute differently (None: it names every such column). Sets
 /// `unknown` when it writes to a table the catalog does not know.
@@ -815,6 +888,31 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(rewrite(&once), Ok(None), "{once}");
+    }
+
+    #[test]
+    fn updates_to_volatile_defaults_are_written_out() {
+        let c = RelCatalog::from_full_rows([(
+            "public".to_string(),
+            "u".to_string(),
+            "*id".to_string(),
+            false,
+            false,
+            "tok\u{1f}gen_random_uuid()".to_string(),
+        )]);
+        assert_eq!(
+            expand_update_defaults("UPDATE u SET v = DEFAULT, tok = DEFAULT WHERE id < 3", &c)
+                .as_deref(),
+            Some("UPDATE u SET v = DEFAULT, tok = (gen_random_uuid()) WHERE id < 3")
+        );
+        for sql in [
+            "UPDATE u SET v = DEFAULT",
+            "UPDATE other SET tok = DEFAULT",
+            "INSERT INTO u (tok) VALUES (DEFAULT)",
+            "UPDATE u SET tok = 'default'",
+        ] {
+            assert_eq!(expand_update_defaults(sql, &c), None, "{sql}");
+        }
     }
 
     #[test]

@@ -857,7 +857,10 @@ impl Session {
                     self.write.unit_failed = true;
                 }
                 self.note_relayed(i, &frame);
-                self.out.extend_from_slice(&frame.raw);
+                match self.wrapped_termination(i, &frame) {
+                    Some(e) => e.encode(&mut self.out),
+                    None => self.out.extend_from_slice(&frame.raw),
+                }
             }
             if self.out.len() >= FLUSH_AT {
                 self.flush().await?;
@@ -888,6 +891,9 @@ impl Session {
         // An error ends a split string, as it would end one query.
         let failed = self.unit_seen.error;
         if status == b'I' {
+            if !self.write.declared_defaults.is_empty() {
+                self.write.declared_defaults.clear();
+            }
             // A transaction ended: a block by its COMMIT or ROLLBACK tag
             // (none: it was lost), an autocommit unit by whether it failed.
             let seen = std::mem::take(&mut self.unit_seen);
@@ -1012,6 +1018,35 @@ impl Session {
             }
         }
         text
+    }
+
+    /// A procedure (or DO block) that commits or rolls back inside failed
+    /// with "invalid transaction termination" because the proxy runs the
+    /// autocommit write in a transaction of its own to log it: the client
+    /// is told so, under the same SQLSTATE.
+    fn wrapped_termination(&self, i: usize, frame: &Frame) -> Option<PgError> {
+        let implicit = self.write.tx.as_ref().is_some_and(|t| t.implicit);
+        if frame.tag != b'E' || i != self.group.primary() || !implicit {
+            return None;
+        }
+        (messages::error_code(frame.body()).as_deref() == Some("2D000")).then(|| {
+            PgError::error(
+                "2D000",
+                "invalid transaction termination: Reprise runs each autocommit write in one \
+                 transaction so that it is logged and replayed whole, and a procedure that \
+                 commits or rolls back inside cannot run in one",
+            )
+            .with_detail(
+                messages::error_fields(frame.body())
+                    .into_iter()
+                    .find(|(c, _)| *c == b'W')
+                    .map_or_else(|| messages::error_message(frame.body()), |(_, w)| w),
+            )
+            .with_hint(
+                "commit from the client between the procedure's steps, or run it on each node \
+                 directly",
+            )
+        })
     }
 
     /// Points cancel requests at backend `i`.

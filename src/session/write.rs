@@ -95,6 +95,9 @@ pub struct WriteState {
     pub last_seq: u64,
     /// Temporary tables of this session: writes to them are not logged.
     pub temps: HashSet<String>,
+    /// Tables given a DEFAULT the copies compute differently in the
+    /// transaction under way: the catalog cannot know those defaults yet.
+    pub declared_defaults: HashSet<String>,
     /// SET statements for the client's startup parameters that change how
     /// values are read (TimeZone, DateStyle…), replayed with every entry.
     pub startup_settings: Vec<String>,
@@ -198,8 +201,27 @@ fn capture_rows(
     unknown: &mut bool,
 ) -> Result<Option<String>, PgError> {
     let mut out = None;
+    let mut keyed = keyed;
+    if let Some(expanded) = rowlocal::expand_update_defaults(text, catalog) {
+        // `SET col = DEFAULT`: captured as the default's expression written
+        // out would be, or refused as it would be.
+        let a = determinism::analyze_write(&expanded);
+        if let Some(reason) = a.refused {
+            return Err(PgError::error("0A000", reason));
+        }
+        let captured = a.rewritten.ok_or_else(|| {
+            PgError::error(
+                "0A000",
+                "this UPDATE sets a column to a default each copy would compute differently",
+            )
+            .with_hint("set the column to a value instead")
+        })?;
+        keyed |= a.update_captures;
+        out = Some(captured);
+    }
     if keyed {
-        out = Some(rowlocal::key_captures(text, catalog).ok_or_else(multi_row_capture)?);
+        let current = out.as_deref().unwrap_or(text);
+        out = Some(rowlocal::key_captures(current, catalog).ok_or_else(multi_row_capture)?);
     }
     let current = out.as_deref().unwrap_or(text);
     if let Some(captured) =
@@ -568,6 +590,21 @@ impl Session {
         if let Some(reason) = a.refused {
             return Err(PgError::error("0A000", reason));
         }
+        if !(self.write.declared_defaults.is_empty() && a.declared_defaults.is_empty())
+            && let Some(table) = rowlocal::written_tables(sql).into_iter().find(|t| {
+                self.write.declared_defaults.contains(t) || a.declared_defaults.contains(t)
+            })
+        {
+            return Err(PgError::error(
+                "0A000",
+                format!(
+                    "this write to {table} follows, in the same transaction or query string, a \
+                     column DEFAULT of {table} that each copy would compute differently: Reprise \
+                     captures such a default's values only once the definition is committed"
+                ),
+            )
+            .with_hint("commit the CREATE TABLE or ALTER TABLE first, then write to the table"));
+        }
         if let Some(table) = self.unordered_insert_select_into_sequence(&a, sql) {
             return Err(PgError::error(
                 "0A000",
@@ -600,7 +637,10 @@ impl Session {
             // captures by row or may leave defaults waits for it and is
             // checked then (see recheck_defaults).
             None => {
-                *unknown = a.update_captures || first_word_in(sql, &["INSERT", "COPY", "WITH"]);
+                *unknown = a.update_captures
+                    || first_word_in(sql, &["INSERT", "COPY", "WITH"])
+                    || (first_word_in(sql, &["UPDATE"])
+                        && sql.to_ascii_lowercase().contains("default"));
             }
         }
         Ok(rewritten)
@@ -728,6 +768,10 @@ impl Session {
         let ddl = sqls.iter().any(|s| is_ddl(s));
         if ddl {
             self.group.invalidate_rel_catalog();
+            for s in &sqls {
+                let declared = determinism::analyze_write(s).declared_defaults;
+                self.write.declared_defaults.extend(declared);
+            }
         }
         let row_local = !ddl && self.row_local(&sqls, !unit.simple);
         if let Some(tx) = self.write.tx.as_mut() {
