@@ -235,6 +235,47 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         .unwrap();
     assert_identical(&g).await;
     assert_eq!(ids_on(&g, 2, "restarted").await, [1, 100, 101]);
+    // Numbers from a sequence given to rows in the order a statement reads
+    // them: that order differs between copies (here: n2's rows clustered
+    // in reverse), so they are captured by row or refused.
+    c.batch_execute(
+        "CREATE TABLE numbered (id int PRIMARY KEY, rev int, n bigint);
+         CREATE INDEX numbered_rev ON numbered (rev); CREATE SEQUENCE numbers;",
+    )
+    .await
+    .unwrap();
+    c.batch_execute(
+        "INSERT INTO numbered (id, rev) SELECT g, 100 - g FROM generate_series(1, 50) g",
+    )
+    .await
+    .unwrap();
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(10)).await;
+    g.direct(1)
+        .await
+        .batch_execute("CLUSTER numbered USING numbered_rev")
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE numbered SET n = nextval('numbers')")
+        .await
+        .unwrap();
+    for sql in [
+        "ALTER TABLE numbered ADD COLUMN m serial",
+        "ALTER TABLE numbered ADD COLUMN m int GENERATED ALWAYS AS IDENTITY",
+        "INSERT INTO src (v) SELECT nextval('numbers')::text FROM numbered",
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+    }
+    assert_identical(&g).await;
+    // A cached sequence hands each session values from its own cache,
+    // which replay cannot follow.
+    for sql in [
+        "CREATE SEQUENCE cached CACHE 10",
+        "ALTER SEQUENCE restarted_id_seq CACHE 10",
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+    }
     // A column default that reads a session setting (an audit column):
     // the insert that leaves it to its default captures the value.
     c.batch_execute(

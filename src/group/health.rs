@@ -310,7 +310,29 @@ pub async fn install_schema(
         .await?;
     let installed = client.batch_execute(crate::replication::SCHEMA_SQL).await;
     let reset = client.batch_execute("RESET client_min_messages").await;
-    installed.and(reset)
+    installed.and(reset)?;
+    // Made before Reprise (writes through it refuse to make them).
+    let cached: Vec<String> = client
+        .query(
+            "SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences \
+             WHERE cache_size > 1 AND schemaname <> 'reprise' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !cached.is_empty() {
+        tracing::warn!(
+            group = %group.name,
+            node = %node.name,
+            sequences = %cached.join(", "),
+            "sequences with CACHE above 1: each session takes values from a cache of its own, \
+             which replay cannot follow; the copies will differ once two sessions use one \
+             (fix: ALTER SEQUENCE … CACHE 1)"
+        );
+    }
+    Ok(())
 }
 
 /// Probes every node once, in parallel, installs the schema, chooses the

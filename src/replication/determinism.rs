@@ -281,6 +281,9 @@ const NEEDLES: &[&str] = &[
     "offset",
     "fetch",
     "lo_",
+    "cache",
+    "serial",
+    "identity",
 ];
 
 /// Cheap pre-filter so that the common statement without any of the
@@ -459,6 +462,38 @@ fn is_captured(name: &str) -> bool {
     VOLATILE_FUNCTIONS.contains(&name) && name != "setseed"
 }
 
+/// Whether an added column (`ColumnDef` under `def`) takes its values from
+/// a sequence: a serial type, an identity, or a nextval() default.
+fn numbers_rows(def: Option<&Value>) -> bool {
+    let Some(col) = def
+        .and_then(|d| d.get("node"))
+        .and_then(|n| n.get("ColumnDef"))
+    else {
+        return false;
+    };
+    let type_name = col["type_name"]["names"]
+        .as_array()
+        .and_then(|n| n.last())
+        .and_then(string_node)
+        .unwrap_or("");
+    let serial = matches!(
+        type_name,
+        "serial" | "bigserial" | "smallserial" | "serial2" | "serial4" | "serial8"
+    );
+    let from_sequence = col["constraints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            let c = &c["node"]["Constraint"];
+            let contype = c["contype"].as_i64();
+            contype == Some(pg_query::protobuf::ConstrType::ConstrIdentity as i64)
+                || contype == Some(pg_query::protobuf::ConstrType::ConstrDefault as i64)
+                    && c["raw_expr"].to_string().contains("\"nextval\"")
+        });
+    serial || from_sequence
+}
+
 /// Why a call of a large object function would differ between copies:
 /// the server picks the new object's OID (from a counter of its own) unless
 /// the call names a nonzero OID as a literal, and `lo_import` reads a file
@@ -635,6 +670,34 @@ impl Walker<'_> {
                 }
             }
             "TypeCast" => self.visit_type_cast(node),
+            "AlterTableCmd"
+                if node.get("subtype").and_then(Value::as_i64)
+                    == Some(pg_query::protobuf::AlterTableType::AtAddColumn as i64)
+                    && numbers_rows(node.get("def")) =>
+            {
+                self.refuse(
+                    "ADD COLUMN with a serial type, an identity or a nextval() default numbers the \
+                     existing rows in storage order, which differs between the copies of the group; \
+                     add the column without it, then fill it in key order (e.g. UPDATE … FROM \
+                     (SELECT key, row_number() OVER (ORDER BY key) …)), then set the default"
+                        .to_string(),
+                );
+            }
+            "DefElem" if node.get("defname").and_then(Value::as_str) == Some("cache") => {
+                let cache = node
+                    .get("arg")
+                    .and_then(|a| a.get("node"))
+                    .and_then(|n| n.get("Integer"))
+                    .map(|i| i.get("ival").and_then(Value::as_i64).unwrap_or(0));
+                if cache.is_some_and(|c| c > 1) {
+                    self.refuse(
+                        "a sequence with CACHE above 1 hands each session values from a cache \
+                         of its own, which the other copies of the group cannot follow; \
+                         leave CACHE at 1"
+                            .to_string(),
+                    );
+                }
+            }
             "ColumnRef" => {
                 let last = node
                     .get("fields")
@@ -739,7 +802,11 @@ impl Walker<'_> {
             self.uses_nextval = true;
         }
         let capturable = matches!(ctx.values, Values::Inside | Values::UpdateSet);
-        if builtin && capturable && !ctx.ddl_expression && is_captured(name) {
+        // An UPDATE visits its rows in storage order, which differs between
+        // copies: the numbers nextval gives them are captured by row.
+        let row_order_nextval = name == "nextval" && ctx.values == Values::UpdateSet;
+        if builtin && capturable && !ctx.ddl_expression && (is_captured(name) || row_order_nextval)
+        {
             self.capture(node, ctx, volatile_reason(name));
             // Its value is replayed as recorded, whatever its arguments do.
             return false;
@@ -1517,6 +1584,49 @@ mod tests {
         );
         assert!(declared("CREATE TABLE e (at timestamptz DEFAULT now())").is_empty());
         assert!(declared("INSERT INTO a (id, u) VALUES (1, gen_random_uuid())").is_empty());
+    }
+
+    #[test]
+    fn sequence_numbers_in_storage_order_are_captured_or_refused() {
+        for sql in [
+            "ALTER TABLE t ADD COLUMN n serial",
+            "ALTER TABLE t ADD COLUMN n bigint GENERATED ALWAYS AS IDENTITY",
+            "ALTER TABLE t ADD COLUMN n bigint DEFAULT nextval('s')",
+        ] {
+            let refused = analyze_write(sql).refused;
+            assert!(refused.is_some_and(|r| r.contains("ADD COLUMN")), "{sql}");
+        }
+        for sql in [
+            "ALTER TABLE t ADD COLUMN n int DEFAULT 0",
+            "ALTER TABLE t ALTER COLUMN n SET DEFAULT nextval('s')",
+            "CREATE TABLE t (id serial)",
+            "INSERT INTO t (n) VALUES (nextval('s'))",
+        ] {
+            let a = analyze_write(sql);
+            assert_eq!((a.refused, a.captures), (None, false), "{sql}");
+        }
+        let a = analyze_write("UPDATE t SET n = nextval('s') WHERE v > 1");
+        assert!(a.update_captures, "keyed by row, or refused without a key");
+    }
+
+    #[test]
+    fn cached_sequences_are_refused() {
+        for sql in [
+            "CREATE SEQUENCE s CACHE 10",
+            "ALTER SEQUENCE s CACHE 20",
+            "CREATE TABLE t (id int GENERATED ALWAYS AS IDENTITY (CACHE 5))",
+            "ALTER TABLE t ALTER COLUMN id SET CACHE 5",
+        ] {
+            let refused = analyze_write(sql).refused;
+            assert!(refused.is_some_and(|r| r.contains("CACHE")), "{sql}");
+        }
+        for sql in [
+            "CREATE SEQUENCE s CACHE 1",
+            "CREATE SEQUENCE s INCREMENT 5",
+            "ALTER SEQUENCE s RESTART",
+        ] {
+            assert_eq!(analyze_write(sql).refused, None, "{sql}");
+        }
     }
 
     #[test]

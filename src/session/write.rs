@@ -656,6 +656,10 @@ impl Session {
         if a.insert_select_targets.is_empty() {
             return None;
         }
+        if a.uses_nextval && !insert_selects_ordered(sql) {
+            // `INSERT … SELECT nextval(…), …`: numbered in the order read.
+            return a.insert_select_targets.first().cloned();
+        }
         let catalog = self.group.rel_catalog()?;
         let target = a.insert_select_targets.iter().find(|t| {
             let (schema, name) = t.rsplit_once('.').unwrap_or(("", t.as_str()));
