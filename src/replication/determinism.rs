@@ -284,6 +284,8 @@ const NEEDLES: &[&str] = &[
     "cache",
     "serial",
     "identity",
+    "_agg",
+    "over",
 ];
 
 /// Cheap pre-filter so that the common statement without any of the
@@ -460,6 +462,58 @@ enum Values {
 /// only changes the session's random state.
 fn is_captured(name: &str) -> bool {
     VOLATILE_FUNCTIONS.contains(&name) && name != "setseed"
+}
+
+/// Aggregates whose result depends on the order they see their rows in.
+const ORDER_SENSITIVE_AGGREGATES: &[&str] = &[
+    "string_agg",
+    "array_agg",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "xmlagg",
+];
+
+/// Window functions whose result depends on the order of the rows.
+const ORDER_SENSITIVE_WINDOWS: &[&str] = &[
+    "row_number",
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
+    "ntile",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "nth_value",
+];
+
+/// Why a call in a write depends on the order rows are read in (storage
+/// order, which differs between copies): an order-sensitive aggregate
+/// without an ORDER BY of its own, or such a window function (or one of
+/// those aggregates as a window) over a window without ORDER BY.
+fn order_sensitive_reason(name: &str, call: &Value) -> Option<String> {
+    let empty = |v: &Value| v.as_array().is_none_or(Vec::is_empty);
+    let aggregate = ORDER_SENSITIVE_AGGREGATES.contains(&name);
+    let unordered = match call.get("over").filter(|w| !w.is_null()) {
+        Some(w) => {
+            let named = w["name"].as_str().is_some_and(|n| !n.is_empty())
+                || w["refname"].as_str().is_some_and(|n| !n.is_empty());
+            (aggregate || ORDER_SENSITIVE_WINDOWS.contains(&name))
+                && !named
+                && empty(&w["order_clause"])
+        }
+        None => aggregate && empty(&call["agg_order"]),
+    };
+    unordered.then(|| {
+        format!(
+            "{name}() without ORDER BY in a write depends on the order the rows are read in, \
+             which differs between the copies of the group; give it an ORDER BY (on a unique \
+             key, for the order to be total)"
+        )
+    })
 }
 
 /// Whether an added column (`ColumnDef` under `def`) takes its values from
@@ -798,6 +852,13 @@ impl Walker<'_> {
             return false;
         }
         let builtin = names.len() == 1 || (names.len() == 2 && names[0] == "pg_catalog");
+        if builtin
+            && ctx.data_modifying
+            && let Some(reason) = order_sensitive_reason(name, node)
+        {
+            self.refuse(reason);
+            return true;
+        }
         if builtin && (name == "nextval" || name == "setval") {
             self.uses_nextval = true;
         }
@@ -1607,6 +1668,29 @@ mod tests {
         }
         let a = analyze_write("UPDATE t SET n = nextval('s') WHERE v > 1");
         assert!(a.update_captures, "keyed by row, or refused without a key");
+    }
+
+    #[test]
+    fn order_sensitive_aggregates_in_writes_need_an_order() {
+        for sql in [
+            "INSERT INTO s VALUES (1, (SELECT string_agg(name, ',') FROM u))",
+            "UPDATE s SET names = (SELECT array_agg(id) FROM u)",
+            "INSERT INTO s SELECT id, row_number() OVER () FROM u",
+            "CREATE TABLE s AS SELECT id, lag(id) OVER (PARTITION BY g) FROM u",
+            "INSERT INTO s SELECT g, jsonb_agg(x) OVER (PARTITION BY g) FROM u",
+        ] {
+            let refused = analyze_write(sql).refused;
+            assert!(refused.is_some_and(|r| r.contains("ORDER BY")), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO s VALUES (1, (SELECT string_agg(name, ',' ORDER BY id) FROM u))",
+            "INSERT INTO s SELECT id, row_number() OVER (ORDER BY id) FROM u",
+            "INSERT INTO s SELECT g, count(*), sum(x) OVER () FROM u GROUP BY g",
+            "INSERT INTO s SELECT id, rank() OVER w FROM u WINDOW w AS (ORDER BY id)",
+            "SELECT string_agg(name, ',') FROM u",
+        ] {
+            assert_eq!(analyze_write(sql).refused, None, "{sql}");
+        }
     }
 
     #[test]
