@@ -265,6 +265,7 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         // Aggregates and window functions that depend on the row order.
         "INSERT INTO src (v) SELECT string_agg(id::text, ',') FROM numbered",
         "INSERT INTO src (v) SELECT row_number() OVER ()::text FROM numbered",
+        "INSERT INTO src (v) SELECT DISTINCT ON (rev % 5) id::text FROM numbered ORDER BY rev % 5",
     ] {
         let e = c.batch_execute(sql).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");

@@ -286,6 +286,7 @@ const NEEDLES: &[&str] = &[
     "identity",
     "_agg",
     "over",
+    "distinct",
 ];
 
 /// Cheap pre-filter so that the common statement without any of the
@@ -514,6 +515,17 @@ fn order_sensitive_reason(name: &str, call: &Value) -> Option<String> {
              key, for the order to be total)"
         )
     })
+}
+
+/// A `SELECT DISTINCT ON (…)` whose ORDER BY does not go beyond the
+/// DISTINCT ON expressions: which row of each group it keeps is arbitrary.
+fn picks_one_of_ties(select: &Value) -> bool {
+    let len = |k: &str| select.get(k).and_then(Value::as_array).map_or(0, Vec::len);
+    let distinct_on = select
+        .get("distinct_clause")
+        .and_then(Value::as_array)
+        .is_some_and(|d| d.iter().any(|e| !e["node"].is_null()));
+    distinct_on && len("sort_clause") <= len("distinct_clause")
 }
 
 /// Whether an added column (`ColumnDef` under `def`) takes its values from
@@ -797,6 +809,15 @@ impl Walker<'_> {
                 self.refuse(
                     "LIMIT or OFFSET without ORDER BY in a write picks rows in storage order, \
                      which differs between copies of the group; add an ORDER BY on a unique key"
+                        .to_string(),
+                );
+            }
+            "SelectStmt" if ctx.data_modifying && !ctx.in_exists && picks_one_of_ties(node) => {
+                self.refuse(
+                    "DISTINCT ON in a write keeps one row of each group, chosen by its ORDER BY; \
+                     without more ORDER BY columns than the DISTINCT ON list the row kept follows \
+                     storage order, which differs between copies of the group; order the rows \
+                     of each group by a unique key"
                         .to_string(),
                 );
             }
@@ -1691,6 +1712,19 @@ mod tests {
         ] {
             assert_eq!(analyze_write(sql).refused, None, "{sql}");
         }
+        let distinct = |sql: &str| {
+            analyze_write(sql)
+                .refused
+                .is_some_and(|r| r.contains("DISTINCT"))
+        };
+        assert!(distinct("INSERT INTO s SELECT DISTINCT ON (g) g, v FROM u"));
+        assert!(distinct(
+            "INSERT INTO s SELECT DISTINCT ON (g) g, v FROM u ORDER BY g"
+        ));
+        assert!(!distinct(
+            "INSERT INTO s SELECT DISTINCT ON (g) g, v FROM u ORDER BY g, id"
+        ));
+        assert!(!distinct("INSERT INTO s SELECT DISTINCT g, v FROM u"));
     }
 
     #[test]
