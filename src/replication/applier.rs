@@ -519,7 +519,7 @@ fn joined_queries(mut b: &[u8], out: &mut BytesMut) {
 /// Whether captured messages mention a temporary object (`TEMP`,
 /// `TEMPORARY`, `pg_temp`, in any case; a false match only costs speed).
 fn mentions_temp(messages: &[u8]) -> bool {
-    messages.windows(4).any(|w| w.eq_ignore_ascii_case(b"temp"))
+    super::mentions(messages, b"temp")
 }
 
 /// Whether every statement of an entry was plain DML (by its command tags

@@ -252,6 +252,13 @@ pub fn changed_sequences(
     (b, a)
 }
 
+/// Whether `text` contains `word` in any ASCII case, without copying the
+/// text (a pre-check that runs on every write).
+pub fn mentions(text: &[u8], word: &[u8]) -> bool {
+    text.windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word))
+}
+
 /// `text` as a dollar-quoted SQL literal (safe whatever
 /// standard_conforming_strings is), with a tag the text cannot end early.
 pub fn dollar_quoted(text: &str) -> String {

@@ -325,7 +325,8 @@ pub fn written_tables(sql: &str) -> Vec<String> {
 /// would the expression written out. None when there is no such UPDATE.
 pub fn expand_update_defaults(sql: &str, catalog: &RelCatalog) -> Option<String> {
     use super::determinism::{Edit, apply_edits, scan};
-    if !sql.to_ascii_lowercase().contains("default") {
+    // Every write with a catalog passes here: no copy of the text.
+    if !super::mentions(sql.as_bytes(), b"default") {
         return None;
     }
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));

@@ -1230,8 +1230,6 @@ impl Session {
     }
 }
 
-/// Writes one item for `conn`, preparing its statement there first if the
-/// client prepared it elsewhere.
 /// Before a Query or Bind that defines or drops SQL-level prepared
 /// statements: their completions to wait for (`Session::sql_prepared`
 /// follows the node, not what was sent).
@@ -1250,6 +1248,8 @@ fn expect_definitions(conn: &mut BackendConn, item: &Item, query: &[SqlPrepared]
     }
 }
 
+/// Writes one item for `conn`, preparing its statement there first if the
+/// client prepared it elsewhere.
 fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut, captured: bool) {
     let f = &item.frame;
     match (f.tag, &item.stmt) {

@@ -376,12 +376,7 @@ pub fn temp_only(sql: &str, temps: &mut HashSet<String>) -> bool {
 /// that reads it cannot be replayed anywhere else.
 pub fn temp_reference(sql: &str, temps: &HashSet<String>) -> Option<String> {
     // Every write passes here: no copy of the text for the common case.
-    let names_temp_schema = || {
-        sql.as_bytes()
-            .windows(7)
-            .any(|w| w.eq_ignore_ascii_case(b"pg_temp"))
-    };
-    if temps.is_empty() && !names_temp_schema() {
+    if temps.is_empty() && !replication::mentions(sql.as_bytes(), b"pg_temp") {
         return None;
     }
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
@@ -640,7 +635,7 @@ impl Session {
                 *unknown = a.update_captures
                     || first_word_in(sql, &["INSERT", "COPY", "WITH"])
                     || (first_word_in(sql, &["UPDATE"])
-                        && sql.to_ascii_lowercase().contains("default"));
+                        && replication::mentions(sql.as_bytes(), b"default"));
             }
         }
         Ok(rewritten)
