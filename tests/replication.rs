@@ -277,6 +277,42 @@ async fn nondeterministic_writes_are_identical_or_refused() {
     .await
     .unwrap();
     assert_identical(&g).await;
+    // A row trigger that numbers what it logs runs for the rows in the
+    // order the statement visits them; and a serial table's INSERT …
+    // SELECT numbers rows in the order read. Both are checked even right
+    // after the DDL, before the table catalog is reloaded.
+    c.batch_execute(
+        "CREATE TABLE numbered_log (id serial PRIMARY KEY, numbered_id int);
+         CREATE FUNCTION log_numbered() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO numbered_log (numbered_id) VALUES (NEW.id); RETURN NEW; END $$;
+         CREATE TRIGGER numbered_logged AFTER UPDATE ON numbered
+           FOR EACH ROW EXECUTE FUNCTION log_numbered();
+         CREATE TABLE renumbered (id serial PRIMARY KEY, numbered_id int);",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "UPDATE numbered SET rev = rev",
+        "INSERT INTO renumbered (numbered_id) SELECT id FROM numbered",
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+    }
+    c.batch_execute(
+        "UPDATE numbered SET rev = rev WHERE id = 7;
+         INSERT INTO renumbered (numbered_id) SELECT id FROM numbered ORDER BY id;",
+    )
+    .await
+    .unwrap();
+    // What one server counts or measures for itself.
+    for sql in [
+        "INSERT INTO src (v) SELECT count(*)::text FROM pg_stat_activity",
+        "INSERT INTO src (v) VALUES (pg_database_size(current_database())::text)",
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+    }
+    assert_identical(&g).await;
     // A cached sequence hands each session values from its own cache,
     // which replay cannot follow.
     for sql in [

@@ -248,9 +248,17 @@ pub async fn load_rel_catalog(group: &Group, conn: &ControlConn, node: &Node) {
         .await
     {
         Ok(rows) => {
-            let rows = rows
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)));
+            let rows = rows.iter().map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                )
+            });
             group.set_rel_catalog(
                 epoch,
                 crate::replication::rowlocal::RelCatalog::from_full_rows(rows),

@@ -82,8 +82,55 @@ const SERVER_FUNCTIONS: &[&str] = &[
     "pg_backend_pid",
     "inet_server_addr",
     "inet_server_port",
+    "inet_client_addr",
+    "inet_client_port",
     "pg_postmaster_start_time",
+    "pg_conf_load_time",
+    // Sizes, WAL positions and commit times: physical, and counted by
+    // each server on its own.
+    "pg_database_size",
+    "pg_relation_size",
+    "pg_total_relation_size",
+    "pg_table_size",
+    "pg_indexes_size",
+    "pg_tablespace_size",
+    "pg_relation_filenode",
+    "pg_relation_filepath",
+    "pg_current_wal_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_current_wal_flush_lsn",
+    "pg_last_committed_xact",
+    "pg_xact_commit_timestamp",
+    "pg_xact_status",
+    "txid_status",
+    // The server's own files and activity.
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_stat_file",
+    "pg_ls_dir",
+    "pg_blocking_pids",
+    "pg_notification_queue_usage",
 ];
+
+/// Relations (views) that show one server's activity, statistics or
+/// configuration: `pg_stat_*` and `pg_statio_*` besides these.
+const SERVER_RELATIONS: &[&str] = &[
+    "pg_locks",
+    "pg_prepared_xacts",
+    "pg_prepared_statements",
+    "pg_cursors",
+    "pg_settings",
+    "pg_file_settings",
+    "pg_replication_slots",
+    "pg_backend_memory_contexts",
+    "pg_shmem_allocations",
+];
+
+fn is_server_relation(name: &str) -> bool {
+    name.starts_with("pg_stat_")
+        || name.starts_with("pg_statio_")
+        || SERVER_RELATIONS.contains(&name)
+}
 
 /// Whether a column default's expression (as `pg_get_expr` prints it)
 /// calls a function whose result differs between copies or runs: the
@@ -220,15 +267,21 @@ fn server_reason(name: &str) -> String {
 fn refused_function_reason(name: &str) -> Option<String> {
     if VOLATILE_FUNCTIONS.contains(&name) {
         Some(volatile_reason(name))
-    } else if SERVER_FUNCTIONS.contains(&name) {
+    } else if is_server_function(name) {
         Some(server_reason(name))
     } else {
         None
     }
 }
 
+/// A function whose result belongs to one server: the list above and the
+/// statistics accessors (`pg_stat_get_*`).
+fn is_server_function(name: &str) -> bool {
+    SERVER_FUNCTIONS.contains(&name) || name.starts_with("pg_stat_get_")
+}
+
 fn is_refused_function(name: &str) -> bool {
-    VOLATILE_FUNCTIONS.contains(&name) || SERVER_FUNCTIONS.contains(&name)
+    VOLATILE_FUNCTIONS.contains(&name) || is_server_function(name)
 }
 
 /// Inspect one write SQL string before it runs on the primary.
@@ -262,8 +315,28 @@ const NEEDLES: &[&str] = &[
     "xact",
     "snapshot",
     "pid",
-    "inet_server",
+    "inet_",
     "postmaster",
+    "size",
+    "pg_relation_file",
+    "wal_",
+    "committed",
+    "commit_timestamp",
+    "_status",
+    "conf_load",
+    "pg_read",
+    "pg_ls_",
+    "pg_stat",
+    "notification",
+    "pg_locks",
+    "pg_prepared",
+    "pg_cursors",
+    "settings",
+    "pg_replication",
+    "memory_contexts",
+    "shmem",
+    "age(",
+    "age (",
     "ctid",
     "xmin",
     "xmax",
@@ -778,6 +851,22 @@ impl Walker<'_> {
                     ));
                 }
             }
+            "RangeVar" if ctx.data_modifying => {
+                let name = node
+                    .get("relname")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let schema = node.get("schemaname").and_then(Value::as_str);
+                if schema.is_none_or(|s| s.is_empty() || s == "pg_catalog")
+                    && is_server_relation(name)
+                {
+                    self.refuse(format!(
+                        "{name} shows the activity, statistics or settings of one server, which \
+                         differ on each copy of the group; a write cannot use it (read it in a \
+                         query of its own and pass the values as parameters)"
+                    ));
+                }
+            }
             "RangeTableSample" => self.refuse(
                 "TABLESAMPLE picks different rows on each copy of the group; select the rows \
                  by key instead"
@@ -935,10 +1024,19 @@ impl Walker<'_> {
             }
             return true;
         }
-        let no_args = node
-            .get("args")
-            .and_then(Value::as_array)
-            .is_none_or(Vec::is_empty);
+        let args = node.get("args").and_then(Value::as_array);
+        let no_args = args.is_none_or(Vec::is_empty);
+        if builtin && name == "age" && args.is_some_and(|a| a.len() == 1) {
+            // age(x) is age(current_date, x): the primary's date, written
+            // out, so that replay on another day agrees.
+            match self.call_open(location(node)) {
+                Some((_, open)) => self.edits.push(Edit::insert(
+                    self.tokens[open].end as usize,
+                    format!("{}, ", Svf::CurrentDate.replacement(None)),
+                )),
+                None => self.cannot_rewrite("age()"),
+            }
+        }
         if builtin && no_args && NOW_FUNCTIONS.contains(&name) {
             match self.call_span(location(node)) {
                 Some((start, end)) => self.edits.push(Edit {
@@ -1134,11 +1232,17 @@ impl Walker<'_> {
         self.tokens.binary_search_by_key(&loc, |t| t.start).ok()
     }
 
-    /// Span of a function call starting at `loc`: name … matching `)`.
-    fn call_span(&self, loc: i64) -> Option<(usize, usize)> {
+    /// Tokens of a function call starting at `loc`: its first and its `(`.
+    fn call_open(&self, loc: i64) -> Option<(usize, usize)> {
         let first = self.token_at(loc)?;
         let open = (first..self.tokens.len().min(first + 6))
             .find(|&i| self.tokens[i].token == Token::Ascii40 as i32)?;
+        Some((first, open))
+    }
+
+    /// Span of a function call starting at `loc`: name … matching `)`.
+    fn call_span(&self, loc: i64) -> Option<(usize, usize)> {
+        let (first, open) = self.call_open(loc)?;
         let close = matching_paren(self.tokens, open)?;
         Some((
             self.tokens[first].start as usize,
@@ -1851,6 +1955,66 @@ mod tests {
         assert!(r.contains("random()"), "{r}");
         refused("CREATE TABLE t (id bigint DEFAULT txid_current())");
         refused("create table t (a float check (a < random()))");
+    }
+
+    #[test]
+    fn one_servers_state_is_refused_in_writes() {
+        for sql in [
+            "insert into t values (1, pg_database_size('app'))",
+            "update t set n = pg_relation_size('t') where id = 1",
+            "insert into t select 1, pg_stat_get_live_tuples('t'::regclass)",
+            "insert into t values (1, inet_client_addr())",
+            "insert into t values (1, pg_current_wal_lsn())",
+        ] {
+            let r = refused(sql);
+            assert!(r.contains("belongs to one server"), "{sql}: {r}");
+        }
+        for (sql, view) in [
+            (
+                "insert into t select count(*) from pg_stat_activity",
+                "pg_stat_activity",
+            ),
+            (
+                "insert into t select n_live_tup from pg_catalog.pg_stat_user_tables",
+                "pg_stat_user_tables",
+            ),
+            (
+                "update t set n = (select count(*) from pg_locks)",
+                "pg_locks",
+            ),
+            (
+                "insert into t select setting from pg_settings where name = 'port'",
+                "pg_settings",
+            ),
+        ] {
+            let r = refused(sql);
+            assert!(r.contains(view) && r.contains("one server"), "{sql}: {r}");
+        }
+        // Read on their own, or a table of the application's that happens
+        // to share a name in another schema: not refused.
+        for sql in [
+            "select count(*) from pg_stat_activity",
+            "insert into app.pg_settings select 1",
+            "insert into t select 1 from my_stats",
+        ] {
+            assert!(analyze_write(sql).refused.is_none(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn age_of_one_argument_counts_from_the_primarys_date() {
+        let date = Svf::CurrentDate.replacement(None);
+        assert_eq!(
+            rewritten("update p set years = extract(year from age(born)) where id = 1"),
+            format!("update p set years = extract(year from age({date}, born)) where id = 1")
+        );
+        assert_eq!(
+            rewritten("insert into p values (AGE(now()))"),
+            format!("insert into p values (AGE({date}, {NOW_EXPR}))")
+        );
+        // Two arguments: the application gave both dates.
+        let a = analyze_write("update p set a = age('2020-01-01', born)");
+        assert_eq!((a.refused, a.rewritten), (None, None));
     }
 
     #[test]

@@ -30,21 +30,31 @@ pub struct TableInfo {
     pub sequence_default: bool,
     /// The table has user triggers.
     pub triggers: bool,
+    /// A row trigger of the table takes sequence values, or writes a table
+    /// that does (its function's text names one): it numbers the rows in
+    /// the order a statement visits them.
+    pub numbering_triggers: bool,
     /// Columns whose default the copies would compute differently
     /// (a volatile function, or a time function not rewritten to the
     /// primary's timestamp): (column, default expression).
     pub volatile_defaults: Vec<(String, String)>,
 }
 
+/// A row of [`RelCatalog::LOAD_SQL`].
+pub type CatalogRow = (String, String, String, bool, bool, String, bool);
+
 /// Tables by name, as loaded from the primary's catalog.
 #[derive(Debug, Clone, Default)]
 pub struct RelCatalog {
     tables: HashMap<String, Vec<(String, TableInfo)>>,
+    /// Some table has [`TableInfo::numbering_triggers`].
+    numbering_triggers: bool,
 }
 
 impl RelCatalog {
     /// Rows: schema, table, unique column lists (`a,b;c`, a list starting
-    /// with `*` has no NULLs: a row key), sequence default, triggers.
+    /// with `*` has no NULLs: a row key), sequence default, triggers, column
+    /// defaults (see [`RelCatalog::from_full_rows`]), numbering row triggers.
     pub const LOAD_SQL: &'static str = "SELECT n.nspname::text, c.relname::text, \
         coalesce((SELECT string_agg(CASE WHEN i.indisprimary OR NOT EXISTS (SELECT 1 FROM unnest(i.indkey) k \
                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k WHERE NOT a.attnotnull) \
@@ -65,7 +75,15 @@ impl RelCatalog {
               || pg_get_expr(d.adbin, d.adrelid), chr(30)) \
           FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
           WHERE d.adrelid = c.oid AND NOT a.attisdropped \
-          AND pg_get_expr(d.adbin, d.adrelid) NOT LIKE '%nextval(%'), '') \
+          AND pg_get_expr(d.adbin, d.adrelid) NOT LIKE '%nextval(%'), ''), \
+        EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+          WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND (t.tgtype & 1) = 1 \
+          AND (p.prosrc ~* '\\m(nextval|setval|currval|lastval)\\M' \
+            OR EXISTS (SELECT 1 FROM pg_class s JOIN pg_attribute a ON a.attrelid = s.oid \
+              LEFT JOIN pg_attrdef d ON d.adrelid = s.oid AND d.adnum = a.attnum \
+              WHERE s.relkind IN ('r', 'p') AND NOT a.attisdropped \
+              AND (a.attidentity <> '' OR pg_get_expr(d.adbin, d.adrelid) LIKE '%nextval(%') \
+              AND p.prosrc ~* ('\\m' || s.relname || '\\M')))) \
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
         WHERE c.relkind IN ('r', 'p') \
         AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'reprise') \
@@ -76,19 +94,20 @@ impl RelCatalog {
     ) -> RelCatalog {
         Self::from_full_rows(
             rows.into_iter()
-                .map(|(s, n, u, q, t)| (s, n, u, q, t, String::new())),
+                .map(|(s, n, u, q, t)| (s, n, u, q, t, String::new(), false)),
         )
     }
 
     /// Rows of [`RelCatalog::LOAD_SQL`], with the column defaults
     /// (`column` US `expression`, RS between columns; the expression starts
-    /// with `!` when it calls a volatile user function). Only the defaults
-    /// the copies would compute differently are kept.
-    pub fn from_full_rows<I: IntoIterator<Item = (String, String, String, bool, bool, String)>>(
-        rows: I,
-    ) -> RelCatalog {
+    /// with `!` when it calls a volatile user function), and whether row
+    /// triggers number rows. Only the defaults the copies would compute
+    /// differently are kept.
+    pub fn from_full_rows<I: IntoIterator<Item = CatalogRow>>(rows: I) -> RelCatalog {
         let mut tables: HashMap<String, Vec<(String, TableInfo)>> = HashMap::new();
-        for (schema, name, uniques, sequence_default, triggers, defaults) in rows {
+        for (schema, name, uniques, sequence_default, triggers, defaults, numbering_triggers) in
+            rows
+        {
             let volatile_defaults = defaults
                 .split('\u{1e}')
                 .filter_map(|d| d.split_once('\u{1f}'))
@@ -121,11 +140,24 @@ impl RelCatalog {
                     row_key,
                     sequence_default,
                     triggers,
+                    numbering_triggers,
                     volatile_defaults,
                 },
             ));
         }
-        RelCatalog { tables }
+        let numbering_triggers = tables
+            .values()
+            .flatten()
+            .any(|(_, info)| info.numbering_triggers);
+        RelCatalog {
+            tables,
+            numbering_triggers,
+        }
+    }
+
+    /// Whether some table has row triggers that number rows.
+    pub fn has_numbering_triggers(&self) -> bool {
+        self.numbering_triggers
     }
 
     /// The table a statement names; None when unknown or ambiguous.
@@ -317,6 +349,75 @@ pub fn written_tables(sql: &str) -> Vec<String> {
             s["relation"]["relname"].as_str().map(str::to_string)
         })
         .collect()
+}
+
+/// What numbers rows in the order a write visits them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numbering {
+    /// The target's sequence or identity default (an `INSERT … SELECT`).
+    Sequence,
+    /// Row triggers of the target ([`TableInfo::numbering_triggers`]).
+    Triggers,
+}
+
+/// A write of `sql` whose rows are numbered in the order it visits them
+/// while that order is storage order, which differs between copies: an
+/// `INSERT … SELECT` without ORDER BY into a table with a sequence default
+/// or numbering row triggers; an UPDATE or DELETE whose WHERE does not fix
+/// a unique key, or a MERGE, on a table with numbering row triggers. The
+/// copies would number the rows differently. Returns the table, as written.
+pub fn numbered_in_storage_order(sql: &str, catalog: &RelCatalog) -> Option<(String, Numbering)> {
+    let insert_select =
+        || super::mentions(sql.as_bytes(), b"insert") && super::mentions(sql.as_bytes(), b"select");
+    if !(catalog.has_numbering_triggers() || insert_select()) {
+        return None;
+    }
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return None;
+    };
+    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
+    visits_numbered_rows(&tree, catalog)
+}
+
+fn visits_numbered_rows(v: &Value, catalog: &RelCatalog) -> Option<(String, Numbering)> {
+    match v {
+        Value::Array(items) => items.iter().find_map(|i| visits_numbered_rows(i, catalog)),
+        Value::Object(map) => map.iter().find_map(|(kind, node)| {
+            let info = || table(node, catalog);
+            let by_triggers = |(info, _): &(&TableInfo, String)| info.numbering_triggers;
+            let numbering = match kind.as_str() {
+                "UpdateStmt" | "DeleteStmt" => info()
+                    .filter(by_triggers)
+                    .filter(|(info, alias)| !fixes_unique_key(&node["where_clause"], info, alias))
+                    .map(|_| Numbering::Triggers),
+                "InsertStmt" => {
+                    let sel = &node["select_stmt"]["node"]["SelectStmt"];
+                    let unordered = !empty(&node["select_stmt"])
+                        && empty(&sel["values_lists"])
+                        && empty(&sel["sort_clause"]);
+                    info().filter(|_| unordered).and_then(|(info, _)| {
+                        if info.sequence_default {
+                            Some(Numbering::Sequence)
+                        } else {
+                            info.numbering_triggers.then_some(Numbering::Triggers)
+                        }
+                    })
+                }
+                "MergeStmt" => info().filter(by_triggers).map(|_| Numbering::Triggers),
+                _ => None,
+            };
+            let rel = &node["relation"];
+            let label = || match (rel["schemaname"].as_str(), rel["relname"].as_str()) {
+                (Some(s), Some(n)) if !s.is_empty() => Some(format!("{s}.{n}")),
+                (_, n) => n.map(str::to_string),
+            };
+            numbering
+                .and_then(|n| Some((label()?, n)))
+                .or_else(|| visits_numbered_rows(node, catalog))
+        }),
+        _ => None,
+    }
 }
 
 /// An UPDATE that sets a column whose default the copies would compute
@@ -808,6 +909,7 @@ mod tests {
             "id\u{1f}gen_random_uuid()\u{1e}at\u{1f}now()\u{1e}n\u{1f}0\u{1e}f\u{1f}!my_volatile()\u{1e}\
              t\u{1f}COALESCE(NULLIF(current_setting('reprise.now', true), '')::timestamptz, now())"
                 .to_string(),
+            false,
         )]);
         let found = |sql: &str| volatile_default_use(sql, &c, &mut false);
         let r = found("INSERT INTO u (v) VALUES ('x')").unwrap();
@@ -847,6 +949,7 @@ mod tests {
             false,
             false,
             "id\u{1f}gen_random_uuid()\u{1e}at\u{1f}clock_timestamp()".to_string(),
+            false,
         )]);
         let rewrite = |sql: &str| capture_volatile_defaults(sql, &c, &mut false);
         assert_eq!(
@@ -900,6 +1003,7 @@ mod tests {
             false,
             false,
             "tok\u{1f}gen_random_uuid()".to_string(),
+            false,
         )]);
         assert_eq!(
             expand_update_defaults("UPDATE u SET v = DEFAULT, tok = DEFAULT WHERE id < 3", &c)
@@ -917,6 +1021,75 @@ mod tests {
     }
 
     #[test]
+    fn numbering_triggers_need_rows_in_a_fixed_order() {
+        let row = |n: &str, numbering: bool| {
+            let s = |x: &str| x.to_string();
+            (
+                s("public"),
+                s(n),
+                s("*id"),
+                false,
+                true,
+                String::new(),
+                numbering,
+            )
+        };
+        let c = RelCatalog::from_full_rows([row("items", true), row("plain", false)]);
+        let found = |sql: &str| {
+            numbered_in_storage_order(sql, &c).map(|(t, n)| {
+                assert_eq!(n, Numbering::Triggers, "{sql}");
+                t
+            })
+        };
+        for sql in [
+            "UPDATE items SET v = v + 1",
+            "update items set v = 1 where v > 3",
+            "DELETE FROM items WHERE v < 0",
+            "INSERT INTO items (v) SELECT v FROM plain",
+            "with d as (delete from plain returning v) update items set v = 0 from d where items.v = d.v",
+            "MERGE INTO items i USING plain p ON i.id = p.id WHEN MATCHED THEN UPDATE SET v = p.v",
+        ] {
+            assert_eq!(found(sql).as_deref(), Some("items"), "{sql}");
+        }
+        for sql in [
+            "UPDATE items SET v = v + 1 WHERE id = $1",
+            "DELETE FROM items WHERE id = 3 AND v > 0",
+            "INSERT INTO items (v) VALUES (1), (2)",
+            "INSERT INTO items (v) SELECT v FROM plain ORDER BY id",
+            "UPDATE plain SET v = 0",
+            "SELECT * FROM items",
+        ] {
+            assert_eq!(found(sql), None, "{sql}");
+        }
+        // No table has such triggers: an UPDATE is not parsed.
+        let none = RelCatalog::from_full_rows([row("items", false)]);
+        assert_eq!(
+            numbered_in_storage_order("UPDATE items SET v = 1", &none),
+            None
+        );
+        // A sequence default numbers an INSERT … SELECT's rows too.
+        let c = catalog();
+        assert_eq!(
+            numbered_in_storage_order("insert into public.events (v) select v from s", &c),
+            Some(("public.events".to_string(), Numbering::Sequence))
+        );
+        assert_eq!(
+            numbered_in_storage_order(
+                "with x as (insert into events (v) select v from s returning id) select * from x",
+                &c
+            ),
+            Some(("events".to_string(), Numbering::Sequence))
+        );
+        for sql in [
+            "insert into events (v) select v from s order by v, id",
+            "insert into events (v) values (1)",
+            "insert into pgbench_history select * from s",
+        ] {
+            assert_eq!(numbered_in_storage_order(sql, &c), None, "{sql}");
+        }
+    }
+
+    #[test]
     fn captures_in_multi_row_updates_are_keyed_by_row() {
         let c = RelCatalog::from_full_rows([
             (
@@ -926,6 +1099,7 @@ mod tests {
                 true,
                 false,
                 String::new(),
+                false,
             ),
             (
                 "public".to_string(),
@@ -934,6 +1108,7 @@ mod tests {
                 false,
                 false,
                 String::new(),
+                false,
             ),
         ]);
         assert_eq!(

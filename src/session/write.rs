@@ -200,6 +200,9 @@ fn capture_rows(
     catalog: &rowlocal::RelCatalog,
     unknown: &mut bool,
 ) -> Result<Option<String>, PgError> {
+    if let Some((table, numbering)) = rowlocal::numbered_in_storage_order(text, catalog) {
+        return Err(numbered_in_storage_order(&table, numbering));
+    }
     let mut out = None;
     let mut keyed = keyed;
     if let Some(expanded) = rowlocal::expand_update_defaults(text, catalog) {
@@ -230,6 +233,43 @@ fn capture_rows(
         out = Some(captured);
     }
     Ok(out.filter(|t| t != text))
+}
+
+/// The target of an `INSERT … SELECT nextval(…), …` without ORDER BY: it
+/// numbers the rows in the order it reads them.
+fn nextval_in_unordered_insert_select(a: &determinism::WriteAnalysis, sql: &str) -> Option<String> {
+    if a.uses_nextval && !insert_selects_ordered(sql) {
+        a.insert_select_targets.first().cloned()
+    } else {
+        None
+    }
+}
+
+/// A write that numbers rows in storage order (see
+/// `rowlocal::numbered_in_storage_order`).
+fn numbered_in_storage_order(table: &str, numbering: rowlocal::Numbering) -> PgError {
+    match numbering {
+        rowlocal::Numbering::Sequence => PgError::error(
+            "0A000",
+            format!(
+                "INSERT … SELECT into {table}, which takes values from a sequence, has no ORDER BY: \
+                 the copies could read the rows in another order and number them differently"
+            ),
+        )
+        .with_hint("add an ORDER BY that fixes the order of the selected rows"),
+        rowlocal::Numbering::Triggers => PgError::error(
+            "0A000",
+            format!(
+                "this write may change several rows of {table}, whose row trigger takes sequence \
+                 values (or writes a table that does): it runs for the rows in the order the \
+                 statement visits them, which is storage order and differs between the copies \
+                 of the group, so they would number the rows differently"
+            ),
+        )
+        .with_hint(
+            "change the rows one at a time by a unique key, or give INSERT … SELECT an ORDER BY",
+        ),
+    }
 }
 
 /// Volatile values in the SET list of an UPDATE that may change several
@@ -600,15 +640,12 @@ impl Session {
             )
             .with_hint("commit the CREATE TABLE or ALTER TABLE first, then write to the table"));
         }
-        if let Some(table) = self.unordered_insert_select_into_sequence(&a, sql) {
-            return Err(PgError::error(
-                "0A000",
-                format!(
-                    "INSERT … SELECT into {table}, which takes values from a sequence, has no ORDER BY: \
-                     the copies could read the rows in another order and number them differently"
-                ),
-            )
-            .with_hint("add an ORDER BY that fixes the order of the selected rows"));
+        if let Some(table) = nextval_in_unordered_insert_select(&a, sql) {
+            // Without the catalog: `capture_rows` checks sequence defaults.
+            return Err(numbered_in_storage_order(
+                &table,
+                rowlocal::Numbering::Sequence,
+            ));
         }
         let mut rewritten = a.rewritten;
         match self.group.rel_catalog() {
@@ -629,40 +666,17 @@ impl Session {
                 }
             }
             // No catalog yet (start, or a schema change since): a write that
-            // captures by row or may leave defaults waits for it and is
-            // checked then (see recheck_defaults).
+            // captures by row, may leave defaults or may fire numbering
+            // triggers waits for it and is checked then (see recheck_defaults).
             None => {
                 *unknown = a.update_captures
-                    || first_word_in(sql, &["INSERT", "COPY", "WITH"])
-                    || (first_word_in(sql, &["UPDATE"])
-                        && replication::mentions(sql.as_bytes(), b"default"));
+                    || first_word_in(
+                        sql,
+                        &["INSERT", "COPY", "WITH", "UPDATE", "DELETE", "MERGE"],
+                    );
             }
         }
         Ok(rewritten)
-    }
-
-    /// The target of an `INSERT … SELECT` without ORDER BY into a table with
-    /// a sequence default, if there is one (per the table catalog).
-    fn unordered_insert_select_into_sequence(
-        &self,
-        a: &determinism::WriteAnalysis,
-        sql: &str,
-    ) -> Option<String> {
-        if a.insert_select_targets.is_empty() {
-            return None;
-        }
-        if a.uses_nextval && !insert_selects_ordered(sql) {
-            // `INSERT … SELECT nextval(…), …`: numbered in the order read.
-            return a.insert_select_targets.first().cloned();
-        }
-        let catalog = self.group.rel_catalog()?;
-        let target = a.insert_select_targets.iter().find(|t| {
-            let (schema, name) = t.rsplit_once('.').unwrap_or(("", t.as_str()));
-            catalog
-                .lookup(schema, name)
-                .is_some_and(|i| i.sequence_default)
-        })?;
-        (!insert_selects_ordered(sql)).then(|| target.clone())
     }
 
     /// Whether the unit at the primary must be logged, and how: called
