@@ -294,13 +294,46 @@ async fn nondeterministic_writes_are_identical_or_refused() {
     for sql in [
         "UPDATE numbered SET rev = rev",
         "INSERT INTO renumbered (numbered_id) SELECT id FROM numbered",
+        // An ORDER BY that leaves ties (rev % 3 repeats) numbers or picks
+        // the tied rows in storage order.
+        "INSERT INTO renumbered (numbered_id) SELECT id FROM numbered ORDER BY rev % 3",
+        "DELETE FROM numbered WHERE id IN (SELECT id FROM numbered ORDER BY rev % 3 LIMIT 5)",
     ] {
         let e = c.batch_execute(sql).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
     }
     c.batch_execute(
         "UPDATE numbered SET rev = rev WHERE id = 7;
-         INSERT INTO renumbered (numbered_id) SELECT id FROM numbered ORDER BY id;",
+         INSERT INTO renumbered (numbered_id) SELECT id FROM numbered ORDER BY id;
+         INSERT INTO renumbered (numbered_id) SELECT rev % 3 FROM numbered ORDER BY rev % 3;
+         DELETE FROM renumbered WHERE id IN
+           (SELECT id FROM renumbered ORDER BY numbered_id % 3, id LIMIT 5);",
+    )
+    .await
+    .unwrap();
+    // The same for a serial table made in the same query string or
+    // transaction (a migration), which the catalog cannot know yet.
+    for (setup, write) in [
+        (
+            "",
+            "CREATE TABLE migrated (id serial PRIMARY KEY, numbered_id int); \
+             INSERT INTO migrated (numbered_id) SELECT id FROM numbered",
+        ),
+        (
+            "BEGIN; CREATE TABLE migrated (id bigint GENERATED ALWAYS AS IDENTITY, numbered_id int)",
+            "INSERT INTO migrated (numbered_id) SELECT id FROM numbered ORDER BY rev % 3",
+        ),
+    ] {
+        if !setup.is_empty() {
+            c.batch_execute(setup).await.unwrap();
+        }
+        let e = c.batch_execute(write).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{write}: {e:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+    c.batch_execute(
+        "CREATE TABLE migrated (id serial PRIMARY KEY, numbered_id int); \
+         INSERT INTO migrated (numbered_id) SELECT id FROM numbered ORDER BY id",
     )
     .await
     .unwrap();

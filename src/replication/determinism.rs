@@ -52,6 +52,10 @@ pub struct WriteAnalysis {
     /// would compute differently, by CREATE TABLE or ALTER TABLE: inserts
     /// capture its values only once the catalog knows it.
     pub declared_defaults: Vec<String>,
+    /// Tables (unqualified names) created with a serial, identity or
+    /// `nextval` default column: until committed the catalog does not know
+    /// that they number the rows inserted.
+    pub declared_numbered: Vec<String>,
 }
 
 /// Functions whose result differs between runs.
@@ -398,6 +402,7 @@ fn analyze(sql: &str) -> WriteAnalysis {
         stored_defaults: 0,
     };
     let mut declared_defaults = Vec::new();
+    let mut declared_numbered = Vec::new();
     if let Some(stmts) = json.get("stmts").and_then(Value::as_array) {
         for stmt in stmts {
             let stored_before = walker.stored_defaults;
@@ -418,6 +423,14 @@ fn analyze(sql: &str) -> WriteAnalysis {
                     .and_then(|n| n["relation"]["relname"].as_str());
                 declared_defaults.extend(rel.map(str::to_string));
             }
+            if let Some(create) = stmt["stmt"]["node"].get("CreateStmt")
+                && create["table_elts"]
+                    .as_array()
+                    .is_some_and(|cols| cols.iter().any(|c| numbers_rows(Some(c))))
+            {
+                declared_numbered
+                    .extend(create["relation"]["relname"].as_str().map(str::to_string));
+            }
         }
     }
     let mut analysis = WriteAnalysis {
@@ -428,6 +441,7 @@ fn analyze(sql: &str) -> WriteAnalysis {
         captures: walker.captures,
         update_captures: walker.update_captures,
         declared_defaults,
+        declared_numbered,
     };
     if analysis.refused.is_some() || walker.edits.is_empty() {
         return analysis;
@@ -1460,7 +1474,7 @@ fn is_now_expr(node: &Value) -> bool {
 }
 
 /// Does a statement change data (so SKIP LOCKED in it matters)?
-fn has_data_modification(v: &Value) -> bool {
+pub(crate) fn has_data_modification(v: &Value) -> bool {
     match v {
         Value::Array(items) => items.iter().any(has_data_modification),
         Value::Object(map) => map.iter().any(|(k, child)| {

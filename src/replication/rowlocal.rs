@@ -360,63 +360,236 @@ pub enum Numbering {
     Triggers,
 }
 
-/// A write of `sql` whose rows are numbered in the order it visits them
-/// while that order is storage order, which differs between copies: an
-/// `INSERT … SELECT` without ORDER BY into a table with a sequence default
-/// or numbering row triggers; an UPDATE or DELETE whose WHERE does not fix
-/// a unique key, or a MERGE, on a table with numbering row triggers. The
-/// copies would number the rows differently. Returns the table, as written.
-pub fn numbered_in_storage_order(sql: &str, catalog: &RelCatalog) -> Option<(String, Numbering)> {
-    let insert_select =
-        || super::mentions(sql.as_bytes(), b"insert") && super::mentions(sql.as_bytes(), b"select");
-    if !(catalog.has_numbering_triggers() || insert_select()) {
+/// How a write depends on the order rows are stored in, which differs
+/// between copies (see [`storage_order_dependence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderDependence {
+    /// Rows of `table` are numbered in the order the write visits them.
+    /// `ties`: an ORDER BY is there but can leave ties.
+    Numbered {
+        table: String,
+        by: Numbering,
+        ties: bool,
+    },
+    /// A LIMIT or OFFSET whose ORDER BY can leave ties.
+    Limited,
+}
+
+/// A write of `sql` that depends on storage order, which differs between
+/// copies:
+/// - rows numbered in the order they are visited: an `INSERT … SELECT`
+///   into a table with a sequence default or numbering row triggers whose
+///   ORDER BY is missing or can leave ties; a MERGE that inserts into such
+///   a table; an UPDATE or DELETE whose WHERE does not fix a unique key, or
+///   a MERGE, on a table with numbering row triggers;
+/// - a LIMIT or OFFSET in a write whose ORDER BY can leave ties (without
+///   ORDER BY the write analysis refuses it already).
+///
+/// An ORDER BY leaves no ties when it names every selected column (tied
+/// rows are then equal) or a row key of the one table read.
+///
+/// `declared`: tables the catalog does not know yet (created in this
+/// transaction) that have a sequence default.
+pub fn storage_order_dependence(
+    sql: &str,
+    catalog: &RelCatalog,
+    declared: &[String],
+) -> Option<OrderDependence> {
+    let has = |w: &[u8]| super::mentions(sql.as_bytes(), w);
+    if !(catalog.has_numbering_triggers()
+        || (has(b"insert") && has(b"select"))
+        || has(b"merge")
+        || has(b"limit")
+        || has(b"offset")
+        || has(b"fetch"))
+    {
         return None;
     }
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
     let Ok(Ok(parsed)) = parsed else {
         return None;
     };
-    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
-    visits_numbered_rows(&tree, catalog)
+    parsed.protobuf.stmts.iter().find_map(|raw| {
+        let tree = serde_json::to_value(raw.stmt.as_ref()?).ok()?;
+        let modifies = super::determinism::has_data_modification(&tree);
+        let scope = Scope {
+            catalog,
+            declared,
+            modifies,
+        };
+        order_dependence(&tree, &scope)
+    })
 }
 
-fn visits_numbered_rows(v: &Value, catalog: &RelCatalog) -> Option<(String, Numbering)> {
+/// What [`order_dependence`] looks at a statement with.
+struct Scope<'a> {
+    catalog: &'a RelCatalog,
+    declared: &'a [String],
+    /// The statement changes data.
+    modifies: bool,
+}
+
+/// A table created in this transaction with a sequence default.
+static DECLARED_NUMBERED: TableInfo = TableInfo {
+    uniques: Vec::new(),
+    row_key: None,
+    sequence_default: true,
+    triggers: false,
+    numbering_triggers: false,
+    volatile_defaults: Vec::new(),
+};
+
+fn order_dependence(v: &Value, scope: &Scope) -> Option<OrderDependence> {
+    let catalog = scope.catalog;
     match v {
-        Value::Array(items) => items.iter().find_map(|i| visits_numbered_rows(i, catalog)),
+        Value::Array(items) => items.iter().find_map(|i| order_dependence(i, scope)),
         Value::Object(map) => map.iter().find_map(|(kind, node)| {
-            let info = || table(node, catalog);
-            let by_triggers = |(info, _): &(&TableInfo, String)| info.numbering_triggers;
-            let numbering = match kind.as_str() {
-                "UpdateStmt" | "DeleteStmt" => info()
-                    .filter(by_triggers)
-                    .filter(|(info, alias)| !fixes_unique_key(&node["where_clause"], info, alias))
-                    .map(|_| Numbering::Triggers),
-                "InsertStmt" => {
-                    let sel = &node["select_stmt"]["node"]["SelectStmt"];
-                    let unordered = !empty(&node["select_stmt"])
-                        && empty(&sel["values_lists"])
-                        && empty(&sel["sort_clause"]);
-                    info().filter(|_| unordered).and_then(|(info, _)| {
-                        if info.sequence_default {
-                            Some(Numbering::Sequence)
-                        } else {
-                            info.numbering_triggers.then_some(Numbering::Triggers)
-                        }
-                    })
+            if kind == "SubLink"
+                && node["sub_link_type"].as_i64()
+                    == Some(pg_query::protobuf::SubLinkType::ExistsSublink as i64)
+            {
+                // Which rows EXISTS finds does not matter, only whether.
+                return None;
+            }
+            let found = match kind.as_str() {
+                "SelectStmt" => {
+                    let limited = ["limit_count", "limit_offset"]
+                        .iter()
+                        .any(|k| !node[*k].is_null());
+                    (scope.modifies
+                        && limited
+                        && !empty(&node["sort_clause"])
+                        && !total_order(node, catalog))
+                    .then_some(OrderDependence::Limited)
                 }
-                "MergeStmt" => info().filter(by_triggers).map(|_| Numbering::Triggers),
-                _ => None,
+                _ => numbered(kind, node, scope),
             };
-            let rel = &node["relation"];
-            let label = || match (rel["schemaname"].as_str(), rel["relname"].as_str()) {
-                (Some(s), Some(n)) if !s.is_empty() => Some(format!("{s}.{n}")),
-                (_, n) => n.map(str::to_string),
-            };
-            numbering
-                .and_then(|n| Some((label()?, n)))
-                .or_else(|| visits_numbered_rows(node, catalog))
+            found.or_else(|| order_dependence(node, scope))
         }),
         _ => None,
+    }
+}
+
+/// A statement node (`kind`) that numbers rows in the order it visits them.
+fn numbered(kind: &str, node: &Value, scope: &Scope) -> Option<OrderDependence> {
+    let catalog = scope.catalog;
+    let (info, alias) = table(node, catalog).or_else(|| {
+        let name = node["relation"]["relname"].as_str()?;
+        scope
+            .declared
+            .iter()
+            .any(|t| t == name)
+            .then(|| (&DECLARED_NUMBERED, name.to_string()))
+    })?;
+    let (by, ties) = match kind {
+        "UpdateStmt" | "DeleteStmt"
+            if info.numbering_triggers
+                && !fixes_unique_key(&node["where_clause"], info, &alias) =>
+        {
+            (Numbering::Triggers, false)
+        }
+        "InsertStmt" => {
+            let sel = &node["select_stmt"]["node"]["SelectStmt"];
+            if empty(&node["select_stmt"])
+                || !empty(&sel["values_lists"])
+                || total_order(sel, catalog)
+            {
+                return None;
+            }
+            let by = if info.sequence_default {
+                Numbering::Sequence
+            } else if info.numbering_triggers {
+                Numbering::Triggers
+            } else {
+                return None;
+            };
+            (by, !empty(&sel["sort_clause"]))
+        }
+        "MergeStmt" if info.numbering_triggers => (Numbering::Triggers, false),
+        "MergeStmt" if info.sequence_default && merge_inserts(node) => (Numbering::Sequence, false),
+        _ => return None,
+    };
+    let rel = &node["relation"];
+    let table = match (rel["schemaname"].as_str(), rel["relname"].as_str()?) {
+        (Some(s), n) if !s.is_empty() => format!("{s}.{n}"),
+        (_, n) => n.to_string(),
+    };
+    Some(OrderDependence::Numbered { table, by, ties })
+}
+
+/// A MERGE with a `WHEN NOT MATCHED THEN INSERT`.
+fn merge_inserts(merge: &Value) -> bool {
+    merge["merge_when_clauses"].as_array().is_some_and(|cs| {
+        cs.iter().any(|c| {
+            c["node"]["MergeWhenClause"]["command_type"].as_i64()
+                == Some(pg_query::protobuf::CmdType::CmdInsert as i64)
+        })
+    })
+}
+
+/// Whether a SELECT's ORDER BY fixes the order of its rows: it names every
+/// selected column (rows that tie are equal), or every column of a row key
+/// of the one table it reads.
+fn total_order(sel: &Value, catalog: &RelCatalog) -> bool {
+    let Some(sorts) = sel["sort_clause"].as_array().filter(|a| !a.is_empty()) else {
+        return false;
+    };
+    let keys: Vec<Value> = sorts
+        .iter()
+        .map(|s| without_locations(&s["node"]["SortBy"]["node"]))
+        .collect();
+    let targets = sel["target_list"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let covers_every_column = !targets.is_empty()
+        && targets.iter().enumerate().all(|(i, t)| {
+            let rt = &t["node"]["ResTarget"];
+            let val = without_locations(&rt["val"]);
+            keys.iter().any(|k| {
+                *k == val
+                    || k["node"]["AConst"]["ival"]["ival"].as_i64() == Some(i as i64 + 1)
+                    || rt["name"]
+                        .as_str()
+                        .is_some_and(|n| column_name(k, "").as_deref() == Some(n))
+            })
+        });
+    if covers_every_column {
+        return true;
+    }
+    let from = sel["from_clause"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let [item] = from else {
+        return false;
+    };
+    let rv = &item["node"]["RangeVar"];
+    let Some(name) = rv["relname"].as_str() else {
+        return false;
+    };
+    let Some(info) = catalog.lookup(rv["schemaname"].as_str().unwrap_or(""), name) else {
+        return false;
+    };
+    let alias = rv["alias"]["aliasname"].as_str().unwrap_or(name);
+    let ordered: HashSet<String> = keys.iter().filter_map(|k| column_name(k, alias)).collect();
+    info.row_key
+        .as_ref()
+        .is_some_and(|key| key.iter().all(|c| ordered.contains(c)))
+}
+
+/// A node tree without its `location` fields (the same expression written
+/// twice compares equal).
+fn without_locations(v: &Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(k, _)| k.as_str() != "location")
+                .map(|(k, c)| (k.clone(), without_locations(c)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_locations).collect()),
+        other => other.clone(),
     }
 }
 
@@ -888,7 +1061,7 @@ mod tests {
             (s.to_string(), n.to_string(), u.to_string(), seq, trig)
         };
         RelCatalog::from_rows([
-            t("public", "pgbench_accounts", "aid", false, false),
+            t("public", "pgbench_accounts", "*aid", false, false),
             t("public", "pgbench_history", "", false, false),
             t("public", "events", "id", true, false),
             t("public", "audited", "id", false, true),
@@ -1035,17 +1208,21 @@ mod tests {
             )
         };
         let c = RelCatalog::from_full_rows([row("items", true), row("plain", false)]);
-        let found = |sql: &str| {
-            numbered_in_storage_order(sql, &c).map(|(t, n)| {
-                assert_eq!(n, Numbering::Triggers, "{sql}");
-                t
-            })
+        let found = |sql: &str| match storage_order_dependence(sql, &c, &[]) {
+            Some(OrderDependence::Numbered {
+                table,
+                by: Numbering::Triggers,
+                ..
+            }) => Some(table),
+            None => None,
+            other => panic!("{sql}: {other:?}"),
         };
         for sql in [
             "UPDATE items SET v = v + 1",
             "update items set v = 1 where v > 3",
             "DELETE FROM items WHERE v < 0",
             "INSERT INTO items (v) SELECT v FROM plain",
+            "INSERT INTO items (v, w) SELECT v, w FROM plain ORDER BY w",
             "with d as (delete from plain returning v) update items set v = 0 from d where items.v = d.v",
             "MERGE INTO items i USING plain p ON i.id = p.id WHEN MATCHED THEN UPDATE SET v = p.v",
         ] {
@@ -1064,28 +1241,70 @@ mod tests {
         // No table has such triggers: an UPDATE is not parsed.
         let none = RelCatalog::from_full_rows([row("items", false)]);
         assert_eq!(
-            numbered_in_storage_order("UPDATE items SET v = 1", &none),
+            storage_order_dependence("UPDATE items SET v = 1", &none, &[]),
             None
         );
-        // A sequence default numbers an INSERT … SELECT's rows too.
+    }
+
+    #[test]
+    fn rows_numbered_or_picked_need_an_order_without_ties() {
         let c = catalog();
-        assert_eq!(
-            numbered_in_storage_order("insert into public.events (v) select v from s", &c),
-            Some(("public.events".to_string(), Numbering::Sequence))
-        );
-        assert_eq!(
-            numbered_in_storage_order(
-                "with x as (insert into events (v) select v from s returning id) select * from x",
-                &c
+        let dep = |sql: &str| storage_order_dependence(sql, &c, &[]);
+        let numbered = |table: &str, ties: bool| {
+            Some(OrderDependence::Numbered {
+                table: table.to_string(),
+                by: Numbering::Sequence,
+                ties,
+            })
+        };
+        for (sql, expected) in [
+            (
+                "insert into public.events (v) select v from s",
+                numbered("public.events", false),
             ),
-            Some(("events".to_string(), Numbering::Sequence))
-        );
+            (
+                "with x as (insert into events (v) select v from s returning id) select * from x",
+                numbered("events", false),
+            ),
+            (
+                "insert into events (v, w) select v % 3, w from s order by v % 3",
+                numbered("events", true),
+            ),
+            (
+                "insert into events (v, w) select aid, bid from pgbench_accounts a order by bid",
+                numbered("events", true),
+            ),
+            (
+                "MERGE INTO events e USING s ON e.k = s.k WHEN NOT MATCHED THEN INSERT (k) VALUES (s.k)",
+                numbered("events", false),
+            ),
+            (
+                "delete from events where id in (select id from events order by at limit 10)",
+                Some(OrderDependence::Limited),
+            ),
+            (
+                "update pair set a = (select w from s order by v desc offset 1 limit 1) where b = 1",
+                Some(OrderDependence::Limited),
+            ),
+        ] {
+            assert_eq!(dep(sql), expected, "{sql}");
+        }
         for sql in [
-            "insert into events (v) select v from s order by v, id",
+            // Every selected column ordered on: tied rows are equal.
+            "insert into events (v) select v % 3 from s order by v % 3",
+            "insert into events (v, w) select a, b * 2 as c from s order by 2, c, a",
+            "insert into events (k, n) select k, n from s order by k, n desc",
+            // A row key of the one table read.
+            "insert into events (v, w) select a.bid, a.abalance from pgbench_accounts a order by a.aid",
+            "delete from events where id in (select id from events order by at, id limit 10)",
             "insert into events (v) values (1)",
             "insert into pgbench_history select * from s",
+            "MERGE INTO events e USING s ON e.k = s.k WHEN MATCHED THEN UPDATE SET v = s.v",
+            // Not a write, or under EXISTS.
+            "select id from events order by at limit 10",
+            "delete from pair where exists (select 1 from s where s.a = pair.a order by s.v limit 1)",
         ] {
-            assert_eq!(numbered_in_storage_order(sql, &c), None, "{sql}");
+            assert_eq!(dep(sql), None, "{sql}");
         }
     }
 

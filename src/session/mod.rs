@@ -894,6 +894,9 @@ impl Session {
             if !self.write.declared_defaults.is_empty() {
                 self.write.declared_defaults.clear();
             }
+            if !self.write.declared_numbered.is_empty() {
+                self.write.declared_numbered.clear();
+            }
             // A transaction ended: a block by its COMMIT or ROLLBACK tag
             // (none: it was lost), an autocommit unit by whether it failed.
             let seen = std::mem::take(&mut self.unit_seen);

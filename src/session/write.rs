@@ -98,6 +98,9 @@ pub struct WriteState {
     /// Tables given a DEFAULT the copies compute differently in the
     /// transaction under way: the catalog cannot know those defaults yet.
     pub declared_defaults: HashSet<String>,
+    /// Tables created with a sequence default in the transaction under way:
+    /// the catalog cannot know them yet.
+    pub declared_numbered: HashSet<String>,
     /// SET statements for the client's startup parameters that change how
     /// values are read (TimeZone, DateStyle…), replayed with every entry.
     pub startup_settings: Vec<String>,
@@ -200,8 +203,8 @@ fn capture_rows(
     catalog: &rowlocal::RelCatalog,
     unknown: &mut bool,
 ) -> Result<Option<String>, PgError> {
-    if let Some((table, numbering)) = rowlocal::numbered_in_storage_order(text, catalog) {
-        return Err(numbered_in_storage_order(&table, numbering));
+    if let Some(dependence) = rowlocal::storage_order_dependence(text, catalog, &[]) {
+        return Err(storage_order_refusal(dependence));
     }
     let mut out = None;
     let mut keyed = keyed;
@@ -235,29 +238,37 @@ fn capture_rows(
     Ok(out.filter(|t| t != text))
 }
 
-/// The target of an `INSERT … SELECT nextval(…), …` without ORDER BY: it
-/// numbers the rows in the order it reads them.
-fn nextval_in_unordered_insert_select(a: &determinism::WriteAnalysis, sql: &str) -> Option<String> {
-    if a.uses_nextval && !insert_selects_ordered(sql) {
-        a.insert_select_targets.first().cloned()
-    } else {
-        None
-    }
-}
-
-/// A write that numbers rows in storage order (see
-/// `rowlocal::numbered_in_storage_order`).
-fn numbered_in_storage_order(table: &str, numbering: rowlocal::Numbering) -> PgError {
-    match numbering {
-        rowlocal::Numbering::Sequence => PgError::error(
+/// A write that depends on storage order (see
+/// `rowlocal::storage_order_dependence`).
+fn storage_order_refusal(dependence: rowlocal::OrderDependence) -> PgError {
+    use rowlocal::{Numbering, OrderDependence};
+    const TIES: &str = "it names neither a row key of the table read nor every selected column";
+    match dependence {
+        OrderDependence::Numbered {
+            table,
+            by: Numbering::Sequence,
+            ties,
+        } => PgError::error(
             "0A000",
-            format!(
-                "INSERT … SELECT into {table}, which takes values from a sequence, has no ORDER BY: \
-                 the copies could read the rows in another order and number them differently"
-            ),
+            if ties {
+                format!(
+                    "INSERT … SELECT into {table}, which takes values from a sequence, has an \
+                     ORDER BY that can leave ties ({TIES}): the copies could number tied rows \
+                     differently"
+                )
+            } else {
+                format!(
+                    "INSERT … SELECT (or MERGE … INSERT) into {table}, which takes values from \
+                     a sequence, has no ORDER BY: the copies could read the rows in another \
+                     order and number them differently"
+                )
+            },
         )
-        .with_hint("add an ORDER BY that fixes the order of the selected rows"),
-        rowlocal::Numbering::Triggers => PgError::error(
+        .with_hint(
+            "order the selected rows by a unique key (end the ORDER BY with it); for a MERGE, \
+             insert the new rows with INSERT … SELECT … ORDER BY",
+        ),
+        OrderDependence::Numbered { table, .. } => PgError::error(
             "0A000",
             format!(
                 "this write may change several rows of {table}, whose row trigger takes sequence \
@@ -267,8 +278,27 @@ fn numbered_in_storage_order(table: &str, numbering: rowlocal::Numbering) -> PgE
             ),
         )
         .with_hint(
-            "change the rows one at a time by a unique key, or give INSERT … SELECT an ORDER BY",
+            "change the rows one at a time by a unique key, or give INSERT … SELECT an ORDER BY \
+             on a unique key",
         ),
+        OrderDependence::Limited => PgError::error(
+            "0A000",
+            format!(
+                "LIMIT or OFFSET in a write with an ORDER BY that can leave ties ({TIES}) picks \
+                 among tied rows in storage order, which differs between copies of the group"
+            ),
+        )
+        .with_hint("end the ORDER BY with a unique key, e.g. ORDER BY created_at, id"),
+    }
+}
+
+/// The target of an `INSERT … SELECT nextval(…), …` without ORDER BY: it
+/// numbers the rows in the order it reads them.
+fn nextval_in_unordered_insert_select(a: &determinism::WriteAnalysis, sql: &str) -> Option<String> {
+    if a.uses_nextval && !insert_selects_ordered(sql) {
+        a.insert_select_targets.first().cloned()
+    } else {
+        None
     }
 }
 
@@ -642,10 +672,23 @@ impl Session {
         }
         if let Some(table) = nextval_in_unordered_insert_select(&a, sql) {
             // Without the catalog: `capture_rows` checks sequence defaults.
-            return Err(numbered_in_storage_order(
-                &table,
-                rowlocal::Numbering::Sequence,
-            ));
+            return Err(storage_order_refusal(rowlocal::OrderDependence::Numbered {
+                table,
+                by: rowlocal::Numbering::Sequence,
+                ties: false,
+            }));
+        }
+        if !(a.declared_numbered.is_empty() && self.write.declared_numbered.is_empty()) {
+            // Tables created in this transaction: the catalog does not have
+            // them (capture_rows checks the others).
+            let declared: Vec<String> = (a.declared_numbered.iter())
+                .chain(&self.write.declared_numbered)
+                .cloned()
+                .collect();
+            let catalog = self.group.rel_catalog().unwrap_or_default();
+            if let Some(dependence) = rowlocal::storage_order_dependence(sql, &catalog, &declared) {
+                return Err(storage_order_refusal(dependence));
+            }
         }
         let mut rewritten = a.rewritten;
         match self.group.rel_catalog() {
@@ -782,8 +825,9 @@ impl Session {
         if ddl {
             self.group.invalidate_rel_catalog();
             for s in &sqls {
-                let declared = determinism::analyze_write(s).declared_defaults;
-                self.write.declared_defaults.extend(declared);
+                let a = determinism::analyze_write(s);
+                self.write.declared_defaults.extend(a.declared_defaults);
+                self.write.declared_numbered.extend(a.declared_numbered);
             }
         }
         let row_local = !ddl && self.row_local(&sqls, !unit.simple);
