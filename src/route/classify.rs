@@ -44,6 +44,34 @@ const SESSION_ADVISORY_LOCKS: &[&str] = &[
     "pg_try_advisory_lock_shared",
 ];
 
+/// Volatile built-ins (and extension functions) that change no data: a
+/// read calling them runs on the primary but needs no replay. (A user
+/// function of the same name in another schema is not one of them.)
+const EFFECT_FREE_VOLATILE: &[&str] = &[
+    "random",
+    "random_normal",
+    "setseed",
+    "gen_random_uuid",
+    "uuidv4",
+    "uuidv7",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "uuid_generate_v4",
+    "gen_random_bytes",
+    "gen_salt",
+    "clock_timestamp",
+    "timeofday",
+    "txid_current",
+    "txid_current_if_assigned",
+    "pg_current_xact_id",
+    "pg_current_xact_id_if_assigned",
+    "currval",
+    "lastval",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+];
+
 /// Settings that only last for the current transaction: never replayed.
 const TRANSACTION_SETTINGS: &[&str] = &[
     "transaction_read_only",
@@ -104,6 +132,12 @@ pub struct Classification {
     /// or a program on the server: they run on the primary alone and
     /// change no data.
     pub copy_to_server: usize,
+    /// Statements that only read but call volatile built-ins that change
+    /// no data (`random()`, `gen_random_uuid()`, `clock_timestamp()`,
+    /// `txid_current()`, `currval()`, `pg_sleep()`…): they run on the
+    /// primary, as every volatile call does, and are not logged (nothing
+    /// to replay).
+    pub primary_reads: usize,
 }
 
 /// A statement about an SQL-level prepared statement.
@@ -175,6 +209,7 @@ impl Classification {
             prepared: Vec::new(),
             copy_from_server: false,
             copy_to_server: 0,
+            primary_reads: 0,
         }
     }
 
@@ -222,6 +257,9 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             out.pin(reason);
         }
         out.read_only &= reads_only(node) && scan.read_safe();
+        if reads_only(node) && scan.reads_on_the_primary() {
+            out.primary_reads += 1;
+        }
         match node {
             NodeEnum::TransactionStmt(t) => transaction(&mut out, t),
             NodeEnum::VariableSetStmt(v) => {
@@ -467,6 +505,9 @@ fn variable_set(
 struct Scan {
     /// A function call that is not known to be read-safe.
     unsafe_call: bool,
+    /// A call of a volatile built-in that changes no data
+    /// ([`EFFECT_FREE_VOLATILE`]): the statement runs on the primary.
+    primary_call: bool,
     /// FOR UPDATE / SHARE / NO KEY UPDATE / KEY SHARE somewhere.
     locking: bool,
     /// INSERT, UPDATE, DELETE or MERGE somewhere (e.g. in a CTE).
@@ -493,7 +534,13 @@ impl Scan {
 
     /// Nothing found that writes, locks or calls something volatile.
     fn read_safe(&self) -> bool {
-        !(self.unsafe_call || self.locking || self.modifies || self.into)
+        !(self.unsafe_call || self.primary_call || self.locking || self.modifies || self.into)
+    }
+
+    /// Nothing that writes or locks, and volatile calls only of built-ins
+    /// that change no data, at least one.
+    fn reads_on_the_primary(&self) -> bool {
+        self.primary_call && !(self.unsafe_call || self.locking || self.modifies || self.into)
     }
 
     fn pin(&mut self, reason: &'static str) {
@@ -549,7 +596,12 @@ impl Scan {
             }
         };
         if !catalog.is_read_safe(schema, name) {
-            self.unsafe_call = true;
+            let builtin = schema.is_none_or(|s| s == "pg_catalog" || s == "public");
+            if builtin && EFFECT_FREE_VOLATILE.contains(&name) {
+                self.primary_call = true;
+            } else {
+                self.unsafe_call = true;
+            }
         }
         if SESSION_ADVISORY_LOCKS.contains(&name) {
             self.pin("advisory lock");
@@ -690,6 +742,31 @@ mod tests {
 
     fn c(sql: &str) -> Classification {
         classify(sql, &FunctionCatalog::builtin())
+    }
+
+    #[test]
+    fn reads_calling_effect_free_volatile_builtins_run_on_the_primary_unlogged() {
+        let catalog = FunctionCatalog::builtin();
+        for (sql, primary_reads) in [
+            ("select random()", 1),
+            ("select gen_random_uuid(), lower('A')", 1),
+            (
+                "SELECT pg_catalog.clock_timestamp(); select txid_current()",
+                2,
+            ),
+            ("select currval('s')", 1),
+            ("select * from t order by random() limit 1", 1),
+            ("select nextval('s')", 0),
+            ("select random(), my_volatile_func()", 0),
+            ("select other.random()", 0),
+            ("select random() from t for update", 0),
+            ("insert into t values (random())", 0),
+            ("select lower('A')", 0),
+        ] {
+            let c = classify(sql, &catalog);
+            assert_eq!(c.primary_reads, primary_reads, "{sql}");
+            assert!(!c.read_only || primary_reads == 0, "{sql}");
+        }
     }
 
     #[test]

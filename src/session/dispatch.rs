@@ -237,8 +237,9 @@ fn split_batch(items: &[Item]) -> Option<Vec<Vec<Item>>> {
 
 /// Whether a classified string may change data: anything beyond session
 /// settings, transaction control, prepared statement definitions and
-/// reads (to the client or to a file on the primary).
-fn may_write(c: &Classification) -> bool {
+/// reads (to the client or to a file on the primary, or calling volatile
+/// built-ins that change nothing).
+pub(super) fn may_write(c: &Classification) -> bool {
     if c.read_only {
         return false;
     }
@@ -246,7 +247,8 @@ fn may_write(c: &Classification) -> bool {
         + usize::from(c.begin.is_some())
         + usize::from(c.ends_tx)
         + c.prepared.iter().filter(|p| p.is_definition()).count()
-        + c.copy_to_server;
+        + c.copy_to_server
+        + c.primary_reads;
     c.parse_error || c.statements > control
 }
 

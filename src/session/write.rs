@@ -621,7 +621,7 @@ impl Session {
         sql: &str,
         unknown: &mut bool,
     ) -> Result<Option<String>, PgError> {
-        if !self.replicating() || class.read_only || class.parse_error {
+        if !self.replicating() || !super::dispatch::may_write(class) || class.parse_error {
             return Ok(None);
         }
         if self.pinned.is_some() && temp_only(sql, &mut self.write.temps.clone()) {
