@@ -561,21 +561,41 @@ fn total_order(sel: &Value, catalog: &RelCatalog) -> bool {
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or(&[]);
-    let [item] = from else {
+    let mut tables = Vec::new();
+    if !from.iter().all(|item| range_vars(item, &mut tables)) {
         return false;
-    };
-    let rv = &item["node"]["RangeVar"];
-    let Some(name) = rv["relname"].as_str() else {
-        return false;
-    };
-    let Some(info) = catalog.lookup(rv["schemaname"].as_str().unwrap_or(""), name) else {
-        return false;
-    };
-    let alias = rv["alias"]["aliasname"].as_str().unwrap_or(name);
-    let ordered: HashSet<String> = keys.iter().filter_map(|k| column_name(k, alias)).collect();
-    info.row_key
-        .as_ref()
-        .is_some_and(|key| key.iter().all(|c| ordered.contains(c)))
+    }
+    // A row of a join is one row of each table: a row key of each orders
+    // the rows without ties.
+    !tables.is_empty()
+        && tables.iter().all(|rv| {
+            let Some(name) = rv["relname"].as_str() else {
+                return false;
+            };
+            let Some(info) = catalog.lookup(rv["schemaname"].as_str().unwrap_or(""), name) else {
+                return false;
+            };
+            let alias = rv["alias"]["aliasname"].as_str().unwrap_or(name);
+            let ordered: HashSet<String> =
+                keys.iter().filter_map(|k| column_name(k, alias)).collect();
+            info.row_key
+                .as_ref()
+                .is_some_and(|key| key.iter().all(|c| ordered.contains(c)))
+        })
+}
+
+/// The tables a FROM item reads, when it is only tables and joins of
+/// tables (false for a subquery, a function…).
+fn range_vars<'a>(item: &'a Value, out: &mut Vec<&'a Value>) -> bool {
+    let node = &item["node"];
+    if let Some(rv) = node.get("RangeVar") {
+        out.push(rv);
+        true
+    } else if let Some(join) = node.get("JoinExpr") {
+        range_vars(&join["larg"], out) && range_vars(&join["rarg"], out)
+    } else {
+        false
+    }
 }
 
 /// A node tree without its `location` fields (the same expression written
@@ -1275,6 +1295,15 @@ mod tests {
                 numbered("events", true),
             ),
             (
+                "insert into events (v) select a.abalance from pgbench_accounts a \
+                 join pgbench_accounts b on a.bid = b.bid order by a.aid",
+                numbered("events", true),
+            ),
+            (
+                "insert into events (v, w) select x.v, x.w from (select v, w from s) x order by x.v",
+                numbered("events", true),
+            ),
+            (
                 "MERGE INTO events e USING s ON e.k = s.k WHEN NOT MATCHED THEN INSERT (k) VALUES (s.k)",
                 numbered("events", false),
             ),
@@ -1297,6 +1326,11 @@ mod tests {
             // A row key of the one table read.
             "insert into events (v, w) select a.bid, a.abalance from pgbench_accounts a order by a.aid",
             "delete from events where id in (select id from events order by at, id limit 10)",
+            // A row key of each table joined.
+            "insert into events (v) select a.abalance from pgbench_accounts a \
+             join pgbench_accounts b on a.bid = b.bid order by a.aid, b.aid",
+            "insert into events (v) select a.abalance from pgbench_accounts a, pgbench_accounts b \
+             order by b.aid, a.aid",
             "insert into events (v) values (1)",
             "insert into pgbench_history select * from s",
             "MERGE INTO events e USING s ON e.k = s.k WHEN MATCHED THEN UPDATE SET v = s.v",

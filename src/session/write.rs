@@ -621,7 +621,12 @@ impl Session {
         sql: &str,
         unknown: &mut bool,
     ) -> Result<Option<String>, PgError> {
-        if !self.replicating() || !super::dispatch::may_write(class) || class.parse_error {
+        // Reads of effect-free volatile built-ins are not logged. (A PREPARE
+        // is not a write either, but its text is what EXECUTE replays.)
+        let unlogged_reads = class.primary_reads > 0
+            && class.prepared.is_empty()
+            && !super::dispatch::may_write(class);
+        if !self.replicating() || class.read_only || unlogged_reads || class.parse_error {
             return Ok(None);
         }
         if self.pinned.is_some() && temp_only(sql, &mut self.write.temps.clone()) {
