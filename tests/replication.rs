@@ -321,6 +321,7 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         "UPDATE numbered SET rev = rev WHERE id = 7;
          INSERT INTO renumbered (numbered_id) SELECT id FROM numbered ORDER BY id;
          INSERT INTO renumbered (numbered_id) SELECT rev % 3 FROM numbered ORDER BY rev % 3;
+         INSERT INTO renumbered (numbered_id) SELECT g * 10 FROM generate_series(1, 3) g ORDER BY g;
          DELETE FROM renumbered WHERE id IN
            (SELECT id FROM renumbered ORDER BY numbered_id % 3, id LIMIT 5);",
     )

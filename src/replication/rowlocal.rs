@@ -528,8 +528,8 @@ fn merge_inserts(merge: &Value) -> bool {
 }
 
 /// Whether a SELECT's ORDER BY fixes the order of its rows: it names every
-/// selected column (rows that tie are equal), or every column of a row key
-/// of the one table it reads.
+/// selected column but constants (rows that tie are equal), or a key of
+/// every source it reads (a table's row key, `generate_series`' column).
 fn total_order(sel: &Value, catalog: &RelCatalog) -> bool {
     let Some(sorts) = sel["sort_clause"].as_array().filter(|a| !a.is_empty()) else {
         return false;
@@ -545,6 +545,10 @@ fn total_order(sel: &Value, catalog: &RelCatalog) -> bool {
     let covers_every_column = !targets.is_empty()
         && targets.iter().enumerate().all(|(i, t)| {
             let rt = &t["node"]["ResTarget"];
+            if is_value(&rt["val"]) {
+                // The same in every row.
+                return true;
+            }
             let val = without_locations(&rt["val"]);
             keys.iter().any(|k| {
                 *k == val
@@ -561,35 +565,65 @@ fn total_order(sel: &Value, catalog: &RelCatalog) -> bool {
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or(&[]);
-    let mut tables = Vec::new();
-    if !from.iter().all(|item| range_vars(item, &mut tables)) {
+    let mut sources = Vec::new();
+    if !from.iter().all(|item| range_vars(item, &mut sources)) {
         return false;
     }
-    // A row of a join is one row of each table: a row key of each orders
-    // the rows without ties.
-    !tables.is_empty()
-        && tables.iter().all(|rv| {
-            let Some(name) = rv["relname"].as_str() else {
+    // A row of a join is one row of each source: a key of each orders the
+    // rows without ties.
+    !sources.is_empty()
+        && sources.iter().all(|source| {
+            let Some((alias, key)) = source_key(source, catalog) else {
                 return false;
             };
-            let Some(info) = catalog.lookup(rv["schemaname"].as_str().unwrap_or(""), name) else {
-                return false;
-            };
-            let alias = rv["alias"]["aliasname"].as_str().unwrap_or(name);
             let ordered: HashSet<String> =
-                keys.iter().filter_map(|k| column_name(k, alias)).collect();
-            info.row_key
-                .as_ref()
-                .is_some_and(|key| key.iter().all(|c| ordered.contains(c)))
+                keys.iter().filter_map(|k| column_name(k, &alias)).collect();
+            key.iter().all(|c| ordered.contains(c))
         })
 }
 
-/// The tables a FROM item reads, when it is only tables and joins of
-/// tables (false for a subquery, a function…).
+/// The name a FROM source is referred to by, and the columns that name each
+/// of its rows: a table's row key, or `generate_series`'s one column.
+fn source_key(source: &Value, catalog: &RelCatalog) -> Option<(String, Vec<String>)> {
+    if let Some(rv) = source.get("RangeVar") {
+        let name = rv["relname"].as_str()?;
+        let info = catalog.lookup(rv["schemaname"].as_str().unwrap_or(""), name)?;
+        let alias = rv["alias"]["aliasname"].as_str().unwrap_or(name);
+        return Some((alias.to_string(), info.row_key.clone()?));
+    }
+    let rf = source.get("RangeFunction")?;
+    let [function] = rf["functions"].as_array()?.as_slice() else {
+        return None;
+    };
+    let call = &function["node"]["List"]["items"][0]["node"]["FuncCall"];
+    let names: Vec<&str> = call["funcname"]
+        .as_array()?
+        .iter()
+        .filter_map(|n| n["node"]["String"]["sval"].as_str())
+        .collect();
+    if !matches!(
+        names.as_slice(),
+        ["generate_series"] | ["pg_catalog", "generate_series"]
+    ) || rf["ordinality"].as_bool() == Some(true)
+    {
+        return None;
+    }
+    let alias = rf["alias"]["aliasname"]
+        .as_str()
+        .unwrap_or("generate_series");
+    let column = match rf["alias"]["colnames"].as_array().and_then(|c| c.first()) {
+        Some(c) => c["node"]["String"]["sval"].as_str()?,
+        None => alias,
+    };
+    Some((alias.to_string(), vec![column.to_string()]))
+}
+
+/// The sources a FROM item reads (tables and functions), when it is only
+/// those and joins of them (false for a subquery…).
 fn range_vars<'a>(item: &'a Value, out: &mut Vec<&'a Value>) -> bool {
     let node = &item["node"];
-    if let Some(rv) = node.get("RangeVar") {
-        out.push(rv);
+    if node.get("RangeVar").is_some() || node.get("RangeFunction").is_some() {
+        out.push(node);
         true
     } else if let Some(join) = node.get("JoinExpr") {
         range_vars(&join["larg"], out) && range_vars(&join["rarg"], out)
@@ -1304,6 +1338,14 @@ mod tests {
                 numbered("events", true),
             ),
             (
+                "insert into events (v, w) select g, s.v from generate_series(1, 9) g, s order by g",
+                numbered("events", true),
+            ),
+            (
+                "insert into events (v, w) select x, x * 2 from unnest(array[1, 1]) x order by x",
+                numbered("events", true),
+            ),
+            (
                 "MERGE INTO events e USING s ON e.k = s.k WHEN NOT MATCHED THEN INSERT (k) VALUES (s.k)",
                 numbered("events", false),
             ),
@@ -1323,6 +1365,13 @@ mod tests {
             "insert into events (v) select v % 3 from s order by v % 3",
             "insert into events (v, w) select a, b * 2 as c from s order by 2, c, a",
             "insert into events (k, n) select k, n from s order by k, n desc",
+            // Constants are the same in every row.
+            "insert into events (v, w, k) select v, 0, $1 from s order by v",
+            // generate_series' column names its rows.
+            "insert into events (v, w) select g, g * 2 from generate_series(1, 9) g order by g",
+            "insert into events (v, w) select n, 1 from generate_series(1, 9) as s(n) order by s.n",
+            "insert into events (v, w) select generate_series, 0 from generate_series(1, 9) \
+             order by generate_series",
             // A row key of the one table read.
             "insert into events (v, w) select a.bid, a.abalance from pgbench_accounts a order by a.aid",
             "delete from events where id in (select id from events order by at, id limit 10)",
