@@ -21,6 +21,8 @@ use std::panic::{self, AssertUnwindSafe};
 use pg_query::protobuf::{ScanToken, Token};
 use serde_json::Value;
 
+use crate::route::catalog::WINDOW_FUNCTIONS;
+
 /// The setting the proxy fills with the primary's transaction timestamp.
 pub const NOW_SETTING: &str = "reprise.now";
 
@@ -59,7 +61,7 @@ pub struct WriteAnalysis {
 }
 
 /// Functions whose result differs between runs.
-const VOLATILE_FUNCTIONS: &[&str] = &[
+pub(crate) const VOLATILE_FUNCTIONS: &[&str] = &[
     "random",
     "random_normal",
     "setseed",
@@ -563,25 +565,11 @@ const ORDER_SENSITIVE_AGGREGATES: &[&str] = &[
     "xmlagg",
 ];
 
-/// Window functions whose result depends on the order of the rows.
-const ORDER_SENSITIVE_WINDOWS: &[&str] = &[
-    "row_number",
-    "rank",
-    "dense_rank",
-    "percent_rank",
-    "cume_dist",
-    "ntile",
-    "lag",
-    "lead",
-    "first_value",
-    "last_value",
-    "nth_value",
-];
-
 /// Why a call in a write depends on the order rows are read in (storage
 /// order, which differs between copies): an order-sensitive aggregate
 /// without an ORDER BY of its own, or such a window function (or one of
-/// those aggregates as a window) over a window without ORDER BY.
+/// those aggregates as a window) over a window without ORDER BY. (Every
+/// built-in window function depends on the order of its window.)
 fn order_sensitive_reason(name: &str, call: &Value) -> Option<String> {
     let empty = |v: &Value| v.as_array().is_none_or(Vec::is_empty);
     let aggregate = ORDER_SENSITIVE_AGGREGATES.contains(&name);
@@ -589,9 +577,7 @@ fn order_sensitive_reason(name: &str, call: &Value) -> Option<String> {
         Some(w) => {
             let named = w["name"].as_str().is_some_and(|n| !n.is_empty())
                 || w["refname"].as_str().is_some_and(|n| !n.is_empty());
-            (aggregate || ORDER_SENSITIVE_WINDOWS.contains(&name))
-                && !named
-                && empty(&w["order_clause"])
+            (aggregate || WINDOW_FUNCTIONS.contains(&name)) && !named && empty(&w["order_clause"])
         }
         None => aggregate && empty(&call["agg_order"]),
     };

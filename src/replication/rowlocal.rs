@@ -509,11 +509,7 @@ fn numbered(kind: &str, node: &Value, scope: &Scope) -> Option<OrderDependence> 
         "MergeStmt" if info.sequence_default && merge_inserts(node) => (Numbering::Sequence, false),
         _ => return None,
     };
-    let rel = &node["relation"];
-    let table = match (rel["schemaname"].as_str(), rel["relname"].as_str()?) {
-        (Some(s), n) if !s.is_empty() => format!("{s}.{n}"),
-        (_, n) => n.to_string(),
-    };
+    let table = name_as_written(&node["relation"])?;
     Some(OrderDependence::Numbered { table, by, ties })
 }
 
@@ -586,10 +582,8 @@ fn total_order(sel: &Value, catalog: &RelCatalog) -> bool {
 /// of its rows: a table's row key, or `generate_series`'s one column.
 fn source_key(source: &Value, catalog: &RelCatalog) -> Option<(String, Vec<String>)> {
     if let Some(rv) = source.get("RangeVar") {
-        let name = rv["relname"].as_str()?;
-        let info = catalog.lookup(rv["schemaname"].as_str().unwrap_or(""), name)?;
-        let alias = rv["alias"]["aliasname"].as_str().unwrap_or(name);
-        return Some((alias.to_string(), info.row_key.clone()?));
+        let (info, alias) = range_var_table(rv, catalog)?;
+        return Some((alias, info.row_key.clone()?));
     }
     let rf = source.get("RangeFunction")?;
     let [function] = rf["functions"].as_array()?.as_slice() else {
@@ -889,12 +883,8 @@ pub fn key_captures(sql: &str, catalog: &RelCatalog) -> Option<String> {
             }
             return None;
         };
-        let rel = &upd["relation"];
         // As written: the same text runs on every copy.
-        let label = match rel["schemaname"].as_str().unwrap_or("") {
-            "" => rel["relname"].as_str()?.to_string(),
-            schema => format!("{schema}.{}", rel["relname"].as_str()?),
-        };
+        let label = name_as_written(&upd["relation"])?;
         let cols: Vec<String> = key
             .iter()
             .map(|c| format!("\"{}\"", c.replace('"', "\"\"")))
@@ -924,15 +914,31 @@ fn empty(v: &Value) -> bool {
     v.is_null() || v.as_array().is_some_and(|a| a.is_empty())
 }
 
+/// The table a statement writes (its `relation`), and the name it goes by
+/// in the statement.
 fn table<'a>(stmt: &Value, catalog: &'a RelCatalog) -> Option<(&'a TableInfo, String)> {
-    let rel = &stmt["relation"];
-    let name = rel["relname"].as_str()?;
-    let info = catalog.lookup(rel["schemaname"].as_str().unwrap_or(""), name)?;
-    let alias = rel["alias"]["aliasname"]
+    range_var_table(&stmt["relation"], catalog)
+}
+
+/// The table a RangeVar names, and its alias (or name).
+fn range_var_table<'a>(rv: &Value, catalog: &'a RelCatalog) -> Option<(&'a TableInfo, String)> {
+    let name = rv["relname"].as_str()?;
+    let info = catalog.lookup(rv["schemaname"].as_str().unwrap_or(""), name)?;
+    let alias = rv["alias"]["aliasname"]
         .as_str()
         .unwrap_or(name)
         .to_string();
     Some((info, alias))
+}
+
+/// A RangeVar's table as the statement writes it: `schema.table` when
+/// qualified.
+fn name_as_written(rv: &Value) -> Option<String> {
+    let name = rv["relname"].as_str()?;
+    Some(match rv["schemaname"].as_str().unwrap_or("") {
+        "" => name.to_string(),
+        schema => format!("{schema}.{name}"),
+    })
 }
 
 fn insert_row_local(ins: &Value, catalog: &RelCatalog) -> bool {

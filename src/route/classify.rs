@@ -44,23 +44,13 @@ const SESSION_ADVISORY_LOCKS: &[&str] = &[
     "pg_try_advisory_lock_shared",
 ];
 
-/// Volatile built-ins (and extension functions) that change no data: a
-/// read calling them runs on the primary but needs no replay. (A user
-/// function of the same name in another schema is not one of them.)
-const EFFECT_FREE_VOLATILE: &[&str] = &[
-    "random",
-    "random_normal",
-    "setseed",
-    "gen_random_uuid",
-    "uuidv4",
-    "uuidv7",
-    "uuid_generate_v1",
-    "uuid_generate_v1mc",
-    "uuid_generate_v4",
-    "gen_random_bytes",
-    "gen_salt",
-    "clock_timestamp",
-    "timeofday",
+/// Volatile built-ins that change no data besides those whose value
+/// differs between runs (`random()`, `gen_random_uuid()`…, the write
+/// analysis's list): they read the transaction, the session's sequences or
+/// the clock. A read calling any of them runs on the primary but needs no
+/// replay. (A user function of the same name in another schema is not one
+/// of them.)
+const EFFECT_FREE_SERVER_READS: &[&str] = &[
     "txid_current",
     "txid_current_if_assigned",
     "pg_current_xact_id",
@@ -71,6 +61,11 @@ const EFFECT_FREE_VOLATILE: &[&str] = &[
     "pg_sleep_for",
     "pg_sleep_until",
 ];
+
+fn effect_free_volatile(name: &str) -> bool {
+    crate::replication::determinism::VOLATILE_FUNCTIONS.contains(&name)
+        || EFFECT_FREE_SERVER_READS.contains(&name)
+}
 
 /// Settings that only last for the current transaction: never replayed.
 const TRANSACTION_SETTINGS: &[&str] = &[
@@ -506,7 +501,7 @@ struct Scan {
     /// A function call that is not known to be read-safe.
     unsafe_call: bool,
     /// A call of a volatile built-in that changes no data
-    /// ([`EFFECT_FREE_VOLATILE`]): the statement runs on the primary.
+    /// (`effect_free_volatile`): the statement runs on the primary.
     primary_call: bool,
     /// FOR UPDATE / SHARE / NO KEY UPDATE / KEY SHARE somewhere.
     locking: bool,
@@ -597,7 +592,7 @@ impl Scan {
         };
         if !catalog.is_read_safe(schema, name) {
             let builtin = schema.is_none_or(|s| s == "pg_catalog" || s == "public");
-            if builtin && EFFECT_FREE_VOLATILE.contains(&name) {
+            if builtin && effect_free_volatile(name) {
                 self.primary_call = true;
             } else {
                 self.unsafe_call = true;
