@@ -1467,6 +1467,47 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refu
             "{sql}: {text}"
         );
     }
+    // Inside DO blocks and routine bodies nothing can be captured: the
+    // same statements are refused there, a function when it is created.
+    c.batch_execute("CREATE TABLE numbered (id serial PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    for (sql, words) in [
+        (
+            "DO $$ BEGIN INSERT INTO tokens (v) VALUES ('i'); END $$",
+            &["DO block", "\"id\""][..],
+        ),
+        (
+            "CREATE FUNCTION add_token(t text) RETURNS void LANGUAGE sql AS $$ INSERT INTO tokens (v) VALUES (t) $$",
+            &["function", "\"id\""],
+        ),
+        (
+            "CREATE PROCEDURE restamp() LANGUAGE sql BEGIN ATOMIC UPDATE tokens SET at = DEFAULT; END",
+            &["procedure", "a default"],
+        ),
+        (
+            "CREATE FUNCTION copy_tokens() RETURNS void LANGUAGE plpgsql AS $$ DECLARE r record; BEGIN \
+             FOR r IN SELECT v FROM tokens LOOP INSERT INTO numbered (v) VALUES (r.v); END LOOP; END $$",
+            &["loop", "numbered"],
+        ),
+    ] {
+        let e = c.batch_execute(sql).await.expect_err(sql);
+        let text = db_text(&e);
+        assert!(
+            text.starts_with("0A000") && words.iter().all(|w| text.contains(w)),
+            "{sql}: {text}"
+        );
+    }
+    // What names its values, or loops in a fixed order, runs.
+    c.batch_execute(
+        "DO $$ BEGIN INSERT INTO tokens (id, v, at) VALUES ('0d6f7ef4-3c1b-4b4e-9d4a-2b0c6c1d8e12', 'j', '2026-01-02'); END $$;
+         DO $$ DECLARE r record; BEGIN FOR r IN SELECT v FROM tokens ORDER BY id LOOP \
+           INSERT INTO numbered (v) VALUES (r.v); END LOOP; END $$;
+         CREATE FUNCTION add_numbered(t text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN INSERT INTO numbered (v) VALUES (t); END $$;
+         SELECT add_numbered('k');",
+    )
+    .await
+    .expect("routines whose writes the copies repeat exactly");
     // Tables created directly on every node after the proxy started: the
     // very first write to each (extended and simple protocol) has the
     // catalog reloaded before it runs, and is captured or refused.
@@ -1506,7 +1547,7 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refu
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 6);
+    assert_eq!(n, 7);
     assert_identical(&g).await;
 }
 

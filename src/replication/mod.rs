@@ -4,6 +4,7 @@
 
 pub mod applier;
 pub mod determinism;
+pub mod routines;
 pub mod rowlocal;
 pub mod seed;
 pub mod verify;

@@ -513,6 +513,31 @@ fn numbered(kind: &str, node: &Value, scope: &Scope) -> Option<OrderDependence> 
     Some(OrderDependence::Numbered { table, by, ties })
 }
 
+/// The table a statement numbers rows of each time it runs, as written:
+/// an INSERT into a table with a sequence default or numbering row
+/// triggers, an UPDATE, DELETE or MERGE of one with numbering triggers.
+/// Run once per row of a loop, such a statement numbers the loop's rows in
+/// the order the loop visits them.
+pub fn numbers_rows(sql: &str, catalog: &RelCatalog) -> Option<String> {
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return None;
+    };
+    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
+    tree["stmts"].as_array()?.iter().find_map(|stmt| {
+        let (kind, node) = stmt["stmt"]["node"].as_object()?.iter().next()?;
+        let (info, _) = table(node, catalog)?;
+        let numbers = match kind.as_str() {
+            "InsertStmt" => info.sequence_default || info.numbering_triggers,
+            "UpdateStmt" | "DeleteStmt" | "MergeStmt" => info.numbering_triggers,
+            _ => false,
+        };
+        numbers
+            .then(|| name_as_written(&node["relation"]))
+            .flatten()
+    })
+}
+
 /// A MERGE with a `WHEN NOT MATCHED THEN INSERT`.
 fn merge_inserts(merge: &Value) -> bool {
     merge["merge_when_clauses"].as_array().is_some_and(|cs| {

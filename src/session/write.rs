@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use super::dispatch::{Item, Unit};
 use super::{End, Session};
 use crate::backend::Expect;
-use crate::replication::{self, Entry, EntryHeader, determinism, rowlocal};
+use crate::replication::{self, Entry, EntryHeader, determinism, routines, rowlocal};
 use crate::route::{Classification, SqlPrepared};
 use crate::wire::Frame;
 use crate::wire::messages::{self, PgError, Reader};
@@ -206,6 +206,7 @@ fn capture_rows(
     if let Some(dependence) = rowlocal::storage_order_dependence(text, catalog, &[]) {
         return Err(storage_order_refusal(dependence));
     }
+    routine_check(text, catalog, unknown)?;
     let mut out = None;
     let mut keyed = keyed;
     if let Some(expanded) = rowlocal::expand_update_defaults(text, catalog) {
@@ -236,6 +237,72 @@ fn capture_rows(
         out = Some(captured);
     }
     Ok(out.filter(|t| t != text))
+}
+
+/// The statements of DO blocks and routine bodies in `text`, checked as
+/// [`capture_rows`] checks a client's: run on each copy as written, a
+/// volatile default they leave or rows they number in storage order cannot
+/// be captured, so such a body is refused (a function when it is created,
+/// as every later call would diverge). Dynamic SQL is not seen.
+fn routine_check(
+    text: &str,
+    catalog: &rowlocal::RelCatalog,
+    unknown: &mut bool,
+) -> Result<(), PgError> {
+    for body in routines::routine_bodies(text) {
+        let what = body.what;
+        let inside = |e: PgError| {
+            PgError::error("0A000", format!("in this {what}: {}", e.message)).with_hint(format!(
+                "Reprise cannot capture values inside a {what}: {}",
+                e.hint.as_deref().unwrap_or("write the value out")
+            ))
+        };
+        for stmt in &body.statements {
+            if let Some(dependence) = rowlocal::storage_order_dependence(stmt, catalog, &[]) {
+                return Err(inside(storage_order_refusal(dependence)));
+            }
+            if let Some(reason) = rowlocal::volatile_default_use(stmt, catalog, unknown) {
+                return Err(inside(PgError::error("0A000", reason).with_hint(
+                    "give the column a value in the INSERT, or make its default deterministic",
+                )));
+            }
+            if rowlocal::expand_update_defaults(stmt, catalog).is_some() {
+                return Err(inside(
+                    PgError::error(
+                        "0A000",
+                        "an UPDATE sets a column to a default each copy would compute differently",
+                    )
+                    .with_hint("set the column to a value instead"),
+                ));
+            }
+        }
+        for lp in &body.loops {
+            let Some(table) = lp
+                .body
+                .iter()
+                .find_map(|s| rowlocal::numbers_rows(s, catalog))
+            else {
+                continue;
+            };
+            // The loop's rows get numbers in the order its query returns
+            // them: as an INSERT … SELECT into that table would.
+            let as_insert = format!("INSERT INTO {table} {}", lp.query);
+            if rowlocal::storage_order_dependence(&as_insert, catalog, &[]).is_some() {
+                return Err(PgError::error(
+                    "0A000",
+                    format!(
+                        "in this {what}: a loop over `{}` writes {table}, whose rows are numbered \
+                         (a sequence default or a numbering row trigger), once per row in the order \
+                         the query returns them; without an ORDER BY on a unique key that order is \
+                         storage order, which differs between the copies of the group",
+                        lp.query
+                    ),
+                )
+                .with_hint("end the loop query's ORDER BY with a unique key"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A write that depends on storage order (see
@@ -717,11 +784,13 @@ impl Session {
             // captures by row, may leave defaults or may fire numbering
             // triggers waits for it and is checked then (see recheck_defaults).
             None => {
+                const WRITES: &[&str] = &["INSERT", "COPY", "WITH", "UPDATE", "DELETE", "MERGE"];
                 *unknown = a.update_captures
-                    || first_word_in(
-                        sql,
-                        &["INSERT", "COPY", "WITH", "UPDATE", "DELETE", "MERGE"],
-                    );
+                    || first_word_in(sql, WRITES)
+                    || routines::routine_bodies(sql)
+                        .iter()
+                        .flat_map(|b| &b.statements)
+                        .any(|s| first_word_in(s, WRITES));
             }
         }
         Ok(rewritten)
