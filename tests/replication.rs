@@ -190,6 +190,11 @@ async fn nondeterministic_writes_are_identical_or_refused() {
             "DELETE FROM src WHERE v IN (SELECT v FROM src LIMIT 1)",
             "ORDER BY",
         ),
+        // src has no unique key: one ident row may match several.
+        (
+            "UPDATE ident SET v = src.v FROM src WHERE src.v = ident.v",
+            "UPDATE … FROM",
+        ),
     ] {
         let e = c.batch_execute(sql).await.unwrap_err();
         let text = db_text(&e);
@@ -213,6 +218,10 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         c.batch_execute(sql).await.unwrap();
     }
     assert_eq!(head(g.proxy.status().await), before);
+    // Joined on the source's key, one row matches: it runs.
+    c.batch_execute("UPDATE src SET v = i.v FROM ident i WHERE i.id = 1 AND src.v = 'y'")
+        .await
+        .unwrap();
     // The session still works after refusals.
     c.execute("INSERT INTO stamped DEFAULT VALUES", &[])
         .await

@@ -373,6 +373,10 @@ pub enum OrderDependence {
     },
     /// A LIMIT or OFFSET whose ORDER BY can leave ties.
     Limited,
+    /// An `UPDATE … FROM` whose SET list reads `source`, of which several
+    /// rows may match one row of `target`: PostgreSQL then uses the first
+    /// it reads.
+    MultiMatch { target: String, source: String },
 }
 
 /// A write of `sql` that depends on storage order, which differs between
@@ -399,6 +403,7 @@ pub fn storage_order_dependence(
     if !(catalog.has_numbering_triggers()
         || (has(b"insert") && has(b"select"))
         || has(b"merge")
+        || (has(b"update") && has(b"from"))
         || has(b"limit")
         || has(b"offset")
         || has(b"fetch"))
@@ -461,6 +466,9 @@ fn order_dependence(v: &Value, scope: &Scope) -> Option<OrderDependence> {
                         && !empty(&node["sort_clause"])
                         && !total_order(node, catalog))
                     .then_some(OrderDependence::Limited)
+                }
+                "UpdateStmt" => {
+                    ambiguous_update_from(node, catalog).or_else(|| numbered(kind, node, scope))
                 }
                 _ => numbered(kind, node, scope),
             };
@@ -536,6 +544,83 @@ pub fn numbers_rows(sql: &str, catalog: &RelCatalog) -> Option<String> {
             .then(|| name_as_written(&node["relation"]))
             .flatten()
     })
+}
+
+/// An `UPDATE … FROM` whose SET list reads a table of the FROM list (by
+/// its name or alias) whose WHERE does not fix one of its unique keys:
+/// several of its rows may then join one target row, and the copies would
+/// each use the first in their own storage order. Tables only: a
+/// subquery, VALUES list or function in FROM is taken as it comes.
+fn ambiguous_update_from(update: &Value, catalog: &RelCatalog) -> Option<OrderDependence> {
+    let from = update["from_clause"].as_array().filter(|f| !f.is_empty())?;
+    let mut conjuncts = Vec::new();
+    flatten_and(&update["where_clause"], &mut conjuncts);
+    let mut read = Vec::new();
+    for t in update["target_list"].as_array().into_iter().flatten() {
+        collect_qualifiers(&t["node"]["ResTarget"]["val"], &mut read);
+    }
+    from.iter().find_map(|item| {
+        let rv = &item["node"]["RangeVar"];
+        let (info, alias) = range_var_table(rv, catalog)?;
+        if !read.contains(&alias) {
+            return None;
+        }
+        // Columns of the source set equal to something else.
+        let mut fixed = HashSet::new();
+        for c in &conjuncts {
+            let e = &c["node"]["AExpr"];
+            if e["kind"].as_i64() == Some(1) && op_name(e) == Some("=") {
+                let (l, r) = (&e["lexpr"], &e["rexpr"]);
+                for (col, other) in [(l, r), (r, l)] {
+                    let mut others = Vec::new();
+                    collect_qualifiers(other, &mut others);
+                    if let Some(name) = qualified_column(col, &alias)
+                        && !others.contains(&alias)
+                    {
+                        fixed.insert(name);
+                    }
+                }
+            }
+        }
+        let unique = info
+            .uniques
+            .iter()
+            .any(|u| !u.is_empty() && u.iter().all(|c| fixed.contains(c)));
+        (!unique).then(|| OrderDependence::MultiMatch {
+            target: name_as_written(&update["relation"]).unwrap_or_default(),
+            source: name_as_written(rv).unwrap_or_default(),
+        })
+    })
+}
+
+/// The qualifiers of the qualified column references in `v`.
+fn collect_qualifiers(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| collect_qualifiers(i, out)),
+        Value::Object(map) => {
+            if let Some(fields) = map.get("ColumnRef").and_then(|c| c["fields"].as_array())
+                && fields.len() >= 2
+                && let Some(q) = fields[fields.len() - 2]["node"]["String"]["sval"].as_str()
+            {
+                out.push(q.to_string());
+            }
+            map.values().for_each(|n| collect_qualifiers(n, out));
+        }
+        _ => {}
+    }
+}
+
+/// A column reference qualified with `alias`: the column's name.
+fn qualified_column(v: &Value, alias: &str) -> Option<String> {
+    let fields = v["node"]["ColumnRef"]["fields"].as_array()?;
+    let names: Vec<&str> = fields
+        .iter()
+        .map(|f| f["node"]["String"]["sval"].as_str())
+        .collect::<Option<_>>()?;
+    match names.as_slice() {
+        [.., t, c] if *t == alias => Some(c.to_string()),
+        _ => None,
+    }
 }
 
 /// A MERGE with a `WHEN NOT MATCHED THEN INSERT`.
@@ -1329,6 +1414,57 @@ mod tests {
             storage_order_dependence("UPDATE items SET v = 1", &none, &[]),
             None
         );
+    }
+
+    #[test]
+    fn update_from_needs_one_source_row_per_target_row() {
+        let c = catalog();
+        let dep = |sql: &str| storage_order_dependence(sql, &c, &[]);
+        let multi = |target: &str, source: &str| {
+            Some(OrderDependence::MultiMatch {
+                target: target.to_string(),
+                source: source.to_string(),
+            })
+        };
+        for (sql, expected) in [
+            // history has no unique key: several rows may match.
+            (
+                "update pgbench_accounts a set abalance = h.delta from pgbench_history h where h.aid = a.aid",
+                multi("pgbench_accounts", "pgbench_history"),
+            ),
+            // Half of pair's key.
+            (
+                "update events set v = p.c from pair p where p.a = events.v",
+                multi("events", "pair"),
+            ),
+            (
+                "update events e set v = public.pgbench_accounts.abalance from public.pgbench_accounts \
+                 where public.pgbench_accounts.bid = e.id",
+                multi("events", "public.pgbench_accounts"),
+            ),
+            // The whole key, to a column or a value.
+            (
+                "update events set v = p.c from pair p where p.a = events.v and p.b = 3",
+                None,
+            ),
+            (
+                "update pgbench_history h set delta = a.abalance from pgbench_accounts a where a.aid = h.aid",
+                None,
+            ),
+            // The SET list does not read the source: any match gives the same.
+            (
+                "update events e set v = e.v + 1 from pgbench_history h where h.aid = e.id",
+                None,
+            ),
+            // A subquery is taken as it comes.
+            (
+                "update events e set v = s.n from (select aid, count(*) n from pgbench_history group by aid) s \
+                 where s.aid = e.id",
+                None,
+            ),
+        ] {
+            assert_eq!(dep(sql), expected, "{sql}");
+        }
     }
 
     #[test]

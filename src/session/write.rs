@@ -348,6 +348,19 @@ fn storage_order_refusal(dependence: rowlocal::OrderDependence) -> PgError {
             "change the rows one at a time by a unique key, or give INSERT … SELECT an ORDER BY \
              on a unique key",
         ),
+        OrderDependence::MultiMatch { target, source } => PgError::error(
+            "0A000",
+            format!(
+                "this UPDATE … FROM sets {target} from {source}, but its WHERE does not join a \
+                 unique key of {source}: where several rows of {source} match one row of \
+                 {target}, PostgreSQL uses the first it reads, which is storage order and \
+                 differs between the copies of the group"
+            ),
+        )
+        .with_hint(format!(
+            "join {source} on a unique key (all its columns, with =), or read it through a \
+             subquery that leaves one row per key (GROUP BY, DISTINCT ON … ORDER BY)"
+        )),
         OrderDependence::Limited => PgError::error(
             "0A000",
             format!(
