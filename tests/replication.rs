@@ -190,6 +190,11 @@ async fn nondeterministic_writes_are_identical_or_refused() {
             "DELETE FROM src WHERE v IN (SELECT v FROM src LIMIT 1)",
             "ORDER BY",
         ),
+        // Ordered beyond the DISTINCT ON list, but rows may still tie.
+        (
+            "INSERT INTO src SELECT DISTINCT ON (v) v || id FROM ident ORDER BY v, length(v)",
+            "DISTINCT ON",
+        ),
         // src has no unique key: one ident row may match several.
         (
             "UPDATE ident SET v = src.v FROM src WHERE src.v = ident.v",

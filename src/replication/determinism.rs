@@ -594,11 +594,15 @@ fn order_sensitive_reason(name: &str, call: &Value) -> Option<String> {
 /// DISTINCT ON expressions: which row of each group it keeps is arbitrary.
 fn picks_one_of_ties(select: &Value) -> bool {
     let len = |k: &str| select.get(k).and_then(Value::as_array).map_or(0, Vec::len);
-    let distinct_on = select
+    distinct_on(select) && len("sort_clause") <= len("distinct_clause")
+}
+
+/// A `SELECT DISTINCT ON (…)` (not a plain DISTINCT).
+pub(crate) fn distinct_on(select: &Value) -> bool {
+    select
         .get("distinct_clause")
         .and_then(Value::as_array)
-        .is_some_and(|d| d.iter().any(|e| !e["node"].is_null()));
-    distinct_on && len("sort_clause") <= len("distinct_clause")
+        .is_some_and(|d| d.iter().any(|e| !e["node"].is_null()))
 }
 
 /// Whether an added column (`ColumnDef` under `def`) takes its values from

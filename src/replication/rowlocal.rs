@@ -373,6 +373,8 @@ pub enum OrderDependence {
     },
     /// A LIMIT or OFFSET whose ORDER BY can leave ties.
     Limited,
+    /// A DISTINCT ON whose ORDER BY can leave ties within a group.
+    DistinctOn,
     /// An `UPDATE … FROM` whose SET list reads `source`, of which several
     /// rows may match one row of `target`: PostgreSQL then uses the first
     /// it reads.
@@ -405,6 +407,7 @@ pub fn storage_order_dependence(
         || has(b"merge")
         || (has(b"update") && has(b"from"))
         || has(b"limit")
+        || has(b"distinct")
         || has(b"offset")
         || has(b"fetch"))
     {
@@ -461,11 +464,16 @@ fn order_dependence(v: &Value, scope: &Scope) -> Option<OrderDependence> {
                     let limited = ["limit_count", "limit_offset"]
                         .iter()
                         .any(|k| !node[*k].is_null());
+                    let distinct_on = super::determinism::distinct_on(node);
                     (scope.modifies
-                        && limited
+                        && (limited || distinct_on)
                         && !empty(&node["sort_clause"])
                         && !total_order(node, catalog))
-                    .then_some(OrderDependence::Limited)
+                    .then_some(if limited {
+                        OrderDependence::Limited
+                    } else {
+                        OrderDependence::DistinctOn
+                    })
                 }
                 "UpdateStmt" => {
                     ambiguous_update_from(node, catalog).or_else(|| numbered(kind, node, scope))
@@ -1524,6 +1532,12 @@ mod tests {
                 "update pair set a = (select w from s order by v desc offset 1 limit 1) where b = 1",
                 Some(OrderDependence::Limited),
             ),
+            // Beyond the DISTINCT ON list, but tied rows may remain.
+            (
+                "insert into pgbench_history select distinct on (bid) bid, aid from pgbench_accounts \
+                 order by bid, abalance desc",
+                Some(OrderDependence::DistinctOn),
+            ),
         ] {
             assert_eq!(dep(sql), expected, "{sql}");
         }
@@ -1549,6 +1563,13 @@ mod tests {
              order by b.aid, a.aid",
             "insert into events (v) values (1)",
             "insert into pgbench_history select * from s",
+            // DISTINCT ON ordered to a row key, or over every column kept.
+            "insert into pgbench_history select distinct on (bid) bid, abalance from pgbench_accounts \
+             order by bid, abalance desc, aid",
+            "insert into pgbench_history select distinct on (bid) bid, abalance from pgbench_accounts \
+             order by bid, abalance",
+            // A read is not a write.
+            "select distinct on (bid) bid, abalance from pgbench_accounts order by bid",
             "MERGE INTO events e USING s ON e.k = s.k WHEN MATCHED THEN UPDATE SET v = s.v",
             // Not a write, or under EXISTS.
             "select id from events order by at limit 10",

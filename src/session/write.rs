@@ -361,6 +361,14 @@ fn storage_order_refusal(dependence: rowlocal::OrderDependence) -> PgError {
             "join {source} on a unique key (all its columns, with =), or read it through a \
              subquery that leaves one row per key (GROUP BY, DISTINCT ON … ORDER BY)"
         )),
+        OrderDependence::DistinctOn => PgError::error(
+            "0A000",
+            format!(
+                "DISTINCT ON in a write with an ORDER BY that can leave ties ({TIES}) keeps, of \
+                 tied rows, the first in storage order, which differs between copies of the group"
+            ),
+        )
+        .with_hint("end the ORDER BY with a unique key, e.g. ORDER BY account, created_at, id"),
         OrderDependence::Limited => PgError::error(
             "0A000",
             format!(
