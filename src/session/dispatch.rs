@@ -1161,6 +1161,7 @@ impl Session {
         // Evidence the node may be gone: have it probed now.
         node.suspect.notify_one();
         let owed = conn.tracker.client_units();
+        let in_flight = !conn.tracker.is_idle();
         conn.tracker.clear();
         conn.stats.lost(&node.stats);
         node.end_units(owed);
@@ -1194,7 +1195,14 @@ impl Session {
         .with_hint("the statement did not complete; the session is still usable");
         let mut owed = owed;
         let mut unknown = false;
-        let e = if i == self.group.primary() {
+        // The write path's state lives on the connection to the primary
+        // the write began on. The group may have failed over before this
+        // session saw the loss: the node is no longer the primary, but it
+        // is the connection in flight or the transaction's (no other unit
+        // runs beside a write). Left behind, that state would hold every
+        // later unit of the session.
+        let carried_writes = i == self.group.primary() || in_tx || in_flight;
+        let e = if carried_writes {
             let (committing, held) = self.write_lost();
             unknown = committing;
             owed += usize::from(held);
