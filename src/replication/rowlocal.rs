@@ -529,12 +529,12 @@ fn numbered(kind: &str, node: &Value, scope: &Scope) -> Option<OrderDependence> 
     Some(OrderDependence::Numbered { table, by, ties })
 }
 
-/// The table a statement numbers rows of each time it runs, as written:
-/// an INSERT into a table with a sequence default or numbering row
-/// triggers, an UPDATE, DELETE or MERGE of one with numbering triggers.
-/// Run once per row of a loop, such a statement numbers the loop's rows in
-/// the order the loop visits them.
-pub fn numbers_rows(sql: &str, catalog: &RelCatalog) -> Option<String> {
+/// The table a statement numbers rows of each time it runs, as written
+/// and as a quoted name: an INSERT into a table with a sequence default or
+/// numbering row triggers, an UPDATE, DELETE or MERGE of one with
+/// numbering triggers. Run once per row of a loop, such a statement
+/// numbers the loop's rows in the order the loop visits them.
+pub fn numbers_rows(sql: &str, catalog: &RelCatalog) -> Option<(String, String)> {
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
     let Ok(Ok(parsed)) = parsed else {
         return None;
@@ -548,8 +548,15 @@ pub fn numbers_rows(sql: &str, catalog: &RelCatalog) -> Option<String> {
             "UpdateStmt" | "DeleteStmt" | "MergeStmt" => info.numbering_triggers,
             _ => false,
         };
+        let rv = &node["relation"];
+        let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+        let name = quote(rv["relname"].as_str()?);
+        let quoted = match rv["schemaname"].as_str().unwrap_or("") {
+            "" => name,
+            schema => format!("{}.{name}", quote(schema)),
+        };
         numbers
-            .then(|| name_as_written(&node["relation"]))
+            .then(|| Some((name_as_written(rv)?, quoted)))
             .flatten()
     })
 }
@@ -1420,6 +1427,25 @@ mod tests {
         let none = RelCatalog::from_full_rows([row("items", false)]);
         assert_eq!(
             storage_order_dependence("UPDATE items SET v = 1", &none, &[]),
+            None
+        );
+    }
+
+    #[test]
+    fn statements_that_number_rows_name_their_table() {
+        let c = catalog();
+        assert_eq!(
+            numbers_rows("insert into public.events (v) values (1)", &c),
+            Some(("public.events".into(), "\"public\".\"events\"".into()))
+        );
+        assert_eq!(
+            numbers_rows("insert into events (v) select 1", &c),
+            Some(("events".into(), "\"events\"".into()))
+        );
+        // No numbering trigger, no sequence default.
+        assert_eq!(numbers_rows("update events set v = 1", &c), None);
+        assert_eq!(
+            numbers_rows("insert into pgbench_history values (1)", &c),
             None
         );
     }

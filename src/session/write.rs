@@ -277,7 +277,7 @@ fn routine_check(
             }
         }
         for lp in &body.loops {
-            let Some(table) = lp
+            let Some((table, quoted)) = lp
                 .body
                 .iter()
                 .find_map(|s| rowlocal::numbers_rows(s, catalog))
@@ -286,7 +286,7 @@ fn routine_check(
             };
             // The loop's rows get numbers in the order its query returns
             // them: as an INSERT … SELECT into that table would.
-            let as_insert = format!("INSERT INTO {table} {}", lp.query);
+            let as_insert = format!("INSERT INTO {quoted} {}", lp.query);
             if rowlocal::storage_order_dependence(&as_insert, catalog, &[]).is_some() {
                 return Err(PgError::error(
                     "0A000",
