@@ -1492,6 +1492,10 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refu
             &["DO block", "\"id\""][..],
         ),
         (
+            "DO $$ BEGIN EXECUTE 'INSERT INTO tokens (v) VALUES (''i'')'; END $$",
+            &["DO block", "\"id\""],
+        ),
+        (
             "CREATE FUNCTION add_token(t text) RETURNS void LANGUAGE sql AS $$ INSERT INTO tokens (v) VALUES (t) $$",
             &["function", "\"id\""],
         ),

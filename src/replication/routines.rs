@@ -30,8 +30,9 @@ pub struct Loop {
 }
 
 /// The routine bodies of the statements in `sql` that Reprise can read:
-/// DO blocks and CREATE FUNCTION/PROCEDURE in `sql` or `plpgsql`. Dynamic
-/// SQL (`EXECUTE 'string'`) cannot be read.
+/// DO blocks and CREATE FUNCTION/PROCEDURE in `sql` or `plpgsql`, and what
+/// their EXECUTEs of constant strings run; computed dynamic SQL cannot be
+/// read.
 pub fn routine_bodies(sql: &str) -> Vec<RoutineBody> {
     // Every write with a catalog passes here: most have none.
     if !["do", "function", "procedure"]
@@ -161,10 +162,23 @@ fn collect(v: &Value, body: &mut RoutineBody) {
                             body.statements.push(q.to_string());
                         }
                     }
-                    "PLpgSQL_stmt_fors" => {
+                    // EXECUTE of a constant string is that statement.
+                    "PLpgSQL_stmt_dynexecute" => {
+                        let expr = node["query"]["PLpgSQL_expr"]["query"].as_str();
+                        if let Some(sql) = expr.and_then(constant_string) {
+                            body.statements.extend(split(&sql));
+                        }
+                        collect(&node["params"], body);
+                    }
+                    "PLpgSQL_stmt_fors" | "PLpgSQL_stmt_dynfors" => {
                         let mut inner = RoutineBody::default();
                         collect(&node["body"], &mut inner);
-                        let query = node["query"]["PLpgSQL_expr"]["query"].as_str();
+                        let text = node["query"]["PLpgSQL_expr"]["query"].as_str();
+                        let constant = match kind.as_str() {
+                            "PLpgSQL_stmt_dynfors" => text.and_then(constant_string),
+                            _ => text.map(str::to_string),
+                        };
+                        let query = constant.as_deref();
                         if let Some(q) = query {
                             body.statements.push(q.to_string());
                             if !inner.statements.is_empty() {
@@ -183,6 +197,29 @@ fn collect(v: &Value, body: &mut RoutineBody) {
         }
         _ => {}
     }
+}
+
+/// The value of a PL/pgSQL expression that is one string constant
+/// (`'INSERT … ''x'' …'`, `$q$…$q$`): what an EXECUTE of it runs. None for
+/// anything computed.
+fn constant_string(expr: &str) -> Option<String> {
+    let sql = format!("SELECT {expr}");
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(&sql, 0));
+    let Ok(Ok(parsed)) = parsed else {
+        return None;
+    };
+    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
+    let [stmt] = tree["stmts"].as_array()?.as_slice() else {
+        return None;
+    };
+    let [target] = stmt["stmt"]["node"]["SelectStmt"]["target_list"]
+        .as_array()?
+        .as_slice()
+    else {
+        return None;
+    };
+    let value = &target["node"]["ResTarget"]["val"]["node"]["AConst"]["val"]["Sval"]["sval"];
+    value.as_str().map(str::to_string)
 }
 
 /// The statements of a `BEGIN ATOMIC … END` body in `stmt`.
@@ -272,6 +309,23 @@ mod tests {
         );
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].statements, vec!["INSERT INTO t(a) VALUES (n)"]);
+
+        // EXECUTE of a constant string runs that string; of anything
+        // computed, it cannot be read.
+        let b = routine_bodies(
+            "DO $$ DECLARE r record; BEGIN EXECUTE 'INSERT INTO t(a) VALUES (''x'')'; \
+             EXECUTE 'DELETE FROM ' || 't'; \
+             FOR r IN EXECUTE 'SELECT v FROM src' LOOP INSERT INTO dst(v) VALUES (r.v); END LOOP; END $$",
+        );
+        assert_eq!(
+            b[0].statements,
+            vec![
+                "INSERT INTO t(a) VALUES ('x')",
+                "SELECT v FROM src",
+                "INSERT INTO dst(v) VALUES (r.v)"
+            ]
+        );
+        assert_eq!(b[0].loops[0].query, "SELECT v FROM src");
 
         // Other languages, and statements with no body, give none.
         assert!(has_word("x; DO $$", "do") && has_word("do", "do"));

@@ -243,7 +243,7 @@ fn capture_rows(
 /// [`capture_rows`] checks a client's: run on each copy as written, a
 /// volatile default they leave or rows they number in storage order cannot
 /// be captured, so such a body is refused (a function when it is created,
-/// as every later call would diverge). Dynamic SQL is not seen.
+/// as every later call would diverge). Computed dynamic SQL is not seen.
 fn routine_check(
     text: &str,
     catalog: &rowlocal::RelCatalog,
