@@ -597,11 +597,7 @@ fn ambiguous_update_from(update: &Value, catalog: &RelCatalog) -> Option<OrderDe
                 }
             }
         }
-        let unique = info
-            .uniques
-            .iter()
-            .any(|u| !u.is_empty() && u.iter().all(|c| fixed.contains(c)));
-        (!unique).then(|| OrderDependence::MultiMatch {
+        (!fixes_a_unique(info, &fixed)).then(|| OrderDependence::MultiMatch {
             target: name_as_written(&update["relation"]).unwrap_or_default(),
             source: name_as_written(rv).unwrap_or_default(),
         })
@@ -613,6 +609,7 @@ fn collect_qualifiers(v: &Value, out: &mut Vec<String>) {
     match v {
         Value::Array(items) => items.iter().for_each(|i| collect_qualifiers(i, out)),
         Value::Object(map) => {
+            // (`s.*` counts too: its last field is not a name.)
             if let Some(fields) = map.get("ColumnRef").and_then(|c| c["fields"].as_array())
                 && fields.len() >= 2
                 && let Some(q) = fields[fields.len() - 2]["node"]["String"]["sval"].as_str()
@@ -627,15 +624,19 @@ fn collect_qualifiers(v: &Value, out: &mut Vec<String>) {
 
 /// A column reference qualified with `alias`: the column's name.
 fn qualified_column(v: &Value, alias: &str) -> Option<String> {
-    let fields = v["node"]["ColumnRef"]["fields"].as_array()?;
-    let names: Vec<&str> = fields
-        .iter()
-        .map(|f| f["node"]["String"]["sval"].as_str())
-        .collect::<Option<_>>()?;
-    match names.as_slice() {
+    match column_ref(&v["node"]["ColumnRef"])?.as_slice() {
         [.., t, c] if *t == alias => Some(c.to_string()),
         _ => None,
     }
+}
+
+/// The names of a ColumnRef node (`t.c` → `["t", "c"]`); None for `*`.
+fn column_ref(cref: &Value) -> Option<Vec<&str>> {
+    cref["fields"]
+        .as_array()?
+        .iter()
+        .map(|f| f["node"]["String"]["sval"].as_str())
+        .collect()
 }
 
 /// A MERGE with a `WHEN NOT MATCHED THEN INSERT`.
@@ -1153,6 +1154,11 @@ fn fixes_unique_key(clause: &Value, info: &TableInfo, alias: &str) -> bool {
             }
         }
     }
+    fixes_a_unique(info, &fixed)
+}
+
+/// `fixed` holds every column of one of the table's unique keys.
+fn fixes_a_unique(info: &TableInfo, fixed: &HashSet<String>) -> bool {
     info.uniques
         .iter()
         .any(|u| !u.is_empty() && u.iter().all(|c| fixed.contains(c)))
@@ -1177,12 +1183,7 @@ fn op_name(e: &Value) -> Option<&str> {
 
 /// A column of the target table, by its (possibly qualified) reference.
 fn column_name(v: &Value, alias: &str) -> Option<String> {
-    let fields = v["node"]["ColumnRef"]["fields"].as_array()?;
-    let names: Vec<&str> = fields
-        .iter()
-        .map(|f| f["node"]["String"]["sval"].as_str())
-        .collect::<Option<_>>()?;
-    match names.as_slice() {
+    match column_ref(&v["node"]["ColumnRef"])?.as_slice() {
         [c] => Some(c.to_string()),
         [t, c] if *t == alias => Some(c.to_string()),
         _ => None,
