@@ -260,6 +260,11 @@ pub fn mentions(text: &[u8], word: &[u8]) -> bool {
         .any(|w| w.eq_ignore_ascii_case(word))
 }
 
+/// `name` as a quoted SQL identifier.
+pub fn quoted_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// `text` as a dollar-quoted SQL literal (safe whatever
 /// standard_conforming_strings is), with a tag the text cannot end early.
 pub fn dollar_quoted(text: &str) -> String {

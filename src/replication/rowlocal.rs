@@ -199,7 +199,7 @@ pub fn capture_volatile_defaults(
     let tokens = scan(sql).ok_or_else(|| reason.clone())?;
     let is = |i: usize, t: Token| tokens.get(i).is_some_and(|k| k.token == t as i32);
     let token_at = |loc: i64| tokens.iter().position(|t| t.start as i64 == loc);
-    let quote = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+    let quote = super::quoted_ident;
     let captured = |e: &str| captured_call(&format!("({e})"));
     let mut edits: Vec<Edit> = Vec::new();
     for stmt in tree["stmts"].as_array().ok_or_else(|| reason.clone())? {
@@ -549,11 +549,10 @@ pub fn numbers_rows(sql: &str, catalog: &RelCatalog) -> Option<(String, String)>
             _ => false,
         };
         let rv = &node["relation"];
-        let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
-        let name = quote(rv["relname"].as_str()?);
+        let name = super::quoted_ident(rv["relname"].as_str()?);
         let quoted = match rv["schemaname"].as_str().unwrap_or("") {
             "" => name,
-            schema => format!("{}.{name}", quote(schema)),
+            schema => format!("{}.{name}", super::quoted_ident(schema)),
         };
         numbers
             .then(|| Some((name_as_written(rv)?, quoted)))
@@ -1011,10 +1010,7 @@ pub fn key_captures(sql: &str, catalog: &RelCatalog) -> Option<String> {
         };
         // As written: the same text runs on every copy.
         let label = name_as_written(&upd["relation"])?;
-        let cols: Vec<String> = key
-            .iter()
-            .map(|c| format!("\"{}\"", c.replace('"', "\"\"")))
-            .collect();
+        let cols: Vec<String> = key.iter().map(|c| super::quoted_ident(c)).collect();
         let key_expr = format!(
             ", '{}:' || ROW({})::text",
             label.replace('\'', "''"),

@@ -521,11 +521,6 @@ async fn texts(client: &Client, sql: &str) -> Result<Vec<String>, String> {
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// A quoted SQL identifier.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// A quoted SQL string literal.
 fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -541,7 +536,7 @@ fn wipe_sql(c: &TargetCatalog, public: bool) -> String {
     let mut sql = String::from("SET client_min_messages = warning;\n");
     let mut each = |template: &str, names: &[String]| {
         for n in names {
-            sql.push_str(&template.replace("{}", &ident(n)));
+            sql.push_str(&template.replace("{}", &super::quoted_ident(n)));
             sql.push('\n');
         }
     };
@@ -564,7 +559,7 @@ fn wipe_sql(c: &TargetCatalog, public: bool) -> String {
         } else {
             format!(
                 "CREATE SCHEMA public AUTHORIZATION {};\nGRANT ALL ON SCHEMA public TO PUBLIC;\n",
-                ident(&c.bootstrap_user)
+                super::quoted_ident(&c.bootstrap_user)
             )
         });
         sql.push_str("COMMENT ON SCHEMA public IS 'standard public schema';\n");
