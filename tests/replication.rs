@@ -759,17 +759,53 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
     c.batch_execute("INSERT INTO d DEFAULT VALUES")
         .await
         .unwrap();
-    let e = c
-        .batch_execute("INSERT INTO d (v) SELECT 1")
+    // INSERTs that run inside another statement: a WITH query, EXPLAIN
+    // ANALYZE, a PREPAREd statement, COPY of a RETURNING.
+    c.batch_execute(
+        "WITH x AS (INSERT INTO d (v) VALUES (20) RETURNING id) SELECT count(*) FROM x;
+         WITH x AS (INSERT INTO d DEFAULT VALUES RETURNING id) SELECT count(*) FROM x;
+         EXPLAIN (ANALYZE, COSTS OFF) INSERT INTO d (v) VALUES (21);
+         PREPARE put_d AS INSERT INTO d (v) VALUES ($1);
+         EXECUTE put_d(22);",
+    )
+    .await
+    .unwrap();
+    let out = c
+        .copy_out("COPY (INSERT INTO d (v) VALUES (23) RETURNING v) TO STDOUT")
         .await
-        .expect_err("a default the insert cannot name");
-    assert!(db_text(&e).starts_with("0A000"), "{}", db_text(&e));
+        .unwrap();
+    let out: Vec<bytes::Bytes> = futures_util::TryStreamExt::try_collect(out).await.unwrap();
+    assert_eq!(out.concat(), b"23\n");
+    // Values in column order (id, v, at): given, or DEFAULT captured.
+    c.batch_execute(
+        "INSERT INTO d VALUES ('00000000-0000-0000-0000-000000000001', 30, '2020-01-01');
+         INSERT INTO d VALUES (DEFAULT, 31, DEFAULT);",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "INSERT INTO d (v) SELECT 1",
+        // Two statements capturing beside each other.
+        "WITH x AS (INSERT INTO d (v) VALUES (24) RETURNING id) INSERT INTO d (v) VALUES (25)",
+        // `at` comes after the last value.
+        "INSERT INTO d VALUES (DEFAULT, 32)",
+        "MERGE INTO d USING (VALUES (33)) s (v) ON d.v = s.v \
+         WHEN NOT MATCHED THEN INSERT (v) VALUES (s.v)",
+        "INSERT INTO d VALUES ('00000000-0000-0000-0000-000000000001', 34, now()) \
+         ON CONFLICT (id) DO UPDATE SET at = DEFAULT",
+    ] {
+        let e = c
+            .batch_execute(sql)
+            .await
+            .expect_err("a default the insert cannot name");
+        assert!(db_text(&e).starts_with("0A000"), "{sql}: {}", db_text(&e));
+    }
     let distinct: i64 = c
         .query_one("SELECT count(DISTINCT at) FROM d", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(distinct, 11);
+    assert_eq!(distinct, 18);
     let row = c
         .query_one(
             "SELECT count(*), count(DISTINCT u), count(DISTINCT x), count(DISTINCT at) FROM r",

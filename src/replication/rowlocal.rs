@@ -38,6 +38,10 @@ pub struct TableInfo {
     /// (a volatile function, or a time function not rewritten to the
     /// primary's timestamp): (column, default expression).
     pub volatile_defaults: Vec<(String, String)>,
+    /// The place (from 1) of each of those columns among the table's
+    /// columns, where the catalog gave it: an INSERT without a column list
+    /// gives its values in that order.
+    pub default_positions: Vec<(String, usize)>,
 }
 
 /// A row of [`RelCatalog::LOAD_SQL`].
@@ -72,7 +76,9 @@ impl RelCatalog {
                           WHERE dep.classid = 'pg_attrdef'::regclass AND dep.objid = d.oid \
                           AND dep.refclassid = 'pg_proc'::regclass AND p.provolatile = 'v') \
                       THEN '!' ELSE '' END \
-              || pg_get_expr(d.adbin, d.adrelid), chr(30)) \
+              || pg_get_expr(d.adbin, d.adrelid) || chr(31) \
+              || (SELECT count(*) FROM pg_attribute b WHERE b.attrelid = c.oid AND b.attnum > 0 \
+                  AND b.attnum <= a.attnum AND NOT b.attisdropped), chr(30)) \
           FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
           WHERE d.adrelid = c.oid AND NOT a.attisdropped \
           AND pg_get_expr(d.adbin, d.adrelid) NOT LIKE '%nextval(%'), ''), \
@@ -99,7 +105,8 @@ impl RelCatalog {
     }
 
     /// Rows of [`RelCatalog::LOAD_SQL`], with the column defaults
-    /// (`column` US `expression`, RS between columns; the expression starts
+    /// (`column` US `expression` [US `place among the columns`], RS
+    /// between columns; the expression starts
     /// with `!` when it calls a volatile user function), and whether row
     /// triggers number rows. Only the defaults the copies would compute
     /// differently are kept.
@@ -108,13 +115,20 @@ impl RelCatalog {
         for (schema, name, uniques, sequence_default, triggers, defaults, numbering_triggers) in
             rows
         {
+            let mut default_positions = Vec::new();
             let volatile_defaults = defaults
                 .split('\u{1e}')
-                .filter_map(|d| d.split_once('\u{1f}'))
-                .filter_map(|(c, e)| match e.strip_prefix('!') {
-                    Some(e) => Some((c.to_string(), e.to_string())),
-                    None => super::determinism::default_differs(e)
-                        .then(|| (c.to_string(), e.to_string())),
+                .filter_map(|d| {
+                    let mut parts = d.split('\u{1f}');
+                    let (c, e) = (parts.next()?, parts.next()?);
+                    if let Some(at) = parts.next().and_then(|p| p.parse::<usize>().ok()) {
+                        default_positions.push((c.to_string(), at));
+                    }
+                    match e.strip_prefix('!') {
+                        Some(e) => Some((c.to_string(), e.to_string())),
+                        None => super::determinism::default_differs(e)
+                            .then(|| (c.to_string(), e.to_string())),
+                    }
                 })
                 .collect();
             let mut row_key: Option<Vec<String>> = None;
@@ -142,6 +156,7 @@ impl RelCatalog {
                     triggers,
                     numbering_triggers,
                     volatile_defaults,
+                    default_positions,
                 },
             ));
         }
@@ -174,6 +189,53 @@ impl RelCatalog {
     }
 }
 
+/// The statements a parsed statement (`node`, as `{"InsertStmt": …}`)
+/// runs, by kind: itself, the query of a PREPARE, EXPLAIN or COPY, and its
+/// data-modifying WITH queries at any depth. `nested` is true for the WITH
+/// queries: they run beside the statement that holds them.
+pub(crate) fn statements_run(node: &Value) -> Vec<Run<'_>> {
+    fn walk<'a>(node: &'a Value, nested: bool, out: &mut Vec<Run<'a>>) {
+        let Some((kind, s)) = node.as_object().and_then(|o| o.iter().next()) else {
+            return;
+        };
+        match kind.as_str() {
+            "PrepareStmt" | "ExplainStmt" => walk(&s["query"]["node"], nested, out),
+            "CopyStmt" if s["query"].is_object() => walk(&s["query"]["node"], nested, out),
+            _ => out.push(Run {
+                kind,
+                stmt: s,
+                nested,
+            }),
+        }
+        let with_clauses = [
+            &s["with_clause"],
+            &s["select_stmt"]["node"]["SelectStmt"]["with_clause"],
+        ];
+        for cte in with_clauses
+            .into_iter()
+            .filter_map(|w| w["ctes"].as_array())
+            .flatten()
+        {
+            walk(
+                &cte["node"]["CommonTableExpr"]["ctequery"]["node"],
+                true,
+                out,
+            );
+        }
+    }
+    let mut out = Vec::new();
+    walk(node, false, &mut out);
+    out
+}
+
+/// One statement of [`statements_run`].
+pub(crate) struct Run<'a> {
+    /// The node's kind, e.g. `InsertStmt`.
+    pub kind: &'a str,
+    pub stmt: &'a Value,
+    pub nested: bool,
+}
+
 /// An `INSERT … VALUES` (or `DEFAULT VALUES`) that leaves columns with
 /// volatile defaults to those defaults, rewritten to give them the default
 /// expression wrapped in `reprise.captured` (row capture: the primary's
@@ -202,10 +264,19 @@ pub fn capture_volatile_defaults(
     let quote = super::quoted_ident;
     let captured = |e: &str| captured_call(&format!("({e})"));
     let mut edits: Vec<Edit> = Vec::new();
-    for stmt in tree["stmts"].as_array().ok_or_else(|| reason.clone())? {
-        let Some(ins) = stmt["stmt"]["node"].get("InsertStmt") else {
-            continue;
-        };
+    let stmts = tree["stmts"].as_array().ok_or_else(|| reason.clone())?;
+    let inserts = stmts.iter().enumerate().flat_map(|(k, stmt)| {
+        statements_run(&stmt["stmt"]["node"])
+            .into_iter()
+            .filter(|run| run.kind == "InsertStmt")
+            .map(move |run| (k, run))
+    });
+    // The INSERTs that capture values (their statement's index, whether
+    // nested): values are replayed in the order they were taken, which is
+    // plain unless a WITH query takes some beside other statements.
+    let mut capturing: Vec<(usize, bool)> = Vec::new();
+    for (k, run) in inserts {
+        let ins = run.stmt;
         let rel = &ins["relation"];
         let schema = rel["schemaname"].as_str().unwrap_or("");
         let name = rel["relname"].as_str().unwrap_or("");
@@ -215,6 +286,7 @@ pub fn capture_volatile_defaults(
         if info.volatile_defaults.is_empty() {
             continue;
         }
+        let before = edits.len();
         let cols: Vec<(String, i64)> = ins["cols"]
             .as_array()
             .map(|a| {
@@ -227,8 +299,8 @@ pub fn capture_volatile_defaults(
             })
             .unwrap_or_default();
         let select = &ins["select_stmt"]["node"];
-        let start = stmt["stmt_location"].as_i64().unwrap_or(0) as usize;
-        // The statement's tokens: from its start to the next ';' at depth 0.
+        // The statement's tokens after its table's name.
+        let start = rel["location"].as_i64().unwrap_or(0) as usize;
         let first = tokens
             .iter()
             .position(|t| t.start as usize >= start)
@@ -253,11 +325,39 @@ pub fn capture_volatile_defaults(
                 end: tokens[at + 1].end as usize,
                 text: format!("({}) VALUES ({})", names.join(", "), exprs.join(", ")),
             });
+            capturing.push((k, run.nested));
             continue;
         }
         let rows = select["SelectStmt"]["values_lists"]
             .as_array()
             .filter(|r| !r.is_empty());
+        if let (Some(_), true) = (rows, cols.is_empty()) {
+            // Values in the table's column order: each DEFAULT item is
+            // captured where it stands; a column after the last value
+            // cannot be given one here.
+            for given in Given::of(run.kind, ins).into_iter().flatten() {
+                for (column, expr) in &info.volatile_defaults {
+                    let at = given.index_of(info, column).ok_or_else(|| reason.clone())?;
+                    for row in &given.rows {
+                        let Some(d) = row.get(at).and_then(|i| i["node"].get("SetToDefault"))
+                        else {
+                            continue;
+                        };
+                        let t = token_at(d["location"].as_i64().unwrap_or(-1))
+                            .ok_or_else(|| reason.clone())?;
+                        edits.push(Edit {
+                            start: tokens[t].start as usize,
+                            end: tokens[t].end as usize,
+                            text: captured(expr),
+                        });
+                    }
+                }
+            }
+            if edits.len() > before {
+                capturing.push((k, run.nested));
+            }
+            continue;
+        }
         let (Some(rows), false) = (rows, cols.is_empty()) else {
             return Err(reason);
         };
@@ -320,6 +420,27 @@ pub fn capture_volatile_defaults(
                 i += 1;
             }
         }
+        if edits.len() > before {
+            capturing.push((k, run.nested));
+        }
+    }
+    let beside_others = |&(k, nested): &(usize, bool)| {
+        let stmt = &stmts[k];
+        let start = stmt["stmt_location"].as_u64().unwrap_or(0) as usize;
+        let end = match stmt["stmt_len"].as_u64().unwrap_or(0) as usize {
+            0 => sql.len(),
+            len => start + len,
+        };
+        let text = sql.get(start..end).unwrap_or(sql);
+        nested
+            && (capturing.iter().filter(|(j, _)| *j == k).count() > 1
+                || text.contains(captured_call("").trim_end_matches(')')))
+    };
+    if capturing.iter().any(beside_others) {
+        return Err(format!(
+            "{reason}, in a WITH query beside other values to capture, which the copies \
+             could compute in another order; run that INSERT as a statement of its own"
+        ));
     }
     match apply_edits(sql, edits) {
         Some(text) if text != sql && parses(&text) => Ok(Some(text)),
@@ -328,7 +449,7 @@ pub fn capture_volatile_defaults(
 }
 
 /// The tables (unqualified names) that the INSERT, UPDATE and COPY FROM
-/// statements of `sql` write.
+/// statements of `sql` write, in WITH queries and PREPAREs too.
 pub fn written_tables(sql: &str) -> Vec<String> {
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
     let Ok(Ok(parsed)) = parsed else {
@@ -340,14 +461,13 @@ pub fn written_tables(sql: &str) -> Vec<String> {
     let stmts = tree["stmts"].as_array().cloned().unwrap_or_default();
     stmts
         .iter()
-        .filter_map(|stmt| {
-            let n = &stmt["stmt"]["node"];
-            let s = n
-                .get("InsertStmt")
-                .or_else(|| n.get("UpdateStmt"))
-                .or_else(|| n.get("CopyStmt").filter(|c| c["is_from"] == true))?;
-            s["relation"]["relname"].as_str().map(str::to_string)
+        .flat_map(|stmt| statements_run(&stmt["stmt"]["node"]))
+        .filter(|run| match run.kind {
+            "InsertStmt" | "UpdateStmt" => true,
+            "CopyStmt" => run.stmt["is_from"] == true,
+            _ => false,
         })
+        .filter_map(|run| run.stmt["relation"]["relname"].as_str().map(str::to_string))
         .collect()
 }
 
@@ -445,6 +565,7 @@ static DECLARED_NUMBERED: TableInfo = TableInfo {
     triggers: false,
     numbering_triggers: false,
     volatile_defaults: Vec::new(),
+    default_positions: Vec::new(),
 };
 
 fn order_dependence(v: &Value, scope: &Scope) -> Option<OrderDependence> {
@@ -783,16 +904,41 @@ pub fn expand_update_defaults(sql: &str, catalog: &RelCatalog) -> Option<String>
     let tree = serde_json::to_value(&parsed.protobuf).ok()?;
     let tokens = scan(sql)?;
     let mut edits = Vec::new();
-    for stmt in tree["stmts"].as_array()? {
-        let Some(update) = stmt["stmt"]["node"].get("UpdateStmt") else {
-            continue;
-        };
-        let rel = &update["relation"];
+    let stmts = tree["stmts"].as_array()?;
+    // SET lists: of an UPDATE, an INSERT's ON CONFLICT DO UPDATE, a
+    // MERGE's UPDATE actions.
+    fn set_lists<'a>(run: &Run<'a>) -> Vec<&'a Value> {
+        match run.kind {
+            "UpdateStmt" => vec![&run.stmt["target_list"]],
+            "InsertStmt" => vec![&run.stmt["on_conflict_clause"]["target_list"]],
+            "MergeStmt" => run.stmt["merge_when_clauses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| &c["node"]["MergeWhenClause"])
+                .filter(|c| {
+                    c["command_type"].as_i64()
+                        == Some(pg_query::protobuf::CmdType::CmdUpdate as i64)
+                })
+                .map(|c| &c["target_list"])
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+    for run in stmts
+        .iter()
+        .flat_map(|stmt| statements_run(&stmt["stmt"]["node"]))
+    {
+        let rel = &run.stmt["relation"];
         let schema = rel["schemaname"].as_str().unwrap_or("");
         let Some(info) = catalog.lookup(schema, rel["relname"].as_str().unwrap_or("")) else {
             continue;
         };
-        for target in update["target_list"].as_array().into_iter().flatten() {
+        let targets = set_lists(&run)
+            .into_iter()
+            .filter_map(Value::as_array)
+            .flatten();
+        for target in targets {
             let t = &target["node"]["ResTarget"];
             let Some(d) = t["val"]["node"].get("SetToDefault") else {
                 continue;
@@ -816,7 +962,123 @@ pub fn expand_update_defaults(sql: &str, catalog: &RelCatalog) -> Option<String>
     apply_edits(sql, edits)
 }
 
-/// Why an INSERT or COPY in `sql` would leave a column to a default the
+/// What an INSERT, a MERGE's INSERT action or a COPY FROM gives the
+/// columns of the row it writes.
+struct Given<'a> {
+    /// The column list; empty: columns in table order.
+    cols: Vec<String>,
+    /// The items of each VALUES row (a DEFAULT item leaves its column to
+    /// its default); empty for a query or COPY.
+    rows: Vec<&'a [Value]>,
+    /// How many columns, in table order, a write without a column list
+    /// gives (`usize::MAX`: all); None when it cannot be told.
+    width: Option<usize>,
+}
+
+impl<'a> Given<'a> {
+    /// For each row-writing part of `stmt` (a [`statements_run`] node of
+    /// `kind`): an INSERT, each INSERT action of a MERGE, a COPY FROM.
+    /// None for other statements.
+    fn of(kind: &str, stmt: &'a Value) -> Option<Vec<Given<'a>>> {
+        let names = |list: &Value| -> Vec<String> {
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| {
+                    c["node"]["ResTarget"]["name"]
+                        .as_str()
+                        .or(c["node"]["String"]["sval"].as_str())
+                })
+                .map(str::to_string)
+                .collect()
+        };
+        let items = |v: &'a Value| v.as_array().map(Vec::as_slice).unwrap_or_default();
+        match kind {
+            "InsertStmt" => {
+                let select = &stmt["select_stmt"]["node"]["SelectStmt"];
+                let rows: Vec<&[Value]> = select["values_lists"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|row| items(&row["node"]["List"]["items"]))
+                    .collect();
+                let width = if stmt["select_stmt"].is_null() {
+                    Some(0) // DEFAULT VALUES
+                } else if let Some(row) = rows.first() {
+                    Some(row.len())
+                } else {
+                    let targets = select["target_list"].as_array();
+                    let star = |t: &Value| {
+                        t["node"]["ResTarget"]["val"]["node"]["ColumnRef"]["fields"]
+                            .as_array()
+                            .is_some_and(|f| f.iter().any(|f| f["node"].get("AStar").is_some()))
+                    };
+                    targets.filter(|t| !t.iter().any(star)).map(Vec::len)
+                };
+                Some(vec![Given {
+                    cols: names(&stmt["cols"]),
+                    rows,
+                    width,
+                }])
+            }
+            "MergeStmt" => Some(
+                stmt["merge_when_clauses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| &c["node"]["MergeWhenClause"])
+                    .filter(|c| {
+                        c["command_type"].as_i64()
+                            == Some(pg_query::protobuf::CmdType::CmdInsert as i64)
+                    })
+                    .map(|c| {
+                        let values = items(&c["values"]);
+                        Given {
+                            cols: names(&c["target_list"]),
+                            rows: vec![values],
+                            width: Some(values.len()),
+                        }
+                    })
+                    .collect(),
+            ),
+            "CopyStmt" if stmt["is_from"] == true => Some(vec![Given {
+                cols: names(&stmt["attlist"]),
+                rows: Vec::new(),
+                width: Some(usize::MAX),
+            }]),
+            _ => None,
+        }
+    }
+
+    /// Where the write gives `column`: its index in the column list or a
+    /// VALUES row. None when it leaves the column out.
+    fn index_of(&self, info: &TableInfo, column: &str) -> Option<usize> {
+        if self.cols.is_empty() {
+            let (_, place) = info.default_positions.iter().find(|(c, _)| c == column)?;
+            let at = place.checked_sub(1)?;
+            (at < self.width?).then_some(at)
+        } else {
+            self.cols.iter().position(|c| c == column)
+        }
+    }
+
+    /// The volatile-default columns of `info` this write leaves to their
+    /// defaults: left out, or given DEFAULT in some VALUES row.
+    fn defaults_left<'i>(&self, info: &'i TableInfo) -> Vec<&'i (String, String)> {
+        info.volatile_defaults
+            .iter()
+            .filter(|(c, _)| match self.index_of(info, c) {
+                None => true,
+                Some(at) => self.rows.iter().any(|row| {
+                    row.get(at)
+                        .is_some_and(|item| item["node"].get("SetToDefault").is_some())
+                }),
+            })
+            .collect()
+    }
+}
+
+/// Why an INSERT, MERGE or COPY in `sql` would leave a column to a default the
 /// copies compute differently (None: it names every such column). Sets
 /// `unknown` when it writes to a table the catalog does not know.
 pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool) -> Option<String> {
@@ -825,49 +1087,15 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool)
         return None;
     };
     let tree = serde_json::to_value(&parsed.protobuf).ok()?;
-    for stmt in tree["stmts"].as_array()? {
-        let s = &stmt["stmt"]["node"];
-        let (rel, named, defaulted) = if let Some(i) = s.get("InsertStmt") {
-            let cols: Vec<String> = i["cols"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|c| c["node"]["ResTarget"]["name"].as_str())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default();
-            // Listed columns given DEFAULT in some VALUES row.
-            let defaulted: Vec<String> = i["select_stmt"]["node"]["SelectStmt"]["values_lists"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|row| {
-                    row["node"]["List"]["items"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .enumerate()
-                })
-                .filter(|(_, item)| item["node"].get("SetToDefault").is_some())
-                .filter_map(|(k, _)| cols.get(k).cloned())
-                .collect();
-            (&i["relation"], cols, defaulted)
-        } else if let Some(c) = s.get("CopyStmt").filter(|c| c["is_from"] == true) {
-            let cols: Vec<String> = c["attlist"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x["node"]["String"]["sval"].as_str())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default();
-            (&c["relation"], cols, Vec::new())
-        } else {
+    let stmts = tree["stmts"].as_array()?;
+    for run in stmts
+        .iter()
+        .flat_map(|stmt| statements_run(&stmt["stmt"]["node"]))
+    {
+        let Some(given) = Given::of(run.kind, run.stmt) else {
             continue;
         };
+        let rel = &run.stmt["relation"];
         let schema = rel["schemaname"].as_str().unwrap_or("");
         let name = rel["relname"].as_str().unwrap_or("");
         let Some(info) = catalog.lookup(schema, name) else {
@@ -878,11 +1106,12 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool)
                 && (!schema.is_empty() || !catalog.tables.contains_key(name));
             continue;
         };
-        let left: Vec<&(String, String)> = info
-            .volatile_defaults
-            .iter()
-            .filter(|(c, _)| named.is_empty() || !named.contains(c) || defaulted.contains(c))
-            .collect();
+        let mut left: Vec<&(String, String)> = Vec::new();
+        for d in given.iter().flat_map(|g| g.defaults_left(info)) {
+            if !left.contains(&d) {
+                left.push(d);
+            }
+        }
         if !left.is_empty() {
             let list: Vec<String> = left
                 .iter()
@@ -1293,6 +1522,64 @@ mod tests {
         volatile_default_use("INSERT INTO other (v) VALUES (1)", &c, &mut unknown);
         assert!(unknown);
         assert!(found("UPDATE u SET v = 'y'").is_none());
+        // Without a column list values go in column order (here u's
+        // columns are id, v, at, f, t).
+        let c = RelCatalog::from_full_rows([(
+            "public".to_string(),
+            "u".to_string(),
+            "id".to_string(),
+            false,
+            false,
+            "id\u{1f}gen_random_uuid()\u{1f}1\u{1e}at\u{1f}now()\u{1f}3".to_string(),
+            false,
+        )]);
+        let found = |sql: &str| volatile_default_use(sql, &c, &mut false);
+        for sql in [
+            "INSERT INTO u VALUES ($1, 'x', now())",
+            "INSERT INTO u VALUES ($1, 'x', now(), 1), ($2, 'y', now(), 2)",
+            "INSERT INTO u SELECT $1, 'x', now()",
+            "COPY u FROM STDIN",
+            "MERGE INTO u USING s ON u.v = s.v WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v, s.at)",
+            "MERGE INTO u USING s ON u.v = s.v \
+             WHEN NOT MATCHED THEN INSERT (id, v, at) VALUES (s.id, s.v, s.at)",
+        ] {
+            assert_eq!(found(sql), None, "{sql}");
+        }
+        for (sql, left) in [
+            ("INSERT INTO u VALUES ($1, 'x')", "\"at\""),
+            (
+                "INSERT INTO u VALUES ($1, 'x', now()), (DEFAULT, 'y', now())",
+                "\"id\"",
+            ),
+            ("INSERT INTO u SELECT $1, 'x'", "\"at\""),
+            ("INSERT INTO u SELECT * FROM w", "\"id\""),
+            ("INSERT INTO u DEFAULT VALUES", "\"id\""),
+            (
+                "MERGE INTO u USING s ON u.v = s.v WHEN NOT MATCHED THEN INSERT (v) VALUES (s.v)",
+                "\"id\"",
+            ),
+            (
+                "MERGE INTO u USING s ON u.v = s.v WHEN NOT MATCHED THEN INSERT DEFAULT VALUES",
+                "\"at\"",
+            ),
+            (
+                "MERGE INTO u USING s ON u.v = s.v WHEN MATCHED THEN DELETE \
+                 WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v, DEFAULT)",
+                "\"at\"",
+            ),
+        ] {
+            let r = found(sql).unwrap_or_else(|| panic!("{sql}"));
+            assert!(r.contains(left), "{sql}: {r}");
+        }
+        for sql in [
+            "WITH w AS (INSERT INTO u (v) VALUES (1) RETURNING 1) SELECT * FROM w",
+            "WITH w AS (UPDATE u SET v = 2 RETURNING 1) INSERT INTO u (v) SELECT 1 FROM w",
+            "EXPLAIN (ANALYZE) INSERT INTO u (v) VALUES (1)",
+            "PREPARE p (text) AS INSERT INTO u (v) VALUES ($1)",
+            "COPY (INSERT INTO u (v) VALUES (1) RETURNING id) TO STDOUT",
+        ] {
+            assert!(found(sql).is_some(), "{sql}");
+        }
     }
 
     #[test]
@@ -1342,6 +1629,77 @@ mod tests {
         assert!(rewrite("INSERT INTO u VALUES ($1, 'x')").is_err());
         assert!(rewrite("INSERT INTO u (v) SELECT 'x'").is_err());
         assert!(rewrite("COPY u (v) FROM STDIN").is_err());
+        // INSERTs run by other statements.
+        assert_eq!(
+            rewrite("WITH w AS (INSERT INTO u DEFAULT VALUES RETURNING id) SELECT * FROM w")
+                .unwrap()
+                .as_deref(),
+            Some(
+                "WITH w AS (INSERT INTO u (\"id\", \"at\") VALUES (reprise.captured((gen_random_uuid())), \
+                 reprise.captured((clock_timestamp()))) RETURNING id) SELECT * FROM w"
+            )
+        );
+        for sql in [
+            "EXPLAIN ANALYZE INSERT INTO u (id, v) VALUES (DEFAULT, 1)",
+            "PREPARE p AS INSERT INTO u (v) VALUES ($1)",
+            "COPY (INSERT INTO u (v, at) VALUES (1, now()) RETURNING id) TO STDOUT",
+            "WITH a AS (INSERT INTO u (v) VALUES (1) RETURNING id), \
+             b AS (SELECT * FROM a) SELECT * FROM b",
+        ] {
+            let text = rewrite(sql).unwrap().unwrap();
+            assert!(
+                text.contains("reprise.captured((gen_random_uuid()))"),
+                "{text}"
+            );
+        }
+        // The WITH query's values and others would be taken in an order
+        // the plan decides.
+        for sql in [
+            "WITH a AS (INSERT INTO u (v) VALUES (1) RETURNING id) INSERT INTO u (v) VALUES (2)",
+            "WITH a AS (INSERT INTO u (v) VALUES (1) RETURNING id), \
+             b AS (INSERT INTO u (v) VALUES (2) RETURNING id) SELECT * FROM a, b",
+            "WITH a AS (INSERT INTO u (v) VALUES (1) RETURNING id) \
+             SELECT reprise.captured((random())) FROM a",
+        ] {
+            assert!(rewrite(sql).unwrap_err().contains("WITH query"), "{sql}");
+        }
+        // Values in column order: DEFAULT items are captured in place; a
+        // column after the last value cannot be.
+        let c = RelCatalog::from_full_rows([(
+            "public".to_string(),
+            "u".to_string(),
+            "id".to_string(),
+            false,
+            false,
+            "id\u{1f}gen_random_uuid()\u{1f}1\u{1e}at\u{1f}clock_timestamp()\u{1f}3".to_string(),
+            false,
+        )]);
+        let rewrite = |sql: &str| capture_volatile_defaults(sql, &c, &mut false);
+        assert_eq!(
+            rewrite("INSERT INTO u VALUES (DEFAULT, 1, $1), ($2, 2, DEFAULT)")
+                .unwrap()
+                .as_deref(),
+            Some(
+                "INSERT INTO u VALUES (reprise.captured((gen_random_uuid())), 1, $1), \
+                 ($2, 2, reprise.captured((clock_timestamp())))"
+            )
+        );
+        assert_eq!(rewrite("INSERT INTO u VALUES ($1, 1, $2)"), Ok(None));
+        assert!(rewrite("INSERT INTO u VALUES (DEFAULT, 1)").is_err());
+        assert!(
+            rewrite(
+                "MERGE INTO u USING s ON u.v = s.v WHEN NOT MATCHED THEN INSERT (v) VALUES (s.v)"
+            )
+            .is_err()
+        );
+        // Statements of one query string run one after the other.
+        assert!(
+            rewrite(
+                "WITH a AS (INSERT INTO u (v) VALUES (1) RETURNING id) SELECT 1; \
+                 INSERT INTO u DEFAULT VALUES"
+            )
+            .is_ok()
+        );
         // The rewrite needs no further rewrite.
         let once = rewrite("INSERT INTO u (v, id) VALUES (1, DEFAULT)")
             .unwrap()
@@ -1364,6 +1722,38 @@ mod tests {
             expand_update_defaults("UPDATE u SET v = DEFAULT, tok = DEFAULT WHERE id < 3", &c)
                 .as_deref(),
             Some("UPDATE u SET v = DEFAULT, tok = (gen_random_uuid()) WHERE id < 3")
+        );
+        assert_eq!(
+            expand_update_defaults(
+                "WITH w AS (UPDATE u SET tok = DEFAULT WHERE id = 1 RETURNING id) SELECT 1",
+                &c
+            )
+            .as_deref(),
+            Some(
+                "WITH w AS (UPDATE u SET tok = (gen_random_uuid()) WHERE id = 1 RETURNING id) SELECT 1"
+            )
+        );
+        assert_eq!(
+            expand_update_defaults(
+                "INSERT INTO u (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET tok = DEFAULT",
+                &c
+            )
+            .as_deref(),
+            Some(
+                "INSERT INTO u (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET tok = (gen_random_uuid())"
+            )
+        );
+        assert_eq!(
+            expand_update_defaults(
+                "MERGE INTO u USING s ON u.id = s.id WHEN MATCHED THEN UPDATE SET tok = DEFAULT \
+                 WHEN NOT MATCHED THEN INSERT (id, tok) VALUES (s.id, DEFAULT)",
+                &c
+            )
+            .as_deref(),
+            Some(
+                "MERGE INTO u USING s ON u.id = s.id WHEN MATCHED THEN UPDATE SET tok = (gen_random_uuid()) \
+                 WHEN NOT MATCHED THEN INSERT (id, tok) VALUES (s.id, DEFAULT)"
+            )
         );
         for sql in [
             "UPDATE u SET v = DEFAULT",
