@@ -79,8 +79,12 @@ BEGIN
         END IF;
         v_pos := coalesce(nullif(current_setting('reprise.replay_pos', true), ''), '0')::integer;
         IF v_pos >= jsonb_array_length(v_values) THEN
-            RAISE EXCEPTION 'reprise: the entry recorded % captured values, its replay asks for more', v_pos
-                USING ERRCODE = 'XX000';
+            -- Values taken in a part the primary rolled back to a
+            -- savepoint were not recorded; the replay rolls that part
+            -- back too, and with it this mark (see replay_check).
+            PERFORM set_config('reprise.replay_unrecorded',
+                format('the entry recorded %s captured values, its replay asks for more', v_pos), true);
+            RETURN p;
         END IF;
         PERFORM set_config('reprise.replay_pos', (v_pos + 1)::text, true);
         RETURN reprise.from_exact_text(v_values ->> v_pos, p);
@@ -110,8 +114,10 @@ BEGIN
         v_n := coalesce((v_seen ->> p_key)::integer, 0);
         v_value := v_replay::jsonb -> 'keyed' -> p_key -> v_n;
         IF v_value IS NULL THEN
-            RAISE EXCEPTION 'reprise: the entry recorded no captured value % for row %', v_n + 1, p_key
-                USING ERRCODE = 'XX000';
+            -- As in reprise.captured: a part rolled back to a savepoint.
+            PERFORM set_config('reprise.replay_unrecorded',
+                format('the entry recorded no captured value %s for row %s', v_n + 1, p_key), true);
+            RETURN p;
         END IF;
         PERFORM set_config('reprise.replay_seen',
             jsonb_set(v_seen, ARRAY[p_key], to_jsonb(v_n + 1))::text, true);
@@ -122,6 +128,20 @@ BEGIN
         coalesce(v_map -> p_key, '[]') || jsonb_build_array(reprise.exact_text(p)));
     PERFORM set_config('reprise.captured_keyed', v_map::text, true);
     RETURN p;
+END
+$fn$;
+
+-- Run by the applier at the end of an entry with captured values: a value
+-- the entry did not record, asked for outside a part rolled back to a
+-- savepoint, means this copy replayed the entry differently.
+CREATE OR REPLACE FUNCTION reprise.replay_check()
+RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_unrecorded text := current_setting('reprise.replay_unrecorded', true);
+BEGIN
+    IF coalesce(v_unrecorded, '') <> '' THEN
+        RAISE EXCEPTION 'reprise: %', v_unrecorded USING ERRCODE = 'XX000';
+    END IF;
 END
 $fn$;
 

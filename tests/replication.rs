@@ -896,7 +896,36 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
         .unwrap();
     let (u, x, at): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!((u, x, at), (25, 25, 25), "a value per row");
+    // Values taken in a part rolled back to a savepoint are not recorded;
+    // the replay takes its own there, and rolls them back too.
+    c.batch_execute(
+        "BEGIN; UPDATE r SET x = random() WHERE id = 0; SAVEPOINT k;
+         UPDATE r SET x = random() WHERE id = 1;
+         INSERT INTO r (id, x) VALUES (900, random());
+         ROLLBACK TO SAVEPOINT k; COMMIT",
+    )
+    .await
+    .unwrap();
     assert_identical(&g).await;
+    // Outside such a part, a value the entry did not record fails the
+    // replay at its end.
+    let n2 = g.direct(1).await;
+    let check = |asks: &'static str| {
+        format!(
+            "BEGIN; SET LOCAL reprise.replay_values = '{{\"values\": [], \"keyed\": {{}}}}';
+             SAVEPOINT s; SELECT reprise.captured(1); SELECT reprise.captured_keyed(2, 'r:(2)');
+             ROLLBACK TO SAVEPOINT s; {asks} SELECT reprise.replay_check(); ROLLBACK"
+        )
+    };
+    n2.batch_execute(&check("")).await.unwrap();
+    for asks in [
+        "SELECT reprise.captured(1);",
+        "SELECT reprise.captured_keyed(2, 'r:(2)');",
+    ] {
+        let e = n2.batch_execute(&check(asks)).await.expect_err(asks);
+        assert!(db_text(&e).starts_with("XX000"), "{asks}: {}", db_text(&e));
+        n2.batch_execute("ROLLBACK").await.unwrap();
+    }
     // Each entry's hash covers the values captured with it.
     let (wrong, captured): (i64, i64) = {
         let row = g

@@ -443,8 +443,15 @@ fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache)
     } else {
         "DISCARD TEMP; "
     };
+    // Values asked for that the entry did not record are only allowed in
+    // parts rolled back to a savepoint, which also drop the mark.
+    let check = if row.captured.is_some() {
+        "SELECT reprise.replay_check(); "
+    } else {
+        ""
+    };
     buf.extend_from_slice(&messages::query(&format!(
-        "{}{discard}COMMIT",
+        "{check}{}{discard}COMMIT",
         setval_sql(&after)
     )));
     Prepared {
