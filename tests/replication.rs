@@ -960,6 +960,30 @@ async fn copy_ddl_settings_and_read_your_writes() {
     );
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "1\n2\n3");
+    // Settings made with set_config, as pg_dump's output makes them, are
+    // replayed like SET.
+    let (ok, _, err) = psql(
+        &url,
+        "SELECT pg_catalog.set_config('search_path', 's2', false);\n\
+         SELECT set_config('TimeZone', 'Asia/Tokyo', false), set_config('DateStyle', 'SQL, DMY', false);\n\
+         CREATE TABLE stamps (id int PRIMARY KEY, at timestamptz, d date);\n\
+         INSERT INTO stamps VALUES (1, '01/02/2020 00:00', '03/04/2020');\n",
+    );
+    assert!(ok, "{err}");
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(10)).await;
+    for i in 0..3 {
+        let row = g
+            .direct(i)
+            .await
+            .query_one(
+                "SELECT extract(epoch FROM at)::bigint, d::text FROM s2.stamps",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (at, d): (i64, String) = (row.get(0), row.get(1));
+        assert_eq!((at, d.as_str()), (1_580_482_800, "2020-04-03"), "node {i}");
+    }
     // A session that wrote reads its write at once, wherever the read goes.
     let c = g.proxy.client("app").await;
     for i in 0..30 {

@@ -248,7 +248,15 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             continue;
         };
         let scan = Scan::of(stmt, catalog);
-        if let Some(reason) = scan.pin {
+        // A session setting made with literal set_config calls is replayed
+        // like SET: no need to keep the session on the primary for it.
+        let set_configs = match node {
+            NodeEnum::SelectStmt(select) if scan.pin == Some("set_config") => {
+                session_set_configs(select)
+            }
+            _ => None,
+        };
+        if let Some(reason) = scan.pin.filter(|_| set_configs.is_none()) {
             out.pin(reason);
         }
         out.read_only &= reads_only(node) && scan.read_safe();
@@ -257,6 +265,11 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
         }
         match node {
             NodeEnum::TransactionStmt(t) => transaction(&mut out, t),
+            NodeEnum::SelectStmt(_) if set_configs.is_some() => {
+                cacheable = false;
+                out.session_settings
+                    .extend(set_configs.into_iter().flatten());
+            }
             NodeEnum::VariableSetStmt(v) => {
                 cacheable = false;
                 variable_set(&mut out, v, || statement_text(sql, raw));
@@ -464,6 +477,77 @@ fn is_on(node: &protobuf::Node) -> bool {
             .any(|v| s.sval.eq_ignore_ascii_case(v)),
         _ => false,
     }
+}
+
+/// `SELECT set_config('name', 'value', false)` — one call or several, and
+/// nothing else (pg_dump starts its output so): a session setting as SET
+/// makes one, kept to be replayed as SET is (on the session's other
+/// connections, and with its entries). None for any other SELECT.
+fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<String>> {
+    let plain = select.from_clause.is_empty()
+        && select.where_clause.is_none()
+        && select.group_clause.is_empty()
+        && select.having_clause.is_none()
+        && select.with_clause.is_none()
+        && select.into_clause.is_none()
+        && select.values_lists.is_empty()
+        && select.limit_count.is_none()
+        && select.limit_offset.is_none()
+        && select.op == protobuf::SetOperation::SetopNone as i32
+        && !select.target_list.is_empty();
+    if !plain {
+        return None;
+    }
+    let text = |node: &protobuf::Node| match &node.node {
+        Some(NodeEnum::AConst(protobuf::AConst {
+            val: Some(a_const::Val::Sval(s)),
+            ..
+        })) => Some(s.sval.clone()),
+        _ => None,
+    };
+    let mut settings = Vec::new();
+    for target in &select.target_list {
+        let Some(NodeEnum::ResTarget(t)) = &target.node else {
+            return None;
+        };
+        let Some(NodeEnum::FuncCall(call)) = t.val.as_ref().and_then(|v| v.node.as_ref()) else {
+            return None;
+        };
+        let names: Vec<&str> = call
+            .funcname
+            .iter()
+            .filter_map(|n| match &n.node {
+                Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !matches!(
+            names.as_slice(),
+            ["set_config"] | ["pg_catalog", "set_config"]
+        ) {
+            return None;
+        }
+        let [name, value, local] = call.args.as_slice() else {
+            return None;
+        };
+        let local_false = matches!(
+            &local.node,
+            Some(NodeEnum::AConst(protobuf::AConst {
+                val: Some(a_const::Val::Boolval(b)),
+                ..
+            })) if !b.boolval
+        );
+        if !local_false {
+            return None;
+        }
+        let quote = crate::replication::dollar_quoted;
+        settings.push(format!(
+            "SELECT pg_catalog.set_config({}, {}, false)",
+            quote(&text(name)?),
+            quote(&text(value)?)
+        ));
+    }
+    Some(settings)
 }
 
 /// SET, RESET and SET TRANSACTION.
@@ -1103,7 +1187,14 @@ mod tests {
             ("declare c cursor for select 1", None),
             ("prepare p as select 1", Some("PREPARE")),
             ("deallocate p", None),
-            ("select set_config('a.b', 'c', false)", Some("set_config")),
+            // Literal session settings are replayed like SET; others are not.
+            ("select set_config('a.b', 'c', false)", None),
+            ("select set_config('a.b', $1, false)", Some("set_config")),
+            (
+                "select set_config('a.b', 'c', false) from t",
+                Some("set_config"),
+            ),
+            ("select set_config('a.b', 'c', 'off')", Some("set_config")),
             ("select set_config('a.b', 'c', true)", None),
             (
                 "set standard_conforming_strings = off",
@@ -1116,6 +1207,16 @@ mod tests {
         }
         let got = c("select pg_advisory_lock(1)");
         assert!(!got.read_only);
+        let got = c("SELECT pg_catalog.set_config('search_path', '', false), \
+                     set_config('TimeZone', 'it''s', false)");
+        assert_eq!(
+            got.session_settings,
+            [
+                "SELECT pg_catalog.set_config($r$search_path$r$, $r$$r$, false)",
+                "SELECT pg_catalog.set_config($r$TimeZone$r$, $r$it's$r$, false)"
+            ]
+        );
+        assert!(got.pin_reason.is_none());
     }
 
     #[test]
