@@ -243,10 +243,15 @@ pub async fn load_rel_catalog(group: &Group, conn: &ControlConn, node: &Node) {
     let Ok(client) = conn.get(&node.target).await else {
         return;
     };
-    match client
-        .query(crate::replication::rowlocal::RelCatalog::LOAD_SQL, &[])
-        .await
-    {
+    use crate::replication::rowlocal::RelCatalog;
+    let loaded = match client.query(RelCatalog::LOAD_SQL, &[]).await {
+        Ok(mut rows) => client.query(RelCatalog::VIEWS_SQL, &[]).await.map(|views| {
+            rows.extend(views);
+            rows
+        }),
+        Err(e) => Err(e),
+    };
+    match loaded {
         Ok(rows) => {
             let rows = rows.iter().map(|r| {
                 (
@@ -259,10 +264,7 @@ pub async fn load_rel_catalog(group: &Group, conn: &ControlConn, node: &Node) {
                     r.get(6),
                 )
             });
-            group.set_rel_catalog(
-                epoch,
-                crate::replication::rowlocal::RelCatalog::from_full_rows(rows),
-            );
+            group.set_rel_catalog(epoch, RelCatalog::from_full_rows(rows));
         }
         Err(e) => {
             tracing::warn!(group = %group.name, node = %node.name, error = %e, "could not load the table catalog");

@@ -44,6 +44,16 @@ pub struct TableInfo {
     pub default_positions: Vec<(String, usize)>,
 }
 
+impl TableInfo {
+    /// A column an INSERT cannot name: one of the table under a view that
+    /// the view does not show (its place is 0).
+    pub fn hidden(&self, column: &str) -> bool {
+        self.default_positions
+            .iter()
+            .any(|(c, place)| c == column && *place == 0)
+    }
+}
+
 /// A row of [`RelCatalog::LOAD_SQL`].
 pub type CatalogRow = (String, String, String, bool, bool, String, bool);
 
@@ -94,6 +104,49 @@ impl RelCatalog {
         WHERE c.relkind IN ('r', 'p') \
         AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'reprise') \
         AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast%'";
+
+    /// Rows of the same shape for views: an INSERT into an auto-updatable
+    /// view fills the columns it leaves out with the view's own default or
+    /// else the default of the one table under it (a column of the same
+    /// name). Columns of that table the view does not show get place 0:
+    /// an INSERT through the view cannot name them.
+    pub const VIEWS_SQL: &'static str = "SELECT n.nspname::text, v.relname::text, '', \
+        EXISTS (SELECT 1 FROM pg_attribute ba LEFT JOIN pg_attrdef bd \
+                  ON bd.adrelid = ba.attrelid AND bd.adnum = ba.attnum \
+                WHERE ba.attrelid = b.oid AND NOT ba.attisdropped AND ba.attnum > 0 \
+                AND (ba.attidentity <> '' OR pg_get_expr(bd.adbin, bd.adrelid) LIKE '%nextval(%')), \
+        EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid IN (v.oid, b.oid) AND NOT t.tgisinternal), \
+        coalesce((SELECT string_agg(x.attname::text || chr(31) \
+              || CASE WHEN EXISTS (SELECT 1 FROM pg_depend dep JOIN pg_proc p ON p.oid = dep.refobjid \
+                          WHERE dep.classid = 'pg_attrdef'::regclass AND dep.objid = x.doid \
+                          AND dep.refclassid = 'pg_proc'::regclass AND p.provolatile = 'v') \
+                      THEN '!' ELSE '' END \
+              || x.expr || chr(31) || x.place, chr(30)) \
+          FROM (SELECT a.attname, coalesce(vd.oid, bd.oid) AS doid, \
+                  coalesce(pg_get_expr(vd.adbin, vd.adrelid), pg_get_expr(bd.adbin, bd.adrelid)) AS expr, \
+                  (SELECT count(*) FROM pg_attribute c WHERE c.attrelid = v.oid AND c.attnum > 0 \
+                   AND c.attnum <= a.attnum AND NOT c.attisdropped) AS place \
+                FROM pg_attribute a \
+                LEFT JOIN pg_attrdef vd ON vd.adrelid = v.oid AND vd.adnum = a.attnum \
+                LEFT JOIN pg_attribute ba ON ba.attrelid = b.oid AND ba.attname = a.attname \
+                  AND NOT ba.attisdropped \
+                LEFT JOIN pg_attrdef bd ON bd.adrelid = b.oid AND bd.adnum = ba.attnum \
+                WHERE a.attrelid = v.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                UNION ALL \
+                SELECT ba.attname, bd.oid, pg_get_expr(bd.adbin, bd.adrelid), 0 \
+                FROM pg_attribute ba JOIN pg_attrdef bd ON bd.adrelid = b.oid AND bd.adnum = ba.attnum \
+                WHERE ba.attrelid = b.oid AND NOT ba.attisdropped AND NOT EXISTS \
+                  (SELECT 1 FROM pg_attribute a WHERE a.attrelid = v.oid AND a.attname = ba.attname)) x \
+          WHERE x.expr IS NOT NULL AND x.expr NOT LIKE '%nextval(%'), ''), \
+        false \
+        FROM pg_class v JOIN pg_namespace n ON n.oid = v.relnamespace \
+        CROSS JOIN LATERAL (SELECT CASE WHEN count(DISTINCT d.refobjid) = 1 THEN min(d.refobjid) END AS oid \
+          FROM pg_rewrite r JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+          JOIN pg_class t ON t.oid = d.refobjid AND t.relkind IN ('r', 'p') \
+          WHERE r.ev_class = v.oid) b \
+        WHERE v.relkind = 'v' \
+        AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'reprise') \
+        AND n.nspname NOT LIKE 'pg_temp%'";
 
     pub fn from_rows<I: IntoIterator<Item = (String, String, String, bool, bool)>>(
         rows: I,
@@ -367,6 +420,10 @@ pub fn capture_volatile_defaults(
             .iter()
             .filter(|(c, _)| !cols.iter().any(|(n, _)| n == c))
             .collect();
+        if missing.iter().any(|(c, _)| info.hidden(c)) {
+            // A column of the table under a view that the view does not show.
+            return Err(reason);
+        }
         let close_cols = {
             let last = token_at(cols.last().expect("not empty").1).ok_or_else(|| reason.clone())?;
             (last..tokens.len())
@@ -1115,7 +1172,12 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool)
         if !left.is_empty() {
             let list: Vec<String> = left
                 .iter()
-                .map(|(c, e)| format!("\"{c}\" (default {e})"))
+                .map(|(c, e)| match info.hidden(c) {
+                    true => format!(
+                        "\"{c}\" (default {e}, of the table under the view, which does not show it)"
+                    ),
+                    false => format!("\"{c}\" (default {e})"),
+                })
                 .collect();
             return Some(format!(
                 "this write leaves {} of {name} to defaults each copy would compute differently",
@@ -1686,6 +1748,23 @@ mod tests {
         );
         assert_eq!(rewrite("INSERT INTO u VALUES ($1, 1, $2)"), Ok(None));
         assert!(rewrite("INSERT INTO u VALUES (DEFAULT, 1)").is_err());
+        // A view that does not show a column of the table under it.
+        let cv = RelCatalog::from_full_rows([(
+            "public".to_string(),
+            "uv".to_string(),
+            String::new(),
+            false,
+            false,
+            "id\u{1f}gen_random_uuid()\u{1f}0\u{1e}at\u{1f}clock_timestamp()\u{1f}2".to_string(),
+            false,
+        )]);
+        for sql in [
+            "INSERT INTO uv (v) VALUES (1)",
+            "INSERT INTO uv VALUES (1, DEFAULT)",
+        ] {
+            let e = capture_volatile_defaults(sql, &cv, &mut false).unwrap_err();
+            assert!(e.contains("does not show"), "{sql}");
+        }
         assert!(
             rewrite(
                 "MERGE INTO u USING s ON u.v = s.v WHEN NOT MATCHED THEN INSERT (v) VALUES (s.v)"
