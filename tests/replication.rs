@@ -200,6 +200,15 @@ async fn nondeterministic_writes_are_identical_or_refused() {
             "UPDATE ident SET v = src.v FROM src WHERE src.v = ident.v",
             "UPDATE … FROM",
         ),
+        // Ordered, but rows may tie.
+        (
+            "CREATE TABLE numbered_src AS SELECT v, row_number() OVER (ORDER BY length(v)) FROM src",
+            "row_number",
+        ),
+        (
+            "INSERT INTO src SELECT string_agg(v, ',' ORDER BY length(v)) FROM src",
+            "string_agg",
+        ),
     ] {
         let e = c.batch_execute(sql).await.unwrap_err();
         let text = db_text(&e);
@@ -223,6 +232,14 @@ async fn nondeterministic_writes_are_identical_or_refused() {
         c.batch_execute(sql).await.unwrap();
     }
     assert_eq!(head(g.proxy.status().await), before);
+    // Orders without ties, and a function that gives tied rows one value.
+    c.batch_execute(
+        "CREATE TABLE ranked AS SELECT id, row_number() OVER (ORDER BY v, id) AS n, \
+         rank() OVER (ORDER BY v) AS r, (SELECT string_agg(v, ',' ORDER BY v) FROM src) AS s \
+         FROM ident",
+    )
+    .await
+    .unwrap();
     // Joined on the source's key, one row matches: it runs.
     c.batch_execute("UPDATE src SET v = i.v FROM ident i WHERE i.id = 1 AND src.v = 'y'")
         .await

@@ -555,7 +555,7 @@ fn is_captured(name: &str) -> bool {
 }
 
 /// Aggregates whose result depends on the order they see their rows in.
-const ORDER_SENSITIVE_AGGREGATES: &[&str] = &[
+pub(crate) const ORDER_SENSITIVE_AGGREGATES: &[&str] = &[
     "string_agg",
     "array_agg",
     "json_agg",

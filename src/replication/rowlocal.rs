@@ -552,6 +552,9 @@ pub enum OrderDependence {
     Limited,
     /// A DISTINCT ON whose ORDER BY can leave ties within a group.
     DistinctOn,
+    /// An order-sensitive aggregate or window function whose ORDER BY can
+    /// leave ties.
+    OrderedCall { function: String },
     /// An `UPDATE … FROM` whose SET list reads `source`, of which several
     /// rows may match one row of `target`: PostgreSQL then uses the first
     /// it reads.
@@ -586,7 +589,8 @@ pub fn storage_order_dependence(
         || has(b"limit")
         || has(b"distinct")
         || has(b"offset")
-        || has(b"fetch"))
+        || has(b"fetch")
+        || (has(b"order") && (has(b"over") || has(b"agg"))))
     {
         return None;
     }
@@ -652,6 +656,13 @@ fn order_dependence(v: &Value, scope: &Scope) -> Option<OrderDependence> {
                     } else {
                         OrderDependence::DistinctOn
                     })
+                    .or_else(|| {
+                        scope
+                            .modifies
+                            .then(|| ordered_call_with_ties(node, catalog))
+                            .flatten()
+                            .map(|function| OrderDependence::OrderedCall { function })
+                    })
                 }
                 "UpdateStmt" => {
                     ambiguous_update_from(node, catalog).or_else(|| numbered(kind, node, scope))
@@ -662,6 +673,82 @@ fn order_dependence(v: &Value, scope: &Scope) -> Option<OrderDependence> {
         }),
         _ => None,
     }
+}
+
+/// An order-sensitive call in the target list of `sel` (in a write) whose
+/// ORDER BY can leave ties: an aggregate such as `string_agg(x, ',' ORDER
+/// BY y)`, whose ORDER BY must name its arguments or a key of each table
+/// read, or a window function such as `row_number() OVER (ORDER BY y)`,
+/// whose PARTITION BY and ORDER BY must name a key of each table read.
+/// (`rank()` and its kin give tied rows one value; plain aggregates over a
+/// window add up peers together.) The function's name, if one is found.
+/// Calls without any ORDER BY are the write analysis's to refuse.
+fn ordered_call_with_ties(sel: &Value, catalog: &RelCatalog) -> Option<String> {
+    use super::determinism::ORDER_SENSITIVE_AGGREGATES;
+    use crate::route::catalog::WINDOW_FUNCTIONS;
+    const TIE_SAFE: &[&str] = &["rank", "dense_rank", "percent_rank", "cume_dist"];
+    fn calls<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+        match v {
+            Value::Array(items) => items.iter().for_each(|i| calls(i, out)),
+            Value::Object(map) => {
+                for (kind, node) in map {
+                    match kind.as_str() {
+                        // Subqueries are visited as SELECTs of their own.
+                        "SubLink" | "SelectStmt" => {}
+                        "FuncCall" => {
+                            out.push(node);
+                            calls(node, out);
+                        }
+                        _ => calls(node, out),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    calls(&sel["target_list"], &mut found);
+    found.into_iter().find_map(|call| {
+        let name = call["funcname"]
+            .as_array()?
+            .last()?
+            .get("node")?
+            .get("String")?
+            .get("sval")?
+            .as_str()?;
+        let aggregate = ORDER_SENSITIVE_AGGREGATES.contains(&name);
+        let over = call.get("over").filter(|w| !w.is_null());
+        let (order, targets): (Vec<Value>, Vec<Value>) = match over {
+            Some(w) => {
+                if TIE_SAFE.contains(&name) || !(aggregate || WINDOW_FUNCTIONS.contains(&name)) {
+                    return None;
+                }
+                let sort_by = |e: &Value| serde_json::json!({"node": {"SortBy": {"node": e}}});
+                let partition = w["partition_clause"].as_array().into_iter().flatten();
+                let order = w["order_clause"].as_array().into_iter().flatten();
+                (
+                    partition.map(sort_by).chain(order.cloned()).collect(),
+                    Vec::new(),
+                )
+            }
+            None if aggregate => {
+                let args = call["args"].as_array().into_iter().flatten();
+                let target = |e: &Value| serde_json::json!({"node": {"ResTarget": {"val": e}}});
+                let order = call["agg_order"].as_array().into_iter().flatten();
+                (order.cloned().collect(), args.map(target).collect())
+            }
+            None => return None,
+        };
+        if order.is_empty() {
+            return None;
+        }
+        let as_select = serde_json::json!({
+            "sort_clause": order,
+            "target_list": targets,
+            "from_clause": sel["from_clause"],
+        });
+        (!total_order(&as_select, catalog)).then(|| name.to_string())
+    })
 }
 
 /// A statement node (`kind`) that numbers rows in the order it visits them.
@@ -2030,10 +2117,39 @@ mod tests {
                  order by bid, abalance desc",
                 Some(OrderDependence::DistinctOn),
             ),
+            (
+                "create table t2 as select aid, row_number() over (order by bid) from pgbench_accounts",
+                Some(OrderDependence::OrderedCall {
+                    function: "row_number".into(),
+                }),
+            ),
+            (
+                "insert into pgbench_history (filler) select string_agg(filler, ',' order by bid) \
+                 from pgbench_accounts group by bid",
+                Some(OrderDependence::OrderedCall {
+                    function: "string_agg".into(),
+                }),
+            ),
+            (
+                "update pair set b = (select array_agg(aid order by bid) from pgbench_accounts)",
+                Some(OrderDependence::OrderedCall {
+                    function: "array_agg".into(),
+                }),
+            ),
         ] {
             assert_eq!(dep(sql), expected, "{sql}");
         }
         for sql in [
+            "create table t2 as select aid, row_number() over (order by bid, aid) from pgbench_accounts",
+            "create table t2 as select aid, row_number() over (partition by aid order by bid) \
+             from pgbench_accounts",
+            "create table t2 as select aid, rank() over (order by bid) from pgbench_accounts",
+            "create table t2 as select aid, sum(abalance) over (order by bid) from pgbench_accounts",
+            "create table t2 as select bid, string_agg(filler, ',' order by filler) \
+             from pgbench_accounts group by bid",
+            "create table t2 as select bid, string_agg(filler, ',' order by bid, aid) \
+             from pgbench_accounts group by bid",
+            "select bid, string_agg(filler, ',' order by bid) from pgbench_accounts group by bid",
             // Every selected column ordered on: tied rows are equal.
             "insert into events (v) select v % 3 from s order by v % 3",
             "insert into events (v, w) select a, b * 2 as c from s order by 2, c, a",

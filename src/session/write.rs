@@ -369,6 +369,15 @@ fn storage_order_refusal(dependence: rowlocal::OrderDependence) -> PgError {
             ),
         )
         .with_hint("end the ORDER BY with a unique key, e.g. ORDER BY account, created_at, id"),
+        OrderDependence::OrderedCall { function } => PgError::error(
+            "0A000",
+            format!(
+                "{function}() in a write with an ORDER BY that can leave ties (it names neither \
+                 a row key of each table read nor, for an aggregate, every argument) sees tied \
+                 rows in storage order, which differs between copies of the group"
+            ),
+        )
+        .with_hint("end its ORDER BY with a unique key, e.g. ORDER BY created_at, id"),
         OrderDependence::Limited => PgError::error(
             "0A000",
             format!(
