@@ -40,14 +40,42 @@ async fn pgbench_init_and_tpcb_leave_identical_copies() {
     wait_caught_up(&g, &[0, 1, 2], Duration::from_secs(60))
         .await
         .expect("the subscribers apply pgbench -i");
+    // With `-M extended` every statement comes as Parse, Bind, Execute and
+    // Sync together: the log must hold the Parse as rewritten for the
+    // primary (CURRENT_TIMESTAMP read from the entry; a volatile default
+    // captured), not as the client sent it.
+    let script = std::env::temp_dir().join(format!("reprise-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "\\set v random(1, 1000000)\n\
+         INSERT INTO tokens (v) VALUES (:v);\n\
+         INSERT INTO tokens VALUES (DEFAULT, :v + 1, DEFAULT);\n",
+    )
+    .unwrap();
+    g.proxy
+        .client("app")
+        .await
+        .batch_execute(
+            "CREATE TABLE tokens (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), v int, \
+             at timestamptz DEFAULT clock_timestamp())",
+        )
+        .await
+        .unwrap();
+    let file = script.display().to_string();
     tokio::task::spawn_blocking(move || {
-        for mode in ["simple", "prepared"] {
+        for mode in ["simple", "extended", "prepared"] {
             let out = pgbench(port, &["-c", "8", "-j", "2", "-T", "5", "-M", mode]);
+            assert!(out.contains("number of failed transactions: 0"), "{out}");
+            let out = pgbench(
+                port,
+                &["-n", "-c", "4", "-t", "20", "-M", mode, "-f", &file],
+            );
             assert!(out.contains("number of failed transactions: 0"), "{out}");
         }
     })
     .await
     .unwrap();
+    let _ = std::fs::remove_file(&script);
     assert_identical(&g).await;
     // The history rows carry the primary's timestamps on every copy.
     let n: i64 = g

@@ -1100,15 +1100,18 @@ impl Session {
             return;
         };
         for item in items {
+            let mut raw = &item.frame.raw;
             if let Some((def, _)) = &item.stmt {
                 if item.frame.tag == b'P' {
                     tx.parsed.insert(def.generation);
+                    // As sent to the primary: rewritten for determinism.
+                    raw = &def.parse.raw;
                 } else if tx.parsed.insert(def.generation) {
                     tx.capture.extend_from_slice(&def.parse.raw);
                 }
             }
             if item.frame.tag != b'H' {
-                tx.capture.extend_from_slice(&item.frame.raw);
+                tx.capture.extend_from_slice(raw);
             }
         }
     }
