@@ -61,21 +61,41 @@ async fn pgbench_init_and_tpcb_leave_identical_copies() {
         )
         .await
         .unwrap();
+    // The same in a pipeline (one Sync), in and out of a transaction block.
+    let pipeline = script.with_extension("pipeline.sql");
+    std::fs::write(
+        &pipeline,
+        "\\set v random(1, 1000000)\n\
+         \\startpipeline\n\
+         INSERT INTO tokens (v) VALUES (:v);\n\
+         BEGIN;\n\
+         INSERT INTO tokens VALUES (DEFAULT, :v + 1, DEFAULT);\n\
+         COMMIT;\n\
+         \\endpipeline\n",
+    )
+    .unwrap();
     let file = script.display().to_string();
+    let piped = pipeline.display().to_string();
     tokio::task::spawn_blocking(move || {
         for mode in ["simple", "extended", "prepared"] {
             let out = pgbench(port, &["-c", "8", "-j", "2", "-T", "5", "-M", mode]);
             assert!(out.contains("number of failed transactions: 0"), "{out}");
-            let out = pgbench(
-                port,
-                &["-n", "-c", "4", "-t", "20", "-M", mode, "-f", &file],
-            );
-            assert!(out.contains("number of failed transactions: 0"), "{out}");
+            let mut scripts = vec![&file];
+            if mode != "simple" {
+                // pgbench runs pipelines with the extended protocol only.
+                scripts.push(&piped);
+            }
+            for f in scripts {
+                let args = ["-n", "-c", "4", "-t", "20", "-M", mode, "-f", f];
+                let out = pgbench(port, &args);
+                assert!(out.contains("number of failed transactions: 0"), "{out}");
+            }
         }
     })
     .await
     .unwrap();
     let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&pipeline);
     assert_identical(&g).await;
     // The history rows carry the primary's timestamps on every copy.
     let n: i64 = g
