@@ -1572,6 +1572,26 @@ async fn statements_described_and_flushed_before_they_run_are_replicated() {
         let got = raw.until(b'Z').await;
         assert_eq!(error_in(&got), None, "{name:?}: {got:?}");
     }
+    // A Parse refused (it would write a different random() on each copy)
+    // defines nothing, as a failed Parse does not: a later Bind of its name
+    // is answered that it does not exist, and nothing runs.
+    let mut out = Vec::new();
+    Raw::parse(
+        &mut out,
+        "refused",
+        "INSERT INTO flushed SELECT 20, random()::text",
+    );
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got).as_deref(), Some("0A000"), "{got:?}");
+    let mut out = Vec::new();
+    Raw::bind(&mut out, "refused", &[]);
+    Raw::execute(&mut out);
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got).as_deref(), Some("26000"), "{got:?}");
     // A lone Flush after a Sync does not keep the next read on the primary.
     let mut out = Vec::new();
     Raw::msg(&mut out, b'H', b"");

@@ -512,6 +512,24 @@ impl Session {
         unit
     }
 
+    /// The statements a refused unit's Parses defined are forgotten, as
+    /// PostgreSQL keeps none of a failed Parse: a later Bind of the name
+    /// must not run the refused text (the primary answers that it does not
+    /// exist).
+    fn forget_parses(&mut self, unit: &Unit) {
+        for item in &unit.items {
+            if item.frame.tag == b'P'
+                && let Some((def, _)) = &item.stmt
+                && self
+                    .statements
+                    .get(&def.name)
+                    .is_some_and(|d| d.generation == def.generation)
+            {
+                self.statements.close(&def.name);
+            }
+        }
+    }
+
     /// The backend with client units in flight, if any.
     pub(super) fn busy_backend(&self) -> Option<usize> {
         if !self.write.own.is_empty() || self.write.sync_wait.is_some() {
@@ -619,6 +637,7 @@ impl Session {
             .clone()
             .or_else(|| self.write_check(&unit).err());
         if let Some(e) = refusal {
+            self.forget_parses(&unit);
             // Answers keep their order: wait for what is in flight first.
             if self.busy_backend().is_some() {
                 self.pending = Some(unit);
@@ -1017,6 +1036,7 @@ impl Session {
                 .clone()
                 .or_else(|| self.streamed_begin_refusal(&unit));
             if let Some(e) = refusal {
+                self.forget_parses(&unit);
                 return self.refuse_in_batch(i, &unit, BytesMut::new(), e).await;
             }
         }
