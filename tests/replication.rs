@@ -557,6 +557,45 @@ async fn nondeterministic_writes_are_identical_or_refused() {
     assert_identical(&g).await;
 }
 
+/// Two transactions that hold the write lock shared (row-local writes)
+/// and then both need it exclusive deadlock; PostgreSQL picks one. That
+/// one's client is told the deadlock (40P01, which drivers retry), not the
+/// "transaction is aborted" its statement met behind the failed lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_lock_deadlock_reaches_the_client_as_40p01() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let c1 = g.proxy.client("app").await;
+    let c2 = g.proxy.client("app").await;
+    c1.batch_execute(
+        "CREATE TABLE locked (id int PRIMARY KEY, v int);
+         INSERT INTO locked VALUES (1, 0), (2, 0);",
+    )
+    .await
+    .unwrap();
+    c1.batch_execute("BEGIN; UPDATE locked SET v = v WHERE id = 1")
+        .await
+        .unwrap();
+    c2.batch_execute("BEGIN; UPDATE locked SET v = v WHERE id = 2")
+        .await
+        .unwrap();
+    let first = tokio::spawn(async move {
+        let r = c1.batch_execute("UPDATE locked SET v = v + 1").await;
+        (c1, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = c2.batch_execute("UPDATE locked SET v = v + 10").await;
+    let (c1, first) = first.await.unwrap();
+    let (ok, failed, loser) = match (&first, &second) {
+        (Ok(()), Err(e)) => (&c1, &c2, e),
+        (Err(e), Ok(())) => (&c2, &c1, e),
+        other => panic!("one of them must lose the deadlock: {other:?}"),
+    };
+    assert_eq!(sqlstate(loser), "40P01", "{loser:?}");
+    failed.batch_execute("ROLLBACK").await.unwrap();
+    ok.batch_execute("COMMIT").await.unwrap();
+    assert_identical(&g).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_statement_aborts_the_transaction_block_like_any_error() {
     let g = TestGroup::start(2, |_| {}).await;

@@ -853,11 +853,17 @@ impl Session {
                 }
             } else if outcome.forward {
                 self.retry = None;
+                let mut lock_error = None;
                 if frame.tag == b'E' && i == self.group.primary() {
                     self.write.unit_failed = true;
+                    if messages::error_code(frame.body()).as_deref() == Some("25P02") {
+                        // Aborted by our write-lock query's failure: the
+                        // client is told that failure instead.
+                        lock_error = self.write.tx.as_mut().and_then(|t| t.lock_error.take());
+                    }
                 }
                 self.note_relayed(i, &frame);
-                match self.wrapped_termination(i, &frame) {
+                match lock_error.or_else(|| self.wrapped_termination(i, &frame)) {
                     Some(e) => e.encode(&mut self.out),
                     None => self.out.extend_from_slice(&frame.raw),
                 }

@@ -32,6 +32,11 @@ pub struct WriteTx {
     pub settings: Vec<String>,
     /// The lock or append failed: the transaction must not commit.
     pub failed: Option<PgError>,
+    /// The failure of our own write-lock query when the client can retry
+    /// it (a deadlock, a lock timeout…), not yet told: the primary answers
+    /// the client's next statement "transaction is aborted", and the client
+    /// gets this instead, with its SQLSTATE.
+    pub lock_error: Option<PgError>,
     /// The seq the append returned.
     pub seq: Option<u64>,
     /// The entry's payload, once appended.
@@ -1253,10 +1258,26 @@ impl Session {
                 );
                 self.span
                     .in_scope(|| tracing::error!(error = %e, ?kind, "write path failed"));
+                // Failures a client retries, kept with their SQLSTATE.
+                const RETRYABLE: &[&str] = &["40P01", "40001", "55P03", "57014"];
+                let code = messages::error_code(f.body()).unwrap_or_default();
+                let retryable = RETRYABLE.iter().find(|c| **c == code).map(|c| {
+                    PgError::error(
+                        c,
+                        format!(
+                            "Reprise could not take the group's write lock: {}",
+                            messages::error_message(f.body())
+                        ),
+                    )
+                    .with_hint("retry the transaction")
+                });
                 if let Some(tx) = self.write.tx.as_mut()
                     && tx.failed.is_none()
                 {
-                    tx.failed = Some(e);
+                    tx.failed = Some(retryable.clone().unwrap_or(e));
+                    if kind == Own::Lock {
+                        tx.lock_error = retryable;
+                    }
                 }
             }
             b'Z' => {
