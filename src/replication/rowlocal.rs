@@ -905,12 +905,22 @@ fn column_ref(cref: &Value) -> Option<Vec<&str>> {
 
 /// A MERGE with a `WHEN NOT MATCHED THEN INSERT`.
 fn merge_inserts(merge: &Value) -> bool {
-    merge["merge_when_clauses"].as_array().is_some_and(|cs| {
-        cs.iter().any(|c| {
-            c["node"]["MergeWhenClause"]["command_type"].as_i64()
-                == Some(pg_query::protobuf::CmdType::CmdInsert as i64)
-        })
-    })
+    merge_actions(merge, pg_query::protobuf::CmdType::CmdInsert)
+        .next()
+        .is_some()
+}
+
+/// The `WHEN … THEN` clauses of a MERGE that do `command` (INSERT, UPDATE).
+fn merge_actions(
+    merge: &Value,
+    command: pg_query::protobuf::CmdType,
+) -> impl Iterator<Item = &Value> {
+    merge["merge_when_clauses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| &c["node"]["MergeWhenClause"])
+        .filter(move |c| c["command_type"].as_i64() == Some(command as i64))
 }
 
 /// Whether a SELECT's ORDER BY fixes the order of its rows: it names every
@@ -1055,15 +1065,7 @@ pub fn expand_update_defaults(sql: &str, catalog: &RelCatalog) -> Option<String>
         match run.kind {
             "UpdateStmt" => vec![&run.stmt["target_list"]],
             "InsertStmt" => vec![&run.stmt["on_conflict_clause"]["target_list"]],
-            "MergeStmt" => run.stmt["merge_when_clauses"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|c| &c["node"]["MergeWhenClause"])
-                .filter(|c| {
-                    c["command_type"].as_i64()
-                        == Some(pg_query::protobuf::CmdType::CmdUpdate as i64)
-                })
+            "MergeStmt" => merge_actions(run.stmt, pg_query::protobuf::CmdType::CmdUpdate)
                 .map(|c| &c["target_list"])
                 .collect(),
             _ => Vec::new(),
@@ -1166,15 +1168,7 @@ impl<'a> Given<'a> {
                 }])
             }
             "MergeStmt" => Some(
-                stmt["merge_when_clauses"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|c| &c["node"]["MergeWhenClause"])
-                    .filter(|c| {
-                        c["command_type"].as_i64()
-                            == Some(pg_query::protobuf::CmdType::CmdInsert as i64)
-                    })
+                merge_actions(stmt, pg_query::protobuf::CmdType::CmdInsert)
                     .map(|c| {
                         let values = items(&c["values"]);
                         Given {
