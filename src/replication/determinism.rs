@@ -953,11 +953,7 @@ impl Walker<'_> {
 
     /// A function call; false when its arguments are not to be looked at.
     fn visit_func_call(&mut self, node: &Value, ctx: Ctx) -> bool {
-        let names: Vec<&str> = node
-            .get("funcname")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(string_node).collect())
-            .unwrap_or_default();
+        let names = super::function_names(node);
         let Some(&name) = names.last() else {
             return true;
         };

@@ -260,6 +260,17 @@ pub fn mentions(text: &[u8], word: &[u8]) -> bool {
         .any(|w| w.eq_ignore_ascii_case(word))
 }
 
+/// The names of a `FuncCall` node in pg_query's JSON form, as written
+/// (`["pg_catalog", "now"]`); empty when it has none.
+pub(crate) fn function_names(call: &serde_json::Value) -> Vec<&str> {
+    call["funcname"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node"]["String"]["sval"].as_str())
+        .collect()
+}
+
 /// `name` as a quoted SQL identifier.
 pub fn quoted_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

@@ -709,13 +709,7 @@ fn ordered_call_with_ties(sel: &Value, catalog: &RelCatalog) -> Option<String> {
     let mut found = Vec::new();
     calls(&sel["target_list"], &mut found);
     found.into_iter().find_map(|call| {
-        let name = call["funcname"]
-            .as_array()?
-            .last()?
-            .get("node")?
-            .get("String")?
-            .get("sval")?
-            .as_str()?;
+        let name = *super::function_names(call).last()?;
         let aggregate = ORDER_SENSITIVE_AGGREGATES.contains(&name);
         let over = call.get("over").filter(|w| !w.is_null());
         let (order, targets): (Vec<Value>, Vec<Value>) = match over {
@@ -990,13 +984,8 @@ fn source_key(source: &Value, catalog: &RelCatalog) -> Option<(String, Vec<Strin
         return None;
     };
     let call = &function["node"]["List"]["items"][0]["node"]["FuncCall"];
-    let names: Vec<&str> = call["funcname"]
-        .as_array()?
-        .iter()
-        .filter_map(|n| n["node"]["String"]["sval"].as_str())
-        .collect();
     if !matches!(
-        names.as_slice(),
+        super::function_names(call).as_slice(),
         ["generate_series"] | ["pg_catalog", "generate_series"]
     ) || rf["ordinality"].as_bool() == Some(true)
     {
@@ -1594,11 +1583,8 @@ fn pure(v: &Value, alias: &str, columns_ok: bool) -> bool {
         "RowExpr" => all(&body["args"]),
         "List" => all(&body["items"]),
         "FuncCall" => {
-            let name = body["funcname"]
-                .as_array()
-                .and_then(|n| n.last())
-                .and_then(|n| n["node"]["String"]["sval"].as_str());
-            name.is_some_and(|n| PURE_FUNCTIONS.contains(&n))
+            let names = super::function_names(body);
+            names.last().is_some_and(|n| PURE_FUNCTIONS.contains(n))
                 && empty(&body["over"])
                 && all(&body["args"])
         }

@@ -657,15 +657,7 @@ impl Scan {
     /// A `FuncCall` node: `funcname` is a list of String nodes, optionally
     /// qualified (`schema.name` or `catalog.schema.name`).
     fn call(&mut self, call: &Value, catalog: &FunctionCatalog) {
-        let names: Vec<&str> = call["funcname"]
-            .as_array()
-            .map(|names| {
-                names
-                    .iter()
-                    .filter_map(|n| n["node"]["String"]["sval"].as_str())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let names = crate::replication::function_names(call);
         let (schema, name) = match names.as_slice() {
             [.., schema, name] => (Some(*schema), *name),
             [name] => (None, *name),
