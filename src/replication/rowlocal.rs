@@ -352,129 +352,123 @@ pub fn capture_volatile_defaults(
             })
             .unwrap_or_default();
         let select = &ins["select_stmt"]["node"];
-        // The statement's tokens after its table's name.
-        let start = rel["location"].as_i64().unwrap_or(0) as usize;
-        let first = tokens
-            .iter()
-            .position(|t| t.start as usize >= start)
-            .ok_or_else(|| reason.clone())?;
-        if select.is_null() {
-            // DEFAULT VALUES: name every volatile-default column.
-            let at = (first..tokens.len().saturating_sub(1))
-                .find(|&i| is(i, Token::Default) && is(i + 1, Token::Values))
-                .ok_or_else(|| reason.clone())?;
-            let names: Vec<String> = info
-                .volatile_defaults
-                .iter()
-                .map(|(c, _)| quote(c))
-                .collect();
-            let exprs: Vec<String> = info
-                .volatile_defaults
-                .iter()
-                .map(|(_, e)| captured(e))
-                .collect();
-            edits.push(Edit {
-                start: tokens[at].start as usize,
-                end: tokens[at + 1].end as usize,
-                text: format!("({}) VALUES ({})", names.join(", "), exprs.join(", ")),
-            });
-            capturing.push((k, run.nested));
-            continue;
-        }
-        let rows = select["SelectStmt"]["values_lists"]
-            .as_array()
-            .filter(|r| !r.is_empty());
-        if let (Some(_), true) = (rows, cols.is_empty()) {
-            // Values in the table's column order: each DEFAULT item is
-            // captured where it stands; a column after the last value
-            // cannot be given one here.
-            for given in Given::of(run.kind, ins).into_iter().flatten() {
-                for (column, expr) in &info.volatile_defaults {
-                    let at = given.index_of(info, column).ok_or_else(|| reason.clone())?;
-                    for row in &given.rows {
-                        let Some(d) = row.get(at).and_then(|i| i["node"].get("SetToDefault"))
-                        else {
-                            continue;
-                        };
-                        let t = token_at(d["location"].as_i64().unwrap_or(-1))
-                            .ok_or_else(|| reason.clone())?;
-                        edits.push(Edit {
-                            start: tokens[t].start as usize,
-                            end: tokens[t].end as usize,
-                            text: captured(expr),
-                        });
+        // A DEFAULT item given the default's captured expression.
+        let default_edit = |d: &Value, expr: &str| -> Result<Edit, String> {
+            let t = token_at(d["location"].as_i64().unwrap_or(-1)).ok_or_else(|| reason.clone())?;
+            Ok(Edit {
+                start: tokens[t].start as usize,
+                end: tokens[t].end as usize,
+                text: captured(expr),
+            })
+        };
+        'edits: {
+            if select.is_null() {
+                // DEFAULT VALUES, after the table's name: name every
+                // volatile-default column.
+                let start = rel["location"].as_i64().unwrap_or(0) as usize;
+                let first = tokens
+                    .iter()
+                    .position(|t| t.start as usize >= start)
+                    .ok_or_else(|| reason.clone())?;
+                let at = (first..tokens.len().saturating_sub(1))
+                    .find(|&i| is(i, Token::Default) && is(i + 1, Token::Values))
+                    .ok_or_else(|| reason.clone())?;
+                let names: Vec<String> = info
+                    .volatile_defaults
+                    .iter()
+                    .map(|(c, _)| quote(c))
+                    .collect();
+                let exprs: Vec<String> = info
+                    .volatile_defaults
+                    .iter()
+                    .map(|(_, e)| captured(e))
+                    .collect();
+                edits.push(Edit {
+                    start: tokens[at].start as usize,
+                    end: tokens[at + 1].end as usize,
+                    text: format!("({}) VALUES ({})", names.join(", "), exprs.join(", ")),
+                });
+                break 'edits;
+            }
+            let rows = select["SelectStmt"]["values_lists"]
+                .as_array()
+                .filter(|r| !r.is_empty());
+            if let (Some(_), true) = (rows, cols.is_empty()) {
+                // Values in the table's column order: each DEFAULT item is
+                // captured where it stands; a column after the last value
+                // cannot be given one here.
+                for given in Given::of(run.kind, ins).into_iter().flatten() {
+                    for (column, expr) in &info.volatile_defaults {
+                        let at = given.index_of(info, column).ok_or_else(|| reason.clone())?;
+                        for row in &given.rows {
+                            if let Some(d) = row.get(at).and_then(|i| i["node"].get("SetToDefault"))
+                            {
+                                edits.push(default_edit(d, expr)?);
+                            }
+                        }
                     }
                 }
+                break 'edits;
             }
-            if edits.len() > before {
-                capturing.push((k, run.nested));
-            }
-            continue;
-        }
-        let (Some(rows), false) = (rows, cols.is_empty()) else {
-            return Err(reason);
-        };
-        // Columns left out of the list, and DEFAULT items of listed ones.
-        let missing: Vec<&(String, String)> = info
-            .volatile_defaults
-            .iter()
-            .filter(|(c, _)| !cols.iter().any(|(n, _)| n == c))
-            .collect();
-        if missing.iter().any(|(c, _)| info.hidden(c)) {
-            // A column of the table under a view that the view does not show.
-            return Err(reason);
-        }
-        let close_cols = {
-            let last = token_at(cols.last().expect("not empty").1).ok_or_else(|| reason.clone())?;
-            (last..tokens.len())
-                .find(|&i| is(i, Token::Ascii41))
-                .ok_or_else(|| reason.clone())?
-        };
-        if !missing.is_empty() {
-            let names: Vec<String> = missing.iter().map(|(c, _)| quote(c)).collect();
-            let at = tokens[close_cols].start as usize;
-            edits.push(Edit::insert(at, format!(", {}", names.join(", "))));
-        }
-        // Each VALUES row, by its parentheses.
-        let mut i = (close_cols..tokens.len())
-            .find(|&i| is(i, Token::Values))
-            .ok_or_else(|| reason.clone())?
-            + 1;
-        for row in rows {
-            if !is(i, Token::Ascii40) {
+            let (Some(rows), false) = (rows, cols.is_empty()) else {
+                return Err(reason);
+            };
+            // Columns left out of the list, and DEFAULT items of listed ones.
+            let missing: Vec<&(String, String)> = info
+                .volatile_defaults
+                .iter()
+                .filter(|(c, _)| !cols.iter().any(|(n, _)| n == c))
+                .collect();
+            if missing.iter().any(|(c, _)| info.hidden(c)) {
+                // A column of the table under a view that the view does not show.
                 return Err(reason);
             }
-            let close = matching_paren(&tokens, i).ok_or_else(|| reason.clone())?;
-            let items = row["node"]["List"]["items"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            for (k, item) in items.iter().enumerate() {
-                let Some(d) = item["node"].get("SetToDefault") else {
-                    continue;
-                };
-                let Some((_, expr)) = cols
-                    .get(k)
-                    .and_then(|(c, _)| info.volatile_defaults.iter().find(|(v, _)| v == c))
-                else {
-                    continue;
-                };
-                let t =
-                    token_at(d["location"].as_i64().unwrap_or(-1)).ok_or_else(|| reason.clone())?;
-                edits.push(Edit {
-                    start: tokens[t].start as usize,
-                    end: tokens[t].end as usize,
-                    text: captured(expr),
-                });
-            }
+            let close_cols = {
+                let last =
+                    token_at(cols.last().expect("not empty").1).ok_or_else(|| reason.clone())?;
+                (last..tokens.len())
+                    .find(|&i| is(i, Token::Ascii41))
+                    .ok_or_else(|| reason.clone())?
+            };
             if !missing.is_empty() {
-                let exprs: Vec<String> = missing.iter().map(|(_, e)| captured(e)).collect();
-                let at = tokens[close].start as usize;
-                edits.push(Edit::insert(at, format!(", {}", exprs.join(", "))));
+                let names: Vec<String> = missing.iter().map(|(c, _)| quote(c)).collect();
+                let at = tokens[close_cols].start as usize;
+                edits.push(Edit::insert(at, format!(", {}", names.join(", "))));
             }
-            i = close + 1;
-            if is(i, Token::Ascii44) {
-                i += 1;
+            // Each VALUES row, by its parentheses.
+            let mut i = (close_cols..tokens.len())
+                .find(|&i| is(i, Token::Values))
+                .ok_or_else(|| reason.clone())?
+                + 1;
+            for row in rows {
+                if !is(i, Token::Ascii40) {
+                    return Err(reason);
+                }
+                let close = matching_paren(&tokens, i).ok_or_else(|| reason.clone())?;
+                let items = row["node"]["List"]["items"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                for (k, item) in items.iter().enumerate() {
+                    let Some(d) = item["node"].get("SetToDefault") else {
+                        continue;
+                    };
+                    if let Some((_, expr)) = cols
+                        .get(k)
+                        .and_then(|(c, _)| info.volatile_defaults.iter().find(|(v, _)| v == c))
+                    {
+                        edits.push(default_edit(d, expr)?);
+                    }
+                }
+                if !missing.is_empty() {
+                    let exprs: Vec<String> = missing.iter().map(|(_, e)| captured(e)).collect();
+                    let at = tokens[close].start as usize;
+                    edits.push(Edit::insert(at, format!(", {}", exprs.join(", "))));
+                }
+                i = close + 1;
+                if is(i, Token::Ascii44) {
+                    i += 1;
+                }
             }
         }
         if edits.len() > before {
