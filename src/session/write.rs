@@ -1249,35 +1249,31 @@ impl Session {
                 }
             }
             b'E' => {
-                let e = PgError::error(
-                    "XX000",
-                    format!(
-                        "Reprise could not log the transaction: {}",
-                        messages::error_message(f.body())
-                    ),
-                );
-                self.span
-                    .in_scope(|| tracing::error!(error = %e, ?kind, "write path failed"));
-                // Failures a client retries, kept with their SQLSTATE.
+                // Failures a client retries keep their SQLSTATE.
                 const RETRYABLE: &[&str] = &["40P01", "40001", "55P03", "57014"];
                 let code = messages::error_code(f.body()).unwrap_or_default();
-                let retryable = RETRYABLE.iter().find(|c| **c == code).map(|c| {
-                    PgError::error(
-                        c,
-                        format!(
-                            "Reprise could not take the group's write lock: {}",
-                            messages::error_message(f.body())
-                        ),
-                    )
-                    .with_hint("retry the transaction")
-                });
+                let retryable = RETRYABLE.iter().find(|c| **c == code).copied();
+                let what = match kind {
+                    Own::Lock => "take the group's write lock",
+                    _ => "log the transaction",
+                };
+                let message = format!(
+                    "Reprise could not {what}: {}",
+                    messages::error_message(f.body())
+                );
+                let e = match retryable {
+                    Some(code) => PgError::error(code, message).with_hint("retry the transaction"),
+                    None => PgError::error("XX000", message),
+                };
+                self.span
+                    .in_scope(|| tracing::error!(error = %e, ?kind, "write path failed"));
                 if let Some(tx) = self.write.tx.as_mut()
                     && tx.failed.is_none()
                 {
-                    tx.failed = Some(retryable.clone().unwrap_or(e));
-                    if kind == Own::Lock {
-                        tx.lock_error = retryable;
+                    if kind == Own::Lock && retryable.is_some() {
+                        tx.lock_error = Some(e.clone());
                     }
+                    tx.failed = Some(e);
                 }
             }
             b'Z' => {
