@@ -1111,6 +1111,57 @@ async fn copy_ddl_settings_and_read_your_writes() {
         let (at, d): (i64, String) = (row.get(0), row.get(1));
         assert_eq!((at, d.as_str()), (1_580_482_800, "2020-04-03"), "node {i}");
     }
+    // So are settings whose values come as Bind parameters (how drivers
+    // that cannot bind SET's value set search_path): in binary from
+    // tokio-postgres, in text from a hand-written Bind.
+    let b = g.proxy.client("app").await;
+    b.query("SELECT set_config('search_path', $1, false)", &[&"s2"])
+        .await
+        .unwrap();
+    b.query(
+        "SELECT set_config($1::text, $2, false)",
+        &[&"TimeZone", &"America/New_York"],
+    )
+    .await
+    .unwrap();
+    b.execute(
+        "INSERT INTO stamps VALUES (2, '2020-01-01 00:00', NULL)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut raw = Raw::connect(&g.proxy).await;
+    let mut out = Vec::new();
+    Raw::parse(&mut out, "", "SELECT set_config('TimeZone', $1, false)");
+    Raw::bind(&mut out, "", &["UTC"]);
+    Raw::execute(&mut out);
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got), None, "{got:?}");
+    let mut out = Vec::new();
+    Raw::msg(
+        &mut out,
+        b'Q',
+        b"SET search_path = s2, public; INSERT INTO stamps VALUES (3, '2020-01-01 00:00', NULL)\0",
+    );
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got), None, "{got:?}");
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(10)).await;
+    for i in 0..3 {
+        let rows = g
+            .direct(i)
+            .await
+            .query(
+                "SELECT id, extract(epoch FROM at)::bigint FROM s2.stamps WHERE id > 1 ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap();
+        let got: Vec<(i32, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(got, [(2, 1_577_854_800), (3, 1_577_836_800)], "node {i}");
+    }
     // A session that wrote reads its write at once, wherever the read goes.
     let c = g.proxy.client("app").await;
     for i in 0..30 {

@@ -105,6 +105,10 @@ pub struct Classification {
     /// AUTHORIZATION, SET SESSION CHARACTERISTICS, DISCARD ALL. Not SET
     /// LOCAL nor transaction-scoped settings.
     pub session_settings: Vec<String>,
+    /// Session-level `set_config` calls whose name or value is a Bind
+    /// parameter: settings like `session_settings` once a Bind gives the
+    /// values (see `set_config_sql`).
+    pub bound_settings: Vec<[SettingArg; 2]>,
     /// Why the session must be pinned to the primary from now on, if it
     /// must: "LISTEN", "temporary table", "temporary object", "advisory
     /// lock", "cursor WITH HOLD", "PREPARE", "set_config",
@@ -198,6 +202,7 @@ impl Classification {
             ends_tx: false,
             tx_after: None,
             session_settings: Vec::new(),
+            bound_settings: Vec::new(),
             pin_reason: None,
             parse_error: false,
             statements: 0,
@@ -248,8 +253,9 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             continue;
         };
         let scan = Scan::of(stmt, catalog);
-        // A session setting made with literal set_config calls is replayed
-        // like SET: no need to keep the session on the primary for it.
+        // A session setting made with set_config calls of literals or Bind
+        // parameters is replayed like SET: no need to keep the session on
+        // the primary for it.
         let set_configs = match node {
             NodeEnum::SelectStmt(select) if scan.pin == Some("set_config") => {
                 session_set_configs(select)
@@ -267,8 +273,20 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             NodeEnum::TransactionStmt(t) => transaction(&mut out, t),
             NodeEnum::SelectStmt(_) if set_configs.is_some() => {
                 cacheable = false;
-                out.session_settings
-                    .extend(set_configs.into_iter().flatten());
+                let calls = set_configs.unwrap_or_default();
+                let literal = |a: &SettingArg| match a {
+                    SettingArg::Text(t) => Some(t.clone()),
+                    SettingArg::Param(_) => None,
+                };
+                // In order: all kept as text, or all bound.
+                let texts: Option<Vec<String>> = calls
+                    .iter()
+                    .map(|[n, v]| Some(set_config_sql(&literal(n)?, &literal(v)?)))
+                    .collect();
+                match texts {
+                    Some(t) => out.session_settings.extend(t),
+                    None => out.bound_settings.extend(calls),
+                }
             }
             NodeEnum::VariableSetStmt(v) => {
                 cacheable = false;
@@ -479,11 +497,32 @@ fn is_on(node: &protobuf::Node) -> bool {
     }
 }
 
+/// An argument of a session-level `set_config`: its text, or the Bind
+/// parameter that gives it (`$n`, from 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingArg {
+    Text(String),
+    Param(usize),
+}
+
+/// The statement a session setting made with `set_config` is replayed as.
+pub fn set_config_sql(name: &str, value: &str) -> String {
+    let quote = crate::replication::dollar_quoted;
+    format!(
+        "SELECT pg_catalog.set_config({}, {}, false)",
+        quote(name),
+        quote(value)
+    )
+}
+
 /// `SELECT set_config('name', 'value', false)` — one call or several, and
-/// nothing else (pg_dump starts its output so): a session setting as SET
-/// makes one, kept to be replayed as SET is (on the session's other
-/// connections, and with its entries). None for any other SELECT.
-fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<String>> {
+/// nothing else (pg_dump starts its output so; drivers that cannot bind
+/// SET's value send `set_config('search_path', $1, false)`): a session
+/// setting as SET makes one, kept to be replayed as SET is (on the
+/// session's other connections, and with its entries). Name and value are
+/// string literals or parameters (`$1`, `$1::text`). None for any other
+/// SELECT.
+fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<[SettingArg; 2]>> {
     let plain = select.from_clause.is_empty()
         && select.where_clause.is_none()
         && select.group_clause.is_empty()
@@ -498,13 +537,32 @@ fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<String>> {
     if !plain {
         return None;
     }
-    let text = |node: &protobuf::Node| match &node.node {
-        Some(NodeEnum::AConst(protobuf::AConst {
-            val: Some(a_const::Val::Sval(s)),
-            ..
-        })) => Some(s.sval.clone()),
-        _ => None,
-    };
+    fn arg(node: &protobuf::Node) -> Option<SettingArg> {
+        match &node.node {
+            Some(NodeEnum::AConst(protobuf::AConst {
+                val: Some(a_const::Val::Sval(s)),
+                ..
+            })) => Some(SettingArg::Text(s.sval.clone())),
+            Some(NodeEnum::ParamRef(p)) if p.number > 0 => {
+                Some(SettingArg::Param(p.number as usize))
+            }
+            // `$1::text`: the text the parameter gives.
+            Some(NodeEnum::TypeCast(c)) => {
+                let to_text = c.type_name.as_ref().is_some_and(|t| {
+                    t.array_bounds.is_empty()
+                        && matches!(
+                            t.names.last().and_then(|n| n.node.as_ref()),
+                            Some(NodeEnum::String(s)) if s.sval == "text"
+                        )
+                });
+                match c.arg.as_deref().map(arg) {
+                    Some(Some(SettingArg::Param(n))) if to_text => Some(SettingArg::Param(n)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
     let mut settings = Vec::new();
     for target in &select.target_list {
         let Some(NodeEnum::ResTarget(t)) = &target.node else {
@@ -540,12 +598,7 @@ fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<String>> {
         if !local_false {
             return None;
         }
-        let quote = crate::replication::dollar_quoted;
-        settings.push(format!(
-            "SELECT pg_catalog.set_config({}, {}, false)",
-            quote(&text(name)?),
-            quote(&text(value)?)
-        ));
+        settings.push([arg(name)?, arg(value)?]);
     }
     Some(settings)
 }
@@ -1179,9 +1232,18 @@ mod tests {
             ("declare c cursor for select 1", None),
             ("prepare p as select 1", Some("PREPARE")),
             ("deallocate p", None),
-            // Literal session settings are replayed like SET; others are not.
+            // Session settings of literals or parameters are replayed like
+            // SET; others are not.
             ("select set_config('a.b', 'c', false)", None),
-            ("select set_config('a.b', $1, false)", Some("set_config")),
+            ("select set_config('a.b', $1, false)", None),
+            (
+                "select set_config('a.b', $1::int::text, false)",
+                Some("set_config"),
+            ),
+            (
+                "select set_config('a.b', $1 || 'x', false)",
+                Some("set_config"),
+            ),
             (
                 "select set_config('a.b', 'c', false) from t",
                 Some("set_config"),
@@ -1209,6 +1271,18 @@ mod tests {
             ]
         );
         assert!(got.pin_reason.is_none());
+        let got = c("select set_config($1, $2::text, false), set_config('TimeZone', 'UTC', false)");
+        assert_eq!(
+            got.bound_settings,
+            [
+                [SettingArg::Param(1), SettingArg::Param(2)],
+                [
+                    SettingArg::Text("TimeZone".into()),
+                    SettingArg::Text("UTC".into())
+                ]
+            ]
+        );
+        assert!(got.session_settings.is_empty() && got.pin_reason.is_none());
     }
 
     #[test]

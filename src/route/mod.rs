@@ -12,5 +12,5 @@ pub mod normalize;
 pub mod policy;
 
 pub use catalog::FunctionCatalog;
-pub use classify::{Classification, Classifier, SqlPrepared, TxAfter, classify};
+pub use classify::{Classification, Classifier, SettingArg, SqlPrepared, TxAfter, classify};
 pub use normalize::cache_key;

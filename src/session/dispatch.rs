@@ -12,8 +12,8 @@ use super::{End, MAX_BATCH_BYTES, Session, write};
 use crate::backend::{BackendConn, ConnectError, Expect};
 use crate::group::NodeState;
 use crate::replication::dollar_quoted;
-use crate::route::classify::split_transaction_control;
-use crate::route::{Classification, SqlPrepared};
+use crate::route::classify::{set_config_sql, split_transaction_control};
+use crate::route::{Classification, SettingArg, SqlPrepared};
 use crate::wire::Frame;
 use crate::wire::messages::{self, PgError};
 
@@ -136,7 +136,7 @@ impl Unit {
         };
         for item in &items {
             match (item.frame.tag, &item.stmt) {
-                (b'B', Some((def, _))) => unit.note_bind(def),
+                (b'B', Some((def, _))) => unit.note_bind(def, item.frame.body()),
                 (b'B', None) => unit.route = Route::Write,
                 (b'P', None) => unit.route = Route::Write,
                 (b'S', _) => unit.syncs += 1,
@@ -147,8 +147,9 @@ impl Unit {
         unit
     }
 
-    /// What binding statement `def` makes of the unit.
-    fn note_bind(&mut self, def: &StmtDef) {
+    /// What binding statement `def` (the Bind's body: `bind`) makes of the
+    /// unit.
+    fn note_bind(&mut self, def: &StmtDef, bind: &[u8]) {
         let c = &def.class;
         if !c.prepared.is_empty() {
             self.prepared.extend(def.sql_prepared());
@@ -164,6 +165,18 @@ impl Unit {
         self.begin = self.begin.or(c.begin);
         self.ends_tx |= c.ends_tx;
         self.settings.extend(c.session_settings.iter().cloned());
+        for [name, value] in &c.bound_settings {
+            let text = |a: &SettingArg| match a {
+                SettingArg::Text(t) => Some(t.clone()),
+                SettingArg::Param(n) => statements::bound_text(&def.parse, bind, *n),
+            };
+            match (text(name), text(value)) {
+                (Some(n), Some(v)) => self.settings.push(set_config_sql(&n, &v)),
+                // A NULL (reset) or a value not read as text: kept on the
+                // primary, as any other set_config.
+                _ => self.pin = self.pin.or(Some("set_config")),
+            }
+        }
         self.pin = self.pin.or(c.pin_reason);
     }
 }
@@ -487,7 +500,7 @@ impl Session {
                 b'B' => match statements::bind_statement(frame.body()) {
                     Some(name) => match self.statements.get(name) {
                         Some(def) => {
-                            unit.note_bind(&def);
+                            unit.note_bind(&def, frame.body());
                             stmt = Some((def, None));
                         }
                         None => unit.route = Route::Write,

@@ -98,6 +98,51 @@ pub fn bind_statement(body: &[u8]) -> Option<&str> {
     r.cstr()
 }
 
+/// The text a Bind gives parameter `n` (from 1) of the statement `parse`
+/// defines: a value sent as text, or in binary for a parameter of type
+/// text (declared so, or left for the server to infer). None for NULL, for
+/// binary of any other type, and for a malformed message.
+pub fn bound_text(parse: &Frame, bind: &[u8], n: usize) -> Option<String> {
+    const TEXT_OIDS: [i32; 3] = [0, 25, 1043];
+    let i = n.checked_sub(1)?;
+    let mut p = Reader::new(parse.body());
+    p.cstr()?;
+    p.cstr()?;
+    let declared = usize::try_from(p.i16()?).ok()?;
+    let oid = if i < declared {
+        p.bytes(4 * i)?;
+        p.i32()?
+    } else {
+        0
+    };
+    let mut b = Reader::new(bind);
+    b.cstr()?;
+    b.cstr()?;
+    let formats = usize::try_from(b.i16()?).ok()?;
+    let mut format = 0;
+    for k in 0..formats {
+        let f = b.i16()?;
+        if k == i || formats == 1 {
+            format = f;
+        }
+    }
+    let count = usize::try_from(b.i16()?).ok()?;
+    if i >= count {
+        return None;
+    }
+    for _ in 0..i {
+        let len = b.i32()?;
+        if len > 0 {
+            b.bytes(len as usize)?;
+        }
+    }
+    let len = usize::try_from(b.i32()?).ok()?;
+    let value = b.bytes(len)?;
+    (format == 0 || TEXT_OIDS.contains(&oid))
+        .then(|| std::str::from_utf8(value).ok().map(str::to_string))
+        .flatten()
+}
+
 /// Describe or Close: kind ('S' or 'P') and name.
 pub fn target(body: &[u8]) -> Option<(u8, &str)> {
     let mut r = Reader::new(body);
@@ -174,5 +219,67 @@ mod tests {
         assert_ne!(d1.generation, d2.generation);
         s.close("a");
         assert!(s.get("a").is_none());
+    }
+
+    #[test]
+    fn bound_text_reads_text_parameters() {
+        let parse = |types: &[i32]| {
+            let mut b = BytesMut::new();
+            put_cstr(&mut b, "");
+            put_cstr(&mut b, "select set_config($1, $2, false)");
+            b.extend_from_slice(&(types.len() as i16).to_be_bytes());
+            for t in types {
+                b.extend_from_slice(&t.to_be_bytes());
+            }
+            Frame::new(b'P', &b)
+        };
+        let bind = |formats: &[i16], values: &[Option<&[u8]>]| {
+            let mut b = BytesMut::new();
+            put_cstr(&mut b, "");
+            put_cstr(&mut b, "");
+            b.extend_from_slice(&(formats.len() as i16).to_be_bytes());
+            for f in formats {
+                b.extend_from_slice(&f.to_be_bytes());
+            }
+            b.extend_from_slice(&(values.len() as i16).to_be_bytes());
+            for v in values {
+                match v {
+                    Some(v) => {
+                        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                        b.extend_from_slice(v);
+                    }
+                    None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                }
+            }
+            b.extend_from_slice(&0i16.to_be_bytes());
+            b
+        };
+        let text = bind(&[], &[Some(b"search_path"), Some(b"s2, public")]);
+        assert_eq!(
+            bound_text(&parse(&[]), &text, 1).as_deref(),
+            Some("search_path")
+        );
+        assert_eq!(
+            bound_text(&parse(&[]), &text, 2).as_deref(),
+            Some("s2, public")
+        );
+        assert_eq!(bound_text(&parse(&[]), &text, 3), None);
+        assert_eq!(bound_text(&parse(&[]), &text, 0), None);
+        // Binary is read only for a parameter of type text.
+        let binary = bind(&[0, 1], &[Some(b"TimeZone"), Some(b"UTC")]);
+        assert_eq!(bound_text(&parse(&[]), &binary, 2).as_deref(), Some("UTC"));
+        assert_eq!(
+            bound_text(&parse(&[25, 1043]), &binary, 2).as_deref(),
+            Some("UTC")
+        );
+        assert_eq!(bound_text(&parse(&[25, 23]), &binary, 2), None);
+        assert_eq!(
+            bound_text(&parse(&[25, 23]), &binary, 1).as_deref(),
+            Some("TimeZone")
+        );
+        // NULL (a reset) and a cut message are not a value.
+        let null = bind(&[1], &[Some(b"TimeZone"), None]);
+        assert_eq!(bound_text(&parse(&[]), &null, 2), None);
+        assert_eq!(bound_text(&parse(&[]), &text[..text.len() - 8], 2), None);
     }
 }
