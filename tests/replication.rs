@@ -596,6 +596,147 @@ async fn a_write_lock_deadlock_reaches_the_client_as_40p01() {
     assert_identical(&g).await;
 }
 
+/// Two-phase commit: a write transaction cannot be prepared (it would hold
+/// the commit-order lock, and its entry would reach the subscribers before
+/// COMMIT PREPARED decided it); the client is told why and nothing of it
+/// stays. A transaction that only read is prepared and committed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_transaction_cannot_be_prepared_for_two_phase_commit() {
+    let g =
+        TestGroup::start_with_settings(2, SEED_SQL, &[("max_prepared_transactions", "4")], |_| {})
+            .await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute("CREATE TABLE twophase (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN; SELECT count(*) FROM twophase")
+        .await
+        .unwrap();
+    c.batch_execute("PREPARE TRANSACTION 'reads'")
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT PREPARED 'reads'").await.unwrap();
+    let (_, _, head) = log_extent(&g, 0).await;
+    for prepare in [
+        "PREPARE TRANSACTION 'writes'",
+        "SELECT 1; PREPARE TRANSACTION 'writes'",
+    ] {
+        c.batch_execute("BEGIN; INSERT INTO twophase VALUES (1)")
+            .await
+            .unwrap();
+        let e = c.batch_execute(prepare).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+        // (PostgreSQL would refuse it too, for the NOTIFY of the log
+        // append: a reason the client could not make sense of.)
+        assert!(db_text(&e).contains("two-phase commit"), "{e:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+    c.batch_execute("INSERT INTO twophase VALUES (2)")
+        .await
+        .unwrap();
+    let prepared: i64 = g
+        .direct(0)
+        .await
+        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(prepared, 0);
+    assert_eq!(log_extent(&g, 0).await.2, head + 1);
+    wait_caught_up(&g, &[1], Duration::from_secs(10)).await;
+    assert_identical(&g).await;
+    for i in 0..2 {
+        assert_eq!(ids_on(&g, i, "twophase").await, [2], "n{}", i + 1);
+    }
+}
+
+/// Savepoints (as ORMs nest transactions) change no data: a transaction
+/// that only reads between them takes no write lock and logs nothing, one
+/// holding the lock shared keeps it shared (two such transactions used to
+/// deadlock upgrading it), and a savepoint set before the first write is
+/// still there to roll back to on every copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_need_no_write_lock_of_their_own() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let c1 = g.proxy.client("app").await;
+    let c2 = g.proxy.client("app").await;
+    c1.batch_execute(
+        "CREATE TABLE nested (id int PRIMARY KEY, v int);
+         INSERT INTO nested VALUES (1, 0), (2, 0);",
+    )
+    .await
+    .unwrap();
+    let (_, _, head) = log_extent(&g, 0).await;
+    c1.batch_execute("BEGIN; SAVEPOINT a; SELECT * FROM nested; RELEASE a; COMMIT")
+        .await
+        .unwrap();
+    c1.batch_execute("BEGIN").await.unwrap();
+    c1.execute("SAVEPOINT b", &[]).await.unwrap();
+    c1.query("SELECT v FROM nested WHERE id = $1", &[&1])
+        .await
+        .unwrap();
+    c1.execute("ROLLBACK TO SAVEPOINT b", &[]).await.unwrap();
+    c1.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        log_extent(&g, 0).await.2,
+        head,
+        "read-only blocks log nothing"
+    );
+
+    // Two row-local transactions each set a savepoint while the other
+    // holds the lock shared.
+    c1.batch_execute("BEGIN; UPDATE nested SET v = v + 1 WHERE id = 1")
+        .await
+        .unwrap();
+    c2.batch_execute("BEGIN; UPDATE nested SET v = v + 1 WHERE id = 2")
+        .await
+        .unwrap();
+    let (r1, r2) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(
+            c1.batch_execute("SAVEPOINT s1; UPDATE nested SET v = v + 10 WHERE id = 1"),
+            c2.batch_execute("SAVEPOINT s2; UPDATE nested SET v = v + 10 WHERE id = 2")
+        )
+    })
+    .await
+    .expect("neither waits for the other");
+    r1.unwrap();
+    r2.unwrap();
+    let modes = c1
+        .query(
+            "SELECT mode FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let modes: Vec<String> = modes.iter().map(|r| r.get(0)).collect();
+    assert_eq!(modes, ["ShareLock"]);
+    c1.batch_execute("ROLLBACK TO s1; COMMIT").await.unwrap();
+    c2.batch_execute("COMMIT").await.unwrap();
+
+    // A savepoint before the first write, a failed ROLLBACK TO while
+    // nothing is written yet, then writes undone back to it.
+    c1.batch_execute("BEGIN; SAVEPOINT first").await.unwrap();
+    assert!(c1.batch_execute("ROLLBACK TO nowhere").await.is_err());
+    c1.batch_execute(
+        "ROLLBACK TO first; UPDATE nested SET v = v + 100 WHERE id = 1;
+         SAVEPOINT second; UPDATE nested SET v = v + 100 WHERE id = 2;
+         ROLLBACK TO first; UPDATE nested SET v = v + 1000 WHERE id = 2; COMMIT",
+    )
+    .await
+    .unwrap();
+    assert_identical(&g).await;
+    for i in 0..3 {
+        let rows = g
+            .direct(i)
+            .await
+            .query("SELECT v FROM nested ORDER BY id", &[])
+            .await
+            .unwrap();
+        let v: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(v, [1, 1011], "node {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_statement_aborts_the_transaction_block_like_any_error() {
     let g = TestGroup::start(2, |_| {}).await;

@@ -1284,16 +1284,26 @@ pub fn is_row_local(sql: &str, catalog: &RelCatalog) -> bool {
     let Ok(Ok(parsed)) = parsed else {
         return false;
     };
-    let [raw] = parsed.protobuf.stmts.as_slice() else {
-        return false;
+    // Savepoint statements change no data: they go with a row-local write
+    // (one statement that writes), or alone.
+    let savepoint = |node: &pg_query::NodeEnum| {
+        use pg_query::protobuf::TransactionStmtKind as K;
+        matches!(node, pg_query::NodeEnum::TransactionStmt(t)
+            if matches!(K::try_from(t.kind), Ok(K::TransStmtSavepoint | K::TransStmtRelease | K::TransStmtRollbackTo)))
     };
-    let Some(node) = raw.stmt.as_ref() else {
-        return false;
+    let stmts = &parsed.protobuf.stmts;
+    let mut writes = stmts
+        .iter()
+        .map(|raw| raw.stmt.as_ref().and_then(|s| s.node.as_ref()))
+        .filter(|n| !n.is_some_and(savepoint));
+    let node = match (writes.next(), writes.next()) {
+        (None, _) => return !stmts.is_empty(),
+        (Some(Some(node)), None) => node,
+        _ => return false,
     };
     let Ok(v) = serde_json::to_value(node) else {
         return false;
     };
-    let v = &v["node"];
     if let Some(ins) = v.get("InsertStmt") {
         insert_row_local(ins, catalog)
     } else if let Some(upd) = v.get("UpdateStmt") {
@@ -2233,6 +2243,12 @@ mod tests {
             &c
         ));
         assert!(is_row_local("UPDATE s1.dup SET v = 1 WHERE id = 1", &c));
+        // With savepoint statements around it.
+        assert!(is_row_local(
+            "SAVEPOINT a; DELETE FROM pgbench_accounts WHERE aid = 7; RELEASE SAVEPOINT a",
+            &c
+        ));
+        assert!(is_row_local("ROLLBACK TO SAVEPOINT a", &c));
     }
 
     #[test]
@@ -2256,6 +2272,7 @@ mod tests {
             "UPDATE dup SET v = 1 WHERE id = 1",
             "DELETE FROM pgbench_accounts WHERE abalance = 1",
             "INSERT INTO pgbench_history VALUES (1); INSERT INTO pgbench_history VALUES (2)",
+            "SAVEPOINT a; UPDATE pgbench_accounts SET abalance = 0",
             "SELECT 1",
             "selec",
         ] {

@@ -109,6 +109,13 @@ pub struct Classification {
     /// parameter: settings like `session_settings` once a Bind gives the
     /// values (see `set_config_sql`).
     pub bound_settings: Vec<[SettingArg; 2]>,
+    /// SAVEPOINT, RELEASE [SAVEPOINT] and ROLLBACK TO [SAVEPOINT]
+    /// statements: part of a write transaction's entry, but they change no
+    /// data themselves.
+    pub savepoints: usize,
+    /// Statements that only read, calling only read-safe functions (what
+    /// `read_only` says of every statement).
+    pub reads: usize,
     /// Why the session must be pinned to the primary from now on, if it
     /// must: "LISTEN", "temporary table", "temporary object", "advisory
     /// lock", "cursor WITH HOLD", "PREPARE", "set_config",
@@ -203,6 +210,8 @@ impl Classification {
             tx_after: None,
             session_settings: Vec::new(),
             bound_settings: Vec::new(),
+            savepoints: 0,
+            reads: 0,
             pin_reason: None,
             parse_error: false,
             statements: 0,
@@ -265,7 +274,9 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
         if let Some(reason) = scan.pin.filter(|_| set_configs.is_none()) {
             out.pin(reason);
         }
-        out.read_only &= reads_only(node) && scan.read_safe();
+        let read = reads_only(node) && scan.read_safe();
+        out.read_only &= read;
+        out.reads += usize::from(read);
         if reads_only(node) && scan.reads_on_the_primary() {
             out.primary_reads += 1;
         }
@@ -466,6 +477,11 @@ fn transaction(out: &mut Classification, t: &protobuf::TransactionStmt) {
             out.ends_tx = true;
             out.tx_after = Some(TxAfter::Closed);
         }
+        Ok(
+            TransactionStmtKind::TransStmtSavepoint
+            | TransactionStmtKind::TransStmtRelease
+            | TransactionStmtKind::TransStmtRollbackTo,
+        ) => out.savepoints += 1,
         _ => {}
     }
 }
@@ -1112,7 +1128,12 @@ mod tests {
             let got = c(sql);
             assert!(!got.ends_tx, "{sql}");
             assert_eq!(got.tx_after, None, "{sql}");
+            assert_eq!(got.savepoints, 1, "{sql}");
         }
+        assert_eq!(c("savepoint a; release savepoint a").savepoints, 2);
+        let got = c("savepoint a; select 1; show x; select nextval('s'); release a");
+        assert_eq!((got.savepoints, got.reads), (2, 2));
+        assert_eq!(c("rollback").savepoints, 0);
         let got = c("begin; insert into t values (1); commit");
         assert_eq!(
             (got.begin, got.ends_tx, got.tx_after),

@@ -66,6 +66,10 @@ pub struct Unit {
     pub avoid: Option<usize>,
     /// It may change data (more than settings and transaction control).
     pub writes: bool,
+    /// Of its writes, some are more than savepoints (SAVEPOINT, RELEASE,
+    /// ROLLBACK TO are captured with a write transaction but need no
+    /// write lock).
+    pub changes_data: bool,
     /// It begins a transaction block: Some(read only).
     pub begin: Option<bool>,
     /// It ends a transaction block.
@@ -127,6 +131,7 @@ impl Unit {
             simple: false,
             avoid: None,
             writes: false,
+            changes_data: false,
             begin: None,
             ends_tx: false,
             refused: None,
@@ -162,6 +167,7 @@ impl Unit {
             self.route = Route::Read;
         }
         self.writes |= may_write(c);
+        self.changes_data |= changes_data(c);
         self.begin = self.begin.or(c.begin);
         self.ends_tx |= c.ends_tx;
         self.settings.extend(c.session_settings.iter().cloned());
@@ -253,16 +259,24 @@ fn split_batch(items: &[Item]) -> Option<Vec<Vec<Item>>> {
 /// reads (to the client or to a file on the primary, or calling volatile
 /// built-ins that change nothing).
 pub(super) fn may_write(c: &Classification) -> bool {
-    if c.read_only {
-        return false;
-    }
-    let control = c.session_settings.len()
+    !c.read_only && (c.parse_error || c.statements > control_statements(c))
+}
+
+/// Statements of a classified string that are settings, transaction
+/// control, prepared statement definitions or reads changing no data.
+fn control_statements(c: &Classification) -> usize {
+    c.session_settings.len()
         + usize::from(c.begin.is_some())
         + usize::from(c.ends_tx)
         + c.prepared.iter().filter(|p| p.is_definition()).count()
         + c.copy_to_server
-        + c.primary_reads;
-    c.parse_error || c.statements > control
+        + c.primary_reads
+}
+
+/// Whether a classified string may change data with more than savepoint
+/// statements (and reads between them).
+fn changes_data(c: &Classification) -> bool {
+    may_write(c) && (c.parse_error || c.statements > control_statements(c) + c.savepoints + c.reads)
 }
 
 impl Session {
@@ -325,6 +339,7 @@ impl Session {
             simple: true,
             avoid: None,
             writes: may_write(&class),
+            changes_data: changes_data(&class),
             begin: class.begin,
             ends_tx: class.ends_tx,
             refused,
@@ -446,9 +461,14 @@ impl Session {
         // Its statements will likely run before the Sync, and nothing can be
         // injected once it streams: a Parse that may write takes the write
         // lock now.
-        unit.writes |= unit.items.iter().any(|i| {
-            i.frame.tag == b'P' && i.stmt.as_ref().is_some_and(|(d, _)| may_write(&d.class))
-        });
+        let parsed = |f: fn(&Classification) -> bool| {
+            unit.items
+                .iter()
+                .any(|i| i.frame.tag == b'P' && i.stmt.as_ref().is_some_and(|(d, _)| f(&d.class)))
+        };
+        let (writes, changes) = (parsed(may_write), parsed(changes_data));
+        unit.writes |= writes;
+        unit.changes_data |= changes;
         let target = match self.busy_backend() {
             Some(b) => b,
             None => match self.choose(&unit) {

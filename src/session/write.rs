@@ -52,6 +52,9 @@ pub struct WriteTx {
     pub kind: String,
     /// The write lock is held exclusively (else shared: row-local writes).
     pub exclusive: bool,
+    /// Only savepoint statements so far: captured, but no write lock
+    /// taken and, should nothing else come, no entry.
+    lock_deferred: bool,
     /// The primary reported the transaction block failed (status 'E'):
     /// its COMMIT only rolls back, so no entry is appended.
     aborted: bool,
@@ -651,6 +654,21 @@ fn sqls_isolated(unit: &Unit) -> bool {
     })
 }
 
+/// Whether a unit holds a PREPARE TRANSACTION.
+fn prepares_transaction(unit: &Unit) -> bool {
+    unit_sql(unit).iter().any(|sql| {
+        crate::route::normalize::trim_sql(sql).split(';').any(|s| {
+            let mut words = crate::route::normalize::trim_start_sql(s).split_whitespace();
+            words
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case("PREPARE"))
+                && words
+                    .next()
+                    .is_some_and(|w| w.eq_ignore_ascii_case("TRANSACTION"))
+        })
+    })
+}
+
 /// A BEGIN/START TRANSACTION asking for REPEATABLE READ or SERIALIZABLE.
 pub fn snapshot_isolation(sql: &str) -> bool {
     if !first_word_in(sql, &["BEGIN", "START"]) {
@@ -834,6 +852,17 @@ impl Session {
     /// Whether the unit at the primary must be logged, and how: called
     /// before it is sent. Returns an error to answer instead of running it.
     pub(super) fn write_check(&self, unit: &Unit) -> Result<(), PgError> {
+        let logged = self.write.tx.as_ref().is_some_and(|t| !t.lock_deferred);
+        if self.replicating() && unit.ends_tx && logged && prepares_transaction(unit) {
+            // Prepared, it would keep the commit-order lock (every other
+            // commit waits) and its entry would reach the subscribers before
+            // COMMIT PREPARED or ROLLBACK PREPARED decided it.
+            return Err(PgError::error(
+                "0A000",
+                "Reprise cannot prepare a write transaction for two-phase commit: its log entry commits with it",
+            )
+            .with_hint("COMMIT it instead (PREPARE TRANSACTION works for transactions that only read)"));
+        }
         if !self.replicating() || !unit.writes {
             return Ok(());
         }
@@ -939,12 +968,21 @@ impl Session {
                 self.write.declared_numbered.extend(a.declared_numbered);
             }
         }
-        let row_local = !ddl && self.row_local(&sqls, !unit.simple);
+        // Savepoint statements change no data: they need no lock of their
+        // own, and leave a shared lock shared. (Not at the start of a
+        // streaming batch: nothing can be injected before what follows.)
+        let savepoints_only = !unit.changes_data && unit.syncs > 0;
+        let row_local = !ddl && (savepoints_only || self.row_local(&sqls, !unit.simple));
         if let Some(tx) = self.write.tx.as_mut() {
             let capture = !maintenance;
             if capture {
                 tx.ddl |= ddl;
-                if !tx.exclusive && !row_local {
+                if tx.lock_deferred && !savepoints_only {
+                    // The first write after savepoints.
+                    tx.lock_deferred = false;
+                    tx.exclusive = !row_local;
+                    self.push_lock(buf, false, !row_local);
+                } else if !tx.lock_deferred && !tx.exclusive && !row_local {
                     tx.exclusive = true;
                     let q = replication::upgrade_lock_query(&self.group.name);
                     buf.extend_from_slice(&messages::query(&q));
@@ -960,6 +998,19 @@ impl Session {
             // Runs on its own; logged after it succeeded.
             self.write.nontx = Some(unit.items[0].frame.clone());
             return false;
+        }
+        if savepoints_only {
+            // Outside a transaction block the node refuses them.
+            if self.tx_node.is_none() {
+                return false;
+            }
+            let settings = self.entry_settings();
+            self.write.tx = Some(WriteTx {
+                lock_deferred: true,
+                settings,
+                ..WriteTx::default()
+            });
+            return true;
         }
         let implicit = self.tx_node.is_none() && unit.begin.is_none();
         self.push_lock(buf, self.tx_node.is_none(), !row_local);
@@ -1145,7 +1196,8 @@ impl Session {
 
     /// A COMMIT unit in a write transaction: append the entry first.
     pub(super) fn before_commit(&mut self, unit: &Unit, buf: &mut BytesMut, p: usize) {
-        if self.write.tx.as_ref().is_none_or(|t| t.aborted) || !unit.ends_tx || unit.writes {
+        let logged = |t: &WriteTx| !t.aborted && !t.lock_deferred;
+        if !self.write.tx.as_ref().is_some_and(logged) || !unit.ends_tx || unit.writes {
             return;
         }
         if unit_sql(unit).iter().any(|s| is_rollback(s)) {
