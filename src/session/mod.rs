@@ -801,6 +801,22 @@ impl Session {
             };
             let idle = conn.tracker.client_units() == 0;
             if let Some(p) = defined {
+                // The proxy's own statements go with the client's: prepared
+                // again at their next use.
+                if let Some(conn) = self.backends[i].as_mut() {
+                    let own = |g: &u64| *g == write::OWN_GENERATION;
+                    match &p {
+                        SqlPrepared::Deallocate(None) | SqlPrepared::DiscardAll => {
+                            conn.prepared.retain(|_, g| !own(g))
+                        }
+                        SqlPrepared::Deallocate(Some(name))
+                            if conn.prepared.get(name).is_some_and(own) =>
+                        {
+                            conn.prepared.remove(name);
+                        }
+                        _ => {}
+                    }
+                }
                 self.sql_prepared_done(p);
             }
             match outcome.owner {

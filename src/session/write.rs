@@ -94,6 +94,48 @@ pub enum Own {
     Rollback,
 }
 
+/// A statement the proxy runs for itself on the primary in every write
+/// transaction: prepared once per connection (parsing and planning it on
+/// every transaction cost the primary about as much as running it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnStatement {
+    Begin,
+    LockShared,
+    LockExclusive,
+    Upgrade,
+    Append,
+}
+
+impl OwnStatement {
+    /// Its name on the connection (clients' names are unlikely to clash).
+    fn name(self) -> &'static str {
+        match self {
+            OwnStatement::Begin => "reprise.own.begin",
+            OwnStatement::LockShared => "reprise.own.lock_shared",
+            OwnStatement::LockExclusive => "reprise.own.lock",
+            OwnStatement::Upgrade => "reprise.own.upgrade",
+            OwnStatement::Append => "reprise.own.append",
+        }
+    }
+
+    fn sql(self, group: &str) -> String {
+        match self {
+            OwnStatement::Begin => "BEGIN".to_string(),
+            OwnStatement::LockShared => replication::shared_lock_query(group),
+            OwnStatement::LockExclusive => replication::lock_query(group),
+            OwnStatement::Upgrade => replication::upgrade_lock_query(group),
+            OwnStatement::Append => {
+                "SELECT * FROM reprise.append_row($1::bigint, $2::bytea, $3::text, $4::bigint)"
+                    .to_string()
+            }
+        }
+    }
+}
+
+/// The generation a connection's account of prepared statements gives the
+/// proxy's own (clients' generations count up from 1).
+pub(super) const OWN_GENERATION: u64 = u64::MAX;
+
 /// The write-path part of a session's state.
 #[derive(Debug, Default)]
 pub struct WriteState {
@@ -984,8 +1026,9 @@ impl Session {
                     self.push_lock(buf, false, !row_local);
                 } else if !tx.lock_deferred && !tx.exclusive && !row_local {
                     tx.exclusive = true;
-                    let q = replication::upgrade_lock_query(&self.group.name);
-                    buf.extend_from_slice(&messages::query(&q));
+                    let p = self.group.primary();
+                    self.bind_own(p, buf, OwnStatement::Upgrade, &[]);
+                    messages::put_message(b'S', b"", buf);
                     self.write.own.push_back(Own::Lock);
                 }
             }
@@ -1093,17 +1136,55 @@ impl Session {
         });
     }
 
-    /// Adds the write-lock query (after a BEGIN if asked) to `buf`.
+    /// Adds the write-lock query (after a BEGIN if asked) to `buf`, for the
+    /// primary.
     fn push_lock(&mut self, buf: &mut BytesMut, begin: bool, exclusive: bool) {
-        let begin = if begin { "BEGIN; " } else { "" };
-        let query = if exclusive {
-            replication::lock_query(&self.group.name)
+        let p = self.group.primary();
+        if begin {
+            self.bind_own(p, buf, OwnStatement::Begin, &[]);
+        }
+        let lock = if exclusive {
+            OwnStatement::LockExclusive
         } else {
-            replication::shared_lock_query(&self.group.name)
+            OwnStatement::LockShared
         };
-        let lock = format!("{begin}{query}");
-        buf.extend_from_slice(&messages::query(&lock));
+        self.bind_own(p, buf, lock, &[]);
+        messages::put_message(b'S', b"", buf);
         self.write.own.push_back(Own::Lock);
+    }
+
+    /// Adds a Bind and Execute of one of the proxy's own statements to
+    /// `buf` for connection `p`, first its Parse if `p` does not have it
+    /// (after a Close, in case a DISCARD the proxy could not follow left
+    /// it there after all). The caller ends the unit with a Sync.
+    fn bind_own(
+        &mut self,
+        p: usize,
+        buf: &mut BytesMut,
+        stmt: OwnStatement,
+        params: &[(i16, Option<bytes::Bytes>)],
+    ) {
+        let Some(conn) = self.backends[p].as_mut() else {
+            return;
+        };
+        let name = stmt.name();
+        if !conn.prepared.contains_key(name) {
+            buf.extend_from_slice(&super::statements::close_statement(name).raw);
+            conn.tracker.push(Expect::Close { injected: true });
+            let mut parse = BytesMut::new();
+            messages::put_cstr(&mut parse, name);
+            messages::put_cstr(&mut parse, &stmt.sql(&self.group.name));
+            parse.extend_from_slice(&0i16.to_be_bytes());
+            messages::put_message(b'P', &parse, buf);
+            conn.tracker.push(Expect::Parse {
+                injected: true,
+                name: name.to_string(),
+            });
+            conn.prepared.insert(name.to_string(), OWN_GENERATION);
+        }
+        let bind = crate::replication::applier::bind_body_for(name, params);
+        messages::put_message(b'B', &bind, buf);
+        messages::put_message(b'E', b"\0\0\0\0\0", buf);
     }
 
     /// Remembers where the capture stands before a client unit.
@@ -1226,14 +1307,6 @@ impl Session {
         let payload = entry.encode();
         let term = self.group.term();
         tx.term = term;
-        let mut parse = BytesMut::new();
-        messages::put_cstr(&mut parse, "");
-        messages::put_cstr(
-            &mut parse,
-            "SELECT * FROM reprise.append_row($1::bigint, $2::bytea, $3::text, $4::bigint)",
-        );
-        parse.extend_from_slice(&0i16.to_be_bytes());
-        messages::put_message(b'P', &parse, buf);
         tx.payload = payload.clone();
         let params = [
             (0i16, Some(bytes::Bytes::from(term.to_string()))),
@@ -1249,16 +1322,10 @@ impl Session {
                 }),
             ),
         ];
-        messages::put_message(b'B', &crate::replication::applier::bind_body(&params), buf);
-        messages::put_message(b'E', b"\0\0\0\0\0", buf);
+        self.bind_own(p, buf, OwnStatement::Append, &params);
         messages::put_message(b'S', b"", buf);
         if let Some(conn) = self.backends[p].as_mut() {
-            conn.tracker.push(Expect::Parse {
-                injected: true,
-                name: String::new(),
-            });
             conn.tracker.push(Expect::Own);
-            conn.prepared.remove("");
         }
         self.write.own.push_back(Own::Append);
     }
