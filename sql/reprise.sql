@@ -171,11 +171,16 @@ CREATE OR REPLACE FUNCTION reprise.append_row(p_term bigint, p_payload bytea, p_
                                               p_order_key bigint)
 RETURNS TABLE (r_seq bigint, r_prev_hash text, r_hash text, r_sequences text,
                r_captured text, r_committed_us bigint)
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_term bigint;
     v_after text;
 BEGIN
+    -- Another role can call this (see the GRANT at the end) but not use it.
+    IF NOT pg_has_role(session_user, current_user, 'MEMBER') THEN
+        RAISE EXCEPTION 'reprise: only the proxy''s own user writes the log'
+            USING ERRCODE = '42501';
+    END IF;
     IF p_order_key IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(p_order_key);
     END IF;
@@ -224,11 +229,16 @@ $fn$;
 CREATE OR REPLACE FUNCTION reprise.applied(p_seq bigint, p_term bigint, p_payload bytea,
                                            p_prev_hash text, p_hash text, p_sequences text,
                                            p_committed_at timestamptz, p_captured text)
-RETURNS void LANGUAGE plpgsql AS $fn$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_seq bigint;
     v_prev text;
 BEGIN
+    -- Another role can call this (see the GRANT at the end) but not use it.
+    IF NOT pg_has_role(session_user, current_user, 'MEMBER') THEN
+        RAISE EXCEPTION 'reprise: only the proxy''s own user writes the log'
+            USING ERRCODE = '42501';
+    END IF;
     SELECT seq, hash INTO v_seq, v_prev FROM reprise.log ORDER BY seq DESC LIMIT 1;
     -- Another applier (another proxy) may be replaying the same log: a
     -- position mismatch is not a divergence, a history mismatch is.
@@ -272,7 +282,7 @@ $fn$;
 -- is_called = false when it is NULL: where nextval starts, after a
 -- RESTART WITH too].
 CREATE OR REPLACE FUNCTION reprise.sequences()
-RETURNS text LANGUAGE sql STABLE AS $fn$
+RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT coalesce(json_agg(json_build_array(format('%I.%I', schemaname, sequencename),
                                               last_value,
                                               CASE WHEN last_value IS NULL
@@ -281,6 +291,7 @@ RETURNS text LANGUAGE sql STABLE AS $fn$
                              ORDER BY schemaname, sequencename)::text, '[]')
     FROM pg_sequences
     WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'reprise')
+      AND pg_has_role(session_user, current_user, 'MEMBER')
 $fn$;
 
 -- VERIFY: per-table row counts and checksums, computed by every node
@@ -331,5 +342,13 @@ BEGIN
     RETURN v_tables;
 END
 $fn$;
+
+-- A client session may SET ROLE to a role without rights here; its writes
+-- still call the functions above (the capture rewrites call
+-- reprise.captured(), the lock query reprise.sequences(), the commit
+-- reprise.append_row()), and the replay runs as that role too. Those that
+-- read or write this schema's tables run as their owner, for sessions
+-- logged in as the proxy's own user only.
+GRANT USAGE ON SCHEMA reprise TO PUBLIC;
 
 INSERT INTO reprise.node (schema_version) VALUES (1) ON CONFLICT DO NOTHING;

@@ -596,6 +596,71 @@ async fn a_write_lock_deadlock_reaches_the_client_as_40p01() {
     assert_identical(&g).await;
 }
 
+/// A session that sets a role writes as that role, on every copy (its
+/// writes used to fail: the log append ran as that role, without rights on
+/// the reprise schema); the next session's entries replay as its own user,
+/// not the role a previous entry set. A session that DISCARDs ALL and then
+/// writes leaves the subscribers replaying (DISCARD ALL, replayed inside
+/// the entry's transaction, failed there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_discard_all_replicate() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let admin = g.proxy.client("app").await;
+    admin
+        .batch_execute(
+            "CREATE ROLE bob; CREATE SCHEMA bobs AUTHORIZATION bob;
+             CREATE TABLE roles_t (id int PRIMARY KEY, n serial);
+             GRANT ALL ON roles_t, roles_t_n_seq TO bob;",
+        )
+        .await
+        .unwrap();
+    let bob = g.proxy.client("app").await;
+    bob.batch_execute("SET ROLE bob").await.unwrap();
+    bob.batch_execute("INSERT INTO roles_t (id) VALUES (1)")
+        .await
+        .unwrap();
+    bob.execute("INSERT INTO roles_t (id) VALUES ($1)", &[&2i32])
+        .await
+        .unwrap();
+    bob.batch_execute("CREATE TABLE bobs.mine (id int)")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE TABLE theirs (id int); INSERT INTO roles_t (id) VALUES (3)")
+        .await
+        .unwrap();
+    let reset = g.proxy.client("app").await;
+    reset.batch_execute("SET search_path = bobs").await.unwrap();
+    reset.batch_execute("DISCARD ALL").await.unwrap();
+    reset
+        .batch_execute("INSERT INTO roles_t (id) VALUES (4)")
+        .await
+        .unwrap();
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(10)).await;
+    assert_identical(&g).await;
+    for i in 0..3 {
+        let c = g.direct(i).await;
+        let owners = c
+            .query(
+                "SELECT tablename::text, tableowner::text FROM pg_tables
+                 WHERE tablename IN ('mine', 'theirs') ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        let owners: Vec<(String, String)> = owners.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(
+            owners,
+            [
+                ("mine".to_string(), "bob".to_string()),
+                ("theirs".to_string(), "postgres".to_string())
+            ],
+            "node {i}"
+        );
+        assert_eq!(ids_on(&g, i, "roles_t").await, [1, 2, 3, 4], "node {i}");
+    }
+}
+
 /// Two-phase commit: a write transaction cannot be prepared (it would hold
 /// the commit-order lock, and its entry would reach the subscribers before
 /// COMMIT PREPARED decided it); the client is told why and nothing of it

@@ -375,10 +375,12 @@ fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache)
         && h.prepares.is_empty()
         && !mentions_temp(messages)
         && cache.names.len() < MAX_CACHED;
+    // RESET ALL leaves the role and session authorization a previous
+    // entry's SET ROLE / SET SESSION AUTHORIZATION made.
     let mut setup = String::from(if cached {
-        "RESET ALL; "
+        "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; "
     } else {
-        "RESET ALL; DEALLOCATE ALL; "
+        "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; DEALLOCATE ALL; "
     });
     for s in h.settings.iter().chain(&h.prepares) {
         setup.push_str(s);
@@ -791,7 +793,7 @@ async fn run_outside_transaction(
     seq: i64,
     entry: &Entry,
 ) -> Result<(), Stop> {
-    let mut setup = String::from("RESET ALL");
+    let mut setup = String::from("RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL");
     for s in &entry.header.settings {
         setup.push_str("; ");
         setup.push_str(s);

@@ -696,6 +696,17 @@ fn sqls_isolated(unit: &Unit) -> bool {
     })
 }
 
+/// Whether a session setting is a DISCARD ALL.
+fn is_discard_all(sql: &str) -> bool {
+    let mut words = crate::route::normalize::trim_start_sql(sql).split_whitespace();
+    words
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case("DISCARD"))
+        && words
+            .next()
+            .is_some_and(|w| w.trim_end_matches(';').eq_ignore_ascii_case("ALL"))
+}
+
 /// Whether a unit holds a PREPARE TRANSACTION.
 fn prepares_transaction(unit: &Unit) -> bool {
     unit_sql(unit).iter().any(|sql| {
@@ -1073,10 +1084,18 @@ impl Session {
     /// The settings an entry replays: the startup ones that change how
     /// values read, and the session's SETs — but not its name, which would
     /// make the applier show up as the client on every subscriber.
+    /// A DISCARD ALL (which cannot run in the entry's transaction) leaves
+    /// the startup settings, where the replay starts anyway: what came
+    /// before it is not replayed, nor it.
     fn entry_settings(&self) -> Vec<String> {
         let mut settings = self.write.startup_settings.clone();
+        let discarded = self
+            .settings
+            .iter()
+            .rposition(|s| is_discard_all(s))
+            .map_or(0, |i| i + 1);
         settings.extend(
-            self.settings
+            self.settings[discarded..]
                 .iter()
                 .filter(|s| !s.to_ascii_lowercase().contains("application_name"))
                 .cloned(),
