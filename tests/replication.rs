@@ -599,7 +599,8 @@ async fn a_write_lock_deadlock_reaches_the_client_as_40p01() {
 /// A session that sets a role writes as that role, on every copy (its
 /// writes used to fail: the log append ran as that role, without rights on
 /// the reprise schema); the next session's entries replay as its own user,
-/// not the role a previous entry set. A session that DISCARDs ALL and then
+/// not the role a previous entry set. So does a session that sets its
+/// session authorization. A session that DISCARDs ALL and then
 /// writes leaves the subscribers replaying (DISCARD ALL, replayed inside
 /// the entry's transaction, failed there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -609,8 +610,9 @@ async fn roles_and_discard_all_replicate() {
     admin
         .batch_execute(
             "CREATE ROLE bob; CREATE SCHEMA bobs AUTHORIZATION bob;
+             CREATE ROLE carol; CREATE SCHEMA carols AUTHORIZATION carol;
              CREATE TABLE roles_t (id int PRIMARY KEY, n serial);
-             GRANT ALL ON roles_t, roles_t_n_seq TO bob;",
+             GRANT ALL ON roles_t, roles_t_n_seq TO bob, carol;",
         )
         .await
         .unwrap();
@@ -629,6 +631,23 @@ async fn roles_and_discard_all_replicate() {
         .batch_execute("CREATE TABLE theirs (id int); INSERT INTO roles_t (id) VALUES (3)")
         .await
         .unwrap();
+    // The proxy's user (a superuser) acting as another user, as a restore
+    // script made with pg_dump --use-set-session-authorization does: the
+    // log is still written, with the sequence states (a rolled-back insert
+    // took a number on the primary alone).
+    let carol = g.proxy.client("app").await;
+    carol
+        .batch_execute("SET SESSION AUTHORIZATION carol")
+        .await
+        .unwrap();
+    carol
+        .batch_execute("BEGIN; INSERT INTO roles_t (id) VALUES (50); ROLLBACK")
+        .await
+        .unwrap();
+    carol
+        .batch_execute("INSERT INTO roles_t (id) VALUES (5); CREATE TABLE carols.hers (id int)")
+        .await
+        .unwrap();
     let reset = g.proxy.client("app").await;
     reset.batch_execute("SET search_path = bobs").await.unwrap();
     reset.batch_execute("DISCARD ALL").await.unwrap();
@@ -643,7 +662,7 @@ async fn roles_and_discard_all_replicate() {
         let owners = c
             .query(
                 "SELECT tablename::text, tableowner::text FROM pg_tables
-                 WHERE tablename IN ('mine', 'theirs') ORDER BY 1",
+                 WHERE tablename IN ('mine', 'theirs', 'hers') ORDER BY 1",
                 &[],
             )
             .await
@@ -652,12 +671,13 @@ async fn roles_and_discard_all_replicate() {
         assert_eq!(
             owners,
             [
+                ("hers".to_string(), "carol".to_string()),
                 ("mine".to_string(), "bob".to_string()),
                 ("theirs".to_string(), "postgres".to_string())
             ],
             "node {i}"
         );
-        assert_eq!(ids_on(&g, i, "roles_t").await, [1, 2, 3, 4], "node {i}");
+        assert_eq!(ids_on(&g, i, "roles_t").await, [1, 2, 3, 4, 5], "node {i}");
     }
 }
 
