@@ -1356,6 +1356,16 @@ async fn copy_ddl_settings_and_read_your_writes() {
     )
     .await
     .unwrap();
+    // A NULL value resets the setting to its default, on every copy.
+    b.query("SELECT set_config('TimeZone', $1, false)", &[&None::<&str>])
+        .await
+        .unwrap();
+    b.batch_execute(
+        "SELECT set_config('DateStyle', NULL, false);
+         INSERT INTO stamps VALUES (4, '2020-01-01 00:00', '2020-05-06')",
+    )
+    .await
+    .unwrap();
     let mut raw = Raw::connect(&g.proxy).await;
     let mut out = Vec::new();
     Raw::parse(&mut out, "", "SELECT set_config('TimeZone', $1, false)");
@@ -1375,6 +1385,7 @@ async fn copy_ddl_settings_and_read_your_writes() {
     let got = raw.until(b'Z').await;
     assert_eq!(error_in(&got), None, "{got:?}");
     wait_caught_up(&g, &[1, 2], Duration::from_secs(10)).await;
+    let mut reset_to_default = Vec::new();
     for i in 0..3 {
         let rows = g
             .direct(i)
@@ -1386,8 +1397,19 @@ async fn copy_ddl_settings_and_read_your_writes() {
             .await
             .unwrap();
         let got: Vec<(i32, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        assert_eq!(got, [(2, 1_577_854_800), (3, 1_577_836_800)], "node {i}");
+        assert_eq!(
+            got[..2],
+            [(2, 1_577_854_800), (3, 1_577_836_800)],
+            "node {i}"
+        );
+        reset_to_default.push(got[2]);
     }
+    // The nodes' default time zone (not New York's) on every copy.
+    assert!(
+        reset_to_default.iter().all(|r| *r == reset_to_default[0])
+            && reset_to_default[0].1 != 1_577_854_800,
+        "{reset_to_default:?}"
+    );
     // A session that wrote reads its write at once, wherever the read goes.
     let c = g.proxy.client("app").await;
     for i in 0..30 {

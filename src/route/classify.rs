@@ -286,13 +286,14 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
                 cacheable = false;
                 let calls = set_configs.unwrap_or_default();
                 let literal = |a: &SettingArg| match a {
-                    SettingArg::Text(t) => Some(t.clone()),
+                    SettingArg::Text(t) => Some(Some(t.clone())),
+                    SettingArg::Null => Some(None),
                     SettingArg::Param(_) => None,
                 };
                 // In order: all kept as text, or all bound.
                 let texts: Option<Vec<String>> = calls
                     .iter()
-                    .map(|[n, v]| Some(set_config_sql(&literal(n)?, &literal(v)?)))
+                    .map(|[n, v]| Some(set_config_sql(&literal(n)??, literal(v)?.as_deref())))
                     .collect();
                 match texts {
                     Some(t) => out.session_settings.extend(t),
@@ -513,21 +514,24 @@ fn is_on(node: &protobuf::Node) -> bool {
     }
 }
 
-/// An argument of a session-level `set_config`: its text, or the Bind
-/// parameter that gives it (`$n`, from 1).
+/// An argument of a session-level `set_config`: its text, NULL (as a
+/// value: the setting's default, as RESET), or the Bind parameter that
+/// gives it (`$n`, from 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettingArg {
     Text(String),
+    Null,
     Param(usize),
 }
 
-/// The statement a session setting made with `set_config` is replayed as.
-pub fn set_config_sql(name: &str, value: &str) -> String {
+/// The statement a session setting made with `set_config` is replayed as
+/// (`value` None: NULL, the setting's default).
+pub fn set_config_sql(name: &str, value: Option<&str>) -> String {
     let quote = crate::replication::dollar_quoted;
     format!(
         "SELECT pg_catalog.set_config({}, {}, false)",
         quote(name),
-        quote(value)
+        value.map_or_else(|| "NULL".to_string(), quote)
     )
 }
 
@@ -559,6 +563,7 @@ fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<[SettingArg;
                 val: Some(a_const::Val::Sval(s)),
                 ..
             })) => Some(SettingArg::Text(s.sval.clone())),
+            Some(NodeEnum::AConst(protobuf::AConst { isnull: true, .. })) => Some(SettingArg::Null),
             Some(NodeEnum::ParamRef(p)) if p.number > 0 => {
                 Some(SettingArg::Param(p.number as usize))
             }
@@ -614,7 +619,9 @@ fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<[SettingArg;
         if !local_false {
             return None;
         }
-        settings.push([arg(name)?, arg(value)?]);
+        // A NULL name is an error the primary reports.
+        let name = arg(name).filter(|a| *a != SettingArg::Null)?;
+        settings.push([name, arg(value)?]);
     }
     Some(settings)
 }
@@ -1271,6 +1278,8 @@ mod tests {
             ),
             ("select set_config('a.b', 'c', 'off')", Some("set_config")),
             ("select set_config('a.b', 'c', true)", None),
+            ("select set_config('a.b', NULL, false)", None),
+            ("select set_config(NULL, 'c', false)", Some("set_config")),
             (
                 "set standard_conforming_strings = off",
                 Some("standard_conforming_strings"),
@@ -1292,6 +1301,10 @@ mod tests {
             ]
         );
         assert!(got.pin_reason.is_none());
+        assert_eq!(
+            c("select set_config('TimeZone', NULL, false)").session_settings,
+            ["SELECT pg_catalog.set_config($r$TimeZone$r$, NULL, false)"]
+        );
         let got = c("select set_config($1, $2::text, false), set_config('TimeZone', 'UTC', false)");
         assert_eq!(
             got.bound_settings,

@@ -173,13 +173,14 @@ impl Unit {
         self.settings.extend(c.session_settings.iter().cloned());
         for [name, value] in &c.bound_settings {
             let text = |a: &SettingArg| match a {
-                SettingArg::Text(t) => Some(t.clone()),
+                SettingArg::Text(t) => Some(Some(t.clone())),
+                SettingArg::Null => Some(None),
                 SettingArg::Param(n) => statements::bound_text(&def.parse, bind, *n),
             };
             match (text(name), text(value)) {
-                (Some(n), Some(v)) => self.settings.push(set_config_sql(&n, &v)),
-                // A NULL (reset) or a value not read as text: kept on the
-                // primary, as any other set_config.
+                (Some(Some(n)), Some(v)) => self.settings.push(set_config_sql(&n, v.as_deref())),
+                // A value not read as text (or a NULL name, an error): kept
+                // on the primary, as any other set_config.
                 _ => self.pin = self.pin.or(Some("set_config")),
             }
         }

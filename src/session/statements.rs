@@ -100,9 +100,9 @@ pub fn bind_statement(body: &[u8]) -> Option<&str> {
 
 /// The text a Bind gives parameter `n` (from 1) of the statement `parse`
 /// defines: a value sent as text, or in binary for a parameter of type
-/// text (declared so, or left for the server to infer). None for NULL, for
-/// binary of any other type, and for a malformed message.
-pub fn bound_text(parse: &Frame, bind: &[u8], n: usize) -> Option<String> {
+/// text (declared so, or left for the server to infer); `Some(None)` for
+/// NULL. None for binary of any other type and for a malformed message.
+pub fn bound_text(parse: &Frame, bind: &[u8], n: usize) -> Option<Option<String>> {
     const TEXT_OIDS: [i32; 3] = [0, 25, 1043];
     let i = n.checked_sub(1)?;
     let mut p = Reader::new(parse.body());
@@ -136,11 +136,15 @@ pub fn bound_text(parse: &Frame, bind: &[u8], n: usize) -> Option<String> {
             b.bytes(len as usize)?;
         }
     }
-    let len = usize::try_from(b.i32()?).ok()?;
-    let value = b.bytes(len)?;
+    let len = b.i32()?;
+    if len == -1 {
+        return Some(None);
+    }
+    let value = b.bytes(usize::try_from(len).ok()?)?;
     (format == 0 || TEXT_OIDS.contains(&oid))
         .then(|| std::str::from_utf8(value).ok().map(str::to_string))
         .flatten()
+        .map(Some)
 }
 
 /// Describe or Close: kind ('S' or 'P') and name.
@@ -254,32 +258,21 @@ mod tests {
             b.extend_from_slice(&0i16.to_be_bytes());
             b
         };
+        let some = |v: &str| Some(Some(v.to_string()));
         let text = bind(&[], &[Some(b"search_path"), Some(b"s2, public")]);
-        assert_eq!(
-            bound_text(&parse(&[]), &text, 1).as_deref(),
-            Some("search_path")
-        );
-        assert_eq!(
-            bound_text(&parse(&[]), &text, 2).as_deref(),
-            Some("s2, public")
-        );
+        assert_eq!(bound_text(&parse(&[]), &text, 1), some("search_path"));
+        assert_eq!(bound_text(&parse(&[]), &text, 2), some("s2, public"));
         assert_eq!(bound_text(&parse(&[]), &text, 3), None);
         assert_eq!(bound_text(&parse(&[]), &text, 0), None);
         // Binary is read only for a parameter of type text.
         let binary = bind(&[0, 1], &[Some(b"TimeZone"), Some(b"UTC")]);
-        assert_eq!(bound_text(&parse(&[]), &binary, 2).as_deref(), Some("UTC"));
-        assert_eq!(
-            bound_text(&parse(&[25, 1043]), &binary, 2).as_deref(),
-            Some("UTC")
-        );
+        assert_eq!(bound_text(&parse(&[]), &binary, 2), some("UTC"));
+        assert_eq!(bound_text(&parse(&[25, 1043]), &binary, 2), some("UTC"));
         assert_eq!(bound_text(&parse(&[25, 23]), &binary, 2), None);
-        assert_eq!(
-            bound_text(&parse(&[25, 23]), &binary, 1).as_deref(),
-            Some("TimeZone")
-        );
-        // NULL (a reset) and a cut message are not a value.
+        assert_eq!(bound_text(&parse(&[25, 23]), &binary, 1), some("TimeZone"));
+        // NULL (a reset) is told apart from a cut message.
         let null = bind(&[1], &[Some(b"TimeZone"), None]);
-        assert_eq!(bound_text(&parse(&[]), &null, 2), None);
+        assert_eq!(bound_text(&parse(&[]), &null, 2), Some(None));
         assert_eq!(bound_text(&parse(&[]), &text[..text.len() - 8], 2), None);
     }
 }
