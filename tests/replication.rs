@@ -1384,6 +1384,16 @@ async fn copy_ddl_settings_and_read_your_writes() {
     raw.send(&out).await;
     let got = raw.until(b'Z').await;
     assert_eq!(error_in(&got), None, "{got:?}");
+    // RESET puts a setting back to the client's startup value, which the
+    // replay's session does not have as its default.
+    let (ok, _, err) = psql(
+        &format!("{url}?options=-c%20TimeZone%3DAmerica%2FNew_York"),
+        "SET search_path = s2; SET TimeZone = 'UTC'; RESET TimeZone;\n\
+         INSERT INTO stamps VALUES (5, '2020-01-01 00:00', NULL);\n\
+         SET TimeZone = 'UTC'; RESET ALL;\n\
+         INSERT INTO s2.stamps VALUES (6, '2020-01-01 00:00', NULL);\n",
+    );
+    assert!(ok, "{err}");
     wait_caught_up(&g, &[1, 2], Duration::from_secs(10)).await;
     let mut reset_to_default = Vec::new();
     for i in 0..3 {
@@ -1403,6 +1413,11 @@ async fn copy_ddl_settings_and_read_your_writes() {
             "node {i}"
         );
         reset_to_default.push(got[2]);
+        assert_eq!(
+            got[3..],
+            [(5, 1_577_854_800), (6, 1_577_854_800)],
+            "node {i}"
+        );
     }
     // The nodes' default time zone (not New York's) on every copy.
     assert!(

@@ -696,15 +696,68 @@ fn sqls_isolated(unit: &Unit) -> bool {
     })
 }
 
-/// Whether a session setting is a DISCARD ALL.
-fn is_discard_all(sql: &str) -> bool {
-    let mut words = crate::route::normalize::trim_start_sql(sql).split_whitespace();
-    words
-        .next()
-        .is_some_and(|w| w.eq_ignore_ascii_case("DISCARD"))
-        && words
-            .next()
-            .is_some_and(|w| w.trim_end_matches(';').eq_ignore_ascii_case("ALL"))
+/// A session setting's words, lowercased, without a final semicolon and
+/// with `=` apart (`SET a=DEFAULT`).
+fn setting_words(sql: &str) -> Vec<String> {
+    crate::route::normalize::trim_start_sql(sql)
+        .trim_end()
+        .trim_end_matches(';')
+        .replace('=', " = ")
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+/// Whether a session setting is a DISCARD ALL or a RESET ALL: every
+/// setting back to the session's defaults, the startup parameters'.
+fn resets_all(sql: &str) -> bool {
+    matches!(
+        setting_words(sql).as_slice(),
+        [a, b] if (a == "discard" || a == "reset") && b == "all"
+    )
+}
+
+/// The setting a `RESET name` or `SET [SESSION] name TO DEFAULT` puts back
+/// to the session's default (lowercased), if it is one.
+fn reset_name(sql: &str) -> Option<String> {
+    let words = setting_words(sql);
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    match w.as_slice() {
+        ["reset", name] if *name != "all" => Some(name.to_string()),
+        ["set", "session", name, "to" | "=", "default"] | ["set", name, "to" | "=", "default"] => {
+            Some(name.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The settings an entry replays, from the SETs that give the startup
+/// parameters and the session's settings in order. The replay's session
+/// defaults are not the client's startup parameters, so: a DISCARD ALL or
+/// RESET ALL (back to the startup values, where the replay starts anyway)
+/// drops what came before it, itself too (DISCARD ALL cannot run in the
+/// entry's transaction); a RESET of a startup parameter is followed by
+/// that parameter's SET. The application name is left out (the applier
+/// would show up as the client on every subscriber).
+fn replayed_settings(startup: &[String], session: &[String]) -> Vec<String> {
+    let from = session
+        .iter()
+        .rposition(|s| resets_all(s))
+        .map_or(0, |i| i + 1);
+    let mut settings = startup.to_vec();
+    for s in &session[from..] {
+        if s.to_ascii_lowercase().contains("application_name") {
+            continue;
+        }
+        settings.push(s.clone());
+        if let Some(name) = reset_name(s) {
+            let again = startup
+                .iter()
+                .find(|st| setting_words(st).get(1).is_some_and(|n| *n == name));
+            settings.extend(again.cloned());
+        }
+    }
+    settings
 }
 
 /// Whether a unit holds a PREPARE TRANSACTION.
@@ -1082,25 +1135,9 @@ impl Session {
     }
 
     /// The settings an entry replays: the startup ones that change how
-    /// values read, and the session's SETs — but not its name, which would
-    /// make the applier show up as the client on every subscriber.
-    /// A DISCARD ALL (which cannot run in the entry's transaction) leaves
-    /// the startup settings, where the replay starts anyway: what came
-    /// before it is not replayed, nor it.
+    /// values read, and the session's SETs (see `replayed_settings`).
     fn entry_settings(&self) -> Vec<String> {
-        let mut settings = self.write.startup_settings.clone();
-        let discarded = self
-            .settings
-            .iter()
-            .rposition(|s| is_discard_all(s))
-            .map_or(0, |i| i + 1);
-        settings.extend(
-            self.settings[discarded..]
-                .iter()
-                .filter(|s| !s.to_ascii_lowercase().contains("application_name"))
-                .cloned(),
-        );
-        settings
+        replayed_settings(&self.write.startup_settings, &self.settings)
     }
 
     /// Whether every statement is row-local (needs the lock only shared).
@@ -1752,6 +1789,42 @@ mod tests {
             not_in_transaction("alter system set work_mem = '1MB'"),
             Some("ALTER SYSTEM")
         );
+    }
+
+    #[test]
+    fn resets_go_back_to_the_startup_values() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let startup = v(&["SET TimeZone = 'Asia/Tokyo'", "SET DateStyle = 'German'"]);
+        let got = replayed_settings(
+            &startup,
+            &v(&[
+                "SET search_path = s2",
+                "SET timezone = 'UTC'",
+                "reset all",
+                "SET TimeZone TO 'UTC'",
+                "RESET timezone;",
+                "SET application_name = 'x'",
+                "set session DateStyle=default",
+                "RESET search_path",
+            ]),
+        );
+        assert_eq!(
+            got,
+            v(&[
+                "SET TimeZone = 'Asia/Tokyo'",
+                "SET DateStyle = 'German'",
+                "SET TimeZone TO 'UTC'",
+                "RESET timezone;",
+                "SET TimeZone = 'Asia/Tokyo'",
+                "set session DateStyle=default",
+                "SET DateStyle = 'German'",
+                "RESET search_path",
+            ])
+        );
+        let got = replayed_settings(&startup, &v(&["SET a.b = 1", "DISCARD ALL"]));
+        assert_eq!(got, startup);
+        assert!(!resets_all("DISCARD PLANS") && !resets_all("RESET ROLE"));
+        assert_eq!(reset_name("SET a.b TO 'default'"), None);
     }
 
     #[test]
