@@ -159,15 +159,25 @@ RETURNS text LANGUAGE sql STABLE AS $fn$
     END
 $fn$;
 
--- Whether the role this connection logged in as is a member of the
--- current user (in the SECURITY DEFINER functions below: their owner, the
--- proxy's own user). session_user says the same until a SET SESSION
--- AUTHORIZATION, which the proxy's user (a superuser) may run for a client
--- and replay; the login role, kept by the statistics system, stays.
-CREATE OR REPLACE FUNCTION reprise.logged_in_as_owner()
-RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT coalesce((SELECT pg_has_role(a.usesysid, current_user, 'MEMBER')
-                     FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()), false)
+-- The role this connection logged in as, which the statistics system
+-- keeps (SET SESSION AUTHORIZATION changes session_user, not this).
+CREATE OR REPLACE FUNCTION reprise.login_role()
+RETURNS oid LANGUAGE sql STABLE AS $fn$
+    SELECT a.usesysid FROM pg_catalog.pg_stat_activity a
+    WHERE a.pid = pg_catalog.pg_backend_pid()
+$fn$;
+
+-- Whether this connection may write the log: whether it logged in as a
+-- member of the current user (in the SECURITY DEFINER functions below:
+-- their owner, the proxy's own user). session_user tells until a SET
+-- SESSION AUTHORIZATION, which the proxy's user (a superuser) may run for
+-- a client and replay; then the login role is looked up. One expression,
+-- names qualified, no SET clause: it is inlined where it is called, as
+-- cheap as the first test written out.
+CREATE OR REPLACE FUNCTION reprise.is_log_writer()
+RETURNS boolean LANGUAGE sql STABLE AS $fn$
+    SELECT pg_catalog.pg_has_role(session_user, current_user, 'MEMBER')
+        OR coalesce(pg_catalog.pg_has_role(reprise.login_role(), current_user, 'MEMBER'), false)
 $fn$;
 
 -- Appends an entry on the primary inside the writing transaction. The
@@ -188,7 +198,7 @@ DECLARE
     v_after text;
 BEGIN
     -- Another role can call this (see the GRANT at the end) but not use it.
-    IF NOT pg_has_role(session_user, current_user, 'MEMBER') AND NOT reprise.logged_in_as_owner() THEN
+    IF NOT reprise.is_log_writer() THEN
         RAISE EXCEPTION 'reprise: only the proxy''s own user writes the log'
             USING ERRCODE = '42501';
     END IF;
@@ -246,7 +256,7 @@ DECLARE
     v_prev text;
 BEGIN
     -- Another role can call this (see the GRANT at the end) but not use it.
-    IF NOT pg_has_role(session_user, current_user, 'MEMBER') AND NOT reprise.logged_in_as_owner() THEN
+    IF NOT reprise.is_log_writer() THEN
         RAISE EXCEPTION 'reprise: only the proxy''s own user writes the log'
             USING ERRCODE = '42501';
     END IF;
@@ -302,7 +312,7 @@ RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, 
                              ORDER BY schemaname, sequencename)::text, '[]')
     FROM pg_sequences
     WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'reprise')
-      AND (pg_has_role(session_user, current_user, 'MEMBER') OR reprise.logged_in_as_owner())
+      AND reprise.is_log_writer()
 $fn$;
 
 -- VERIFY: per-table row counts and checksums, computed by every node

@@ -375,13 +375,10 @@ fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache)
         && h.prepares.is_empty()
         && !mentions_temp(messages)
         && cache.names.len() < MAX_CACHED;
-    // RESET ALL leaves the role and session authorization a previous
-    // entry's SET ROLE / SET SESSION AUTHORIZATION made.
-    let mut setup = String::from(if cached {
-        "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; "
-    } else {
-        "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; DEALLOCATE ALL; "
-    });
+    let mut setup = format!("{RESET_SESSION}; ");
+    if !cached {
+        setup.push_str("DEALLOCATE ALL; ");
+    }
     for s in h.settings.iter().chain(&h.prepares) {
         setup.push_str(s);
         setup.push_str("; ");
@@ -785,6 +782,12 @@ async fn apply_batch(
     }
 }
 
+/// What the replay connection's session is put back to before each entry
+/// sets its own settings: RESET ALL alone leaves the role and session
+/// authorization a previous entry's SET ROLE / SET SESSION AUTHORIZATION
+/// made.
+const RESET_SESSION: &str = "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL";
+
 /// Runs a command that cannot run in a transaction block (CREATE INDEX
 /// CONCURRENTLY), idempotently: "already exists" / "does not exist" mean a
 /// previous attempt got that far.
@@ -793,7 +796,7 @@ async fn run_outside_transaction(
     seq: i64,
     entry: &Entry,
 ) -> Result<(), Stop> {
-    let mut setup = String::from("RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL");
+    let mut setup = String::from(RESET_SESSION);
     for s in &entry.header.settings {
         setup.push_str("; ");
         setup.push_str(s);

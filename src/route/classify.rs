@@ -285,15 +285,10 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             NodeEnum::SelectStmt(_) if set_configs.is_some() => {
                 cacheable = false;
                 let calls = set_configs.unwrap_or_default();
-                let literal = |a: &SettingArg| match a {
-                    SettingArg::Text(t) => Some(Some(t.clone())),
-                    SettingArg::Null => Some(None),
-                    SettingArg::Param(_) => None,
-                };
                 // In order: all kept as text, or all bound.
                 let texts: Option<Vec<String>> = calls
                     .iter()
-                    .map(|[n, v]| Some(set_config_sql(&literal(n)??, literal(v)?.as_deref())))
+                    .map(|[n, v]| Some(set_config_sql(&n.literal()??, v.literal()?.as_deref())))
                     .collect();
                 match texts {
                     Some(t) => out.session_settings.extend(t),
@@ -522,6 +517,18 @@ pub enum SettingArg {
     Text(String),
     Null,
     Param(usize),
+}
+
+impl SettingArg {
+    /// The value written in the statement (`Some(None)`: NULL); None for
+    /// a parameter.
+    pub fn literal(&self) -> Option<Option<String>> {
+        match self {
+            SettingArg::Text(t) => Some(Some(t.clone())),
+            SettingArg::Null => Some(None),
+            SettingArg::Param(_) => None,
+        }
+    }
 }
 
 /// The statement a session setting made with `set_config` is replayed as

@@ -173,9 +173,8 @@ impl Unit {
         self.settings.extend(c.session_settings.iter().cloned());
         for [name, value] in &c.bound_settings {
             let text = |a: &SettingArg| match a {
-                SettingArg::Text(t) => Some(Some(t.clone())),
-                SettingArg::Null => Some(None),
                 SettingArg::Param(n) => statements::bound_text(&def.parse, bind, *n),
+                _ => a.literal(),
             };
             match (text(name), text(value)) {
                 (Some(Some(n)), Some(v)) => self.settings.push(set_config_sql(&n, v.as_deref())),
