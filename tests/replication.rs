@@ -596,6 +596,102 @@ async fn a_write_lock_deadlock_reaches_the_client_as_40p01() {
     assert_identical(&g).await;
 }
 
+/// What PostgreSQL reports at the commit of an autocommit write reaches
+/// the client as it is, though the proxy commits that transaction itself:
+/// a deferred constraint's violation with its own SQLSTATE (it used to
+/// arrive as XX000 "could not log the transaction"), a deferred trigger's
+/// NOTICE and the session's own NOTIFY (both used to be swallowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_happens_at_an_autocommit_writes_commit_reaches_the_client() {
+    use futures_util::StreamExt;
+    let g = TestGroup::start(3, |_| {}).await;
+    let (client, mut connection) =
+        tokio_postgres::connect(&g.proxy.url("app"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            let seen = match m {
+                tokio_postgres::AsyncMessage::Notice(n) => format!("notice: {}", n.message()),
+                tokio_postgres::AsyncMessage::Notification(n) => {
+                    format!("notification: {} {}", n.channel(), n.payload())
+                }
+                _ => continue,
+            };
+            let _ = tx.send(seen);
+        }
+    });
+    client
+        .batch_execute(
+            "CREATE TABLE parent (id int PRIMARY KEY);
+             CREATE TABLE child (id int PRIMARY KEY,
+                 p int REFERENCES parent DEFERRABLE INITIALLY DEFERRED);
+             CREATE FUNCTION said() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE NOTICE 'deferred trigger ran for %', NEW.id; RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER parent_said AFTER INSERT ON parent
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION said();",
+        )
+        .await
+        .unwrap();
+    for (how, r) in [
+        (
+            "simple",
+            client
+                .simple_query("INSERT INTO child VALUES (1, 42)")
+                .await
+                .map(drop),
+        ),
+        (
+            "extended",
+            client
+                .execute("INSERT INTO child VALUES ($1, 43)", &[&2i32])
+                .await
+                .map(drop),
+        ),
+    ] {
+        let e = r.expect_err(how);
+        assert_eq!(sqlstate(&e), "23503", "{how}: {e:?}");
+        assert!(db_text(&e).contains("child_p_fkey"), "{how}: {e:?}");
+    }
+    // The session goes on; the rows that failed are nowhere.
+    client
+        .batch_execute("INSERT INTO parent VALUES (7)")
+        .await
+        .unwrap();
+    client.batch_execute("LISTEN ch; ").await.unwrap();
+    client.batch_execute("NOTIFY ch, 'own'").await.unwrap();
+    client
+        .execute("INSERT INTO parent VALUES ($1)", &[&8i32])
+        .await
+        .unwrap();
+    client.batch_execute("SELECT 1").await.unwrap();
+    let mut seen = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+        seen.push(m);
+    }
+    assert_eq!(
+        seen,
+        [
+            "notice: deferred trigger ran for 7",
+            "notification: ch own",
+            "notice: deferred trigger ran for 8",
+        ]
+    );
+    assert_identical(&g).await;
+    for i in 0..3 {
+        let n: i64 = g
+            .direct(i)
+            .await
+            .query_one("SELECT count(*) FROM child", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "node {i}");
+    }
+}
+
 /// A session that sets a role writes as that role, on every copy (its
 /// writes used to fail: the log append ran as that role, without rights on
 /// the reprise schema); the next session's entries replay as its own user,

@@ -821,6 +821,15 @@ impl Session {
             }
             match outcome.owner {
                 Some(UnitOwner::Own) => {
+                    // Notifications are the session's whatever they answer;
+                    // notices at our COMMIT of an implicit transaction are
+                    // the client's statement's (deferred triggers).
+                    if frame.tag == b'A'
+                        || (frame.tag == b'N'
+                            && self.write.own.front() == Some(&write::Own::Commit))
+                    {
+                        self.out.extend_from_slice(&frame.raw);
+                    }
                     self.on_own_message(&frame);
                     if frame.tag == b'Z' {
                         let kind = self.write.last_own.take();
@@ -988,6 +997,14 @@ impl Session {
         self.split.clear();
         self.group.stats.error(e.code.as_bytes());
         e.encode(&mut self.out);
+    }
+
+    /// Relays an error node `i` gave for the client's unit outside the
+    /// unit's own answers (at our COMMIT of its implicit transaction).
+    fn put_relayed_error(&mut self, i: usize, e: &Frame) {
+        self.split.clear();
+        self.note_relayed(i, e);
+        self.out.extend_from_slice(&e.raw);
     }
 
     /// Counts a message from node `i` relayed to the client: its errors,

@@ -37,6 +37,10 @@ pub struct WriteTx {
     /// the client's next statement "transaction is aborted", and the client
     /// gets this instead, with its SQLSTATE.
     pub lock_error: Option<PgError>,
+    /// Our COMMIT of an implicit transaction failed for the client's own
+    /// reasons (a deferred constraint, a serialization failure): the
+    /// node's ErrorResponse, relayed as it is.
+    commit_error: Option<Frame>,
     /// The seq the append returned.
     pub seq: Option<u64>,
     /// The entry's payload, once appended.
@@ -1423,6 +1427,13 @@ impl Session {
                     }
                 }
             }
+            b'E' if kind == Own::Commit => {
+                // The client's statement failed at its commit; the entry
+                // appended before rolled back with it.
+                if let Some(tx) = self.write.tx.as_mut() {
+                    tx.commit_error = Some(f.clone());
+                }
+            }
             b'E' => {
                 // Failures a client retries keep their SQLSTATE.
                 const RETRYABLE: &[&str] = &["40P01", "40001", "55P03", "57014"];
@@ -1557,6 +1568,10 @@ impl Session {
         let tx = self.write.tx.take()?;
         let held = tx.held_rfq?;
         let idle = Frame::new(b'Z', b"I");
+        if let Some(e) = tx.commit_error {
+            self.put_relayed_error(self.group.primary(), &e);
+            return Some(idle);
+        }
         match (kind, ok, tx.seq, tx.failed) {
             (Own::Commit, true, Some(seq), None) => {
                 self.committed(seq, tx.term, idle, tx.ddl, tx.row)
