@@ -2154,6 +2154,12 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refu
              FOR r IN SELECT v FROM tokens LOOP INSERT INTO numbered (v) VALUES (r.v); END LOOP; END $$",
             &["loop", "numbered"],
         ),
+        (
+            // A trigger function (its parse tree needed a repair to be read).
+            "CREATE FUNCTION token_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             INSERT INTO tokens (v) VALUES (TG_OP || NEW.v); RETURN NEW; END $$",
+            &["function", "\"id\""],
+        ),
     ] {
         let e = c.batch_execute(sql).await.expect_err(sql);
         let text = db_text(&e);
@@ -2168,7 +2174,11 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refu
          DO $$ DECLARE r record; BEGIN FOR r IN SELECT v FROM tokens ORDER BY id LOOP \
            INSERT INTO numbered (v) VALUES (r.v); END LOOP; END $$;
          CREATE FUNCTION add_numbered(t text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN INSERT INTO numbered (v) VALUES (t); END $$;
-         SELECT add_numbered('k');",
+         SELECT add_numbered('k');
+         CREATE FUNCTION number_it() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO numbered (v) VALUES (TG_OP || ':' || NEW.v); RETURN NEW; END $$;
+         CREATE TRIGGER numbered_too AFTER INSERT ON tokens FOR EACH ROW EXECUTE FUNCTION number_it();
+         INSERT INTO tokens (id, v, at) VALUES ('5b0f0a3e-9a53-4a0e-8f3c-1f2d3e4c5b6a', 'l', '2026-01-03');",
     )
     .await
     .expect("routines whose writes the copies repeat exactly");
@@ -2211,7 +2221,13 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refu
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 7);
+    assert_eq!(n, 8);
+    let audited: i64 = c
+        .query_one("SELECT count(*) FROM numbered WHERE v = 'INSERT:l'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, 1, "the trigger ran");
     assert_identical(&g).await;
 }
 

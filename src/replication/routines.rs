@@ -139,13 +139,72 @@ fn routine_options(options: &Value) -> (Option<String>, Option<String>) {
 
 /// The statements of a `plpgsql` DO block or CREATE FUNCTION statement.
 fn plpgsql_body(stmt: &str) -> Option<RoutineBody> {
-    let parsed = std::panic::catch_unwind(|| pg_query::parse_plpgsql(stmt));
-    let Ok(Ok(functions)) = parsed else {
-        return None;
-    };
+    let functions = parse_plpgsql(stmt)?;
     let mut body = RoutineBody::default();
     collect(&functions, &mut body);
     Some(body)
+}
+
+/// The PL/pgSQL parse tree of a DO block or CREATE FUNCTION statement.
+///
+/// `pg_query::parse_plpgsql` fails on every trigger function: the library
+/// prints a trigger's implicit variables (TG_OP, TG_NAME, …) as `{}}`, one
+/// closing brace too many, so its JSON does not parse (and trigger bodies
+/// went unchecked). The text is read from the library here and repaired.
+fn parse_plpgsql(stmt: &str) -> Option<Value> {
+    use std::ffi::{CStr, CString, c_char, c_void};
+    /// `PgQueryPlpgsqlParseResult` of pg_query.h.
+    #[repr(C)]
+    struct ParseResult {
+        funcs: *mut c_char,
+        error: *mut c_void,
+    }
+    unsafe extern "C" {
+        fn pg_query_parse_plpgsql(input: *const c_char) -> ParseResult;
+        fn pg_query_free_plpgsql_parse_result(result: ParseResult);
+    }
+    let input = CString::new(stmt).ok()?;
+    // SAFETY: the library's own entry points (linked through the pg_query
+    // crate, which calls them the same way): a NUL-terminated input, the
+    // result read only before it is freed, and freed once.
+    let text = unsafe {
+        let result = pg_query_parse_plpgsql(input.as_ptr());
+        let text = (result.error.is_null() && !result.funcs.is_null())
+            .then(|| CStr::from_ptr(result.funcs).to_string_lossy().into_owned());
+        pg_query_free_plpgsql_parse_result(result);
+        text
+    }?;
+    serde_json::from_str(&repair_plpgsql_json(&text)).ok()
+}
+
+/// Drops the extra brace of each `{}}` that stands as an array element
+/// (after `[` or `,`, outside strings): valid JSON never has one there.
+fn repair_plpgsql_json(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if bytes[i..].starts_with(b"{}}") && matches!(out.last(), Some(b'[' | b',')) {
+            out.extend_from_slice(b"{}");
+            i += 3;
+            continue;
+        }
+        out.push(b);
+        i += 1;
+    }
+    // Only ASCII bytes were dropped.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Walks a PL/pgSQL tree for its SQL statements and its loops over queries.
@@ -257,6 +316,26 @@ fn split(sql: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Trigger functions are read too (the library's JSON of them needs
+    /// the repair), with NEW and TG_ variables in their statements.
+    #[test]
+    fn trigger_functions_give_their_statements() {
+        let b = routine_bodies(
+            "CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             INSERT INTO audit_log(what) VALUES (TG_OP || ':' || NEW.v); \
+             NEW.changed := now(); RETURN NEW; END $$",
+        );
+        assert_eq!(b.len(), 1);
+        assert_eq!(
+            b[0].statements,
+            vec!["INSERT INTO audit_log(what) VALUES (TG_OP || ':' || NEW.v)"]
+        );
+        assert_eq!(
+            repair_plpgsql_json(r#"{"a":[{"x":{}},{}},{}}],"s":",{}}[{}}","b":{}}"#),
+            r#"{"a":[{"x":{}},{},{}],"s":",{}}[{}}","b":{}}"#
+        );
+    }
 
     #[test]
     fn do_blocks_and_routines_give_their_statements() {
