@@ -2231,6 +2231,123 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refu
     assert_identical(&g).await;
 }
 
+/// Cursors whose query only reads (psql's FETCH_COUNT, drivers'
+/// server-side cursors) are not logged and take no write lock, in either
+/// protocol; a cursor whose query writes, or that is declared FOR UPDATE,
+/// has its FETCHes logged with the transaction, so every copy runs the
+/// same writes. What would leave state on a subscriber is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_that_read_are_not_logged_and_cursors_that_write_are() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let mut c = g.proxy.client("app").await;
+    c.batch_execute(
+        "CREATE TABLE stock (id int PRIMARY KEY, v text);
+         INSERT INTO stock SELECT g, 'v' || g FROM generate_series(1, 20) g;
+         CREATE TABLE made (id serial PRIMARY KEY, v text);
+         CREATE FUNCTION make(i int) RETURNS int LANGUAGE sql AS
+             'INSERT INTO made (v) VALUES (i::text) RETURNING id';",
+    )
+    .await
+    .unwrap();
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
+    let head = log_extent(&g, 0).await.2;
+    c.batch_execute(
+        "BEGIN; DECLARE r CURSOR FOR SELECT id FROM stock ORDER BY id;
+         FETCH 2 FROM r; MOVE 1 IN r; CLOSE r; COMMIT",
+    )
+    .await
+    .unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.execute("DECLARE r CURSOR FOR SELECT id FROM stock ORDER BY id", &[])
+        .await
+        .unwrap();
+    let rows = tx.query("FETCH 3 FROM r", &[]).await.unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    tx.execute("CLOSE r", &[]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        log_extent(&g, 0).await.2,
+        head,
+        "reading cursors are not logged"
+    );
+
+    // A cursor whose query writes: its FETCHes (both protocols) are logged.
+    c.batch_execute(
+        "BEGIN; DECLARE w CURSOR FOR SELECT make(id) FROM stock WHERE id <= 6 ORDER BY id;
+         FETCH 2 FROM w",
+    )
+    .await
+    .unwrap();
+    let rows = c.query("FETCH 3 FROM w", &[]).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    c.batch_execute("CLOSE w; COMMIT").await.unwrap();
+    // FOR UPDATE: WHERE CURRENT OF finds the same row on every copy.
+    c.batch_execute(
+        "BEGIN; DECLARE u CURSOR FOR SELECT id FROM stock ORDER BY id FOR UPDATE;
+         FETCH 4 FROM u; UPDATE stock SET v = 'current' WHERE CURRENT OF u; COMMIT",
+    )
+    .await
+    .unwrap();
+    // Of a cursor that only reads, the copies would not know the row.
+    c.batch_execute("BEGIN; DECLARE r CURSOR FOR SELECT id FROM stock ORDER BY id; FETCH 1 FROM r")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("UPDATE stock SET v = 'x' WHERE CURRENT OF r")
+        .await
+        .expect_err("WHERE CURRENT OF a reading cursor");
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // A READ ONLY transaction runs on a subscriber: state that outlives it
+    // would stay there.
+    for sql in [
+        "DECLARE h CURSOR WITH HOLD FOR SELECT 1",
+        "PREPARE p AS SELECT 1",
+        "LISTEN somewhere",
+    ] {
+        c.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let e = c.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+        assert!(
+            db_text(&e).contains("READ ONLY transaction"),
+            "{sql}: {e:?}"
+        );
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+    // Outside one, a cursor WITH HOLD keeps the session on the primary.
+    c.batch_execute("BEGIN READ ONLY; SELECT 1; COMMIT")
+        .await
+        .unwrap();
+    c.batch_execute(
+        "BEGIN; DECLARE h CURSOR WITH HOLD FOR SELECT id FROM stock ORDER BY id; COMMIT",
+    )
+    .await
+    .unwrap();
+    let rows = c.query("FETCH 2 FROM h", &[]).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    c.batch_execute("CLOSE h").await.unwrap();
+
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
+    for i in 0..3 {
+        let d = g.direct(i).await;
+        let made: i64 = d
+            .query_one("SELECT count(*) FROM made", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let current: i32 = d
+            .query_one("SELECT id FROM stock WHERE v = 'current'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!((made, current), (5, 4), "node {i}");
+    }
+    assert_identical(&g).await;
+}
+
 /// Entries and the first and last seq of a node's log.
 async fn log_extent(g: &TestGroup, i: usize) -> (i64, i64, i64) {
     let c = g.direct(i).await;

@@ -144,6 +144,13 @@ pub struct Classification {
     /// primary, as every volatile call does, and are not logged (nothing
     /// to replay).
     pub primary_reads: usize,
+    /// Cursors the string declares, each with whether its query may write
+    /// (its FETCHes then run those writes).
+    pub cursors_declared: Vec<(String, bool)>,
+    /// Cursors that FETCH, MOVE or CLOSE use (None: CLOSE ALL).
+    pub cursors_used: Vec<Option<String>>,
+    /// Cursors that an UPDATE or DELETE … WHERE CURRENT OF names.
+    pub current_of: Vec<String>,
 }
 
 /// A statement about an SQL-level prepared statement.
@@ -219,6 +226,9 @@ impl Classification {
             copy_from_server: false,
             copy_to_server: 0,
             primary_reads: 0,
+            cursors_declared: Vec::new(),
+            cursors_used: Vec::new(),
+            current_of: Vec::new(),
         }
     }
 
@@ -280,6 +290,7 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
         if reads_only(node) && scan.reads_on_the_primary() {
             out.primary_reads += 1;
         }
+        out.current_of.extend(scan.current_of.iter().cloned());
         match node {
             NodeEnum::TransactionStmt(t) => transaction(&mut out, t),
             NodeEnum::SelectStmt(_) if set_configs.is_some() => {
@@ -325,9 +336,18 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             NodeEnum::DeallocateStmt(d) => out.prepared.push(SqlPrepared::Deallocate(
                 (!d.isall && !d.name.is_empty()).then(|| d.name.clone()),
             )),
-            NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => {
-                out.pin("cursor WITH HOLD")
+            NodeEnum::DeclareCursorStmt(d) => {
+                if d.options & CURSOR_OPT_HOLD != 0 {
+                    out.pin("cursor WITH HOLD");
+                }
+                let writes =
+                    !(reads_only(node) && (scan.read_safe() || scan.reads_on_the_primary()));
+                out.cursors_declared.push((d.portalname.clone(), writes));
             }
+            NodeEnum::FetchStmt(f) => out.cursors_used.push(Some(f.portalname.clone())),
+            NodeEnum::ClosePortalStmt(c) => out
+                .cursors_used
+                .push((!c.portalname.is_empty()).then(|| c.portalname.clone())),
             _ => {}
         }
     }
@@ -422,6 +442,11 @@ fn reads_only(node: &NodeEnum) -> bool {
     match node {
         NodeEnum::SelectStmt(s) => s.into_clause.is_none(),
         NodeEnum::VariableShowStmt(_) => true,
+        // A cursor's statements read, if its query does (a cursor whose
+        // query writes runs the writes as it is fetched: the session logs
+        // those FETCHes, see `Classification::cursors_declared`).
+        NodeEnum::DeclareCursorStmt(d) => inner(&d.query).is_some_and(reads_only),
+        NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => true,
         NodeEnum::ExplainStmt(e) => {
             // Any ANALYZE option, even `ANALYZE false`, counts: literal
             // values are not part of the cache key.
@@ -678,6 +703,8 @@ struct Scan {
     into: bool,
     /// The first reason found to pin the session.
     pin: Option<&'static str>,
+    /// Cursors named by WHERE CURRENT OF.
+    current_of: Vec<String>,
 }
 
 impl Scan {
@@ -717,6 +744,11 @@ impl Scan {
                     match key.as_str() {
                         "FuncCall" => self.call(value, catalog),
                         "LockingClause" => self.locking = true,
+                        "CurrentOfExpr" => {
+                            if let Some(name) = value["cursor_name"].as_str() {
+                                self.current_of.push(name.to_string());
+                            }
+                        }
                         "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
                             self.modifies = true
                         }
@@ -1068,7 +1100,6 @@ mod tests {
             "refresh materialized view m",
             "select 1; delete from t",
             "execute p(1)",
-            "fetch 10 from c",
         ] {
             let got = c(sql);
             assert!(!got.read_only, "{sql}: {got:?}");
@@ -1228,6 +1259,40 @@ mod tests {
         for (sql, want) in cases {
             assert_eq!(c(sql).session_settings, want, "{sql}");
         }
+    }
+
+    #[test]
+    fn cursors_read_when_their_query_reads() {
+        let got = c("declare r cursor for select id from t order by id");
+        assert!(got.read_only);
+        assert_eq!(got.cursors_declared, [("r".to_string(), false)]);
+        for sql in [
+            "declare w cursor for select f(id) from t",
+            "declare u cursor for select id from t for update",
+        ] {
+            let got = c(sql);
+            assert!(!got.read_only, "{sql}");
+            assert!(got.cursors_declared[0].1, "{sql}");
+        }
+        // A volatile built-in that changes nothing: not a writing cursor.
+        assert!(!c("declare n cursor for select random()").cursors_declared[0].1);
+        for (sql, used) in [
+            ("fetch 2 from r", Some("r")),
+            ("move forward 3 in r", Some("r")),
+            ("close r", Some("r")),
+            ("close all", None),
+        ] {
+            let got = c(sql);
+            assert!(got.read_only, "{sql}");
+            assert_eq!(got.cursors_used, [used.map(str::to_string)], "{sql}");
+        }
+        let got = c("update t set v = 1 where current of r");
+        assert!(!got.read_only);
+        assert_eq!(got.current_of, ["r"]);
+        assert_eq!(
+            c("declare h cursor with hold for select 1").pin_reason,
+            Some("cursor WITH HOLD")
+        );
     }
 
     #[test]

@@ -320,7 +320,11 @@ impl Session {
         } else {
             Vec::new()
         };
-        let route = if class.pin_reason.is_some() || class.parse_error {
+        let (cursor_writes, refused) = match self.cursor_statements(&class) {
+            Ok(w) => (w, refused),
+            Err(e) => (false, refused.or(Some(e))),
+        };
+        let route = if class.pin_reason.is_some() || class.parse_error || cursor_writes {
             Route::Write
         } else if class.read_only || class.begin == Some(true) {
             Route::Read
@@ -338,8 +342,8 @@ impl Session {
             syncs: 1,
             simple: true,
             avoid: None,
-            writes: may_write(&class),
-            changes_data: changes_data(&class),
+            writes: may_write(&class) || cursor_writes,
+            changes_data: changes_data(&class) || cursor_writes,
             begin: class.begin,
             ends_tx: class.ends_tx,
             refused,
@@ -521,6 +525,17 @@ impl Session {
                     Some(name) => match self.statements.get(name) {
                         Some(def) => {
                             unit.note_bind(&def, frame.body());
+                            match self.cursor_statements(&def.class) {
+                                Ok(false) => {}
+                                Ok(true) => {
+                                    unit.writes = true;
+                                    unit.changes_data = true;
+                                    unit.route = Route::Write;
+                                }
+                                Err(e) => {
+                                    unit.refused.get_or_insert(e);
+                                }
+                            }
                             stmt = Some((def, None));
                         }
                         None => unit.route = Route::Write,
@@ -543,6 +558,48 @@ impl Session {
             unit.items.push(Item { frame, stmt });
         }
         unit
+    }
+
+    /// What the cursor statements of `c` make of its unit: whether it must
+    /// be logged as a write (it fetches from, moves or closes a cursor
+    /// whose query writes), or the refusal of a WHERE CURRENT OF a cursor
+    /// whose reads were not logged (the copies would have no such cursor).
+    fn cursor_statements(&mut self, c: &Classification) -> Result<bool, PgError> {
+        if !self.replicating() {
+            return Ok(false);
+        }
+        for (name, writes) in &c.cursors_declared {
+            self.writing_cursors.retain(|n| n != name);
+            if *writes {
+                self.writing_cursors.push(name.clone());
+            }
+        }
+        if let Some(name) = c
+            .current_of
+            .iter()
+            .find(|n| !self.writing_cursors.contains(n))
+        {
+            return Err(PgError::error(
+                "0A000",
+                format!(
+                    "WHERE CURRENT OF {name}: the cursor only reads, so Reprise runs its FETCHes \
+                     on the primary alone and the other copies could not tell which row it is on"
+                ),
+            )
+            .with_hint(
+                "declare the cursor FOR UPDATE (its FETCHes are then replayed too), or change \
+                 the row by its key",
+            ));
+        }
+        let writes = c.cursors_used.iter().any(|used| match used {
+            Some(name) => self.writing_cursors.contains(name),
+            None => !self.writing_cursors.is_empty(),
+        });
+        if c.ends_tx {
+            // Cursors WITH HOLD are read from their stored rows after it.
+            self.writing_cursors.clear();
+        }
+        Ok(writes)
     }
 
     /// The statements a refused unit's Parses defined are forgotten, as
@@ -608,6 +665,28 @@ impl Session {
         }
     }
 
+    /// A unit that would pin the session, in a transaction that runs on a
+    /// subscriber (BEGIN READ ONLY): what it leaves in the session (a
+    /// cursor WITH HOLD, a prepared statement, LISTEN, a session lock)
+    /// would stay on that subscriber, out of reach of the session's later
+    /// statements, which run on the primary.
+    fn pin_on_subscriber(&self, unit: &Unit) -> Option<PgError> {
+        let reason = unit.pin?;
+        let node = self.tx_node.filter(|&n| n != self.group.primary())?;
+        Some(
+            PgError::error(
+                "0A000",
+                format!(
+                    "{reason} in a READ ONLY transaction: Reprise runs the transaction on the \
+                     subscriber {}, where what this statement leaves in the session would stay, \
+                     out of reach of the session's later statements, which run on the primary",
+                    self.group.node(node).name
+                ),
+            )
+            .with_hint("run it outside the READ ONLY transaction, or begin the transaction without READ ONLY"),
+        )
+    }
+
     /// Whether a unit may join the work in flight on backend `b`.
     fn may_join(&self, b: usize, unit: &Unit) -> bool {
         let primary = self.group.primary();
@@ -668,6 +747,7 @@ impl Session {
         let refusal = unit
             .refused
             .clone()
+            .or_else(|| self.pin_on_subscriber(&unit))
             .or_else(|| self.write_check(&unit).err());
         if let Some(e) = refusal {
             self.forget_parses(&unit);

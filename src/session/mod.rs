@@ -274,6 +274,10 @@ pub struct Session {
     lost_tx: Option<(String, bool)>,
     /// Why the session is pinned to the primary, if it is.
     pinned: Option<&'static str>,
+    /// Cursors whose query may write, declared in the open transaction:
+    /// their FETCH, MOVE and CLOSE are logged with it (those of other
+    /// cursors only read, and are not).
+    writing_cursors: Vec<String>,
     /// The session has sent something that may change data.
     wrote: bool,
     /// The write path: lock, capture, log append, sync wait.
@@ -419,6 +423,7 @@ impl Session {
             tx_node: None,
             lost_tx: None,
             pinned: None,
+            writing_cursors: Vec::new(),
             wrote: false,
             write,
             settings: Vec::new(),

@@ -836,7 +836,7 @@ pub fn unit_sql(unit: &Unit) -> Vec<&str> {
 }
 
 impl Session {
-    fn replicating(&self) -> bool {
+    pub(super) fn replicating(&self) -> bool {
         self.cfg.replication.enabled
     }
 
