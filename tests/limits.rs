@@ -1259,6 +1259,19 @@ fn cases() -> Vec<Case> {
             expect: Negotiated(&["_pq_.frobnicate"]),
         },
         Case {
+            name: "protocol 3.0 with an unknown _pq_ option",
+            phase: start,
+            bytes: packet(
+                PROTOCOL_3_0,
+                &params(&[
+                    ("user", "postgres"),
+                    ("database", "app"),
+                    ("_pq_.frobnicate", "on"),
+                ]),
+            ),
+            expect: Negotiated(&["_pq_.frobnicate"]),
+        },
+        Case {
             name: "unknown request code 1234.5681",
             phase: start,
             bytes: packet((1234 << 16) | 5681, &[]),
@@ -1518,11 +1531,14 @@ async fn run_case(addr: SocketAddr, case: &Case) -> Result<(), String> {
                 .await
                 .map_err(|(m, e)| format!("got {} then {e:?}", describe(&m)))?;
             let v = &msgs[0];
-            let minor = i32::from_be_bytes(v.body.get(..4).unwrap_or(&[9; 4]).try_into().unwrap());
+            // The whole version, as PostgreSQL sends it (libpq 18 refuses
+            // anything below 3.0).
+            let version =
+                i32::from_be_bytes(v.body.get(..4).unwrap_or(&[9; 4]).try_into().unwrap());
             let count = i32::from_be_bytes(v.body.get(4..8).unwrap_or(&[9; 4]).try_into().unwrap());
             let listed = String::from_utf8_lossy(v.body.get(8..).unwrap_or_default()).into_owned();
             let ok = v.tag == b'v'
-                && minor == 0
+                && version == PROTOCOL_3_0
                 && count == options.len() as i32
                 && options.iter().all(|o| listed.contains(o))
                 && msgs.get(1).map(Msg::kind).as_deref() == Some("R0")
@@ -1530,7 +1546,7 @@ async fn run_case(addr: SocketAddr, case: &Case) -> Result<(), String> {
             if !ok {
                 return Err(format!(
                     "expected NegotiateProtocolVersion (3.0, {options:?}) then a session; got {} \
-                     (minor {minor}, {count} options {listed:?})",
+                     (version {version:#x}, {count} options {listed:?})",
                     describe(&msgs)
                 ));
             }

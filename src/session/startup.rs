@@ -79,7 +79,7 @@ pub async fn read_startup<W: AsyncWrite + Unpin>(
                 return Ok(Opening::Cancelled);
             }
             Ok(StartupPacket::Startup { minor, params }) => {
-                if minor > 0 {
+                if minor > 0 || params.iter().any(|(k, _)| k.starts_with("_pq_.")) {
                     negotiate(writer, &params).await?;
                 }
                 let params = params
@@ -109,25 +109,34 @@ async fn send<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> Result<(),
     writer.flush().await.map_err(|_| gone())
 }
 
-/// Tells a 3.x (x > 0) client that we speak 3.0 and no `_pq_` options.
+/// Tells a client that asked for 3.x (x > 0) or for `_pq_` options that
+/// we speak 3.0 and none of those options (NegotiateProtocolVersion).
 async fn negotiate<W: AsyncWrite + Unpin>(
     writer: &mut W,
     params: &[(String, String)],
 ) -> Result<(), PgError> {
+    send(writer, &negotiation(params)).await
+}
+
+/// The NegotiateProtocolVersion message: the whole version (major in the
+/// high 16 bits, as PostgreSQL sends it and libpq reads it), then the
+/// options not recognised.
+fn negotiation(params: &[(String, String)]) -> BytesMut {
+    const PROTOCOL_3_0: i32 = 3 << 16;
     let unsupported: Vec<&str> = params
         .iter()
         .filter(|(k, _)| k.starts_with("_pq_."))
         .map(|(k, _)| k.as_str())
         .collect();
     let mut body = BytesMut::new();
-    body.extend_from_slice(&0i32.to_be_bytes());
+    body.extend_from_slice(&PROTOCOL_3_0.to_be_bytes());
     body.extend_from_slice(&(unsupported.len() as i32).to_be_bytes());
     for o in unsupported {
         messages::put_cstr(&mut body, o);
     }
     let mut out = BytesMut::new();
     messages::put_message(b'v', &body, &mut out);
-    send(writer, &out).await
+    out
 }
 
 /// A secret for a user that does not exist, so a failed login does not
