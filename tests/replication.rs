@@ -2348,6 +2348,69 @@ async fn cursors_that_read_are_not_logged_and_cursors_that_write_are() {
     assert_identical(&g).await;
 }
 
+/// A COMMIT whose log append failed (here: the statement timeout struck
+/// while the append waited for its turn) is answered with that failure; it
+/// used to come back as a bare "ROLLBACK", which drivers take for success.
+/// A READ ONLY transaction on the primary takes no lock and appends
+/// nothing, whatever functions it calls; neither does LISTEN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_log_append_failed_reports_it() {
+    let g = TestGroup::start(2, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute(
+        "CREATE TABLE kv (id int PRIMARY KEY, v int);
+         INSERT INTO kv VALUES (1, 0);
+         CREATE FUNCTION looks() RETURNS int LANGUAGE sql AS 'SELECT 1';",
+    )
+    .await
+    .unwrap();
+    // (The table catalog is loaded: the UPDATE below takes the write lock
+    // shared, and its append waits for the commit order.)
+    c.batch_execute("UPDATE kv SET v = v WHERE id = 1")
+        .await
+        .unwrap();
+    let holder = g.direct(0).await;
+    let key = reprise::replication::order_key("app");
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .unwrap();
+    for sql in [
+        "SET statement_timeout = '300ms'",
+        "BEGIN",
+        "UPDATE kv SET v = v + 1 WHERE id = 1",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let e = c
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("a COMMIT whose append failed");
+    assert_eq!(sqlstate(&e), "57014", "{e:?}");
+    assert!(db_text(&e).contains("could not log"), "{e:?}");
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .unwrap();
+    c.batch_execute("RESET statement_timeout").await.unwrap();
+    let v: i32 = c.query_one("SELECT v FROM kv", &[]).await.unwrap().get(0);
+    assert_eq!(v, 0, "rolled back");
+
+    let head = log_extent(&g, 0).await.2;
+    c.batch_execute("LISTEN somewhere; BEGIN READ ONLY")
+        .await
+        .unwrap();
+    let n: i32 = c.query_one("SELECT looks()", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(log_extent(&g, 0).await.2, head, "nothing appended");
+    c.batch_execute("UPDATE kv SET v = 5 WHERE id = 1")
+        .await
+        .unwrap();
+    wait_caught_up(&g, &[1], Duration::from_secs(20)).await;
+    assert_identical(&g).await;
+}
+
 /// Entries and the first and last seq of a node's log.
 async fn log_extent(g: &TestGroup, i: usize) -> (i64, i64, i64) {
     let c = g.direct(i).await;

@@ -447,6 +447,8 @@ fn reads_only(node: &NodeEnum) -> bool {
         // those FETCHes, see `Classification::cursors_declared`).
         NodeEnum::DeclareCursorStmt(d) => inner(&d.query).is_some_and(reads_only),
         NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => true,
+        // Change no data (LISTEN keeps the session on the primary).
+        NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => true,
         NodeEnum::ExplainStmt(e) => {
             // Any ANALYZE option, even `ANALYZE false`, counts: literal
             // values are not part of the cache key.

@@ -1153,6 +1153,11 @@ impl Session {
                 return self.refuse_in_batch(i, &unit, BytesMut::new(), e).await;
             }
         }
+        if let Some(read_only) = unit.begin
+            && self.tx_node.is_none()
+        {
+            self.tx_read_only = read_only;
+        }
         let mut target = i;
         if let Err(e) = self.connect(target).await {
             self.group.node(target).suspect.notify_one();

@@ -268,6 +268,10 @@ pub struct Session {
     last_reader: Option<usize>,
     /// The backend holding the client's open transaction.
     tx_node: Option<usize>,
+    /// The transaction block was begun READ ONLY: PostgreSQL refuses its
+    /// writes, so nothing of it is locked or logged (volatile functions
+    /// it calls only read).
+    tx_read_only: bool,
     /// The client's transaction died with its node (why): the session acts
     /// as in an aborted transaction until the client ends it.
     /// (Whether the client was told yet.)
@@ -421,6 +425,7 @@ impl Session {
             current: None,
             last_reader: None,
             tx_node: None,
+            tx_read_only: false,
             lost_tx: None,
             pinned: None,
             writing_cursors: Vec::new(),
@@ -752,7 +757,9 @@ impl Session {
             // (The tracker keeps no account of these tags.)
             if let Ok(Some((tag, raw))) = conn.reader.peek()
                 && !matches!(tag, b'1' | b'3' | b'E' | b'Z' | b'G')
-                && !(tag == b'C' && conn.tracker.defines_pending())
+                && !(tag == b'C'
+                    && (conn.tracker.defines_pending()
+                        || self.write.tx.as_ref().is_some_and(|t| t.failed.is_some())))
                 && conn.tracker.owner() == Some(UnitOwner::Client)
             {
                 let len = raw.len();
@@ -883,7 +890,7 @@ impl Session {
                 }
             } else if outcome.forward {
                 self.retry = None;
-                let mut lock_error = None;
+                let mut lock_error = self.failed_commit(i, &frame);
                 if frame.tag == b'E' && i == self.group.primary() {
                     self.write.unit_failed = true;
                     if messages::error_code(frame.body()).as_deref() == Some("25P02") {
@@ -947,6 +954,7 @@ impl Session {
             self.unit_seen = UnitSeen::default();
         }
         self.tx_node = (status != b'I').then_some(i);
+        self.tx_read_only &= status != b'I';
         if std::mem::take(&mut self.stream_cut) {
             // The answer to our Sync that ended a streamed batch.
             if failed {
@@ -1002,6 +1010,24 @@ impl Session {
         self.split.clear();
         self.group.stats.error(e.code.as_bytes());
         e.encode(&mut self.out);
+    }
+
+    /// The client's COMMIT answered "ROLLBACK" because our log append
+    /// failed (it aborted the transaction): the client is told that failure,
+    /// not that its COMMIT rolled back as if it had been told before.
+    fn failed_commit(&mut self, i: usize, frame: &Frame) -> Option<PgError> {
+        if frame.tag != b'C'
+            || i != self.group.primary()
+            || !frame.body().starts_with(b"ROLLBACK\0")
+        {
+            return None;
+        }
+        let tx = self
+            .write
+            .tx
+            .as_mut()
+            .filter(|t| t.committing && !t.implicit)?;
+        tx.failed.clone()
     }
 
     /// Relays an error node `i` gave for the client's unit outside the

@@ -1060,7 +1060,7 @@ impl Session {
     /// A unit about to go to the primary: takes the write lock first if it
     /// writes and this transaction holds none. Returns whether to capture it.
     pub(super) fn before_primary_unit(&mut self, unit: &Unit, buf: &mut BytesMut) -> bool {
-        if !self.replicating() || !unit.writes {
+        if !self.replicating() || !unit.writes || (self.tx_read_only && self.write.tx.is_none()) {
             return false;
         }
         let sqls = unit_sql(unit);
