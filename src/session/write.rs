@@ -359,6 +359,22 @@ fn routine_check(
     Ok(())
 }
 
+/// The log append of a REPEATABLE READ or SERIALIZABLE transaction found
+/// the log's head taken: PostgreSQL takes such a transaction's snapshot
+/// as its first statement (our write-lock query) starts, before the lock
+/// is granted, so a transaction that committed while it waited is not in
+/// its snapshot. Its reads may miss that transaction's writes, which the
+/// copies replay before it: it cannot commit, as PostgreSQL's own
+/// serialization failures cannot.
+fn stale_snapshot_error() -> PgError {
+    PgError::error(
+        "40001",
+        "could not serialize access: another write transaction committed after this \
+         transaction's snapshot was taken and before it got the group's write lock",
+    )
+    .with_hint("retry the transaction")
+}
+
 /// A write that depends on storage order (see
 /// `rowlocal::storage_order_dependence`).
 fn storage_order_refusal(dependence: rowlocal::OrderDependence) -> PgError {
@@ -1447,7 +1463,11 @@ impl Session {
                     "Reprise could not {what}: {}",
                     messages::error_message(f.body())
                 );
+                let stale_snapshot = kind == Own::Append
+                    && code == "23505"
+                    && messages::error_message(f.body()).contains("\"log_pkey\"");
                 let e = match retryable {
+                    _ if stale_snapshot => stale_snapshot_error(),
                     Some(code) => PgError::error(code, message).with_hint("retry the transaction"),
                     None => PgError::error("XX000", message),
                 };
