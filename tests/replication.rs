@@ -2320,21 +2320,24 @@ async fn cursors_that_read_are_not_logged_and_cursors_that_write_are() {
         .expect_err("WHERE CURRENT OF a reading cursor");
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     c.batch_execute("ROLLBACK").await.unwrap();
-    // A READ ONLY transaction runs on a subscriber: state that outlives it
-    // would stay there.
+    // A READ ONLY transaction runs on a subscriber (of a session that has
+    // not written, once they are caught up): state that outlives it would
+    // stay there.
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
     for sql in [
         "DECLARE h CURSOR WITH HOLD FOR SELECT 1",
         "PREPARE p AS SELECT 1",
         "LISTEN somewhere",
     ] {
-        c.batch_execute("BEGIN READ ONLY").await.unwrap();
-        let e = c.batch_execute(sql).await.expect_err(sql);
+        let reader = g.proxy.client("app").await;
+        reader.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let e = reader.batch_execute(sql).await.expect_err(sql);
         assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
         assert!(
             db_text(&e).contains("READ ONLY transaction"),
             "{sql}: {e:?}"
         );
-        c.batch_execute("ROLLBACK").await.unwrap();
+        reader.batch_execute("ROLLBACK").await.unwrap();
     }
     // Outside one, a cursor WITH HOLD keeps the session on the primary.
     c.batch_execute("BEGIN READ ONLY; SELECT 1; COMMIT")
