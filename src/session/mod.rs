@@ -1015,18 +1015,14 @@ impl Session {
     /// The client's COMMIT answered "ROLLBACK" because our log append
     /// failed (it aborted the transaction): the client is told that failure,
     /// not that its COMMIT rolled back as if it had been told before.
-    fn failed_commit(&mut self, i: usize, frame: &Frame) -> Option<PgError> {
+    fn failed_commit(&self, i: usize, frame: &Frame) -> Option<PgError> {
         if frame.tag != b'C'
             || i != self.group.primary()
             || !frame.body().starts_with(b"ROLLBACK\0")
         {
             return None;
         }
-        let tx = self
-            .write
-            .tx
-            .as_mut()
-            .filter(|t| t.committing && !t.implicit)?;
+        let tx = (self.write.tx.as_ref()).filter(|t| t.committing && !t.implicit)?;
         tx.failed.clone()
     }
 

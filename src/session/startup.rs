@@ -80,7 +80,7 @@ pub async fn read_startup<W: AsyncWrite + Unpin>(
             }
             Ok(StartupPacket::Startup { minor, params }) => {
                 if minor > 0 || params.iter().any(|(k, _)| k.starts_with("_pq_.")) {
-                    negotiate(writer, &params).await?;
+                    send(writer, &negotiation(&params)).await?;
                 }
                 let params = params
                     .into_iter()
@@ -109,18 +109,10 @@ async fn send<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> Result<(),
     writer.flush().await.map_err(|_| gone())
 }
 
-/// Tells a client that asked for 3.x (x > 0) or for `_pq_` options that
-/// we speak 3.0 and none of those options (NegotiateProtocolVersion).
-async fn negotiate<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    params: &[(String, String)],
-) -> Result<(), PgError> {
-    send(writer, &negotiation(params)).await
-}
-
-/// The NegotiateProtocolVersion message: the whole version (major in the
-/// high 16 bits, as PostgreSQL sends it and libpq reads it), then the
-/// options not recognised.
+/// The NegotiateProtocolVersion message, for a client that asked for 3.x
+/// (x > 0) or for `_pq_` options: we speak 3.0 (the whole version, major in
+/// the high 16 bits, as PostgreSQL sends it and libpq reads it) and none of
+/// those options.
 fn negotiation(params: &[(String, String)]) -> BytesMut {
     const PROTOCOL_3_0: i32 = 3 << 16;
     let unsupported: Vec<&str> = params

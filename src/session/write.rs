@@ -1463,9 +1463,12 @@ impl Session {
                     "Reprise could not {what}: {}",
                     messages::error_message(f.body())
                 );
+                // (By the constraint's name field: messages may be translated.)
                 let stale_snapshot = kind == Own::Append
                     && code == "23505"
-                    && messages::error_message(f.body()).contains("\"log_pkey\"");
+                    && messages::error_fields(f.body())
+                        .iter()
+                        .any(|(field, v)| *field == b'n' && v == "log_pkey");
                 let e = match retryable {
                     _ if stale_snapshot => stale_snapshot_error(),
                     Some(code) => PgError::error(code, message).with_hint("retry the transaction"),
