@@ -139,26 +139,18 @@ async fn concurrency_cases_that_break_naive_replay_stay_identical() {
                             .unwrap();
                     }
                     1 => {
-                        // Its snapshot is taken as the write lock query
-                        // starts, before the lock is granted: when another
-                        // write committed meanwhile, its COMMIT fails with
-                        // 40001 (it used to come back as a bare ROLLBACK,
-                        // its INSERT lost), and it is retried, as any
-                        // REPEATABLE READ transaction may have to be.
-                        let mut tries = 0;
-                        loop {
-                            c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-                                .await
-                                .unwrap();
-                            c.execute("INSERT INTO totals SELECT count(*) FROM events", &[])
-                                .await
-                                .unwrap();
-                            match c.batch_execute("COMMIT").await {
-                                Ok(()) => break,
-                                Err(e) if sqlstate(&e) == "40001" && tries < 50 => tries += 1,
-                                Err(e) => panic!("COMMIT: {e:?}"),
-                            }
-                        }
+                        // The write lock is taken for the session before
+                        // the BEGIN, so the snapshot is taken under it:
+                        // no commit can slip in between, and the COMMIT
+                        // never fails with 40001 (as with PostgreSQL alone,
+                        // where these inserts cannot conflict).
+                        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                            .await
+                            .unwrap();
+                        c.execute("INSERT INTO totals SELECT count(*) FROM events", &[])
+                            .await
+                            .unwrap();
+                        c.batch_execute("COMMIT").await.unwrap();
                     }
                     2 => {
                         c.execute(
@@ -187,6 +179,90 @@ async fn concurrency_cases_that_break_naive_replay_stay_identical() {
         .unwrap()
         .get(0);
     assert_eq!(totals, 50);
+    assert_identical(&g).await;
+}
+
+/// A REPEATABLE READ or SERIALIZABLE transaction takes the write lock for
+/// its session before its BEGIN and moves it to the transaction in its
+/// first query. When that query cannot run (the transaction failed in the
+/// same pipelined batch as its BEGIN, or was cancelled), the session's lock
+/// is released once the transaction ends: other sessions can write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_transaction_that_fails_early_releases_the_write_lock() {
+    let g = TestGroup::start(2, |_| {}).await;
+    let c1 = g.proxy.client("app").await;
+    let c2 = g.proxy.client("app").await;
+    c2.batch_execute("CREATE TABLE snap_notes (v text); SET statement_timeout = '5s'")
+        .await
+        .unwrap();
+    let mut raw = Raw::connect(&g.proxy).await;
+    for begin in [
+        "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        "START TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    ] {
+        // The BEGIN and a failing query in one pipelined batch: the block
+        // has failed before the lock query that follows the batch runs.
+        let mut out = Vec::new();
+        statement(&mut out, begin);
+        statement(&mut out, "SELECT 1/0");
+        Raw::msg(&mut out, b'S', b"");
+        raw.send(&out).await;
+        let got = raw.until(b'Z').await;
+        assert_eq!(error_in(&got).as_deref(), Some("22012"), "{got:?}");
+        // The other session writes while this one is in its failed block
+        // and after it ended.
+        let waiting = {
+            let url = g.proxy.url("app");
+            tokio::spawn(async move {
+                let c = connect(&url).await;
+                c.batch_execute("SET statement_timeout = '5s'")
+                    .await
+                    .unwrap();
+                c.execute("INSERT INTO snap_notes VALUES ('while failed')", &[])
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut out = Vec::new();
+        Raw::msg(&mut out, b'Q', b"ROLLBACK\0");
+        raw.send(&out).await;
+        assert_eq!(tags_in(&raw.until(b'Z').await), ["ROLLBACK", "ZI"]);
+        waiting.await.unwrap().unwrap();
+        c2.execute("INSERT INTO snap_notes VALUES ($1)", &[&begin])
+            .await
+            .unwrap();
+        // The session itself goes on writing, in either kind of block.
+        c1.batch_execute(&format!(
+            "{begin}; INSERT INTO snap_notes VALUES ('c1'); COMMIT"
+        ))
+        .await
+        .unwrap();
+        c1.batch_execute(begin).await.unwrap();
+        c1.execute("INSERT INTO snap_notes VALUES ('c1 again')", &[])
+            .await
+            .unwrap();
+        c1.batch_execute("COMMIT").await.unwrap();
+    }
+    // A session that goes away inside such a block leaves no lock behind.
+    let c3 = g.proxy.client("app").await;
+    c3.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    drop(c3);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c2.execute(
+        "INSERT INTO snap_notes VALUES ('after a lost session')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let n: i64 = c2
+        .query_one("SELECT count(*) FROM snap_notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2 * 4 + 1);
+    wait_caught_up(&g, &[1], Duration::from_secs(10)).await;
     assert_identical(&g).await;
 }
 

@@ -35,14 +35,17 @@ pub fn order_key(group: &str) -> i64 {
     lock_key(group).wrapping_add(1)
 }
 
+/// Sets `reprise.now` (for rewritten time functions) to the transaction
+/// timestamp and returns it.
+const SET_NOW: &str = "set_config('reprise.now', to_char(now() AT TIME ZONE 'UTC', \
+     'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), true)";
+
 /// The write lock in shared mode (row-local writes only): sets the
 /// transaction timestamp, no sequence snapshot (row-local statements never
 /// touch sequences).
 pub fn shared_lock_query(group: &str) -> String {
     format!(
-        "SELECT pg_advisory_xact_lock_shared({}), \
-         set_config('reprise.now', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), true), \
-         NULL",
+        "SELECT pg_advisory_xact_lock_shared({}), {SET_NOW}, NULL",
         lock_key(group)
     )
 }
@@ -60,11 +63,35 @@ pub fn upgrade_lock_query(group: &str) -> String {
 /// functions) and the sequence states before the transaction writes.
 pub fn lock_query(group: &str) -> String {
     format!(
-        "SELECT pg_advisory_xact_lock({}), \
-         set_config('reprise.now', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), true), \
-         reprise.sequences()",
+        "SELECT pg_advisory_xact_lock({}), {SET_NOW}, reprise.sequences()",
         lock_key(group)
     )
+}
+
+/// The write lock taken for the session, outside any transaction: a
+/// REPEATABLE READ or SERIALIZABLE transaction's snapshot is taken when
+/// its first query starts, so that query must not wait for the lock.
+/// `lock_from_session_query` moves it to the transaction.
+pub fn session_lock_query(group: &str) -> String {
+    format!("SELECT pg_advisory_lock({})", lock_key(group))
+}
+
+/// `lock_query` for a session that holds the write lock already: the
+/// transaction's lock is granted at once, then the session's is released
+/// (in the same query, so nothing can fail between them but the query).
+/// The fourth column says whether the session held it.
+pub fn lock_from_session_query(group: &str) -> String {
+    let key = lock_key(group);
+    format!(
+        "SELECT pg_advisory_xact_lock({key}), {SET_NOW}, reprise.sequences(), \
+         pg_advisory_unlock({key})"
+    )
+}
+
+/// Releases the session's write lock when `lock_from_session_query` could
+/// not (its transaction had failed before it ran).
+pub fn session_unlock_query(group: &str) -> String {
+    format!("SELECT pg_advisory_unlock({})", lock_key(group))
 }
 
 /// A log row as the primary holds it.

@@ -1236,6 +1236,7 @@ impl Session {
         if captured {
             self.capture_unit(&unit.items, &unit.prepared);
         }
+        let session_locked = target == primary && self.before_begin(&unit, &mut buf, target);
         let conn = self.backends[target].as_mut().expect("connected");
         // Replay SETs this backend has not seen.
         while conn.settings_applied < self.settings.len() {
@@ -1248,7 +1249,7 @@ impl Session {
             emit(conn, item, &mut buf, captured);
         }
         if target == primary {
-            self.after_primary_unit(&unit, &mut buf, target);
+            self.after_primary_unit(&unit, &mut buf, target, session_locked);
         }
         let conn = self.backends[target].as_mut().expect("connected");
         if unit.simple {

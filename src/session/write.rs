@@ -92,7 +92,11 @@ struct CaptureMark {
 /// A unit the proxy sent for itself on the primary, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Own {
+    /// The write lock for the session, before a snapshot-isolation BEGIN.
+    SessionLock,
     Lock,
+    /// The session's write lock released after its transaction failed.
+    Unlock,
     Append,
     Commit,
     Rollback,
@@ -106,6 +110,10 @@ enum OwnStatement {
     Begin,
     LockShared,
     LockExclusive,
+    /// The session's write lock, taken before a snapshot-isolation BEGIN.
+    SessionLock,
+    /// The exclusive lock moved from the session to its transaction.
+    LockFromSession,
     Upgrade,
     Append,
 }
@@ -117,6 +125,8 @@ impl OwnStatement {
             OwnStatement::Begin => "reprise.own.begin",
             OwnStatement::LockShared => "reprise.own.lock_shared",
             OwnStatement::LockExclusive => "reprise.own.lock",
+            OwnStatement::SessionLock => "reprise.own.session_lock",
+            OwnStatement::LockFromSession => "reprise.own.lock_from_session",
             OwnStatement::Upgrade => "reprise.own.upgrade",
             OwnStatement::Append => "reprise.own.append",
         }
@@ -127,6 +137,8 @@ impl OwnStatement {
             OwnStatement::Begin => "BEGIN".to_string(),
             OwnStatement::LockShared => replication::shared_lock_query(group),
             OwnStatement::LockExclusive => replication::lock_query(group),
+            OwnStatement::SessionLock => replication::session_lock_query(group),
+            OwnStatement::LockFromSession => replication::lock_from_session_query(group),
             OwnStatement::Upgrade => replication::upgrade_lock_query(group),
             OwnStatement::Append => {
                 "SELECT * FROM reprise.append_row($1::bigint, $2::bytea, $3::text, $4::bigint)"
@@ -167,6 +179,10 @@ pub struct WriteState {
     pub sync_wait: Option<(u64, u64, Frame)>,
     /// The own unit whose ReadyForQuery just arrived.
     pub last_own: Option<Own>,
+    /// The primary connection holds the write lock at session level (see
+    /// `before_primary_unit`): released as the transaction's lock is taken,
+    /// or once the transaction ends if that failed.
+    pub session_lock: bool,
     /// Row-locality of prepared statements' text, with the catalog epoch
     /// it was judged at: a prepared statement runs again and again, and
     /// normalising its text for the group's cache each time cost more
@@ -1190,19 +1206,54 @@ impl Session {
             })
     }
 
+    /// The unit begins a REPEATABLE READ or SERIALIZABLE transaction that
+    /// may write: it takes the write lock exclusively as its first
+    /// statement, so that commit order stays a serial order for what it
+    /// reads.
+    fn begins_snapshot_writer(&self, unit: &Unit) -> bool {
+        self.replicating()
+            && self.write.tx.is_none()
+            && unit.begin == Some(false)
+            && unit_sql(unit).iter().any(|s| snapshot_isolation(s))
+    }
+
+    /// Before the client's unit goes to the primary `p`: if it begins a
+    /// snapshot-isolation transaction outside one, the session takes the
+    /// write lock first. Such a transaction's snapshot is taken when its
+    /// first query starts, before that query waits for a lock: waiting in
+    /// the transaction, it would miss what committed meanwhile, and its
+    /// log append would then fail with 40001. Returns whether it did.
+    pub(super) fn before_begin(&mut self, unit: &Unit, buf: &mut BytesMut, p: usize) -> bool {
+        if self.tx_node.is_some() || !self.begins_snapshot_writer(unit) {
+            return false;
+        }
+        self.bind_own(p, buf, OwnStatement::SessionLock, &[]);
+        messages::put_message(b'S', b"", buf);
+        self.expect_own(p);
+        self.write.own.push_back(Own::SessionLock);
+        true
+    }
+
     /// After a `BEGIN` of a REPEATABLE READ or SERIALIZABLE transaction that
-    /// may write: take the write lock exclusively as its first statement, so
-    /// its snapshot is taken under the lock and commit order stays a serial
-    /// order for what it reads.
-    pub(super) fn after_primary_unit(&mut self, unit: &Unit, buf: &mut BytesMut, p: usize) {
-        if !self.replicating() || self.write.tx.is_some() || unit.begin != Some(false) {
+    /// may write: take the write lock exclusively as its first statement,
+    /// from the session when `before_begin` took it (see there).
+    pub(super) fn after_primary_unit(
+        &mut self,
+        unit: &Unit,
+        buf: &mut BytesMut,
+        p: usize,
+        session_locked: bool,
+    ) {
+        if !self.begins_snapshot_writer(unit) {
             return;
         }
-        let sqls = unit_sql(unit);
-        if !sqls.iter().any(|s| snapshot_isolation(s)) {
-            return;
+        if session_locked {
+            self.bind_own(p, buf, OwnStatement::LockFromSession, &[]);
+            messages::put_message(b'S', b"", buf);
+            self.write.own.push_back(Own::Lock);
+        } else {
+            self.push_lock(buf, false, true);
         }
-        self.push_lock(buf, false, true);
         self.expect_own(p);
         let settings = self.entry_settings();
         self.write.tx = Some(WriteTx {
@@ -1411,6 +1462,7 @@ impl Session {
     pub(super) fn write_lost(&mut self) -> (bool, bool) {
         self.write.own.clear();
         self.write.last_own = None;
+        self.write.session_lock = false;
         match self.write.tx.take() {
             Some(tx) => (tx.committing, tx.held_rfq.is_some()),
             None => (false, false),
@@ -1423,6 +1475,18 @@ impl Session {
             return;
         };
         match f.tag {
+            b'D' if kind == Own::SessionLock => self.write.session_lock = true,
+            b'E' if matches!(kind, Own::SessionLock | Own::Unlock) => {
+                // Not taken (timeout, cancel): the transaction's own lock
+                // query waits for it instead, as it would have anyway.
+                self.span.in_scope(|| {
+                    tracing::debug!(
+                        error = messages::error_message(f.body()),
+                        ?kind,
+                        "session write lock"
+                    )
+                });
+            }
             b'D' => {
                 let cols = data_row(f.body());
                 if let Some(tx) = self.write.tx.as_mut() {
@@ -1433,6 +1497,9 @@ impl Session {
                             }
                             if let Some(seqs) = cols[2].clone() {
                                 tx.seqs_before = seqs;
+                            }
+                            if cols.get(3).is_some_and(|c| c.as_deref() == Some("t")) {
+                                self.write.session_lock = false;
                             }
                         }
                         Own::Append => {
@@ -1501,6 +1568,13 @@ impl Session {
     ) -> Result<Option<Frame>, End> {
         let status = f.body().first().copied().unwrap_or(b'I');
         let failed_unit = std::mem::take(&mut self.write.unit_failed);
+        if status == b'I' && std::mem::take(&mut self.write.session_lock) {
+            // The transaction failed before its lock query moved the lock.
+            let unlock = replication::session_unlock_query(&self.group.name);
+            self.write.own.push_back(Own::Unlock);
+            self.expect_own(p);
+            self.send_raw(p, &messages::query(&unlock)).await?;
+        }
         if let Some(q) = self.write.nontx.take()
             && !failed_unit
         {
