@@ -144,9 +144,20 @@ async fn concurrency_cases_that_break_naive_replay_stay_identical() {
                         // no commit can slip in between, and the COMMIT
                         // never fails with 40001 (as with PostgreSQL alone,
                         // where these inserts cannot conflict).
-                        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                        // The isolation level by BEGIN, or by the
+                        // session's default (as JDBC sets it).
+                        if k == 0 && w == 5 {
+                            c.batch_execute(
+                                "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+                            )
                             .await
                             .unwrap();
+                        }
+                        let begin = match w {
+                            5 => "BEGIN",
+                            _ => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+                        };
+                        c.batch_execute(begin).await.unwrap();
                         c.execute("INSERT INTO totals SELECT count(*) FROM events", &[])
                             .await
                             .unwrap();
@@ -182,13 +193,15 @@ async fn concurrency_cases_that_break_naive_replay_stay_identical() {
     assert_identical(&g).await;
 }
 
-/// A REPEATABLE READ or SERIALIZABLE transaction takes the write lock for
-/// its session before its BEGIN and moves it to the transaction in its
-/// first query. When that query cannot run (the transaction failed in the
-/// same pipelined batch as its BEGIN, or was cancelled), the session's lock
-/// is released once the transaction ends: other sessions can write.
+/// A REPEATABLE READ or SERIALIZABLE transaction (by its BEGIN, the
+/// session's default isolation or the startup parameters) takes the write
+/// lock for its session before its BEGIN and moves it to the transaction
+/// in its first query: a writer that waited for another's commit sees it
+/// and commits (it used to fail with 40001). When that first query cannot
+/// run (the block failed in the same pipelined batch as its BEGIN), the
+/// session's lock is released once the block ends: others can write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_transaction_that_fails_early_releases_the_write_lock() {
+async fn snapshot_isolation_writers_take_the_lock_before_their_snapshot() {
     let g = TestGroup::start(2, |_| {}).await;
     let c1 = g.proxy.client("app").await;
     let c2 = g.proxy.client("app").await;
@@ -243,6 +256,42 @@ async fn a_snapshot_transaction_that_fails_early_releases_the_write_lock() {
             .unwrap();
         c1.batch_execute("COMMIT").await.unwrap();
     }
+    // A snapshot-isolation writer that waits for another's commit sees it:
+    // its COMMIT does not fail. Begun so by BEGIN, by the session's
+    // default isolation, or by the startup parameters.
+    let mut startup: tokio_postgres::Config = g.proxy.url("app").parse().unwrap();
+    startup.options("-c default_transaction_isolation=serializable");
+    let (by_startup, conn) = startup.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let by_setting = g.proxy.client("app").await;
+    by_setting
+        .batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let by_begin = g.proxy.client("app").await;
+    for (how, waiter, begin) in [
+        ("begin", &by_begin, "BEGIN ISOLATION LEVEL REPEATABLE READ"),
+        ("setting", &by_setting, "BEGIN"),
+        ("startup", &by_startup, "START TRANSACTION"),
+    ] {
+        c2.batch_execute("BEGIN; INSERT INTO snap_notes VALUES ('holder')")
+            .await
+            .unwrap();
+        let sql =
+            format!("{begin}; INSERT INTO snap_notes SELECT 'saw ' || count(*) FROM snap_notes");
+        let wait = waiter.batch_execute(&sql);
+        let commit = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            c2.batch_execute("COMMIT").await
+        };
+        let (waited, committed) = tokio::join!(wait, commit);
+        waited.unwrap();
+        committed.unwrap();
+        waiter
+            .batch_execute("COMMIT")
+            .await
+            .unwrap_or_else(|e| panic!("{how}: {e:?}"));
+    }
     // A session that goes away inside such a block leaves no lock behind.
     let c3 = g.proxy.client("app").await;
     c3.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
@@ -261,7 +310,7 @@ async fn a_snapshot_transaction_that_fails_early_releases_the_write_lock() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 2 * 4 + 1);
+    assert_eq!(n, 2 * 4 + 3 * 2 + 1);
     wait_caught_up(&g, &[1], Duration::from_secs(10)).await;
     assert_identical(&g).await;
 }

@@ -407,6 +407,7 @@ impl Session {
     ) -> Session {
         let write = write::WriteState {
             startup_settings: write::startup_settings(&params),
+            startup_snapshot: write::startup_snapshot_isolation(&params),
             ..write::WriteState::default()
         };
         Session {

@@ -170,6 +170,8 @@ pub struct WriteState {
     /// SET statements for the client's startup parameters that change how
     /// values are read (TimeZone, DateStyle…), replayed with every entry.
     pub startup_settings: Vec<String>,
+    /// The startup parameters make snapshot isolation the default.
+    pub startup_snapshot: bool,
     /// A command that runs outside a transaction, logged once it succeeded.
     pub nontx: Option<Frame>,
     /// The primary reported an error for the client unit in flight.
@@ -196,16 +198,43 @@ const ROW_LOCAL_MEMO: usize = 1024;
 /// SET statements for startup parameters that change how replayed
 /// statements read their input.
 pub fn startup_settings(params: &[(String, String)]) -> Vec<String> {
-    const REPLAYED: &[&str] = &[
-        "client_encoding",
-        "DateStyle",
-        "IntervalStyle",
-        "TimeZone",
-        "search_path",
-        "extra_float_digits",
-        "bytea_output",
-        "standard_conforming_strings",
-    ];
+    startup_pairs(params)
+        .iter()
+        .filter(|(k, _)| {
+            REPLAYED_AT_STARTUP
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(k))
+        })
+        .map(|(k, v)| format!("SET {k} = '{}'", v.replace('\'', "''")))
+        .collect()
+}
+
+/// Whether the client's startup parameters make REPEATABLE READ or
+/// SERIALIZABLE its transactions' default isolation.
+pub fn startup_snapshot_isolation(params: &[(String, String)]) -> bool {
+    startup_pairs(params)
+        .iter()
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case("default_transaction_isolation"))
+        .is_some_and(|(_, v)| snapshot_level(&[v.to_ascii_lowercase().as_str()]))
+}
+
+/// The startup parameters that change how replayed statements read their
+/// input.
+const REPLAYED_AT_STARTUP: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "search_path",
+    "extra_float_digits",
+    "bytea_output",
+    "standard_conforming_strings",
+];
+
+/// The startup parameters as (name, value) pairs, with the settings given
+/// in `options` as pairs of their own.
+fn startup_pairs(params: &[(String, String)]) -> Vec<(String, String)> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     for (k, v) in params {
         if k == "options" {
@@ -225,10 +254,6 @@ pub fn startup_settings(params: &[(String, String)]) -> Vec<String> {
         }
     }
     pairs
-        .iter()
-        .filter(|(k, _)| REPLAYED.iter().any(|r| r.eq_ignore_ascii_case(k)))
-        .map(|(k, v)| format!("SET {k} = '{}'", v.replace('\'', "''")))
-        .collect()
 }
 
 /// Writes to tables the catalog did not know when they were classified:
@@ -813,11 +838,77 @@ fn prepares_transaction(unit: &Unit) -> bool {
 
 /// A BEGIN/START TRANSACTION asking for REPEATABLE READ or SERIALIZABLE.
 pub fn snapshot_isolation(sql: &str) -> bool {
+    begins_with_snapshot(sql, false)
+}
+
+/// A BEGIN/START TRANSACTION that opens a REPEATABLE READ or SERIALIZABLE
+/// transaction that may write, given whether the session's default
+/// isolation is one of those (`by_default`).
+fn begins_with_snapshot(sql: &str, by_default: bool) -> bool {
     if !first_word_in(sql, &["BEGIN", "START"]) {
         return false;
     }
     let upper = sql.to_ascii_uppercase();
-    (upper.contains("REPEATABLE") || upper.contains("SERIALIZABLE")) && !upper.contains("READ ONLY")
+    if upper.contains("READ ONLY") {
+        return false;
+    }
+    match upper.contains("ISOLATION") {
+        true => upper.contains("REPEATABLE") || upper.contains("SERIALIZABLE"),
+        false => by_default,
+    }
+}
+
+/// Whether an isolation level, as its words follow `ISOLATION LEVEL` or
+/// `default_transaction_isolation =` (lowercased, maybe quoted), is
+/// REPEATABLE READ or SERIALIZABLE.
+fn snapshot_level(words: &[&str]) -> bool {
+    words.first().is_some_and(|w| {
+        let w = w.trim_start_matches(['\'', '"']);
+        w.starts_with("repeatable") || w.starts_with("serializable")
+    })
+}
+
+/// What a session setting does to the default isolation of the session's
+/// transactions: `Some(snapshot)` if it sets it (`startup`, the default
+/// the session began with, if it resets it), None if it is about
+/// something else.
+fn sets_default_isolation(sql: &str, startup: bool) -> Option<bool> {
+    if !sql.to_ascii_lowercase().contains("isolation") {
+        return None;
+    }
+    let words = setting_words(sql);
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    match w.as_slice() {
+        [
+            "set",
+            "session",
+            "characteristics",
+            "as",
+            "transaction",
+            modes @ ..,
+        ] => {
+            let at = modes.windows(2).position(|p| p == ["isolation", "level"])?;
+            Some(snapshot_level(&modes[at + 2..]))
+        }
+        ["reset", "default_transaction_isolation"]
+        | [
+            "set",
+            "session",
+            "default_transaction_isolation",
+            _,
+            "default",
+        ]
+        | ["set", "default_transaction_isolation", _, "default"] => Some(startup),
+        [
+            "set",
+            "session",
+            "default_transaction_isolation",
+            _,
+            value @ ..,
+        ]
+        | ["set", "default_transaction_isolation", _, value @ ..] => Some(snapshot_level(value)),
+        _ => None,
+    }
 }
 
 /// Whether a transaction-ending statement is a rollback.
@@ -1211,10 +1302,29 @@ impl Session {
     /// statement, so that commit order stays a serial order for what it
     /// reads.
     fn begins_snapshot_writer(&self, unit: &Unit) -> bool {
-        self.replicating()
-            && self.write.tx.is_none()
-            && unit.begin == Some(false)
-            && unit_sql(unit).iter().any(|s| snapshot_isolation(s))
+        if !self.replicating() || self.write.tx.is_some() || unit.begin != Some(false) {
+            return false;
+        }
+        let by_default = self.snapshot_by_default();
+        unit_sql(unit)
+            .iter()
+            .any(|s| begins_with_snapshot(s, by_default))
+    }
+
+    /// Whether the session's transactions are REPEATABLE READ or
+    /// SERIALIZABLE unless they say otherwise, as far as the startup
+    /// parameters and the session's settings tell (not a role's or a
+    /// database's defaults).
+    fn snapshot_by_default(&self) -> bool {
+        let startup = self.write.startup_snapshot;
+        let from = self
+            .settings
+            .iter()
+            .rposition(|s| resets_all(s))
+            .map_or(0, |i| i + 1);
+        self.settings[from..].iter().fold(startup, |now, s| {
+            sets_default_isolation(s, startup).unwrap_or(now)
+        })
     }
 
     /// Before the client's unit goes to the primary `p`: if it begins a
@@ -2025,6 +2135,66 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn default_isolation_settings() {
+        let set = |sql| sets_default_isolation(sql, false);
+        assert_eq!(
+            set("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+            Some(true)
+        );
+        assert_eq!(
+            set(
+                "set session characteristics as transaction read write, isolation level serializable"
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            set("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"),
+            Some(false)
+        );
+        assert_eq!(
+            set("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
+            None
+        );
+        assert_eq!(
+            set("SET default_transaction_isolation = 'repeatable read'"),
+            Some(true)
+        );
+        assert_eq!(
+            set("set session default_transaction_isolation to serializable"),
+            Some(true)
+        );
+        assert_eq!(
+            set("SET default_transaction_isolation='read committed'"),
+            Some(false)
+        );
+        assert_eq!(
+            sets_default_isolation("RESET default_transaction_isolation", true),
+            Some(true)
+        );
+        assert_eq!(
+            set("SET default_transaction_isolation TO DEFAULT"),
+            Some(false)
+        );
+        assert_eq!(set("SET search_path = isolation"), None);
+        assert!(startup_snapshot_isolation(&[(
+            "options".to_string(),
+            "-c default_transaction_isolation=serializable".to_string()
+        )]));
+        assert!(!startup_snapshot_isolation(&[(
+            "default_transaction_isolation".to_string(),
+            "read committed".to_string()
+        )]));
+        assert!(begins_with_snapshot("BEGIN", true));
+        assert!(begins_with_snapshot("START TRANSACTION READ WRITE", true));
+        assert!(!begins_with_snapshot(
+            "BEGIN ISOLATION LEVEL READ COMMITTED",
+            true
+        ));
+        assert!(!begins_with_snapshot("BEGIN READ ONLY", true));
+        assert!(!begins_with_snapshot("BEGIN", false));
     }
 
     #[test]
