@@ -315,6 +315,100 @@ async fn snapshot_isolation_writers_take_the_lock_before_their_snapshot() {
     assert_identical(&g).await;
 }
 
+/// Settings of the transaction under way (`SET TRANSACTION …`, `SET
+/// LOCAL transaction_read_only`) are not writes: they take no write lock
+/// (which, as a first query, made `SET TRANSACTION ISOLATION LEVEL` fail
+/// with "must be called before any query") and a READ ONLY transaction,
+/// however it was made so, logs nothing (its COMMIT failed, the log
+/// append being refused in it). The replay of a READ WRITE block of a
+/// session whose default is READ ONLY does not leave that default to the
+/// next replay (which then could not write: the copy was found divergent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_settings_and_read_only_defaults_are_followed() {
+    let g = TestGroup::start(2, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute("CREATE TABLE ro_notes (v text)")
+        .await
+        .unwrap();
+    let logged = log_extent(&g, 0).await.0;
+    // Read-only transactions calling a volatile function (a write for
+    // routing): made so inside the block, by the session's default, or by
+    // the startup parameters.
+    for sets in [
+        "SET TRANSACTION READ ONLY",
+        "SET LOCAL transaction_read_only = on",
+    ] {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute(sets).await.unwrap();
+        c.query_one("SELECT random()", &[]).await.unwrap();
+        c.batch_execute("COMMIT")
+            .await
+            .unwrap_or_else(|e| panic!("{sets}: {e:?}"));
+    }
+    let by_default = g.proxy.client("app").await;
+    by_default
+        .batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        .await
+        .unwrap();
+    by_default.query_one("SELECT random()", &[]).await.unwrap();
+    by_default.batch_execute("BEGIN").await.unwrap();
+    by_default.query_one("SELECT random()", &[]).await.unwrap();
+    by_default.batch_execute("COMMIT").await.unwrap();
+    let e = by_default
+        .execute("INSERT INTO ro_notes VALUES ('refused by the node')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "25006", "{e:?}");
+    let mut startup: tokio_postgres::Config = g.proxy.url("app").parse().unwrap();
+    startup.options("-c default_transaction_read_only=on");
+    let (by_startup, conn) = startup.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    by_startup.query_one("SELECT random()", &[]).await.unwrap();
+    assert_eq!(
+        log_extent(&g, 0).await.0,
+        logged,
+        "read-only work was logged"
+    );
+    // A READ WRITE block in such a session writes and is logged.
+    for s in [&by_default, &by_startup] {
+        s.batch_execute("BEGIN READ WRITE").await.unwrap();
+        s.execute("INSERT INTO ro_notes VALUES ('read write')", &[])
+            .await
+            .unwrap();
+        s.batch_execute("COMMIT").await.unwrap();
+    }
+    // SET TRANSACTION ISOLATION LEVEL as the block's first query.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO ro_notes VALUES ('serializable')", &[])
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    // READ ONLY after a write: the entry could not be written at COMMIT.
+    c.batch_execute("BEGIN; INSERT INTO ro_notes VALUES ('rolled back')")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("SET TRANSACTION READ ONLY")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(log_extent(&g, 0).await.0, logged + 3);
+    wait_caught_up(&g, &[1], Duration::from_secs(10)).await;
+    let rows: i64 = g
+        .direct(1)
+        .await
+        .query_one("SELECT count(*) FROM ro_notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 3, "{}", g.proxy.status().await);
+    assert_identical(&g).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nondeterministic_writes_are_identical_or_refused() {
     let g = TestGroup::start(3, |_| {}).await;

@@ -410,7 +410,7 @@ fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache)
         Some(simple) => {
             // Nothing non-transactional runs before the log row here (no
             // setval), so the setup may come first.
-            buf.extend_from_slice(&messages::query(&format!("BEGIN; {setup}")));
+            buf.extend_from_slice(&messages::query(&format!("{REPLAY_BEGIN}; {setup}")));
             append_applied(&mut buf, row, cache);
             if simple {
                 put_message(b'S', b"", &mut buf);
@@ -424,7 +424,7 @@ fn prepare(row: &LogRow, entry: &Entry, nontx: bool, cache: &mut StatementCache)
             Layout::Compact { simple }
         }
         None => {
-            buf.extend_from_slice(&messages::query("BEGIN"));
+            buf.extend_from_slice(&messages::query(REPLAY_BEGIN));
             append_applied(&mut buf, row, cache);
             put_message(b'S', b"", &mut buf);
             buf.extend_from_slice(&messages::query(&setup));
@@ -781,6 +781,13 @@ async fn apply_batch(
         None => Ok(()),
     }
 }
+
+/// How a replay's transaction begins: its access mode and isolation said,
+/// since the session defaults in force then are the previous entry's (its
+/// `SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY`, say), its own
+/// settings coming after the BEGIN. Replays run one at a time, each seeing
+/// every commit before it: the serial order the write lock made.
+const REPLAY_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED, READ WRITE";
 
 /// What the replay connection's session is put back to before each entry
 /// sets its own settings: RESET ALL alone leaves the role and session

@@ -88,10 +88,16 @@ pub struct Classification {
     /// `Some(read_only)` when a statement is BEGIN or START TRANSACTION (the
     /// last one if several): `Some(true)` for `READ ONLY`.
     pub begin: Option<bool>,
-    /// A statement makes the current or following transactions read-only:
-    /// `SET TRANSACTION READ ONLY`, `SET SESSION CHARACTERISTICS AS
-    /// TRANSACTION READ ONLY`, `SET [default_]transaction_read_only = on`.
-    pub sets_tx_read_only: bool,
+    /// `Some(read_only)` when a statement sets the access mode of the
+    /// transaction under way (the last one if several): `SET TRANSACTION
+    /// READ ONLY | READ WRITE`, `SET [LOCAL] transaction_read_only = …`.
+    /// (Session defaults are session settings.)
+    pub tx_access: Option<bool>,
+    /// Statements that set the transaction under way (`SET TRANSACTION …`,
+    /// `SET [LOCAL] transaction_isolation | transaction_read_only |
+    /// transaction_deferrable = …`): they change no data and are not
+    /// replayed, a copy's replay having its own transaction.
+    pub tx_settings: usize,
     /// A statement ends a transaction block: COMMIT, END, ROLLBACK, ABORT,
     /// PREPARE TRANSACTION, COMMIT PREPARED, ROLLBACK PREPARED.
     pub ends_tx: bool,
@@ -212,7 +218,8 @@ impl Classification {
         Classification {
             read_only: true,
             begin: None,
-            sets_tx_read_only: false,
+            tx_access: None,
+            tx_settings: 0,
             ends_tx: false,
             tx_after: None,
             session_settings: Vec::new(),
@@ -671,20 +678,20 @@ fn variable_set(
         kind,
         VariableSetKind::VarSetValue | VariableSetKind::VarSetMulti
     );
-    let read_only = match v.name.as_str() {
-        "TRANSACTION" | "SESSION CHARACTERISTICS" => tx_read_only(&v.args).unwrap_or(false),
-        "transaction_read_only" | "default_transaction_read_only" => {
-            v.args.first().is_some_and(is_on)
-        }
-        _ => false,
+    let access = match v.name.as_str() {
+        "TRANSACTION" => tx_read_only(&v.args),
+        "transaction_read_only" => v.args.first().map(is_on),
+        _ => None,
     };
-    if is_set && read_only {
-        out.sets_tx_read_only = true;
+    if is_set && access.is_some() {
+        out.tx_access = access;
     }
     if v.name == "standard_conforming_strings" {
         out.pin("standard_conforming_strings");
     }
-    if !v.is_local && !TRANSACTION_SETTINGS.contains(&v.name.as_str()) {
+    if TRANSACTION_SETTINGS.contains(&v.name.as_str()) {
+        out.tx_settings += 1;
+    } else if !v.is_local {
         out.session_settings.push(text());
     }
 }
@@ -1196,22 +1203,37 @@ mod tests {
         for sql in [
             "set transaction read only",
             "set transaction isolation level serializable, read only",
-            "set session characteristics as transaction read only",
             "set transaction_read_only = on",
-            "set default_transaction_read_only to true",
             "set local transaction_read_only = 1",
         ] {
-            assert!(c(sql).sets_tx_read_only, "{sql}");
+            assert_eq!(c(sql).tx_access, Some(true), "{sql}");
+            assert_eq!(c(sql).tx_settings, 1, "{sql}");
         }
         for sql in [
             "set transaction read write",
             "set transaction_read_only = off",
+        ] {
+            assert_eq!(c(sql).tx_access, Some(false), "{sql}");
+        }
+        for sql in [
             "set transaction isolation level serializable",
+            "set session characteristics as transaction read only",
+            "set default_transaction_read_only to true",
             "begin read only",
             "select 1",
         ] {
-            assert!(!c(sql).sets_tx_read_only, "{sql}");
+            assert_eq!(c(sql).tx_access, None, "{sql}");
         }
+        assert_eq!(
+            c("set transaction isolation level serializable").tx_settings,
+            1
+        );
+        assert_eq!(c("set transaction snapshot '00000003-1'").tx_settings, 1);
+        assert_eq!(
+            c("set session characteristics as transaction read only").tx_settings,
+            0
+        );
+        assert_eq!(c("set local search_path = a").tx_settings, 0);
         // SET TRANSACTION is for this transaction only; the session default is replayed.
         assert!(c("set transaction read only").session_settings.is_empty());
         assert!(

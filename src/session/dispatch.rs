@@ -72,6 +72,9 @@ pub struct Unit {
     pub changes_data: bool,
     /// It begins a transaction block: Some(read only).
     pub begin: Option<bool>,
+    /// It sets the access mode of the transaction under way: Some(read
+    /// only) (`SET TRANSACTION READ ONLY`…).
+    pub tx_access: Option<bool>,
     /// It ends a transaction block.
     pub ends_tx: bool,
     /// It must not run: answer with this error instead.
@@ -133,6 +136,7 @@ impl Unit {
             writes: false,
             changes_data: false,
             begin: None,
+            tx_access: None,
             ends_tx: false,
             refused: None,
             recheck: Vec::new(),
@@ -169,6 +173,7 @@ impl Unit {
         self.writes |= may_write(c);
         self.changes_data |= changes_data(c);
         self.begin = self.begin.or(c.begin);
+        self.tx_access = c.tx_access.or(self.tx_access);
         self.ends_tx |= c.ends_tx;
         self.settings.extend(c.session_settings.iter().cloned());
         for [name, value] in &c.bound_settings {
@@ -266,6 +271,7 @@ pub(super) fn may_write(c: &Classification) -> bool {
 /// control, prepared statement definitions or reads changing no data.
 fn control_statements(c: &Classification) -> usize {
     c.session_settings.len()
+        + c.tx_settings
         + usize::from(c.begin.is_some())
         + usize::from(c.ends_tx)
         + c.prepared.iter().filter(|p| p.is_definition()).count()
@@ -345,6 +351,7 @@ impl Session {
             writes: may_write(&class) || cursor_writes,
             changes_data: changes_data(&class) || cursor_writes,
             begin: class.begin,
+            tx_access: class.tx_access,
             ends_tx: class.ends_tx,
             refused,
             recheck,
@@ -1153,9 +1160,14 @@ impl Session {
                 return self.refuse_in_batch(i, &unit, BytesMut::new(), e).await;
             }
         }
-        if let Some(read_only) = unit.begin
-            && self.tx_node.is_none()
+        if unit.begin.is_some() && self.tx_node.is_none() {
+            self.tx_read_only = self.begins_read_only(&unit);
+        }
+        if let Some(read_only) = unit.tx_access
+            && (self.tx_node.is_some() || unit.begin.is_some())
         {
+            // (Refused by the node once the transaction ran a query: then
+            // nothing of it matters any more.)
             self.tx_read_only = read_only;
         }
         let mut target = i;

@@ -405,9 +405,11 @@ impl Session {
         cancel: CancelGuard,
         span: tracing::Span,
     ) -> Session {
+        let (startup_snapshot, startup_read_only) = write::startup_tx_defaults(&params);
         let write = write::WriteState {
             startup_settings: write::startup_settings(&params),
-            startup_snapshot: write::startup_snapshot_isolation(&params),
+            startup_snapshot,
+            startup_read_only,
             ..write::WriteState::default()
         };
         Session {

@@ -172,6 +172,8 @@ pub struct WriteState {
     pub startup_settings: Vec<String>,
     /// The startup parameters make snapshot isolation the default.
     pub startup_snapshot: bool,
+    /// The startup parameters make READ ONLY the default.
+    pub startup_read_only: bool,
     /// A command that runs outside a transaction, logged once it succeeded.
     pub nontx: Option<Frame>,
     /// The primary reported an error for the client unit in flight.
@@ -209,14 +211,13 @@ pub fn startup_settings(params: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
-/// Whether the client's startup parameters make REPEATABLE READ or
-/// SERIALIZABLE its transactions' default isolation.
-pub fn startup_snapshot_isolation(params: &[(String, String)]) -> bool {
-    startup_pairs(params)
-        .iter()
-        .rev()
-        .find(|(k, _)| k.eq_ignore_ascii_case("default_transaction_isolation"))
-        .is_some_and(|(_, v)| snapshot_level(&[v.to_ascii_lowercase().as_str()]))
+/// What the client's startup parameters make its transactions by
+/// default: (REPEATABLE READ or SERIALIZABLE, READ ONLY).
+pub fn startup_tx_defaults(params: &[(String, String)]) -> (bool, bool) {
+    (
+        TxDefault::SnapshotIsolation.at_startup(params),
+        TxDefault::ReadOnly.at_startup(params),
+    )
 }
 
 /// The startup parameters that change how replayed statements read their
@@ -858,56 +859,87 @@ fn begins_with_snapshot(sql: &str, by_default: bool) -> bool {
     }
 }
 
-/// Whether an isolation level, as its words follow `ISOLATION LEVEL` or
-/// `default_transaction_isolation =` (lowercased, maybe quoted), is
-/// REPEATABLE READ or SERIALIZABLE.
-fn snapshot_level(words: &[&str]) -> bool {
-    words.first().is_some_and(|w| {
-        let w = w.trim_start_matches(['\'', '"']);
-        w.starts_with("repeatable") || w.starts_with("serializable")
-    })
+/// A default of the session's transactions that its settings can give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxDefault {
+    /// REPEATABLE READ or SERIALIZABLE.
+    SnapshotIsolation,
+    /// READ ONLY.
+    ReadOnly,
 }
 
-/// What a session setting does to the default isolation of the session's
-/// transactions: `Some(snapshot)` if it sets it (`startup`, the default
-/// the session began with, if it resets it), None if it is about
-/// something else.
-fn sets_default_isolation(sql: &str, startup: bool) -> Option<bool> {
-    if !sql.to_ascii_lowercase().contains("isolation") {
-        return None;
-    }
-    let words = setting_words(sql);
-    let w: Vec<&str> = words.iter().map(String::as_str).collect();
-    match w.as_slice() {
-        [
-            "set",
-            "session",
-            "characteristics",
-            "as",
-            "transaction",
-            modes @ ..,
-        ] => {
-            let at = modes.windows(2).position(|p| p == ["isolation", "level"])?;
-            Some(snapshot_level(&modes[at + 2..]))
+impl TxDefault {
+    fn setting(self) -> &'static str {
+        match self {
+            TxDefault::SnapshotIsolation => "default_transaction_isolation",
+            TxDefault::ReadOnly => "default_transaction_read_only",
         }
-        ["reset", "default_transaction_isolation"]
-        | [
-            "set",
-            "session",
-            "default_transaction_isolation",
-            _,
-            "default",
-        ]
-        | ["set", "default_transaction_isolation", _, "default"] => Some(startup),
-        [
-            "set",
-            "session",
-            "default_transaction_isolation",
-            _,
-            value @ ..,
-        ]
-        | ["set", "default_transaction_isolation", _, value @ ..] => Some(snapshot_level(value)),
-        _ => None,
+    }
+
+    /// Whether a value of the setting (lowercased, maybe quoted; its first
+    /// word) gives this default.
+    fn value_gives(self, value: &str) -> bool {
+        let v = value.trim_matches(['\'', '"', '\\']);
+        match self {
+            TxDefault::SnapshotIsolation => {
+                v.starts_with("repeatable") || v.starts_with("serializable")
+            }
+            TxDefault::ReadOnly => v == "on" || v == "1" || v.starts_with(['t', 'y']),
+        }
+    }
+
+    /// From the transaction modes of `SET SESSION CHARACTERISTICS AS
+    /// TRANSACTION` (lowercased words, commas off): Some(gives it) if they
+    /// set it.
+    fn in_modes(self, modes: &[&str]) -> Option<bool> {
+        modes.windows(2).rev().find_map(|p| match (self, p) {
+            (TxDefault::SnapshotIsolation, ["level", level]) => Some(self.value_gives(level)),
+            (TxDefault::ReadOnly, ["read", "only"]) => Some(true),
+            (TxDefault::ReadOnly, ["read", "write"]) => Some(false),
+            _ => None,
+        })
+    }
+
+    /// What a session setting does to this default: `Some(gives it)` if it
+    /// sets it (`startup`, the session's default at its start, if it resets
+    /// it), None if it is about something else.
+    fn set_by(self, sql: &str, startup: bool) -> Option<bool> {
+        if !sql.to_ascii_lowercase().contains("transaction") {
+            return None;
+        }
+        let words: Vec<String> = setting_words(sql)
+            .into_iter()
+            .map(|w| w.trim_end_matches(',').to_string())
+            .collect();
+        let w: Vec<&str> = words.iter().map(String::as_str).collect();
+        let name = self.setting();
+        match w.as_slice() {
+            [
+                "set",
+                "session",
+                "characteristics",
+                "as",
+                "transaction",
+                modes @ ..,
+            ] => self.in_modes(modes),
+            ["reset", n] if *n == name => Some(startup),
+            ["set", "session", n, _, value, ..] | ["set", n, _, value, ..] if *n == name => {
+                match *value {
+                    "default" => Some(startup),
+                    v => Some(self.value_gives(v)),
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the client's startup parameters give this default.
+    fn at_startup(self, params: &[(String, String)]) -> bool {
+        startup_pairs(params)
+            .iter()
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case(self.setting()))
+            .is_some_and(|(_, v)| self.value_gives(&v.to_ascii_lowercase()))
     }
 }
 
@@ -1096,6 +1128,14 @@ impl Session {
             )
             .with_hint("COMMIT it instead (PREPARE TRANSACTION works for transactions that only read)"));
         }
+        if self.replicating() && logged && unit.tx_access == Some(true) {
+            // Its entry is appended at COMMIT: no longer possible then.
+            return Err(PgError::error(
+                "0A000",
+                "Reprise cannot make a transaction READ ONLY after it wrote: its log entry is written at COMMIT",
+            )
+            .with_hint("set READ ONLY before the transaction's first write"));
+        }
         if !self.replicating() || !unit.writes {
             return Ok(());
         }
@@ -1184,6 +1224,12 @@ impl Session {
     /// writes and this transaction holds none. Returns whether to capture it.
     pub(super) fn before_primary_unit(&mut self, unit: &Unit, buf: &mut BytesMut) -> bool {
         if !self.replicating() || !unit.writes || (self.tx_read_only && self.write.tx.is_none()) {
+            return false;
+        }
+        if self.tx_node.is_none() && unit.begin.is_none() && self.tx_default(TxDefault::ReadOnly) {
+            // Autocommit under a READ ONLY default: the node refuses what
+            // would change replicated data, and a log entry could not be
+            // written.
             return false;
         }
         let sqls = unit_sql(unit);
@@ -1305,26 +1351,38 @@ impl Session {
         if !self.replicating() || self.write.tx.is_some() || unit.begin != Some(false) {
             return false;
         }
-        let by_default = self.snapshot_by_default();
+        let by_default = self.tx_default(TxDefault::SnapshotIsolation);
         unit_sql(unit)
             .iter()
             .any(|s| begins_with_snapshot(s, by_default))
     }
 
     /// Whether the session's transactions are REPEATABLE READ or
-    /// SERIALIZABLE unless they say otherwise, as far as the startup
-    /// parameters and the session's settings tell (not a role's or a
-    /// database's defaults).
-    fn snapshot_by_default(&self) -> bool {
-        let startup = self.write.startup_snapshot;
+    /// SERIALIZABLE, or READ ONLY, unless they say otherwise, as far as the
+    /// startup parameters and the session's settings tell (not a role's or
+    /// a database's defaults).
+    fn tx_default(&self, what: TxDefault) -> bool {
+        let startup = match what {
+            TxDefault::SnapshotIsolation => self.write.startup_snapshot,
+            TxDefault::ReadOnly => self.write.startup_read_only,
+        };
         let from = self
             .settings
             .iter()
             .rposition(|s| resets_all(s))
             .map_or(0, |i| i + 1);
-        self.settings[from..].iter().fold(startup, |now, s| {
-            sets_default_isolation(s, startup).unwrap_or(now)
-        })
+        self.settings[from..]
+            .iter()
+            .fold(startup, |now, s| what.set_by(s, startup).unwrap_or(now))
+    }
+
+    /// Whether the transaction block a unit begins is READ ONLY.
+    pub(super) fn begins_read_only(&self, unit: &Unit) -> bool {
+        unit.begin == Some(true)
+            || (!unit_sql(unit)
+                .iter()
+                .any(|s| s.to_ascii_uppercase().contains("READ WRITE"))
+                && self.tx_default(TxDefault::ReadOnly))
     }
 
     /// Before the client's unit goes to the primary `p`: if it begins a
@@ -2138,55 +2196,83 @@ mod tests {
     }
 
     #[test]
-    fn default_isolation_settings() {
-        let set = |sql| sets_default_isolation(sql, false);
-        assert_eq!(
-            set("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
-            Some(true)
-        );
-        assert_eq!(
-            set(
-                "set session characteristics as transaction read write, isolation level serializable"
+    fn transaction_defaults_from_settings() {
+        let iso = |sql| TxDefault::SnapshotIsolation.set_by(sql, false);
+        let ro = |sql| TxDefault::ReadOnly.set_by(sql, false);
+        for (sql, snapshot, read_only) in [
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+                Some(true),
+                None,
             ),
+            (
+                "set session characteristics as transaction read write, isolation level serializable",
+                Some(true),
+                Some(false),
+            ),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED, READ ONLY",
+                Some(false),
+                Some(true),
+            ),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+                None,
+                Some(true),
+            ),
+            (
+                "SET default_transaction_isolation = 'repeatable read'",
+                Some(true),
+                None,
+            ),
+            (
+                "set session default_transaction_isolation to serializable",
+                Some(true),
+                None,
+            ),
+            (
+                "SET default_transaction_isolation='read committed'",
+                Some(false),
+                None,
+            ),
+            (
+                "SET default_transaction_isolation TO DEFAULT",
+                Some(false),
+                None,
+            ),
+            ("SET default_transaction_read_only = on", None, Some(true)),
+            (
+                "set default_transaction_read_only to 'true'",
+                None,
+                Some(true),
+            ),
+            ("SET default_transaction_read_only = off", None, Some(false)),
+            ("SET search_path = transaction_isolation", None, None),
+            ("SET TRANSACTION READ ONLY", None, None),
+        ] {
+            assert_eq!(iso(sql), snapshot, "{sql}");
+            assert_eq!(ro(sql), read_only, "{sql}");
+        }
+        assert_eq!(
+            TxDefault::SnapshotIsolation.set_by("RESET default_transaction_isolation", true),
             Some(true)
         );
+        let options = |o: &str| [("options".to_string(), o.to_string())];
         assert_eq!(
-            set("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"),
-            Some(false)
+            startup_tx_defaults(&options("-c default_transaction_isolation=serializable")),
+            (true, false)
         );
         assert_eq!(
-            set("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
-            None
+            startup_tx_defaults(&options("--default_transaction_read_only=on")),
+            (false, true)
         );
         assert_eq!(
-            set("SET default_transaction_isolation = 'repeatable read'"),
-            Some(true)
+            startup_tx_defaults(&[(
+                "default_transaction_isolation".to_string(),
+                "read committed".to_string()
+            )]),
+            (false, false)
         );
-        assert_eq!(
-            set("set session default_transaction_isolation to serializable"),
-            Some(true)
-        );
-        assert_eq!(
-            set("SET default_transaction_isolation='read committed'"),
-            Some(false)
-        );
-        assert_eq!(
-            sets_default_isolation("RESET default_transaction_isolation", true),
-            Some(true)
-        );
-        assert_eq!(
-            set("SET default_transaction_isolation TO DEFAULT"),
-            Some(false)
-        );
-        assert_eq!(set("SET search_path = isolation"), None);
-        assert!(startup_snapshot_isolation(&[(
-            "options".to_string(),
-            "-c default_transaction_isolation=serializable".to_string()
-        )]));
-        assert!(!startup_snapshot_isolation(&[(
-            "default_transaction_isolation".to_string(),
-            "read committed".to_string()
-        )]));
         assert!(begins_with_snapshot("BEGIN", true));
         assert!(begins_with_snapshot("START TRANSACTION READ WRITE", true));
         assert!(!begins_with_snapshot(
