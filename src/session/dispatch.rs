@@ -773,6 +773,7 @@ impl Session {
                     .stats
                     .refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.raised = Some(e.clone());
                 return self.send_unit(node, Unit::raising(&e), false).await;
             }
             return self.fail_unit(&unit, e);
@@ -1248,7 +1249,10 @@ impl Session {
         if captured {
             self.capture_unit(&unit.items, &unit.prepared);
         }
-        let session_locked = target == primary && self.before_begin(&unit, &mut buf, target);
+        // (Not in the middle of a streaming batch: nothing may come between
+        // its messages.)
+        let session_locked =
+            target == primary && continuing.is_none() && self.before_begin(&unit, &mut buf, target);
         let conn = self.backends[target].as_mut().expect("connected");
         // Replay SETs this backend has not seen.
         while conn.settings_applied < self.settings.len() {

@@ -276,6 +276,10 @@ pub struct Session {
     /// as in an aborted transaction until the client ends it.
     /// (Whether the client was told yet.)
     lost_tx: Option<(String, bool)>,
+    /// A refusal the transaction block's node was asked to raise (so that
+    /// it aborts the block): the client gets it as made here, without the
+    /// CONTEXT line of the node's RAISE.
+    raised: Option<PgError>,
     /// Why the session is pinned to the primary, if it is.
     pinned: Option<&'static str>,
     /// Cursors whose query may write, declared in the open transaction:
@@ -430,6 +434,7 @@ impl Session {
             tx_node: None,
             tx_read_only: false,
             lost_tx: None,
+            raised: None,
             pinned: None,
             writing_cursors: Vec::new(),
             wrote: false,
@@ -903,7 +908,14 @@ impl Session {
                     }
                 }
                 self.note_relayed(i, &frame);
-                match lock_error.or_else(|| self.wrapped_termination(i, &frame)) {
+                let raised = self.raised.take().filter(|e| {
+                    frame.tag == b'E'
+                        && messages::error_code(frame.body()).as_deref() == Some(e.code)
+                });
+                match lock_error
+                    .or(raised)
+                    .or_else(|| self.wrapped_termination(i, &frame))
+                {
                     Some(e) => e.encode(&mut self.out),
                     None => self.out.extend_from_slice(&frame.raw),
                 }
@@ -958,6 +970,7 @@ impl Session {
         }
         self.tx_node = (status != b'I').then_some(i);
         self.tx_read_only &= status != b'I';
+        self.raised = None;
         if std::mem::take(&mut self.stream_cut) {
             // The answer to our Sync that ended a streamed batch.
             if failed {
