@@ -893,6 +893,27 @@ async fn what_happens_at_an_autocommit_writes_commit_reaches_the_client() {
         assert_eq!(sqlstate(&e), "23503", "{how}: {e:?}");
         assert!(db_text(&e).contains("child_p_fkey"), "{how}: {e:?}");
     }
+    // In a simple Query PostgreSQL commits before it completes the last
+    // statement: a failed commit sends no CommandComplete for it (it used
+    // to arrive, "INSERT 0 1", before the error). Earlier statements of
+    // the string complete as they run.
+    let mut raw = Raw::connect(&g.proxy).await;
+    for (sql, tags) in [
+        ("INSERT INTO child VALUES (3, 44)", vec!["ZI"]),
+        (
+            "INSERT INTO parent VALUES (20); INSERT INTO child VALUES (4, 45)",
+            vec!["INSERT 0 1", "ZI"],
+        ),
+        ("INSERT INTO parent VALUES (21)", vec!["INSERT 0 1", "ZI"]),
+    ] {
+        let mut out = Vec::new();
+        Raw::msg(&mut out, b'Q', format!("{sql}\0").as_bytes());
+        raw.send(&out).await;
+        let got = raw.until(b'Z').await;
+        let failed = tags.len() < sql.split(';').count() + 1;
+        assert_eq!(tags_in(&got), tags, "{sql}: {got:?}");
+        assert_eq!(error_in(&got).is_some(), failed, "{sql}: {got:?}");
+    }
     // The session goes on; the rows that failed are nowhere.
     client
         .batch_execute("INSERT INTO parent VALUES (7)")

@@ -908,6 +908,18 @@ impl Session {
                     }
                 }
                 self.note_relayed(i, &frame);
+                let tx = self.write.tx.as_mut();
+                if let Some(c) = tx.and_then(|t| t.held_complete.take()) {
+                    // Not the last statement's: something followed it.
+                    self.out.extend_from_slice(&c.raw);
+                }
+                if frame.tag == b'C'
+                    && outcome.owner == Some(UnitOwner::ClientCaptured)
+                    && let Some(tx) = self.write.tx.as_mut().filter(|t| t.simple)
+                {
+                    tx.held_complete = Some(frame);
+                    continue;
+                }
                 let raised = self.raised.take().filter(|e| {
                     frame.tag == b'E'
                         && messages::error_code(frame.body()).as_deref() == Some(e.code)

@@ -50,6 +50,12 @@ pub struct WriteTx {
     row: Option<replication::LogRow>,
     /// The client's own ReadyForQuery, held until the commit is settled.
     pub held_rfq: Option<Frame>,
+    /// An implicit transaction around a simple Query: PostgreSQL commits
+    /// one before it sends the last statement's CommandComplete, and sends
+    /// none if the commit fails.
+    pub simple: bool,
+    /// That last CommandComplete, held until our COMMIT succeeded.
+    pub held_complete: Option<Frame>,
     /// The append (and so the COMMIT) has been sent.
     pub committing: bool,
     /// The entry kind (see `replication::NONTX`).
@@ -1297,6 +1303,7 @@ impl Session {
         let settings = self.entry_settings();
         self.write.tx = Some(WriteTx {
             implicit,
+            simple: implicit && unit.simple,
             exclusive: !row_local,
             ddl,
             settings,
@@ -1839,6 +1846,9 @@ impl Session {
         }
         match (kind, ok, tx.seq, tx.failed) {
             (Own::Commit, true, Some(seq), None) => {
+                if let Some(c) = tx.held_complete {
+                    self.out.extend_from_slice(&c.raw);
+                }
                 self.committed(seq, tx.term, idle, tx.ddl, tx.row)
             }
             (_, _, _, Some(e)) => {
