@@ -409,6 +409,61 @@ async fn transaction_settings_and_read_only_defaults_are_followed() {
     assert_identical(&g).await;
 }
 
+/// Bulk inserts whose rows come in the same order on every copy —
+/// from `generate_series` or `unnest` without ORDER BY, or any query
+/// ordered by a key — number their rows and capture their volatile
+/// defaults (both used to be refused without an ORDER BY, and volatile
+/// defaults with any INSERT … SELECT). Rows read in storage order are
+/// still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_inserts_in_a_fixed_order_are_numbered_and_captured() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute(
+        "CREATE TABLE bulk_u (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+             at timestamptz DEFAULT clock_timestamp(), n int);
+         CREATE TABLE bulk_s (id serial PRIMARY KEY, n int, made timestamptz DEFAULT clock_timestamp());",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "INSERT INTO bulk_u (n) SELECT g FROM generate_series(1, 300) g",
+        "INSERT INTO bulk_u (n) SELECT generate_series(301, 310)",
+        "INSERT INTO bulk_u (n) SELECT x FROM unnest(ARRAY[7, 8, 9]) x",
+        "INSERT INTO bulk_s (n) SELECT g FROM generate_series(1, 100) g",
+        "INSERT INTO bulk_s (n) SELECT n FROM bulk_s ORDER BY id",
+        "INSERT INTO bulk_u (n) SELECT n FROM bulk_s ORDER BY id LIMIT 5",
+    ] {
+        c.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    // Bound, in a transaction block, with RETURNING.
+    c.batch_execute("BEGIN").await.unwrap();
+    let rows = c
+        .query(
+            "INSERT INTO bulk_u (n) SELECT g FROM generate_series($1::int, $2::int) g RETURNING id",
+            &[&1000i32, &1019i32],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 20);
+    c.batch_execute("COMMIT").await.unwrap();
+    for sql in [
+        "INSERT INTO bulk_u (n) SELECT n FROM bulk_s",
+        "INSERT INTO bulk_s (n) SELECT n FROM bulk_s",
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+    }
+    let count = |t: &str| format!("SELECT count(*) FROM {t}");
+    for (t, n) in [("bulk_u", 300 + 10 + 3 + 5 + 20), ("bulk_s", 200)] {
+        let got: i64 = c.query_one(&count(t), &[]).await.unwrap().get(0);
+        assert_eq!(got, n, "{t}");
+    }
+    assert_identical(&g).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nondeterministic_writes_are_identical_or_refused() {
     let g = TestGroup::start(3, |_| {}).await;

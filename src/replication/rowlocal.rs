@@ -410,9 +410,12 @@ pub fn capture_volatile_defaults(
                 }
                 break 'edits;
             }
-            let (Some(rows), false) = (rows, cols.is_empty()) else {
+            let sel = &select["SelectStmt"];
+            let query =
+                rows.is_none() && !sel.is_null() && (fixed_order(sel) || total_order(sel, catalog));
+            if cols.is_empty() || !(rows.is_some() || query) {
                 return Err(reason);
-            };
+            }
             // Columns left out of the list, and DEFAULT items of listed ones.
             let missing: Vec<&(String, String)> = info
                 .volatile_defaults
@@ -435,6 +438,25 @@ pub fn capture_volatile_defaults(
                 let at = tokens[close_cols].start as usize;
                 edits.push(Edit::insert(at, format!(", {}", names.join(", "))));
             }
+            let Some(rows) = rows else {
+                if missing.is_empty() {
+                    break 'edits;
+                }
+                // A query whose rows come in the same order on every copy
+                // (the copies replay the captured values in that order):
+                // the defaults' expressions after its target list, which
+                // PostgreSQL evaluates after any sort (they are volatile).
+                let last = sel["target_list"]
+                    .as_array()
+                    .and_then(|t| t.last())
+                    .and_then(|t| t["node"]["ResTarget"]["location"].as_i64())
+                    .and_then(token_at)
+                    .ok_or_else(|| reason.clone())?;
+                let end = target_list_end(&tokens, last).ok_or_else(|| reason.clone())?;
+                let exprs: Vec<String> = missing.iter().map(|(_, e)| captured(e)).collect();
+                edits.push(Edit::insert(end, format!(", {}", exprs.join(", "))));
+                break 'edits;
+            };
             // Each VALUES row, by its parentheses.
             let mut i = (close_cols..tokens.len())
                 .find(|&i| is(i, Token::Values))
@@ -762,6 +784,7 @@ fn numbered(kind: &str, node: &Value, scope: &Scope) -> Option<OrderDependence> 
             if empty(&node["select_stmt"])
                 || !empty(&sel["values_lists"])
                 || total_order(sel, catalog)
+                || fixed_order(sel)
             {
                 return None;
             }
@@ -964,6 +987,89 @@ fn total_order(sel: &Value, catalog: &RelCatalog) -> bool {
                 keys.iter().filter_map(|k| column_name(k, &alias)).collect();
             key.iter().all(|c| ordered.contains(c))
         })
+}
+
+/// Where a SELECT's target list ends, in bytes: the end of the last token
+/// before the first clause keyword, set operation, `;` or closing
+/// parenthesis outside any parentheses that follows token `from` (the
+/// last item's first), or of the last token.
+fn target_list_end(tokens: &[pg_query::protobuf::ScanToken], from: usize) -> Option<usize> {
+    use pg_query::protobuf::Token;
+    const ENDS: &[Token] = &[
+        Token::From,
+        Token::Where,
+        Token::GroupP,
+        Token::Having,
+        Token::Window,
+        Token::Order,
+        Token::Limit,
+        Token::Offset,
+        Token::Fetch,
+        Token::For,
+        Token::On,
+        Token::Returning,
+        Token::Union,
+        Token::Intersect,
+        Token::Except,
+        Token::Into,
+        Token::Ascii59,
+    ];
+    let mut depth = 0i32;
+    let mut end = None;
+    for t in &tokens[from..] {
+        let kind = Token::try_from(t.token).ok()?;
+        match kind {
+            Token::Ascii41 | Token::Ascii93 if depth == 0 => return end,
+            k if depth == 0 && ENDS.contains(&k) => return end,
+            Token::Ascii40 | Token::Ascii91 => depth += 1,
+            Token::Ascii41 | Token::Ascii93 => depth -= 1,
+            _ => {}
+        }
+        end = Some(t.end as usize);
+    }
+    end
+}
+
+/// A SELECT whose rows come in the same order on every copy without an
+/// ORDER BY: those of one `generate_series` or `unnest` call (which return
+/// them in the order of their arguments), or of no FROM item at all (one
+/// row, or what such calls in its target list return), with nothing that
+/// regroups them (GROUP BY, DISTINCT, HAVING, a window, a set operation).
+/// Filtering (WHERE) and LIMIT keep the order.
+fn fixed_order(sel: &Value) -> bool {
+    let regroups = [
+        "group_clause",
+        "distinct_clause",
+        "window_clause",
+        "sort_clause",
+    ]
+    .iter()
+    .any(|k| !empty(&sel[*k]))
+        || !sel["having_clause"].is_null()
+        || !sel["larg"].is_null();
+    if regroups {
+        return false;
+    }
+    match sel["from_clause"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        [] => true,
+        [item] => item["node"].get("RangeFunction").is_some_and(|rf| {
+            let calls = rf["functions"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            !calls.is_empty()
+                && calls.iter().all(|f| {
+                    let call = &f["node"]["List"]["items"][0]["node"]["FuncCall"];
+                    matches!(
+                        super::function_names(call).as_slice(),
+                        ["generate_series" | "unnest"]
+                            | ["pg_catalog", "generate_series" | "unnest"]
+                    )
+                })
+        }),
+        _ => false,
+    }
 }
 
 /// The name a FROM source is referred to by, and the columns that name each
@@ -1760,7 +1866,34 @@ mod tests {
         );
         assert_eq!(rewrite("INSERT INTO other (v) VALUES (1)"), Ok(None));
         assert!(rewrite("INSERT INTO u VALUES ($1, 'x')").is_err());
-        assert!(rewrite("INSERT INTO u (v) SELECT 'x'").is_err());
+        // INSERT … SELECT whose rows come in the same order on every copy:
+        // the captured defaults follow its target list.
+        let c_ = "reprise.captured((gen_random_uuid())), reprise.captured((clock_timestamp()))";
+        for (sql, expected) in [
+            (
+                "INSERT INTO u (v) SELECT 'x'",
+                format!("INSERT INTO u (v, \"id\", \"at\") SELECT 'x', {c_}"),
+            ),
+            (
+                "insert into u (v) select (g * 2)::text from generate_series(1, $1) g \
+                 where g > 1 on conflict do nothing returning id",
+                format!(
+                    "insert into u (v, \"id\", \"at\") select (g * 2)::text, {c_} from \
+                     generate_series(1, $1) g where g > 1 on conflict do nothing returning id"
+                ),
+            ),
+            (
+                "INSERT INTO u (v) (SELECT g::text FROM generate_series(1, 3) g ORDER BY g)",
+                format!(
+                    "INSERT INTO u (v, \"id\", \"at\") (SELECT g::text, {c_} FROM generate_series(1, 3) g ORDER BY g)"
+                ),
+            ),
+        ] {
+            assert_eq!(rewrite(sql), Ok(Some(expected)), "{sql}");
+        }
+        // Rows in storage order, or no column list.
+        assert!(rewrite("INSERT INTO u (v) SELECT v FROM u").is_err());
+        assert!(rewrite("INSERT INTO u SELECT g FROM generate_series(1, 3) g").is_err());
         assert!(rewrite("COPY u (v) FROM STDIN").is_err());
         // INSERTs run by other statements.
         assert_eq!(
@@ -2083,6 +2216,24 @@ mod tests {
                 "insert into events (v, w) select x, x * 2 from unnest(array[1, 1]) x order by x",
                 numbered("events", true),
             ),
+            // Regrouped: no longer the function's order.
+            (
+                "insert into events (v) select g % 3 from generate_series(1, 9) g group by g % 3",
+                numbered("events", false),
+            ),
+            (
+                "insert into events (v) select distinct g % 3 from generate_series(1, 9) g",
+                numbered("events", false),
+            ),
+            (
+                "insert into events (v) select g from generate_series(1, 3) g \
+                 union all select v from s",
+                numbered("events", false),
+            ),
+            (
+                "insert into events (v) select g from generate_series(1, 3) g, s",
+                numbered("events", false),
+            ),
             (
                 "MERGE INTO events e USING s ON e.k = s.k WHEN NOT MATCHED THEN INSERT (k) VALUES (s.k)",
                 numbered("events", false),
@@ -2145,6 +2296,12 @@ mod tests {
             "insert into events (v, w) select n, 1 from generate_series(1, 9) as s(n) order by s.n",
             "insert into events (v, w) select generate_series, 0 from generate_series(1, 9) \
              order by generate_series",
+            // generate_series and unnest return their rows in a fixed order.
+            "insert into events (v) select g from generate_series(1, 9) g",
+            "insert into events (v, w) select g, g * 2 from generate_series(1, $1) g where g % 2 = 0 limit 3",
+            "insert into events (v) select x from unnest($1::int[]) with ordinality as u(x, n)",
+            "insert into events (v) select generate_series(1, 9)",
+            "insert into events (v, w) select 1, 2",
             // A row key of the one table read.
             "insert into events (v, w) select a.bid, a.abalance from pgbench_accounts a order by a.aid",
             "delete from events where id in (select id from events order by at, id limit 10)",
