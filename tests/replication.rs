@@ -412,9 +412,10 @@ async fn transaction_settings_and_read_only_defaults_are_followed() {
 /// Bulk inserts whose rows come in the same order on every copy —
 /// from `generate_series` or `unnest` without ORDER BY, or any query
 /// ordered by a key — number their rows and capture their volatile
-/// defaults (both used to be refused without an ORDER BY, and volatile
-/// defaults with any INSERT … SELECT). Rows read in storage order are
-/// still refused.
+/// defaults, and from those functions the volatile calls of their target
+/// lists (all used to be refused: without an ORDER BY, and volatile values
+/// with any INSERT … SELECT). Rows read in storage order are still
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_inserts_in_a_fixed_order_are_numbered_and_captured() {
     let g = TestGroup::start(3, |_| {}).await;
@@ -433,6 +434,10 @@ async fn bulk_inserts_in_a_fixed_order_are_numbered_and_captured() {
         "INSERT INTO bulk_s (n) SELECT g FROM generate_series(1, 100) g",
         "INSERT INTO bulk_s (n) SELECT n FROM bulk_s ORDER BY id",
         "INSERT INTO bulk_u (n) SELECT n FROM bulk_s ORDER BY id LIMIT 5",
+        // Volatile calls in such a query's target list.
+        "INSERT INTO bulk_u (id, n) SELECT gen_random_uuid(), g FROM generate_series(2000, 2009) g",
+        "INSERT INTO bulk_s (n, made) SELECT (random() * 100)::int, clock_timestamp() \
+         FROM generate_series(1, 10)",
     ] {
         c.batch_execute(sql)
             .await
@@ -457,7 +462,7 @@ async fn bulk_inserts_in_a_fixed_order_are_numbered_and_captured() {
         assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
     }
     let count = |t: &str| format!("SELECT count(*) FROM {t}");
-    for (t, n) in [("bulk_u", 300 + 10 + 3 + 5 + 20), ("bulk_s", 200)] {
+    for (t, n) in [("bulk_u", 300 + 10 + 3 + 5 + 10 + 20), ("bulk_s", 210)] {
         let got: i64 = c.query_one(&count(t), &[]).await.unwrap().get(0);
         assert_eq!(got, n, "{t}");
     }
@@ -1527,7 +1532,7 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
     .await
     .unwrap();
     for sql in [
-        "INSERT INTO d (v) SELECT 1",
+        "INSERT INTO d (v) SELECT v FROM d",
         // Two statements capturing beside each other.
         "WITH x AS (INSERT INTO d (v) VALUES (24) RETURNING id) INSERT INTO d (v) VALUES (25)",
         // `at` comes after the last value.
@@ -2431,9 +2436,10 @@ async fn volatile_defaults_of_tables_made_outside_the_proxy_are_captured_or_refu
     // Where the columns cannot be named, still refused.
     for (sql, column) in [
         ("INSERT INTO tokens VALUES (DEFAULT, 'f')", "\"id\""),
-        ("INSERT INTO tokens (v) SELECT 'g'", "\"id\""),
+        // (Rows read in storage order.)
+        ("INSERT INTO tokens (v) SELECT v FROM tokens", "\"id\""),
         (
-            "INSERT INTO tokens (id, v) SELECT gen_random_uuid(), 'h'",
+            "INSERT INTO tokens (id, v) SELECT gen_random_uuid(), v FROM tokens",
             "gen_random_uuid",
         ),
     ] {

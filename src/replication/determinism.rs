@@ -537,8 +537,13 @@ enum Values {
     No,
     /// Between the InsertStmt and its VALUES lists.
     Pending,
-    /// Inside the VALUES lists of an INSERT.
+    /// Inside the VALUES lists of an INSERT, or the target list of its
+    /// query when that returns rows in a fixed order.
     Inside,
+    /// An INSERT's query that returns rows in the same order on every copy
+    /// (`rowlocal::fixed_order`): its target list's volatile values are
+    /// captured in that order.
+    FixedOrder,
     /// Between an UpdateStmt and its SET list.
     UpdatePending,
     /// Inside the SET list of an UPDATE (captured only when the UPDATE
@@ -779,7 +784,14 @@ impl Walker<'_> {
                         (Values::UpdatePending, "target_list") => Values::UpdateSet,
                         (Values::UpdateSet, "SubLink" | "SelectStmt") => Values::No,
                         (Values::UpdateSet, _) => Values::UpdateSet,
+                        (Values::Pending, "SelectStmt")
+                            if child["values_lists"].as_array().is_none_or(Vec::is_empty)
+                                && super::rowlocal::fixed_order(child) =>
+                        {
+                            Values::FixedOrder
+                        }
                         (Values::Pending, "select_stmt" | "node" | "SelectStmt") => Values::Pending,
+                        (Values::FixedOrder, "target_list") => Values::Inside,
                         (Values::Pending, "values_lists") => Values::Inside,
                         (Values::Inside, "SubLink" | "SelectStmt") => Values::No,
                         (Values::Inside, _) => Values::Inside,
@@ -1754,6 +1766,34 @@ mod tests {
         // Idempotent: a captured call is not captured again.
         let again = analyze_write(&out);
         assert_eq!((again.rewritten, again.refused), (None, None), "{out}");
+        // The target list of a query whose rows come in a fixed order.
+        for (sql, expected) in [
+            (
+                "insert into t (id, v) select gen_random_uuid(), g from generate_series(1, 9) g",
+                "insert into t (id, v) select reprise.captured(gen_random_uuid()), g from generate_series(1, 9) g",
+            ),
+            (
+                "insert into t (v) select round(random() * 100) from generate_series(1, $1)",
+                "insert into t (v) select round(reprise.captured(random()) * 100) from generate_series(1, $1)",
+            ),
+            (
+                "insert into t (v) select random()",
+                "insert into t (v) select reprise.captured(random())",
+            ),
+        ] {
+            let a = analyze_write(sql);
+            assert_eq!(a.refused, None, "{sql}");
+            assert_eq!(a.rewritten.as_deref(), Some(expected), "{sql}");
+        }
+        // Elsewhere in it, or rows in storage order, or regrouped.
+        for sql in [
+            "insert into t (v) select g from generate_series(1, 9) g where random() < 0.5",
+            "insert into t (v) select random() from s",
+            "insert into t (v) select distinct random() from generate_series(1, 9)",
+            "insert into t (v) select (select random()) from generate_series(1, 9)",
+        ] {
+            assert!(analyze_write(sql).refused.is_some(), "{sql}");
+        }
     }
 
     #[test]

@@ -1036,7 +1036,7 @@ fn target_list_end(tokens: &[pg_query::protobuf::ScanToken], from: usize) -> Opt
 /// row, or what such calls in its target list return), with nothing that
 /// regroups them (GROUP BY, DISTINCT, HAVING, a window, a set operation).
 /// Filtering (WHERE) and LIMIT keep the order.
-fn fixed_order(sel: &Value) -> bool {
+pub(crate) fn fixed_order(sel: &Value) -> bool {
     let regroups = [
         "group_clause",
         "distinct_clause",
