@@ -1244,7 +1244,7 @@ async fn a_refused_statement_aborts_the_transaction_block_like_any_error() {
     c.batch_execute("CREATE TABLE tt (id int PRIMARY KEY, v float8)")
         .await
         .unwrap();
-    let refused = "INSERT INTO tt SELECT 2, random()";
+    let refused = "INSERT INTO tt SELECT 2, random() FROM (VALUES (1)) v";
     let code = |r: Result<(), tokio_postgres::Error>| r.map_err(|e| sqlstate(&e)).err();
 
     // The block fails: what follows is ignored, COMMIT rolls back.
@@ -1280,7 +1280,10 @@ async fn a_refused_statement_aborts_the_transaction_block_like_any_error() {
         .await
         .unwrap();
     let e = c
-        .execute("INSERT INTO tt SELECT $1, random()", &[&12i32])
+        .execute(
+            "INSERT INTO tt SELECT $1, random() FROM (VALUES (1)) v",
+            &[&12i32],
+        )
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");
@@ -2350,7 +2353,7 @@ async fn statements_described_and_flushed_before_they_run_are_replicated() {
     Raw::parse(
         &mut out,
         "refused",
-        "INSERT INTO flushed SELECT 20, random()::text",
+        "INSERT INTO flushed SELECT 20, random()::text FROM (VALUES (1)) v",
     );
     Raw::msg(&mut out, b'S', b"");
     raw.send(&out).await;
@@ -3178,7 +3181,10 @@ async fn a_batch_streamed_to_the_primary_is_checked_and_logged() {
     raw.until(b'C').await;
     raw.until(b'C').await;
     let mut out = Vec::new();
-    statement(&mut out, "INSERT INTO pipe SELECT 9, random()::text");
+    statement(
+        &mut out,
+        "INSERT INTO pipe SELECT 9, random()::text FROM (VALUES (1)) v",
+    );
     statement(&mut out, "COMMIT");
     Raw::msg(&mut out, b'S', b"");
     raw.send(&out).await;
