@@ -469,6 +469,92 @@ async fn bulk_inserts_in_a_fixed_order_are_numbered_and_captured() {
     assert_identical(&g).await;
 }
 
+/// `SET LOCAL` is not a write: a block that only sets and reads takes no
+/// write lock and logs nothing (it used to be logged, holding the lock for
+/// the block). Should the block write, its entry replays them first, and
+/// those after its first write in order: the copies resolve the same
+/// tables. One that failed, or was rolled back to a savepoint, is not
+/// replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_local_is_replayed_with_the_block_that_writes() {
+    let g = TestGroup::start(2, |_| {}).await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute(
+        "CREATE SCHEMA other;
+         CREATE TABLE public.where_to (v text);
+         CREATE TABLE other.where_to (v text);",
+    )
+    .await
+    .unwrap();
+    let logged = log_extent(&g, 0).await.0;
+    c.batch_execute("BEGIN; SET LOCAL statement_timeout = '5s'")
+        .await
+        .unwrap();
+    c.batch_execute("SET LOCAL lock_timeout = '1s'")
+        .await
+        .unwrap();
+    c.query_one("SELECT count(*) FROM where_to", &[])
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        log_extent(&g, 0).await.0,
+        logged,
+        "a block that only read was logged"
+    );
+    // Before the first write, and after it.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SET LOCAL search_path = other, public")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO where_to VALUES ('other 1')", &[])
+        .await
+        .unwrap();
+    c.batch_execute("SET LOCAL search_path = public")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO where_to VALUES ('public 1')", &[])
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    // Undone by the block's failure or a savepoint: not replayed.
+    c.batch_execute("BEGIN").await.unwrap();
+    assert!(
+        c.batch_execute("SET LOCAL statement_timeout = 'soon'")
+            .await
+            .is_err()
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+    c.batch_execute("BEGIN; SAVEPOINT a; SET LOCAL search_path = other, public; ROLLBACK TO a")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO where_to VALUES ('public 2')", &[])
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    // The next block starts without them.
+    c.execute("INSERT INTO where_to VALUES ('public 3')", &[])
+        .await
+        .unwrap();
+    wait_caught_up(&g, &[1], Duration::from_secs(10)).await;
+    for (table, rows) in [
+        ("other.where_to", vec!["other 1"]),
+        ("public.where_to", vec!["public 1", "public 2", "public 3"]),
+    ] {
+        let got: Vec<String> = g
+            .direct(1)
+            .await
+            .query(&format!("SELECT v FROM {table} ORDER BY v"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(got, rows, "{table} on n2");
+    }
+    assert_identical(&g).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nondeterministic_writes_are_identical_or_refused() {
     let g = TestGroup::start(3, |_| {}).await;

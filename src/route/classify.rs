@@ -98,6 +98,10 @@ pub struct Classification {
     /// transaction_deferrable = …`): they change no data and are not
     /// replayed, a copy's replay having its own transaction.
     pub tx_settings: usize,
+    /// `SET LOCAL name …` of ordinary settings (not the role or session
+    /// authorization), as source text: they change no data, and are
+    /// replayed with the transaction's entry should it write.
+    pub local_settings: Vec<String>,
     /// A statement ends a transaction block: COMMIT, END, ROLLBACK, ABORT,
     /// PREPARE TRANSACTION, COMMIT PREPARED, ROLLBACK PREPARED.
     pub ends_tx: bool,
@@ -220,6 +224,7 @@ impl Classification {
             begin: None,
             tx_access: None,
             tx_settings: 0,
+            local_settings: Vec::new(),
             ends_tx: false,
             tx_after: None,
             session_settings: Vec::new(),
@@ -691,6 +696,8 @@ fn variable_set(
     }
     if TRANSACTION_SETTINGS.contains(&v.name.as_str()) {
         out.tx_settings += 1;
+    } else if v.is_local && is_set && !matches!(v.name.as_str(), "role" | "session_authorization") {
+        out.local_settings.push(text());
     } else if !v.is_local {
         out.session_settings.push(text());
     }
@@ -1234,6 +1241,17 @@ mod tests {
             0
         );
         assert_eq!(c("set local search_path = a").tx_settings, 0);
+        assert_eq!(
+            c("SET LOCAL statement_timeout = '5s'").local_settings,
+            ["SET LOCAL statement_timeout = '5s'"]
+        );
+        for sql in [
+            "set local role bob",
+            "set statement_timeout = 1",
+            "reset statement_timeout",
+        ] {
+            assert!(c(sql).local_settings.is_empty(), "{sql}");
+        }
         // SET TRANSACTION is for this transaction only; the session default is replayed.
         assert!(c("set transaction read only").session_settings.is_empty());
         assert!(

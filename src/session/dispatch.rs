@@ -75,6 +75,8 @@ pub struct Unit {
     /// It sets the access mode of the transaction under way: Some(read
     /// only) (`SET TRANSACTION READ ONLY`…).
     pub tx_access: Option<bool>,
+    /// Its `SET LOCAL` statements of ordinary settings.
+    pub local_settings: Vec<String>,
     /// It ends a transaction block.
     pub ends_tx: bool,
     /// It must not run: answer with this error instead.
@@ -137,6 +139,7 @@ impl Unit {
             changes_data: false,
             begin: None,
             tx_access: None,
+            local_settings: Vec::new(),
             ends_tx: false,
             refused: None,
             recheck: Vec::new(),
@@ -174,6 +177,7 @@ impl Unit {
         self.changes_data |= changes_data(c);
         self.begin = self.begin.or(c.begin);
         self.tx_access = c.tx_access.or(self.tx_access);
+        self.local_settings.extend(c.local_settings.iter().cloned());
         self.ends_tx |= c.ends_tx;
         self.settings.extend(c.session_settings.iter().cloned());
         for [name, value] in &c.bound_settings {
@@ -272,6 +276,7 @@ pub(super) fn may_write(c: &Classification) -> bool {
 fn control_statements(c: &Classification) -> usize {
     c.session_settings.len()
         + c.tx_settings
+        + c.local_settings.len()
         + usize::from(c.begin.is_some())
         + usize::from(c.ends_tx)
         + c.prepared.iter().filter(|p| p.is_definition()).count()
@@ -352,6 +357,7 @@ impl Session {
             changes_data: changes_data(&class) || cursor_writes,
             begin: class.begin,
             tx_access: class.tx_access,
+            local_settings: class.local_settings.clone(),
             ends_tx: class.ends_tx,
             refused,
             recheck,

@@ -982,6 +982,9 @@ impl Session {
         }
         self.tx_node = (status != b'I').then_some(i);
         self.tx_read_only &= status != b'I';
+        if status == b'I' && !self.write.tx_locals.is_empty() {
+            self.write.tx_locals.clear();
+        }
         self.raised = None;
         if std::mem::take(&mut self.stream_cut) {
             // The answer to our Sync that ended a streamed batch.

@@ -180,6 +180,10 @@ pub struct WriteState {
     pub startup_snapshot: bool,
     /// The startup parameters make READ ONLY the default.
     pub startup_read_only: bool,
+    /// `SET LOCAL` statements of the transaction block under way from
+    /// before it wrote (or made a savepoint): its entry replays them first.
+    /// (What follows is captured with the entry, in order.)
+    pub tx_locals: Vec<String>,
     /// A command that runs outside a transaction, logged once it succeeded.
     pub nontx: Option<Frame>,
     /// The primary reported an error for the client unit in flight.
@@ -1229,6 +1233,18 @@ impl Session {
     /// A unit about to go to the primary: takes the write lock first if it
     /// writes and this transaction holds none. Returns whether to capture it.
     pub(super) fn before_primary_unit(&mut self, unit: &Unit, buf: &mut BytesMut) -> bool {
+        if self.replicating() && !unit.writes && !unit.local_settings.is_empty() {
+            // Settings for the rest of the block: no lock, no entry of
+            // their own; replayed with the entry should the block write.
+            if self.write.tx.is_some() {
+                return true;
+            }
+            if self.tx_node.is_some() || unit.begin.is_some() {
+                let locals = unit.local_settings.iter().cloned();
+                self.write.tx_locals.extend(locals);
+            }
+            return false;
+        }
         if !self.replicating() || !unit.writes || (self.tx_read_only && self.write.tx.is_none()) {
             return false;
         }
@@ -1315,9 +1331,12 @@ impl Session {
     }
 
     /// The settings an entry replays: the startup ones that change how
-    /// values read, and the session's SETs (see `replayed_settings`).
+    /// values read, the session's SETs (see `replayed_settings`) and the
+    /// block's SET LOCALs from before it wrote.
     fn entry_settings(&self) -> Vec<String> {
-        replayed_settings(&self.write.startup_settings, &self.settings)
+        let mut settings = replayed_settings(&self.write.startup_settings, &self.settings);
+        settings.extend(self.write.tx_locals.iter().cloned());
+        settings
     }
 
     /// Whether every statement is row-local (needs the lock only shared).
