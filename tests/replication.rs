@@ -474,7 +474,8 @@ async fn bulk_inserts_in_a_fixed_order_are_numbered_and_captured() {
 /// the block). Should the block write, its entry replays them first, and
 /// those after its first write in order: the copies resolve the same
 /// tables. One that failed, or was rolled back to a savepoint, is not
-/// replayed.
+/// replayed. `SELECT set_config(…, true)` is handled the same way (it
+/// pinned the session to the primary and was a write).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_local_is_replayed_with_the_block_that_writes() {
     let g = TestGroup::start(2, |_| {}).await;
@@ -536,20 +537,63 @@ async fn set_local_is_replayed_with_the_block_that_writes() {
     c.execute("INSERT INTO where_to VALUES ('public 3')", &[])
         .await
         .unwrap();
+    // set_config(…, true), literal or bound, as PostgREST sets a request's
+    // settings: the same.
+    let logged = log_extent(&g, 0).await.0;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.query(
+        "SELECT set_config('request.user', $1, true), set_config('search_path', $2, true)",
+        &[&"alice", &"other, public"],
+    )
+    .await
+    .unwrap();
+    c.query_one("SELECT count(*) FROM where_to", &[])
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        log_extent(&g, 0).await.0,
+        logged,
+        "a block that only read was logged"
+    );
+    for set in [
+        "SELECT set_config('search_path', 'other, public', true)",
+        "SELECT set_config('search_path', $1, true)",
+    ] {
+        c.batch_execute("BEGIN").await.unwrap();
+        match set.contains("$1") {
+            true => c.query(set, &[&"other, public"]).await.unwrap(),
+            false => c.query(set, &[]).await.unwrap(),
+        };
+        c.execute("INSERT INTO where_to VALUES ($1)", &[&set])
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+    }
     wait_caught_up(&g, &[1], Duration::from_secs(10)).await;
     for (table, rows) in [
-        ("other.where_to", vec!["other 1"]),
+        (
+            "other.where_to",
+            vec![
+                "other 1",
+                "SELECT set_config('search_path', $1, true)",
+                "SELECT set_config('search_path', 'other, public', true)",
+            ],
+        ),
         ("public.where_to", vec!["public 1", "public 2", "public 3"]),
     ] {
-        let got: Vec<String> = g
+        let mut got: Vec<String> = g
             .direct(1)
             .await
-            .query(&format!("SELECT v FROM {table} ORDER BY v"), &[])
+            .query(&format!("SELECT v FROM {table}"), &[])
             .await
             .unwrap()
             .iter()
             .map(|r| r.get(0))
             .collect();
+        got.sort();
+        let mut rows = rows;
+        rows.sort();
         assert_eq!(got, rows, "{table} on n2");
     }
     assert_identical(&g).await;

@@ -93,11 +93,13 @@ pub struct Classification {
     /// READ ONLY | READ WRITE`, `SET [LOCAL] transaction_read_only = …`.
     /// (Session defaults are session settings.)
     pub tx_access: Option<bool>,
-    /// Statements that set the transaction under way (`SET TRANSACTION …`,
-    /// `SET [LOCAL] transaction_isolation | transaction_read_only |
-    /// transaction_deferrable = …`): they change no data and are not
-    /// replayed, a copy's replay having its own transaction.
-    pub tx_settings: usize,
+    /// Statements that only change settings and no data: session settings
+    /// (`session_settings`, `bound_settings`), local ones (`local_settings`,
+    /// `bound_local_settings`), and those of the transaction under way
+    /// (`SET TRANSACTION …`, `SET [LOCAL] transaction_isolation |
+    /// transaction_read_only | transaction_deferrable = …`, not replayed: a
+    /// copy's replay has its own transaction).
+    pub setting_statements: usize,
     /// `SET LOCAL name …` of ordinary settings (not the role or session
     /// authorization), as source text: they change no data, and are
     /// replayed with the transaction's entry should it write.
@@ -119,6 +121,9 @@ pub struct Classification {
     /// parameter: settings like `session_settings` once a Bind gives the
     /// values (see `set_config_sql`).
     pub bound_settings: Vec<[SettingArg; 2]>,
+    /// `set_config(name, value, true)` calls like `bound_settings`: local
+    /// settings (see `local_settings`) once a Bind gives the values.
+    pub bound_local_settings: Vec<[SettingArg; 2]>,
     /// SAVEPOINT, RELEASE [SAVEPOINT] and ROLLBACK TO [SAVEPOINT]
     /// statements: part of a write transaction's entry, but they change no
     /// data themselves.
@@ -223,12 +228,13 @@ impl Classification {
             read_only: true,
             begin: None,
             tx_access: None,
-            tx_settings: 0,
+            setting_statements: 0,
             local_settings: Vec::new(),
             ends_tx: false,
             tx_after: None,
             session_settings: Vec::new(),
             bound_settings: Vec::new(),
+            bound_local_settings: Vec::new(),
             savepoints: 0,
             reads: 0,
             pin_reason: None,
@@ -288,7 +294,9 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
         // parameters is replayed like SET: no need to keep the session on
         // the primary for it.
         let set_configs = match node {
-            NodeEnum::SelectStmt(select) if scan.pin == Some("set_config") => {
+            NodeEnum::SelectStmt(select)
+                if scan.pin == Some("set_config") || (scan.pin.is_none() && scan.unsafe_call) =>
+            {
                 session_set_configs(select)
             }
             _ => None,
@@ -308,14 +316,24 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             NodeEnum::SelectStmt(_) if set_configs.is_some() => {
                 cacheable = false;
                 let calls = set_configs.unwrap_or_default();
+                let (calls, local) = calls;
+                out.setting_statements += 1;
                 // In order: all kept as text, or all bound.
                 let texts: Option<Vec<String>> = calls
                     .iter()
-                    .map(|[n, v]| Some(set_config_sql(&n.literal()??, v.literal()?.as_deref())))
+                    .map(|[n, v]| {
+                        Some(set_config_sql(
+                            &n.literal()??,
+                            v.literal()?.as_deref(),
+                            local,
+                        ))
+                    })
                     .collect();
-                match texts {
-                    Some(t) => out.session_settings.extend(t),
-                    None => out.bound_settings.extend(calls),
+                match (texts, local) {
+                    (Some(t), false) => out.session_settings.extend(t),
+                    (Some(t), true) => out.local_settings.extend(t),
+                    (None, false) => out.bound_settings.extend(calls),
+                    (None, true) => out.bound_local_settings.extend(calls),
                 }
             }
             NodeEnum::VariableSetStmt(v) => {
@@ -324,6 +342,7 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             }
             NodeEnum::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
                 cacheable = false;
+                out.setting_statements += 1;
                 out.session_settings.push(statement_text(sql, raw));
                 out.prepared.push(SqlPrepared::DiscardAll);
             }
@@ -572,10 +591,10 @@ impl SettingArg {
 
 /// The statement a session setting made with `set_config` is replayed as
 /// (`value` None: NULL, the setting's default).
-pub fn set_config_sql(name: &str, value: Option<&str>) -> String {
+pub fn set_config_sql(name: &str, value: Option<&str>, local: bool) -> String {
     let quote = crate::replication::dollar_quoted;
     format!(
-        "SELECT pg_catalog.set_config({}, {}, false)",
+        "SELECT pg_catalog.set_config({}, {}, {local})",
         quote(name),
         value.map_or_else(|| "NULL".to_string(), quote)
     )
@@ -586,9 +605,11 @@ pub fn set_config_sql(name: &str, value: Option<&str>) -> String {
 /// SET's value send `set_config('search_path', $1, false)`): a session
 /// setting as SET makes one, kept to be replayed as SET is (on the
 /// session's other connections, and with its entries). Name and value are
-/// string literals or parameters (`$1`, `$1::text`). None for any other
-/// SELECT.
-fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<[SettingArg; 2]>> {
+/// string literals or parameters (`$1`, `$1::text`). With `true` for
+/// `is_local` in every call instead (as PostgREST sets its request's
+/// settings), local settings like `SET LOCAL`'s: the bool says which.
+/// None for any other SELECT.
+fn session_set_configs(select: &protobuf::SelectStmt) -> Option<(Vec<[SettingArg; 2]>, bool)> {
     let plain = select.from_clause.is_empty()
         && select.where_clause.is_none()
         && select.group_clause.is_empty()
@@ -631,6 +652,7 @@ fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<[SettingArg;
         }
     }
     let mut settings = Vec::new();
+    let mut locality = None;
     for target in &select.target_list {
         let Some(NodeEnum::ResTarget(t)) = &target.node else {
             return None;
@@ -655,21 +677,21 @@ fn session_set_configs(select: &protobuf::SelectStmt) -> Option<Vec<[SettingArg;
         let [name, value, local] = call.args.as_slice() else {
             return None;
         };
-        let local_false = matches!(
-            &local.node,
-            Some(NodeEnum::AConst(protobuf::AConst {
-                val: Some(a_const::Val::Boolval(b)),
-                ..
-            })) if !b.boolval
-        );
-        if !local_false {
+        let Some(NodeEnum::AConst(protobuf::AConst {
+            val: Some(a_const::Val::Boolval(b)),
+            ..
+        })) = &local.node
+        else {
+            return None;
+        };
+        if *locality.get_or_insert(b.boolval) != b.boolval {
             return None;
         }
         // A NULL name is an error the primary reports.
         let name = arg(name).filter(|a| *a != SettingArg::Null)?;
         settings.push([name, arg(value)?]);
     }
-    Some(settings)
+    Some((settings, locality?))
 }
 
 /// SET, RESET and SET TRANSACTION.
@@ -695,10 +717,12 @@ fn variable_set(
         out.pin("standard_conforming_strings");
     }
     if TRANSACTION_SETTINGS.contains(&v.name.as_str()) {
-        out.tx_settings += 1;
+        out.setting_statements += 1;
     } else if v.is_local && is_set && !matches!(v.name.as_str(), "role" | "session_authorization") {
+        out.setting_statements += 1;
         out.local_settings.push(text());
     } else if !v.is_local {
+        out.setting_statements += 1;
         out.session_settings.push(text());
     }
 }
@@ -1214,7 +1238,7 @@ mod tests {
             "set local transaction_read_only = 1",
         ] {
             assert_eq!(c(sql).tx_access, Some(true), "{sql}");
-            assert_eq!(c(sql).tx_settings, 1, "{sql}");
+            assert_eq!(c(sql).setting_statements, 1, "{sql}");
         }
         for sql in [
             "set transaction read write",
@@ -1232,15 +1256,34 @@ mod tests {
             assert_eq!(c(sql).tx_access, None, "{sql}");
         }
         assert_eq!(
-            c("set transaction isolation level serializable").tx_settings,
+            c("set transaction isolation level serializable").setting_statements,
             1
         );
-        assert_eq!(c("set transaction snapshot '00000003-1'").tx_settings, 1);
         assert_eq!(
-            c("set session characteristics as transaction read only").tx_settings,
-            0
+            c("set transaction snapshot '00000003-1'").setting_statements,
+            1
         );
-        assert_eq!(c("set local search_path = a").tx_settings, 0);
+        assert_eq!(
+            c("set session characteristics as transaction read only").setting_statements,
+            1
+        );
+        assert_eq!(c("set local search_path = a").setting_statements, 1);
+        assert_eq!(c("set local role bob").setting_statements, 0);
+        // One statement, however many calls.
+        let calls = c(
+            "select set_config('a.b', 'x', true), set_config('a.c', $1, true); insert into t values (1)",
+        );
+        assert_eq!(calls.setting_statements, 1);
+        assert_eq!(calls.local_settings.len(), 0);
+        assert_eq!(calls.bound_local_settings.len(), 2);
+        assert_eq!(calls.statements, 2);
+        let calls = c("SELECT set_config('a.b', 'x', true), set_config('a.c', 'y', true)");
+        assert_eq!(calls.local_settings.len(), 2);
+        assert!(calls.pin_reason.is_none());
+        // Mixed: neither.
+        let mixed = c("SELECT set_config('a.b', 'x', true), set_config('a.c', 'y', false)");
+        assert_eq!(mixed.setting_statements, 0);
+        assert_eq!(mixed.pin_reason, Some("set_config"));
         assert_eq!(
             c("SET LOCAL statement_timeout = '5s'").local_settings,
             ["SET LOCAL statement_timeout = '5s'"]

@@ -180,13 +180,24 @@ impl Unit {
         self.local_settings.extend(c.local_settings.iter().cloned());
         self.ends_tx |= c.ends_tx;
         self.settings.extend(c.session_settings.iter().cloned());
-        for [name, value] in &c.bound_settings {
+        let bound = c
+            .bound_settings
+            .iter()
+            .map(|s| (s, false))
+            .chain(c.bound_local_settings.iter().map(|s| (s, true)));
+        for ([name, value], local) in bound {
             let text = |a: &SettingArg| match a {
                 SettingArg::Param(n) => statements::bound_text(&def.parse, bind, *n),
                 _ => a.literal(),
             };
             match (text(name), text(value)) {
-                (Some(Some(n)), Some(v)) => self.settings.push(set_config_sql(&n, v.as_deref())),
+                (Some(Some(n)), Some(v)) => {
+                    let sql = set_config_sql(&n, v.as_deref(), local);
+                    match local {
+                        true => self.local_settings.push(sql),
+                        false => self.settings.push(sql),
+                    }
+                }
                 // A value not read as text (or a NULL name, an error): kept
                 // on the primary, as any other set_config.
                 _ => self.pin = self.pin.or(Some("set_config")),
@@ -274,9 +285,7 @@ pub(super) fn may_write(c: &Classification) -> bool {
 /// Statements of a classified string that are settings, transaction
 /// control, prepared statement definitions or reads changing no data.
 fn control_statements(c: &Classification) -> usize {
-    c.session_settings.len()
-        + c.tx_settings
-        + c.local_settings.len()
+    c.setting_statements
         + usize::from(c.begin.is_some())
         + usize::from(c.ends_tx)
         + c.prepared.iter().filter(|p| p.is_definition()).count()
