@@ -537,6 +537,15 @@ async fn set_local_is_replayed_with_the_block_that_writes() {
     c.execute("INSERT INTO where_to VALUES ('public 3')", &[])
         .await
         .unwrap();
+    // A SELECT of several session set_config calls is one statement: the
+    // write after it in the same string is still a write (it was not
+    // logged: the calls were counted as statements).
+    c.batch_execute(
+        "SELECT set_config('app.a', '1', false), set_config('app.b', '2', false); \
+         INSERT INTO where_to VALUES ('public 4')",
+    )
+    .await
+    .unwrap();
     // set_config(…, true), literal or bound, as PostgREST sets a request's
     // settings: the same.
     let logged = log_extent(&g, 0).await.0;
@@ -580,7 +589,10 @@ async fn set_local_is_replayed_with_the_block_that_writes() {
                 "SELECT set_config('search_path', 'other, public', true)",
             ],
         ),
-        ("public.where_to", vec!["public 1", "public 2", "public 3"]),
+        (
+            "public.where_to",
+            vec!["public 1", "public 2", "public 3", "public 4"],
+        ),
     ] {
         let mut got: Vec<String> = g
             .direct(1)
