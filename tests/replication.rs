@@ -475,7 +475,8 @@ async fn bulk_inserts_in_a_fixed_order_are_numbered_and_captured() {
 /// those after its first write in order: the copies resolve the same
 /// tables. One that failed, or was rolled back to a savepoint, is not
 /// replayed. `SELECT set_config(…, true)` is handled the same way (it
-/// pinned the session to the primary and was a write).
+/// pinned the session to the primary and was a write). A session `SET`
+/// after the block's first write is replayed in its place too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_local_is_replayed_with_the_block_that_writes() {
     let g = TestGroup::start(2, |_| {}).await;
@@ -537,6 +538,19 @@ async fn set_local_is_replayed_with_the_block_that_writes() {
     c.execute("INSERT INTO where_to VALUES ('public 3')", &[])
         .await
         .unwrap();
+    // A session setting after the block's first write replays there (it
+    // used to be left out of the entry: the copies put 'other 2' in public).
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO where_to VALUES ('public 5')", &[])
+        .await
+        .unwrap();
+    c.batch_execute("SET search_path = other, public")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO where_to VALUES ('other 2')", &[])
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT; RESET search_path").await.unwrap();
     // A SELECT of several session set_config calls is one statement: the
     // write after it in the same string is still a write (it was not
     // logged: the calls were counted as statements).
@@ -585,13 +599,14 @@ async fn set_local_is_replayed_with_the_block_that_writes() {
             "other.where_to",
             vec![
                 "other 1",
+                "other 2",
                 "SELECT set_config('search_path', $1, true)",
                 "SELECT set_config('search_path', 'other, public', true)",
             ],
         ),
         (
             "public.where_to",
-            vec!["public 1", "public 2", "public 3", "public 4"],
+            vec!["public 1", "public 2", "public 3", "public 4", "public 5"],
         ),
     ] {
         let mut got: Vec<String> = g

@@ -789,6 +789,24 @@ fn resets_all(sql: &str) -> bool {
     )
 }
 
+/// A session setting that a replay could not take in the middle of an
+/// entry as the primary took it: the role or session authorization (the
+/// replay's own work after the entry runs as the session's user), and
+/// resets (they go back to the startup values, which the replay's session
+/// does not have).
+fn replays_differently(sql: &str) -> bool {
+    let words = setting_words(sql);
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    reset_name(sql).is_some()
+        || matches!(
+            w.as_slice(),
+            ["set", "role", ..]
+                | ["set", "session", "authorization", ..]
+                | ["set", "session", "role", ..]
+                | ["reset" | "discard", ..]
+        )
+}
+
 /// The setting a `RESET name` or `SET [SESSION] name TO DEFAULT` puts back
 /// to the session's default (lowercased), if it is one.
 fn reset_name(sql: &str) -> Option<String> {
@@ -1233,6 +1251,17 @@ impl Session {
     /// A unit about to go to the primary: takes the write lock first if it
     /// writes and this transaction holds none. Returns whether to capture it.
     pub(super) fn before_primary_unit(&mut self, unit: &Unit, buf: &mut BytesMut) -> bool {
+        if self.replicating()
+            && !unit.writes
+            && self.write.tx.is_some()
+            && !unit.settings.is_empty()
+            && !unit.settings.iter().any(|s| replays_differently(s))
+        {
+            // A session setting in a block that wrote: its entry began with
+            // the settings of the block's start, and what follows must
+            // replay under this one too.
+            return true;
+        }
         if self.replicating() && !unit.writes && !unit.local_settings.is_empty() {
             // Settings for the rest of the block: no lock, no entry of
             // their own; replayed with the entry should the block write.
