@@ -297,7 +297,7 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             NodeEnum::SelectStmt(select)
                 if scan.pin == Some("set_config") || (scan.pin.is_none() && scan.unsafe_call) =>
             {
-                session_set_configs(select)
+                set_config_calls(select)
             }
             _ => None,
         };
@@ -609,7 +609,7 @@ pub fn set_config_sql(name: &str, value: Option<&str>, local: bool) -> String {
 /// `is_local` in every call instead (as PostgREST sets its request's
 /// settings), local settings like `SET LOCAL`'s: the bool says which.
 /// None for any other SELECT.
-fn session_set_configs(select: &protobuf::SelectStmt) -> Option<(Vec<[SettingArg; 2]>, bool)> {
+fn set_config_calls(select: &protobuf::SelectStmt) -> Option<(Vec<[SettingArg; 2]>, bool)> {
     let plain = select.from_clause.is_empty()
         && select.where_clause.is_none()
         && select.group_clause.is_empty()

@@ -1264,10 +1264,11 @@ impl Session {
         if captured {
             self.capture_unit(&unit.items, &unit.prepared);
         }
+        let snapshot_begin = target == primary && self.begins_snapshot_writer(&unit);
         // (Not in the middle of a streaming batch: nothing may come between
         // its messages.)
         let session_locked =
-            target == primary && continuing.is_none() && self.before_begin(&unit, &mut buf, target);
+            snapshot_begin && continuing.is_none() && self.before_begin(&mut buf, target);
         let conn = self.backends[target].as_mut().expect("connected");
         // Replay SETs this backend has not seen.
         while conn.settings_applied < self.settings.len() {
@@ -1279,8 +1280,8 @@ impl Session {
             expect_definitions(conn, item, &unit.prepared);
             emit(conn, item, &mut buf, captured);
         }
-        if target == primary {
-            self.after_primary_unit(&unit, &mut buf, target, session_locked);
+        if snapshot_begin {
+            self.after_snapshot_begin(&mut buf, target, session_locked);
         }
         let conn = self.backends[target].as_mut().expect("connected");
         if unit.simple {

@@ -908,8 +908,7 @@ impl Session {
                     }
                 }
                 self.note_relayed(i, &frame);
-                let tx = self.write.tx.as_mut();
-                if let Some(c) = tx.and_then(|t| t.held_complete.take()) {
+                if let Some(c) = self.write.tx.as_mut().and_then(|t| t.held_complete.take()) {
                     // Not the last statement's: something followed it.
                     self.out.extend_from_slice(&c.raw);
                 }
@@ -920,10 +919,13 @@ impl Session {
                     tx.held_complete = Some(frame);
                     continue;
                 }
-                let raised = self.raised.take().filter(|e| {
-                    frame.tag == b'E'
-                        && messages::error_code(frame.body()).as_deref() == Some(e.code)
-                });
+                let raised = match frame.tag {
+                    b'E' => self
+                        .raised
+                        .take()
+                        .filter(|e| messages::error_code(frame.body()).as_deref() == Some(e.code)),
+                    _ => None,
+                };
                 match lock_error
                     .or(raised)
                     .or_else(|| self.wrapped_termination(i, &frame))
@@ -982,7 +984,7 @@ impl Session {
         }
         self.tx_node = (status != b'I').then_some(i);
         self.tx_read_only &= status != b'I';
-        if status == b'I' && !self.write.tx_locals.is_empty() {
+        if status == b'I' {
             self.write.tx_locals.clear();
         }
         self.raised = None;

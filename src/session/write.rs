@@ -194,7 +194,7 @@ pub struct WriteState {
     /// The own unit whose ReadyForQuery just arrived.
     pub last_own: Option<Own>,
     /// The primary connection holds the write lock at session level (see
-    /// `before_primary_unit`): released as the transaction's lock is taken,
+    /// `before_begin`): released as the transaction's lock is taken,
     /// or once the transaction ends if that failed.
     pub session_lock: bool,
     /// Row-locality of prepared statements' text, with the catalog epoch
@@ -932,7 +932,7 @@ impl TxDefault {
     /// sets it (`startup`, the session's default at its start, if it resets
     /// it), None if it is about something else.
     fn set_by(self, sql: &str, startup: bool) -> Option<bool> {
-        if !sql.to_ascii_lowercase().contains("transaction") {
+        if !replication::mentions(sql.as_bytes(), b"transaction") {
             return None;
         }
         let words: Vec<String> = setting_words(sql)
@@ -1251,23 +1251,19 @@ impl Session {
     /// A unit about to go to the primary: takes the write lock first if it
     /// writes and this transaction holds none. Returns whether to capture it.
     pub(super) fn before_primary_unit(&mut self, unit: &Unit, buf: &mut BytesMut) -> bool {
-        if self.replicating()
-            && !unit.writes
-            && self.write.tx.is_some()
-            && !unit.settings.is_empty()
-            && !unit.settings.iter().any(|s| replays_differently(s))
-        {
-            // A session setting in a block that wrote: its entry began with
-            // the settings of the block's start, and what follows must
-            // replay under this one too.
-            return true;
+        if self.replicating() && !unit.writes && self.write.tx.is_some() {
+            // Settings in a block that wrote: its entry began with the
+            // settings of the block's start, and what follows must replay
+            // under these too.
+            let session =
+                !unit.settings.is_empty() && !unit.settings.iter().any(|s| replays_differently(s));
+            if session || !unit.local_settings.is_empty() {
+                return true;
+            }
         }
         if self.replicating() && !unit.writes && !unit.local_settings.is_empty() {
             // Settings for the rest of the block: no lock, no entry of
             // their own; replayed with the entry should the block write.
-            if self.write.tx.is_some() {
-                return true;
-            }
             if self.tx_node.is_some() || unit.begin.is_some() {
                 let locals = unit.local_settings.iter().cloned();
                 self.write.tx_locals.extend(locals);
@@ -1315,9 +1311,7 @@ impl Session {
                 } else if !tx.lock_deferred && !tx.exclusive && !row_local {
                     tx.exclusive = true;
                     let p = self.group.primary();
-                    self.bind_own(p, buf, OwnStatement::Upgrade, &[]);
-                    messages::put_message(b'S', b"", buf);
-                    self.write.own.push_back(Own::Lock);
+                    self.push_own(p, buf, OwnStatement::Upgrade, &[], Own::Lock);
                 }
             }
             return capture;
@@ -1400,9 +1394,9 @@ impl Session {
 
     /// The unit begins a REPEATABLE READ or SERIALIZABLE transaction that
     /// may write: it takes the write lock exclusively as its first
-    /// statement, so that commit order stays a serial order for what it
-    /// reads.
-    fn begins_snapshot_writer(&self, unit: &Unit) -> bool {
+    /// statement (see `before_begin`, `after_snapshot_begin`), so that commit
+    /// order stays a serial order for what it reads.
+    pub(super) fn begins_snapshot_writer(&self, unit: &Unit) -> bool {
         if !self.replicating() || self.write.tx.is_some() || unit.begin != Some(false) {
             return false;
         }
@@ -1440,40 +1434,34 @@ impl Session {
                 && self.tx_default(TxDefault::ReadOnly))
     }
 
-    /// Before the client's unit goes to the primary `p`: if it begins a
-    /// snapshot-isolation transaction outside one, the session takes the
-    /// write lock first. Such a transaction's snapshot is taken when its
-    /// first query starts, before that query waits for a lock: waiting in
-    /// the transaction, it would miss what committed meanwhile, and its
-    /// log append would then fail with 40001. Returns whether it did.
-    pub(super) fn before_begin(&mut self, unit: &Unit, buf: &mut BytesMut, p: usize) -> bool {
-        if self.tx_node.is_some() || !self.begins_snapshot_writer(unit) {
+    /// Before the client's unit that begins a snapshot-isolation
+    /// transaction (`begins_snapshot_writer`) goes to the primary `p`:
+    /// outside a transaction, the session takes the write lock first. Such
+    /// a transaction's snapshot is taken when its first query starts,
+    /// before that query waits for a lock: waiting in the transaction, it
+    /// would miss what committed meanwhile, and its log append would then
+    /// fail with 40001. Returns whether it did.
+    pub(super) fn before_begin(&mut self, buf: &mut BytesMut, p: usize) -> bool {
+        if self.tx_node.is_some() {
             return false;
         }
-        self.bind_own(p, buf, OwnStatement::SessionLock, &[]);
-        messages::put_message(b'S', b"", buf);
+        self.push_own(p, buf, OwnStatement::SessionLock, &[], Own::SessionLock);
         self.expect_own(p);
-        self.write.own.push_back(Own::SessionLock);
         true
     }
 
     /// After a `BEGIN` of a REPEATABLE READ or SERIALIZABLE transaction that
-    /// may write: take the write lock exclusively as its first statement,
-    /// from the session when `before_begin` took it (see there).
-    pub(super) fn after_primary_unit(
+    /// may write (`begins_snapshot_writer`): take the write lock exclusively
+    /// as its first statement, from the session when `before_begin` took it
+    /// (see there).
+    pub(super) fn after_snapshot_begin(
         &mut self,
-        unit: &Unit,
         buf: &mut BytesMut,
         p: usize,
         session_locked: bool,
     ) {
-        if !self.begins_snapshot_writer(unit) {
-            return;
-        }
         if session_locked {
-            self.bind_own(p, buf, OwnStatement::LockFromSession, &[]);
-            messages::put_message(b'S', b"", buf);
-            self.write.own.push_back(Own::Lock);
+            self.push_own(p, buf, OwnStatement::LockFromSession, &[], Own::Lock);
         } else {
             self.push_lock(buf, false, true);
         }
@@ -1498,9 +1486,23 @@ impl Session {
         } else {
             OwnStatement::LockShared
         };
-        self.bind_own(p, buf, lock, &[]);
+        self.push_own(p, buf, lock, &[], Own::Lock);
+    }
+
+    /// Adds one of the proxy's own statements to `buf` for connection `p`
+    /// as a unit of its own (its Sync after it), answered as `kind`. The
+    /// caller accounts for its answers on the connection.
+    fn push_own(
+        &mut self,
+        p: usize,
+        buf: &mut BytesMut,
+        stmt: OwnStatement,
+        params: &[(i16, Option<bytes::Bytes>)],
+        kind: Own,
+    ) {
+        self.bind_own(p, buf, stmt, params);
         messages::put_message(b'S', b"", buf);
-        self.write.own.push_back(Own::Lock);
+        self.write.own.push_back(kind);
     }
 
     /// Adds a Bind and Execute of one of the proxy's own statements to
@@ -1672,12 +1674,8 @@ impl Session {
                 }),
             ),
         ];
-        self.bind_own(p, buf, OwnStatement::Append, &params);
-        messages::put_message(b'S', b"", buf);
-        if let Some(conn) = self.backends[p].as_mut() {
-            conn.tracker.push(Expect::Own);
-        }
-        self.write.own.push_back(Own::Append);
+        self.push_own(p, buf, OwnStatement::Append, &params, Own::Append);
+        self.expect_own(p);
     }
 
     /// The primary connection is gone: forget the write transaction.
