@@ -315,6 +315,314 @@ async fn snapshot_isolation_writers_take_the_lock_before_their_snapshot() {
     assert_identical(&g).await;
 }
 
+/// Where a transaction block runs is decided by its first statement, not
+/// by its BEGIN alone: a lone BEGIN is answered at once and sent with the
+/// statement after it. A block made READ ONLY by `SET TRANSACTION READ
+/// ONLY` (or the session's default) runs on a subscriber; `BEGIN READ ONLY;
+/// SET TRANSACTION READ WRITE` runs on the primary and its writes reach
+/// every copy (they used to change one subscriber alone). A block already
+/// running on a subscriber cannot become READ WRITE. A REPEATABLE READ or
+/// SERIALIZABLE block may still be made READ ONLY or change its isolation
+/// level after its BEGIN (the write lock query that followed the BEGIN
+/// made that fail), and once READ ONLY it does not hold the write lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_blocks_run_where_their_first_statements_say() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let primary_port = g.cluster.nodes[0].port().to_string();
+    let setup = g.proxy.client("app").await;
+    setup
+        .batch_execute("CREATE TABLE access_notes (v text)")
+        .await
+        .unwrap();
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
+    async fn port(c: &tokio_postgres::Client) -> String {
+        c.query_one("SELECT current_setting('port')", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+    // Made READ ONLY after the BEGIN: a subscriber. Simple and extended.
+    for (begin, access) in [
+        ("BEGIN", "SET TRANSACTION READ ONLY"),
+        (
+            "START TRANSACTION",
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        ),
+        (
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            "SET LOCAL transaction_read_only = on",
+        ),
+    ] {
+        let c = g.proxy.client("app").await;
+        c.batch_execute(begin).await.unwrap();
+        c.execute(access, &[]).await.unwrap();
+        assert_ne!(port(&c).await, primary_port, "{begin}; {access}");
+        c.batch_execute("COMMIT").await.unwrap();
+        let c = g.proxy.client("app").await;
+        c.batch_execute(begin).await.unwrap();
+        c.batch_execute(access).await.unwrap();
+        assert_ne!(port(&c).await, primary_port, "{begin}; {access}");
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    // READ ONLY by the session's default: a subscriber; a block that may
+    // write: the primary.
+    let c = g.proxy.client("app").await;
+    c.batch_execute("SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    assert_ne!(port(&c).await, primary_port, "read-only default");
+    c.batch_execute("COMMIT; SET default_transaction_read_only = off")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(port(&c).await, primary_port, "a block that may write");
+    c.batch_execute("COMMIT").await.unwrap();
+    // Pipelined without waiting, the answers are PostgreSQL's, in order;
+    // an error in the block (here the first statement's) aborts it.
+    let mut raw = Raw::connect(&g.proxy).await;
+    let mut out = Vec::new();
+    for q in [
+        "BEGIN",
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        "SET TRANSACTION READ ONLY",
+        "SELECT count(*) FROM access_notes",
+        "COMMIT",
+        "BEGIN",
+        "SELECT 1/0",
+        "SELECT 1",
+        "ROLLBACK",
+    ] {
+        Raw::msg(&mut out, b'Q', format!("{q}\0").as_bytes());
+    }
+    raw.send(&out).await;
+    let mut tags = Vec::new();
+    let mut errors = Vec::new();
+    for _ in 0..9 {
+        let got = raw.until(b'Z').await;
+        tags.extend(tags_in(&got));
+        errors.extend(error_in(&got));
+    }
+    assert_eq!(
+        tags,
+        [
+            "BEGIN", "ZT", "SET", "ZT", "SET", "ZT", "SELECT 1", "ZT", "COMMIT", "ZI", "BEGIN",
+            "ZT", "ZE", "ZE", "ROLLBACK", "ZI"
+        ]
+    );
+    assert_eq!(errors, ["22012", "25P02"]);
+    // BEGIN READ ONLY made READ WRITE before its first query writes on
+    // the primary, logged.
+    let c = g.proxy.client("app").await;
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    c.batch_execute("SET TRANSACTION READ WRITE").await.unwrap();
+    c.execute("INSERT INTO access_notes VALUES ('made read write')", &[])
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    // On a subscriber, it cannot become READ WRITE.
+    for sql in [
+        "SET TRANSACTION READ WRITE",
+        "SET LOCAL transaction_read_only = off",
+        "SELECT set_config('transaction_read_only', 'off', true)",
+    ] {
+        let c = g.proxy.client("app").await;
+        c.batch_execute("BEGIN READ ONLY").await.unwrap();
+        assert_ne!(port(&c).await, primary_port, "{sql}");
+        let e = c.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+        assert!(db_text(&e).contains("READ WRITE"), "{sql}: {e:?}");
+        let e = c
+            .execute("INSERT INTO access_notes VALUES ('on a subscriber')", &[])
+            .await
+            .expect_err("the block failed");
+        assert_eq!(sqlstate(&e), "25P02", "{sql}: {e:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+    // Snapshot isolation, then READ ONLY or another level, before the
+    // first query; simple and extended BEGIN.
+    let c = g.proxy.client("app").await;
+    for (default, begin, then) in [
+        (
+            "read committed",
+            "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            "SET TRANSACTION READ ONLY",
+        ),
+        (
+            "repeatable read",
+            "BEGIN",
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        ),
+        ("serializable", "BEGIN", "SET TRANSACTION READ ONLY"),
+        (
+            "serializable",
+            "START TRANSACTION",
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        ),
+    ] {
+        c.batch_execute(&format!("SET default_transaction_isolation = '{default}'"))
+            .await
+            .unwrap();
+        for extended in [false, true] {
+            let what = format!("{default}: {begin}; {then} (extended: {extended})");
+            match extended {
+                false => c.batch_execute(begin).await.unwrap(),
+                true => drop(c.execute(begin, &[]).await.unwrap()),
+            }
+            c.batch_execute(then)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            c.query_one("SELECT count(*) FROM access_notes", &[])
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            c.batch_execute("COMMIT")
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        }
+    }
+    c.batch_execute("SET default_transaction_isolation = 'read committed'")
+        .await
+        .unwrap();
+    // Made READ ONLY, a snapshot-isolation block leaves the others free
+    // to write while it is open.
+    let other = g.proxy.client("app").await;
+    other
+        .batch_execute("SET statement_timeout = '5s'")
+        .await
+        .unwrap();
+    c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ", &[])
+        .await
+        .unwrap();
+    c.execute("SET TRANSACTION READ ONLY", &[]).await.unwrap();
+    c.query_one("SELECT count(*) FROM access_notes", &[])
+        .await
+        .unwrap();
+    other
+        .execute("INSERT INTO access_notes VALUES ('beside a reader')", &[])
+        .await
+        .expect("not held by the READ ONLY block");
+    c.batch_execute("COMMIT").await.unwrap();
+    // SET TRANSACTION ISOLATION LEVEL SERIALIZABLE right after a lone
+    // BEGIN makes a snapshot-isolation writer: one that waits for
+    // another's commit sees it, and its own COMMIT succeeds.
+    other
+        .batch_execute("BEGIN; INSERT INTO access_notes VALUES ('holder')")
+        .await
+        .unwrap();
+    let wait = async {
+        c.batch_execute("BEGIN").await?;
+        c.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            .await?;
+        c.batch_execute("INSERT INTO access_notes SELECT 'saw ' || count(*) FROM access_notes")
+            .await
+    };
+    let commit = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        other.batch_execute("COMMIT").await
+    };
+    let (waited, committed) = tokio::join!(wait, commit);
+    waited.unwrap();
+    committed.unwrap();
+    c.batch_execute("COMMIT")
+        .await
+        .expect("the serializable writer commits");
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
+    for i in 0..3 {
+        let d = g.direct(i).await;
+        let rows: Vec<String> = d
+            .query("SELECT v FROM access_notes ORDER BY v", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            rows,
+            ["beside a reader", "holder", "made read write", "saw 3"],
+            "node {i}"
+        );
+    }
+    assert_identical(&g).await;
+}
+
+/// A snapshot exported (`pg_export_snapshot()`) in a READ ONLY block on a
+/// subscriber exists on that copy alone: a block that takes it (`SET
+/// TRANSACTION SNAPSHOT`) right after its BEGIN runs there too, as
+/// `pg_dump --jobs` does with its workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exported_snapshots_are_taken_on_the_copy_that_has_them() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let setup = g.proxy.client("app").await;
+    setup
+        .batch_execute(
+            "CREATE TABLE snap_a (v int); CREATE TABLE snap_b (v int);
+             INSERT INTO snap_a VALUES (1); INSERT INTO snap_b VALUES (1)",
+        )
+        .await
+        .unwrap();
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
+    async fn port(c: &tokio_postgres::Client) -> String {
+        c.query_one("SELECT current_setting('port')", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+    let exporter = g.proxy.client("app").await;
+    exporter.batch_execute("BEGIN").await.unwrap();
+    exporter
+        .batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await
+        .unwrap();
+    let id: String = exporter
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let exported_on = port(&exporter).await;
+    assert_ne!(exported_on, g.cluster.nodes[0].port().to_string());
+    // Written after the export: not in the snapshot.
+    setup
+        .batch_execute("INSERT INTO snap_a VALUES (2)")
+        .await
+        .unwrap();
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
+    for k in 0..6 {
+        let importer = g.proxy.client("app").await;
+        importer.batch_execute("BEGIN").await.unwrap();
+        importer
+            .batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .unwrap();
+        let take = format!("SET TRANSACTION SNAPSHOT '{id}'");
+        match k % 2 {
+            0 => importer.batch_execute(&take).await,
+            _ => importer.execute(&take, &[]).await.map(drop),
+        }
+        .unwrap_or_else(|e| panic!("importer {k}: {e:?}"));
+        assert_eq!(port(&importer).await, exported_on, "importer {k}");
+        let n: i64 = importer
+            .query_one("SELECT count(*) FROM snap_a", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "importer {k} sees the exported snapshot");
+        importer.batch_execute("COMMIT").await.unwrap();
+    }
+    exporter.batch_execute("COMMIT").await.unwrap();
+    // pg_dump with parallel workers, through the proxy.
+    let bin = reprise::replication::seed::bin_dir(None).expect("pg_dump");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dump");
+    let status = std::process::Command::new(bin.join("pg_dump"))
+        .args(["--format=directory", "--jobs=3", "--file"])
+        .arg(&out)
+        .arg(g.proxy.url("app"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_dump --jobs=3 through the proxy");
+    assert_identical(&g).await;
+}
+
 /// Settings of the transaction under way (`SET TRANSACTION …`, `SET
 /// LOCAL transaction_read_only`) are not writes: they take no write lock
 /// (which, as a first query, made `SET TRANSACTION ISOLATION LEVEL` fail
@@ -2786,15 +3094,27 @@ async fn cursors_that_read_are_not_logged_and_cursors_that_write_are() {
     c.batch_execute("ROLLBACK").await.unwrap();
     // A READ ONLY transaction runs on a subscriber (of a session that has
     // not written, once they are caught up): state that outlives it would
-    // stay there.
+    // stay there. (Right after the BEGIN, such a statement takes the
+    // block to the primary instead.)
     wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
     for sql in [
         "DECLARE h CURSOR WITH HOLD FOR SELECT 1",
         "PREPARE p AS SELECT 1",
         "LISTEN somewhere",
     ] {
+        let first = g.proxy.client("app").await;
+        first.batch_execute("BEGIN READ ONLY").await.unwrap();
+        first.batch_execute(sql).await.unwrap();
+        let port: String = first
+            .query_one("SELECT current_setting('port')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(port, g.cluster.nodes[0].port().to_string(), "{sql}");
+        first.batch_execute("ROLLBACK").await.unwrap();
         let reader = g.proxy.client("app").await;
         reader.batch_execute("BEGIN READ ONLY").await.unwrap();
+        reader.batch_execute("SELECT 1").await.unwrap();
         let e = reader.batch_execute(sql).await.expect_err(sql);
         assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
         assert!(

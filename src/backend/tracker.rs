@@ -20,6 +20,10 @@ pub enum Expect {
     /// ReadyForQuery ending a client unit that is part of a write
     /// transaction: its command tags are recorded for replay checks.
     Captured,
+    /// ReadyForQuery ending a client unit the client already has the
+    /// answer to (a BEGIN answered when it came, sent later): nothing of it
+    /// is relayed.
+    Answered,
     /// ReadyForQuery ending a unit the proxy sent for itself whose rows and
     /// errors it reads (the write lock, the log append).
     Own,
@@ -34,6 +38,7 @@ pub enum Expect {
 pub enum UnitOwner {
     Client,
     ClientCaptured,
+    Answered,
     Injected,
     Own,
 }
@@ -57,6 +62,8 @@ pub struct Outcome {
 pub struct Tracker {
     queue: VecDeque<Expect>,
     client_units: usize,
+    /// `Answered` in the queue.
+    answered: usize,
     /// `Defines` in the queue.
     defines: usize,
 }
@@ -65,6 +72,7 @@ impl Tracker {
     pub fn push(&mut self, e: Expect) {
         match e {
             Expect::Sync { injected: false } | Expect::Captured => self.client_units += 1,
+            Expect::Answered => self.answered += 1,
             Expect::Defines(_) => self.defines += 1,
             _ => {}
         }
@@ -106,6 +114,7 @@ impl Tracker {
             Expect::Sync { injected: false } => Some(UnitOwner::Client),
             Expect::Sync { injected: true } => Some(UnitOwner::Injected),
             Expect::Captured => Some(UnitOwner::ClientCaptured),
+            Expect::Answered => Some(UnitOwner::Answered),
             Expect::Own => Some(UnitOwner::Own),
             _ => None,
         }
@@ -114,6 +123,11 @@ impl Tracker {
     /// Client units sent but not finished.
     pub fn client_units(&self) -> usize {
         self.client_units
+    }
+
+    /// Client units already answered, sent but not finished.
+    pub fn answered_units(&self) -> usize {
+        self.answered
     }
 
     /// Nothing is owed.
@@ -129,7 +143,10 @@ impl Tracker {
     /// Accounts for one message from the node.
     pub fn on_message(&mut self, tag: u8) -> Outcome {
         let owner = self.owner();
-        let injected_unit = matches!(owner, Some(UnitOwner::Injected | UnitOwner::Own));
+        let injected_unit = matches!(
+            owner,
+            Some(UnitOwner::Injected | UnitOwner::Own | UnitOwner::Answered)
+        );
         let mut out = Outcome {
             forward: !injected_unit,
             owner,
@@ -175,6 +192,9 @@ impl Tracker {
                         if client {
                             self.client_units = self.client_units.saturating_sub(1);
                             out.unit_done = true;
+                        } else if o == UnitOwner::Answered {
+                            self.answered = self.answered.saturating_sub(1);
+                            out.unit_done = true;
                         }
                         break;
                     }
@@ -201,6 +221,7 @@ impl Tracker {
     pub fn clear(&mut self) {
         self.queue.clear();
         self.client_units = 0;
+        self.answered = 0;
         self.defines = 0;
     }
 }
@@ -324,5 +345,25 @@ mod tests {
         assert_eq!(name(t.completed(b"PREPARE\0")), Some("e".into()));
         assert!(t.on_message(b'Z').unit_done);
         assert!(!t.defines_pending() && t.is_idle());
+    }
+
+    /// A unit the client already has the answer to is relayed in nothing,
+    /// finishes like a client unit, and is counted apart.
+    #[test]
+    fn answered_units_relay_nothing() {
+        let mut t = Tracker::default();
+        t.push(Expect::Answered);
+        t.push(Expect::Sync { injected: false });
+        assert_eq!((t.client_units(), t.answered_units()), (1, 1));
+        let c = t.on_message(b'C');
+        assert!(!c.forward && !c.unit_done);
+        assert_eq!(c.owner, Some(UnitOwner::Answered));
+        let z = t.on_message(b'Z');
+        assert!(!z.forward && z.unit_done);
+        assert_eq!((t.client_units(), t.answered_units()), (1, 0));
+        assert!(t.on_message(b'A').forward);
+        assert!(t.on_message(b'C').forward);
+        let z = t.on_message(b'Z');
+        assert!(z.forward && z.unit_done && t.is_idle());
     }
 }

@@ -315,6 +315,9 @@ pub struct Group {
     admin_paused: std::sync::atomic::AtomicBool,
     /// Clients connected to the group.
     clients: Arc<AtomicUsize>,
+    /// Snapshots exported (`pg_export_snapshot()`) in transactions still
+    /// open, by id: the node that has each.
+    exported_snapshots: std::sync::Mutex<rustc_hash::FxHashMap<String, usize>>,
     /// The last VERIFY's result.
     pub last_verify: std::sync::Mutex<Option<Arc<crate::replication::verify::Report>>>,
     /// Turns true when the group is dropped from the configuration.
@@ -376,6 +379,35 @@ pub struct Group {
 }
 
 impl Group {
+    /// Snapshot `id` was exported on node `node` (until `forget_snapshots`).
+    pub fn snapshot_exported(&self, id: String, node: usize) {
+        let mut map = self
+            .exported_snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.insert(id, node);
+    }
+
+    /// The node holding exported snapshot `id`, if it is known.
+    pub fn snapshot_node(&self, id: &str) -> Option<usize> {
+        let map = self
+            .exported_snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.get(id).copied()
+    }
+
+    /// The exporting transaction of these snapshots ended.
+    pub fn forget_snapshots(&self, ids: &[String]) {
+        let mut map = self
+            .exported_snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            map.remove(id);
+        }
+    }
+
     pub fn new(config: &GroupConfig, read_scaling: bool, max_lag_ms: u64) -> Group {
         let events = Arc::new(watch::channel(0u64).0);
         let stats = crate::admin::stats::GroupStats::new(&config.name);
@@ -391,6 +423,7 @@ impl Group {
             admin_paused: std::sync::atomic::AtomicBool::new(false),
             last_verify: std::sync::Mutex::new(None),
             clients: Arc::new(AtomicUsize::new(0)),
+            exported_snapshots: Default::default(),
             retired: watch::channel(false).0,
             primary: AtomicUsize::new(0),
             term: AtomicU64::new(1),

@@ -93,6 +93,18 @@ pub struct Classification {
     /// READ ONLY | READ WRITE`, `SET [LOCAL] transaction_read_only = …`.
     /// (Session defaults are session settings.)
     pub tx_access: Option<bool>,
+    /// `Some(snapshot)` when a statement sets the isolation level of the
+    /// transaction under way (the last one if several): `Some(true)` for
+    /// REPEATABLE READ and SERIALIZABLE (`SET TRANSACTION ISOLATION LEVEL
+    /// …`, `SET [LOCAL] transaction_isolation = …`).
+    pub tx_isolation: Option<bool>,
+    /// Statements that set the transaction under way (`SET TRANSACTION …`,
+    /// `SET [LOCAL] transaction_isolation | transaction_read_only |
+    /// transaction_deferrable = …`): they take no snapshot.
+    pub tx_settings: usize,
+    /// Of those, `SET TRANSACTION` of modes only (isolation level, READ
+    /// ONLY / WRITE, DEFERRABLE): right after a BEGIN, it cannot fail.
+    pub tx_modes: usize,
     /// Statements that only change settings and no data: session settings
     /// (`session_settings`, `bound_settings`), local ones (`local_settings`,
     /// `bound_local_settings`), and those of the transaction under way
@@ -166,6 +178,12 @@ pub struct Classification {
     pub cursors_used: Vec<Option<String>>,
     /// Cursors that an UPDATE or DELETE … WHERE CURRENT OF names.
     pub current_of: Vec<String>,
+    /// A statement calls `pg_export_snapshot()`: the snapshot it names
+    /// exists on the node that ran it.
+    pub exports_snapshot: bool,
+    /// `SET TRANSACTION SNAPSHOT 'id'`: the snapshot a transaction takes
+    /// from another, which exists only on the node that exported it.
+    pub imports_snapshot: Option<String>,
 }
 
 /// A statement about an SQL-level prepared statement.
@@ -228,6 +246,9 @@ impl Classification {
             read_only: true,
             begin: None,
             tx_access: None,
+            tx_isolation: None,
+            tx_settings: 0,
+            tx_modes: 0,
             setting_statements: 0,
             local_settings: Vec::new(),
             ends_tx: false,
@@ -247,6 +268,8 @@ impl Classification {
             cursors_declared: Vec::new(),
             cursors_used: Vec::new(),
             current_of: Vec::new(),
+            exports_snapshot: false,
+            imports_snapshot: None,
         }
     }
 
@@ -311,6 +334,7 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             out.primary_reads += 1;
         }
         out.current_of.extend(scan.current_of.iter().cloned());
+        out.exports_snapshot |= scan.exports_snapshot;
         match node {
             NodeEnum::TransactionStmt(t) => transaction(&mut out, t),
             NodeEnum::SelectStmt(_) if set_configs.is_some() => {
@@ -551,6 +575,35 @@ fn tx_read_only(options: &[protobuf::Node]) -> Option<bool> {
     })
 }
 
+/// `Some(snapshot)` if transaction options set the isolation level:
+/// `Some(true)` for REPEATABLE READ or SERIALIZABLE.
+fn tx_isolation(options: &[protobuf::Node]) -> Option<bool> {
+    options.iter().rev().find_map(|o| match &o.node {
+        Some(NodeEnum::DefElem(d)) if d.defname == "transaction_isolation" => {
+            d.arg.as_deref().and_then(snapshot_level)
+        }
+        _ => None,
+    })
+}
+
+/// `Some(snapshot)` for an isolation level's name: `Some(true)` for the
+/// levels that keep one snapshot for the whole transaction.
+fn snapshot_level(node: &protobuf::Node) -> Option<bool> {
+    let Some(NodeEnum::AConst(protobuf::AConst {
+        val: Some(a_const::Val::Sval(s)),
+        ..
+    })) = &node.node
+    else {
+        return None;
+    };
+    let level = s.sval.to_ascii_lowercase();
+    match level.trim() {
+        "repeatable read" | "serializable" => Some(true),
+        "read committed" | "read uncommitted" => Some(false),
+        _ => None,
+    }
+}
+
 /// Whether a setting's value means "on": 1, true, on, yes (only exact
 /// spellings: a missed "on" just routes to the primary).
 fn is_on(node: &protobuf::Node) -> bool {
@@ -713,11 +766,29 @@ fn variable_set(
     if is_set && access.is_some() {
         out.tx_access = access;
     }
+    let isolation = match v.name.as_str() {
+        "TRANSACTION" => tx_isolation(&v.args),
+        "transaction_isolation" => v.args.first().and_then(snapshot_level),
+        _ => None,
+    };
+    if is_set && isolation.is_some() {
+        out.tx_isolation = isolation;
+    }
+    if v.name == "TRANSACTION SNAPSHOT"
+        && let Some(NodeEnum::AConst(protobuf::AConst {
+            val: Some(a_const::Val::Sval(id)),
+            ..
+        })) = v.args.first().and_then(|a| a.node.as_ref())
+    {
+        out.imports_snapshot = Some(id.sval.clone());
+    }
     if v.name == "standard_conforming_strings" {
         out.pin("standard_conforming_strings");
     }
     if TRANSACTION_SETTINGS.contains(&v.name.as_str()) {
         out.setting_statements += 1;
+        out.tx_settings += 1;
+        out.tx_modes += usize::from(v.name == "TRANSACTION");
     } else if v.is_local && is_set && !matches!(v.name.as_str(), "role" | "session_authorization") {
         out.setting_statements += 1;
         out.local_settings.push(text());
@@ -745,6 +816,8 @@ struct Scan {
     pin: Option<&'static str>,
     /// Cursors named by WHERE CURRENT OF.
     current_of: Vec<String>,
+    /// `pg_export_snapshot()` is called.
+    exports_snapshot: bool,
 }
 
 impl Scan {
@@ -832,6 +905,7 @@ impl Scan {
         if SESSION_ADVISORY_LOCKS.contains(&name) {
             self.pin("advisory lock");
         }
+        self.exports_snapshot |= name == "pg_export_snapshot";
         // set_config(name, value, is_local): only a literal TRUE keeps the
         // setting inside the transaction (literals other than the keyword
         // are not part of the cache key).
@@ -1254,6 +1328,67 @@ mod tests {
             "select 1",
         ] {
             assert_eq!(c(sql).tx_access, None, "{sql}");
+        }
+        for (sql, snapshot) in [
+            ("set transaction isolation level serializable", Some(true)),
+            (
+                "set transaction isolation level repeatable read, read only",
+                Some(true),
+            ),
+            (
+                "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                Some(false),
+            ),
+            (
+                "set local transaction_isolation = 'repeatable read'",
+                Some(true),
+            ),
+            (
+                "set transaction_isolation to 'read uncommitted'",
+                Some(false),
+            ),
+            ("set transaction read only", None),
+            ("set default_transaction_isolation = 'serializable'", None),
+            (
+                "set session characteristics as transaction isolation level serializable",
+                None,
+            ),
+            ("begin isolation level serializable", None),
+        ] {
+            assert_eq!(c(sql).tx_isolation, snapshot, "{sql}");
+        }
+        assert_eq!(
+            c("set transaction snapshot '00000003-0000001B-1'")
+                .imports_snapshot
+                .as_deref(),
+            Some("00000003-0000001B-1")
+        );
+        assert!(c("select pg_catalog.pg_export_snapshot()").exports_snapshot);
+        assert!(c("select 1, pg_export_snapshot() from t").exports_snapshot);
+        assert!(!c("select pg_current_snapshot()").exports_snapshot);
+        assert_eq!(c("set transaction read only").imports_snapshot, None);
+        for (sql, n) in [
+            ("set transaction isolation level serializable", 1),
+            (
+                "set transaction read only; set local transaction_deferrable = on",
+                2,
+            ),
+            ("set transaction read only; select 1", 1),
+            ("set local search_path = a", 0),
+            ("set default_transaction_read_only = on", 0),
+        ] {
+            assert_eq!(c(sql).tx_settings, n, "{sql}");
+        }
+        for (sql, n) in [
+            (
+                "set transaction isolation level serializable, read only, deferrable",
+                1,
+            ),
+            ("SET TRANSACTION READ WRITE", 1),
+            ("set transaction snapshot '00000003-0000001B-1'", 0),
+            ("set local transaction_isolation = 'serializable'", 0),
+        ] {
+            assert_eq!(c(sql).tx_modes, n, "{sql}");
         }
         assert_eq!(
             c("set transaction isolation level serializable").setting_statements,

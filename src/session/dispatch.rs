@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use super::statements::{self, StmtDef};
-use super::{End, MAX_BATCH_BYTES, Session, write};
+use super::{End, MAX_BATCH_BYTES, Session, fill_backend, write};
 use crate::backend::{BackendConn, ConnectError, Expect};
 use crate::group::NodeState;
 use crate::replication::dollar_quoted;
@@ -75,6 +75,24 @@ pub struct Unit {
     /// It sets the access mode of the transaction under way: Some(read
     /// only) (`SET TRANSACTION READ ONLY`…).
     pub tx_access: Option<bool>,
+    /// It sets the isolation level of the transaction under way:
+    /// Some(snapshot isolation) (`SET TRANSACTION ISOLATION LEVEL …`).
+    pub tx_isolation: Option<bool>,
+    /// Every statement it has sets the transaction under way (`SET
+    /// TRANSACTION …`): none takes a snapshot.
+    pub only_tx_settings: bool,
+    /// It is a lone BEGIN or START TRANSACTION in a simple Query.
+    pub lone_begin: bool,
+    /// It is a lone `SET TRANSACTION` of modes in a simple Query.
+    pub lone_tx_modes: bool,
+    /// The client already has its answer (a BEGIN answered when it came,
+    /// sent with the statement after it): nothing of it is relayed.
+    pub answered: bool,
+    /// It calls `pg_export_snapshot()`.
+    pub exports_snapshot: bool,
+    /// It takes the snapshot of another transaction (`SET TRANSACTION
+    /// SNAPSHOT 'id'`).
+    pub imports_snapshot: Option<String>,
     /// Its `SET LOCAL` statements of ordinary settings.
     pub local_settings: Vec<String>,
     /// It ends a transaction block.
@@ -139,6 +157,13 @@ impl Unit {
             changes_data: false,
             begin: None,
             tx_access: None,
+            tx_isolation: None,
+            only_tx_settings: false,
+            lone_begin: false,
+            lone_tx_modes: false,
+            answered: false,
+            exports_snapshot: false,
+            imports_snapshot: None,
             local_settings: Vec::new(),
             ends_tx: false,
             refused: None,
@@ -155,6 +180,7 @@ impl Unit {
                 _ => {}
             }
         }
+        unit.only_tx_settings = sets_only_the_transaction(&items);
         unit.items = items;
         unit
     }
@@ -177,6 +203,11 @@ impl Unit {
         self.changes_data |= changes_data(c);
         self.begin = self.begin.or(c.begin);
         self.tx_access = c.tx_access.or(self.tx_access);
+        self.tx_isolation = c.tx_isolation.or(self.tx_isolation);
+        self.exports_snapshot |= c.exports_snapshot;
+        if c.imports_snapshot.is_some() {
+            self.imports_snapshot = c.imports_snapshot.clone();
+        }
         self.local_settings.extend(c.local_settings.iter().cloned());
         self.ends_tx |= c.ends_tx;
         self.settings.extend(c.session_settings.iter().cloned());
@@ -293,6 +324,19 @@ fn control_statements(c: &Classification) -> usize {
         + c.primary_reads
 }
 
+/// Whether every statement of a classified string sets the transaction
+/// under way (and there is one).
+fn only_tx_settings(c: &Classification) -> bool {
+    !c.parse_error && c.statements > 0 && c.statements == c.tx_settings
+}
+
+/// Whether the statements extended messages parse, bind or describe all
+/// set the transaction under way (and there is one).
+fn sets_only_the_transaction(items: &[Item]) -> bool {
+    let mut defs = items.iter().filter_map(|i| i.stmt.as_ref()).peekable();
+    defs.peek().is_some() && defs.all(|(d, _)| only_tx_settings(&d.class))
+}
+
 /// Whether a classified string may change data with more than savepoint
 /// statements (and reads between them).
 fn changes_data(c: &Classification) -> bool {
@@ -366,6 +410,13 @@ impl Session {
             changes_data: changes_data(&class) || cursor_writes,
             begin: class.begin,
             tx_access: class.tx_access,
+            tx_isolation: class.tx_isolation,
+            only_tx_settings: only_tx_settings(&class),
+            lone_begin: class.statements == 1 && class.begin.is_some() && !class.parse_error,
+            lone_tx_modes: class.statements == 1 && class.tx_modes == 1 && !class.parse_error,
+            answered: false,
+            exports_snapshot: class.exports_snapshot,
+            imports_snapshot: class.imports_snapshot.clone(),
             local_settings: class.local_settings.clone(),
             ends_tx: class.ends_tx,
             refused,
@@ -483,6 +534,15 @@ impl Session {
         self.batch_bytes = 0;
         let mut unit = self.batch_unit(frames);
         unit.syncs = 0;
+        if !self.deferred.is_empty() {
+            let deferred = std::mem::take(&mut self.deferred);
+            self.release_begin(deferred, &unit).await?;
+            if let Some(e) = self.in_lost_transaction(&unit) {
+                self.put_error(&e);
+                self.discard_until_sync = true;
+                return Ok(());
+            }
+        }
         unit.route = Route::Write;
         // Its statements will likely run before the Sync, and nothing can be
         // injected once it streams: a Parse that may write takes the write
@@ -579,6 +639,7 @@ impl Session {
             }
             unit.items.push(Item { frame, stmt });
         }
+        unit.only_tx_settings = sets_only_the_transaction(&unit.items);
         unit
     }
 
@@ -657,6 +718,9 @@ impl Session {
         if let Some(i) = self.tx_node {
             return Ok(i);
         }
+        if let Some(i) = self.snapshot_node(unit) {
+            return Ok(i);
+        }
         let primary = self.group.primary();
         if self.pinned.is_some() || unit.pin.is_some() {
             return Ok(primary);
@@ -687,6 +751,16 @@ impl Session {
         }
     }
 
+    /// The node that exported the snapshot a unit beginning a block takes
+    /// (`SET TRANSACTION SNAPSHOT`), while that node is up: it alone has
+    /// that snapshot.
+    fn snapshot_node(&self, unit: &Unit) -> Option<usize> {
+        let id = unit.imports_snapshot.as_deref()?;
+        unit.begin?;
+        let node = self.group.snapshot_node(id)?;
+        self.group.node(node).is_up().then_some(node)
+    }
+
     /// A unit that would pin the session, in a transaction that runs on a
     /// subscriber (BEGIN READ ONLY): what it leaves in the session (a
     /// cursor WITH HOLD, a prepared statement, LISTEN, a session lock)
@@ -706,6 +780,31 @@ impl Session {
                 ),
             )
             .with_hint("run it outside the READ ONLY transaction, or begin the transaction without READ ONLY"),
+        )
+    }
+
+    /// A unit that would make a READ ONLY transaction running on a
+    /// subscriber READ WRITE: its writes would change that copy alone.
+    fn read_write_on_subscriber(&self, unit: &Unit) -> Option<PgError> {
+        let node = self.tx_node.filter(|&n| n != self.group.primary())?;
+        let local_read_write = || {
+            unit.local_settings
+                .iter()
+                .any(|s| crate::replication::mentions(s.as_bytes(), b"transaction_read_only"))
+        };
+        if unit.tx_access != Some(false) && !local_read_write() {
+            return None;
+        }
+        Some(
+            PgError::error(
+                "0A000",
+                format!(
+                    "Reprise runs this READ ONLY transaction on the subscriber {}: it cannot \
+                     become READ WRITE there",
+                    self.group.node(node).name
+                ),
+            )
+            .with_hint("begin the transaction without READ ONLY"),
         )
     }
 
@@ -735,6 +834,25 @@ impl Session {
 
     /// Routes a complete unit: now, or after the busy backend finishes.
     pub(super) async fn dispatch(&mut self, mut unit: Unit) -> Result<(), End> {
+        if !self.deferred.is_empty() && unit.lone_tx_modes && unit.refused.is_none() {
+            // `SET TRANSACTION` right after the BEGIN: answered now too.
+            messages::command_complete("SET", &mut self.out);
+            messages::ready_for_query(b'T', &mut self.out);
+            self.deferred.push(unit);
+            return Ok(());
+        }
+        if !self.deferred.is_empty() {
+            let deferred = std::mem::take(&mut self.deferred);
+            self.release_begin(deferred, &unit).await?;
+        } else if self.defers_begin(&unit) {
+            // Answered now; sent with what follows, which tells where the
+            // block runs (`release_begin`).
+            messages::command_complete("BEGIN", &mut self.out);
+            messages::ready_for_query(b'T', &mut self.out);
+            self.unit_seen = Default::default();
+            self.deferred.push(unit);
+            return Ok(());
+        }
         if unit.whole.is_some() && self.runs_split(&unit) {
             // Split once nothing is in flight: the next ReadyForQuery is
             // then the first part's.
@@ -770,6 +888,7 @@ impl Session {
             .refused
             .clone()
             .or_else(|| self.pin_on_subscriber(&unit))
+            .or_else(|| self.read_write_on_subscriber(&unit))
             .or_else(|| self.write_check(&unit).err());
         if let Some(e) = refusal {
             self.forget_parses(&unit);
@@ -837,6 +956,120 @@ impl Session {
         }
         let retryable = unit.route == Route::Read && self.tx_node.is_none();
         self.send_unit(target, unit, retryable).await
+    }
+
+    /// Whether a unit is a lone BEGIN to answer at once and send with the
+    /// statement after it: when nothing else of the session is under way.
+    fn defers_begin(&self, unit: &Unit) -> bool {
+        unit.lone_begin
+            && unit.refused.is_none()
+            && self.tx_node.is_none()
+            && self.lost_tx.is_none()
+            && self.pinned.is_none()
+            && self.pending.is_none()
+            && self.split.is_empty()
+            && self.open_batch.is_none()
+            && self.busy_backend().is_none()
+    }
+
+    /// Sends the BEGIN the client was answered for (`defers_begin`), and
+    /// the `SET TRANSACTION` statements answered after it, now that the unit
+    /// after them, `next`, tells where the block runs: on a subscriber when
+    /// it is READ ONLY (by those statements, `next`, or the session's
+    /// default) and `next` pins nothing; where the snapshot `next` takes
+    /// was exported (`SET TRANSACTION SNAPSHOT`); else on the primary, where
+    /// a `SET TRANSACTION ISOLATION LEVEL` may make it a snapshot-isolation
+    /// writer. Returns once the node answered them: `next` then runs in the
+    /// block like any unit. Should the BEGIN not run, the block is lost
+    /// (`lost_tx`), as if its node had died.
+    pub(super) async fn release_begin(&mut self, units: Vec<Unit>, next: &Unit) -> Result<(), End> {
+        let mut units = units.into_iter();
+        let Some(mut begin) = units.next() else {
+            return Ok(());
+        };
+        let settings: Vec<Unit> = units.collect();
+        // What `next` binds, or else what it parses (a driver prepares a
+        // statement before it runs it).
+        let parsed = |f: fn(&Classification) -> Option<bool>| {
+            let defs = next.items.iter().filter_map(|i| i.stmt.as_ref());
+            defs.filter_map(|(d, _)| f(&d.class)).last()
+        };
+        let next_access = next.tx_access.or_else(|| parsed(|c| c.tx_access));
+        let next_isolation = next.tx_isolation.or_else(|| parsed(|c| c.tx_isolation));
+        let access = settings
+            .iter()
+            .filter_map(|u| u.tx_access)
+            .chain(next_access)
+            .last();
+        // (Of `next` only when it holds such settings alone: the lock query
+        // of a snapshot-isolation writer would come before its setting.)
+        let isolation = settings
+            .iter()
+            .filter_map(|u| u.tx_isolation)
+            .chain(next_isolation.filter(|_| next.only_tx_settings))
+            .last();
+        let read_only = access.unwrap_or_else(|| self.begins_read_only(&begin));
+        begin.begin = Some(read_only);
+        begin.tx_isolation = isolation;
+        begin.route = match read_only && next.pin.is_none() {
+            true => Route::Read,
+            false => Route::Write,
+        };
+        begin.answered = true;
+        begin.imports_snapshot = next.imports_snapshot.clone().or_else(|| {
+            let defs = next.items.iter().filter_map(|i| i.stmt.as_ref());
+            defs.filter_map(|(d, _)| d.class.imports_snapshot.clone())
+                .last()
+        });
+        let mut target = match self.choose(&begin) {
+            Ok(i) => i,
+            Err(e) => return self.answer_unsent(&begin, e),
+        };
+        if target == self.group.primary() && !self.pass.held {
+            match self.enter_primary().await {
+                Ok(false) => {}
+                Ok(true) => target = self.group.primary(),
+                Err(e) => return self.answer_unsent(&begin, e),
+            }
+        }
+        self.send_unit(target, begin, false).await?;
+        self.until_answered().await?;
+        for mut unit in settings {
+            let Some(node) = self.tx_node.filter(|_| self.lost_tx.is_none()) else {
+                break;
+            };
+            unit.answered = true;
+            self.send_unit(node, unit, false).await?;
+            self.until_answered().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the units sent already answered are done.
+    async fn until_answered(&mut self) -> Result<(), End> {
+        loop {
+            let Some(i) = self.current.filter(|&i| {
+                self.backends[i]
+                    .as_ref()
+                    .is_some_and(|c| c.tracker.answered_units() > 0)
+            }) else {
+                return Ok(());
+            };
+            tokio::select! {
+                r = fill_backend(&mut self.backends, Some(i)) => match r {
+                    Ok(true) => self.drain_backend(i).await?,
+                    Ok(false) => self.backend_lost(i, "the node closed the connection".into()),
+                    Err(e) => self.backend_lost(i, e.to_string()),
+                },
+                _ = self.events.changed() => self.on_group_change(),
+            }
+        }
+    }
+
+    /// The BEGIN the client was answered for could not run (`why`): the
+    /// session acts as in a block whose node was lost.
+    pub(super) fn lose_begin(&mut self, why: &str) {
+        self.lost_tx = Some((format!("its BEGIN could not run: {why}"), false));
     }
 
     /// Writes to tables the catalog did not know when the unit was
@@ -1026,6 +1259,10 @@ impl Session {
 
     /// Answers a unit that could not be sent anywhere.
     fn answer_unsent(&mut self, unit: &Unit, e: PgError) -> Result<(), End> {
+        if unit.answered {
+            self.lose_begin(&e.message);
+            return Ok(());
+        }
         if unit.syncs == 0 {
             self.put_error(&e);
             self.open_batch = None;
@@ -1090,7 +1327,7 @@ impl Session {
     fn status_byte(&self) -> u8 {
         if self.lost_tx.is_some() {
             b'E'
-        } else if self.tx_node.is_some() {
+        } else if self.tx_node.is_some() || !self.deferred.is_empty() {
             b'T'
         } else {
             b'I'
@@ -1226,6 +1463,11 @@ impl Session {
             .with_hint("send a Sync before the COMMIT");
             return self.refuse_in_batch(target, &unit, buf, e).await;
         }
+        if continuing.is_none() && target == primary {
+            // (Its answers accounted for.)
+            self.move_session_lock(&unit, &mut buf, target);
+        }
+        let moved = buf.len();
         let captured = match continuing {
             // More of a batch already streaming: nothing may be injected
             // between its messages (a Query would destroy its unnamed
@@ -1252,7 +1494,7 @@ impl Session {
             // it captured, and nothing before it.
             self.mark_capture();
         }
-        if !buf.is_empty()
+        if buf.len() > moved
             && let Some(conn) = self.backends[target].as_mut()
         {
             // The write lock query before_primary_unit added.
@@ -1278,10 +1520,13 @@ impl Session {
         }
         for item in &unit.items {
             expect_definitions(conn, item, &unit.prepared);
-            emit(conn, item, &mut buf, captured);
+            emit(conn, item, &mut buf, captured, unit.answered);
         }
         if snapshot_begin {
-            self.after_snapshot_begin(&mut buf, target, session_locked);
+            self.write.pending_move = Some(write::LockMove {
+                session_locked,
+                read_only: false,
+            });
         }
         let conn = self.backends[target].as_mut().expect("connected");
         if unit.simple {
@@ -1311,6 +1556,9 @@ impl Session {
         if unit.route == Route::Read {
             self.last_reader = Some(target);
         }
+        if unit.exports_snapshot {
+            self.exporting = Some(target);
+        }
         self.current = Some(target);
         self.set_cancel_target(target);
         self.retry = retryable.then_some((target, unit));
@@ -1332,10 +1580,14 @@ impl Session {
         // Evidence the node may be gone: have it probed now.
         node.suspect.notify_one();
         let owed = conn.tracker.client_units();
+        let answered = conn.tracker.answered_units();
         let in_flight = !conn.tracker.is_idle();
         conn.tracker.clear();
         conn.stats.lost(&node.stats);
-        node.end_units(owed);
+        node.end_units(owed + answered);
+        if answered > 0 {
+            self.lose_begin(&format!("lost the connection to node {}: {why}", node.name));
+        }
         if self.current == Some(i) {
             self.current = None;
         }
@@ -1431,7 +1683,7 @@ fn expect_definitions(conn: &mut BackendConn, item: &Item, query: &[SqlPrepared]
 
 /// Writes one item for `conn`, preparing its statement there first if the
 /// client prepared it elsewhere.
-fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut, captured: bool) {
+fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut, captured: bool, answered: bool) {
     let f = &item.frame;
     match (f.tag, &item.stmt) {
         (b'P', Some((def, previous))) => {
@@ -1471,6 +1723,7 @@ fn emit(conn: &mut BackendConn, item: &Item, buf: &mut BytesMut, captured: bool)
             }
             conn.tracker.push(Expect::Close { injected: false });
         }
+        (b'S' | b'Q', _) if answered => conn.tracker.push(Expect::Answered),
         (b'S' | b'Q', _) if captured => conn.tracker.push(Expect::Captured),
         (b'S' | b'Q', _) => conn.tracker.push(Expect::Sync { injected: false }),
         _ => {}

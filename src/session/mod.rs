@@ -276,6 +276,14 @@ pub struct Session {
     /// as in an aborted transaction until the client ends it.
     /// (Whether the client was told yet.)
     lost_tx: Option<(String, bool)>,
+    /// A lone BEGIN the client was answered for, not sent yet, and the
+    /// `SET TRANSACTION` statements after it: the unit after them tells
+    /// where the block runs (`Session::release_begin`).
+    deferred: Vec<dispatch::Unit>,
+    /// The node running a unit that exports a snapshot: its rows are read
+    /// for the snapshot's id.
+    exporting: Option<usize>,
+    exported: ExportedSnapshots,
     /// A refusal the transaction block's node was asked to raise (so that
     /// it aborts the block): the client gets it as made here, without the
     /// CONTEXT line of the node's RAISE.
@@ -399,6 +407,43 @@ impl Drop for PrimaryPass {
     }
 }
 
+/// Snapshots the session's open transaction exported, known to the group
+/// (`Group::snapshot_node`) until the transaction or the session ends.
+struct ExportedSnapshots {
+    group: Arc<Group>,
+    ids: Vec<String>,
+}
+
+impl ExportedSnapshots {
+    fn clear(&mut self) {
+        if !self.ids.is_empty() {
+            self.group.forget_snapshots(&self.ids);
+            self.ids.clear();
+        }
+    }
+}
+
+impl Drop for ExportedSnapshots {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// Whether a value is a snapshot id as `pg_export_snapshot()` makes them
+/// (`00000003-0000001B-1`).
+fn is_snapshot_id(v: &str) -> bool {
+    let mut parts = v.split('-');
+    let hex = |p: Option<&str>| {
+        p.is_some_and(|p| p.len() == 8 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    hex(parts.next())
+        && hex(parts.next())
+        && parts
+            .next()
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts.next().is_none()
+}
+
 impl Session {
     fn new(
         shared: Arc<Shared>,
@@ -422,6 +467,10 @@ impl Session {
                 group: group.clone(),
                 held: false,
             },
+            exported: ExportedSnapshots {
+                group: group.clone(),
+                ids: Vec::new(),
+            },
             group,
             client,
             client_wr,
@@ -434,6 +483,8 @@ impl Session {
             tx_node: None,
             tx_read_only: false,
             lost_tx: None,
+            deferred: Vec::new(),
+            exporting: None,
             raised: None,
             pinned: None,
             writing_cursors: Vec::new(),
@@ -551,7 +602,8 @@ impl Session {
                 }
             }
             // Before the flush: a client that sees its answer sees its state.
-            let in_tx = self.tx_node.is_some() || self.lost_tx.is_some();
+            let in_tx =
+                self.tx_node.is_some() || self.lost_tx.is_some() || !self.deferred.is_empty();
             let quiet = self.quiet();
             self.cancel.slot.set_state(match (quiet, in_tx) {
                 (false, _) => cancel::ClientState::Active,
@@ -664,7 +716,10 @@ impl Session {
 
     /// No unit in flight, no open transaction, nothing being committed.
     fn is_idle(&self) -> bool {
-        self.tx_node.is_none() && !self.busy_on_primary() && self.quiet()
+        self.tx_node.is_none()
+            && self.deferred.is_empty()
+            && !self.busy_on_primary()
+            && self.quiet()
     }
 
     /// Nothing of the client's is in flight or waiting (a transaction may
@@ -765,6 +820,7 @@ impl Session {
             // (The tracker keeps no account of these tags.)
             if let Ok(Some((tag, raw))) = conn.reader.peek()
                 && !matches!(tag, b'1' | b'3' | b'E' | b'Z' | b'G')
+                && self.exporting.is_none()
                 && !(tag == b'C'
                     && (conn.tracker.defines_pending()
                         || self.write.tx.as_ref().is_some_and(|t| t.failed.is_some())))
@@ -809,6 +865,14 @@ impl Session {
                 // already sent: the node ignores that Sync in copy-in mode.
                 self.copy_sync_ignored = true;
                 self.copy_sync_moved();
+            }
+            if frame.tag == b'D' && self.exporting == Some(i) {
+                for id in write::data_row(frame.body()).into_iter().flatten() {
+                    if is_snapshot_id(&id) {
+                        self.group.snapshot_exported(id.clone(), i);
+                        self.exported.ids.push(id);
+                    }
+                }
             }
             let conn = self.backends[i].as_mut().expect("checked above");
             let outcome = conn.tracker.on_message(frame.tag);
@@ -888,8 +952,15 @@ impl Session {
                 } else {
                     Some(frame)
                 };
-                if let Some(rfq) = rfq {
-                    self.forward_rfq(rfq, i);
+                match rfq {
+                    Some(rfq) if outcome.owner == Some(UnitOwner::Answered) => {
+                        self.follow_rfq(&rfq, i);
+                        if self.tx_node.is_none() {
+                            self.lose_begin("the node did not open a transaction block");
+                        }
+                    }
+                    Some(rfq) => self.forward_rfq(rfq, i),
+                    None => {}
                 }
                 if idle && self.pending.is_some() {
                     // The main loop sends the waiting unit next.
@@ -958,11 +1029,32 @@ impl Session {
     /// Forwards a ReadyForQuery from node `i` and follows its status; in
     /// a split query string, sends the next part instead while all went well.
     fn forward_rfq(&mut self, rfq: Frame, i: usize) {
-        let status = rfq.body().first().copied().unwrap_or(b'I');
-        self.copy_in = false;
         // An error ends a split string, as it would end one query.
         let failed = self.unit_seen.error;
+        self.follow_rfq(&rfq, i);
+        if std::mem::take(&mut self.stream_cut) {
+            // The answer to our Sync that ended a streamed batch.
+            if failed {
+                self.abort_batch(rfq.body().first().copied().unwrap_or(b'I'));
+            }
+            return;
+        }
+        if failed {
+            self.split.clear();
+        }
+        match self.next_part() {
+            Some(unit) => self.pending = Some(unit),
+            None => self.out.extend_from_slice(&rfq.raw),
+        }
+    }
+
+    /// Follows the transaction status a ReadyForQuery from node `i` gives.
+    fn follow_rfq(&mut self, rfq: &Frame, i: usize) {
+        let status = rfq.body().first().copied().unwrap_or(b'I');
+        self.copy_in = false;
+        self.exporting = None;
         if status == b'I' {
+            self.exported.clear();
             if !self.write.declared_defaults.is_empty() {
                 self.write.declared_defaults.clear();
             }
@@ -988,20 +1080,6 @@ impl Session {
             self.write.tx_locals.clear();
         }
         self.raised = None;
-        if std::mem::take(&mut self.stream_cut) {
-            // The answer to our Sync that ended a streamed batch.
-            if failed {
-                self.abort_batch(status);
-            }
-            return;
-        }
-        if failed {
-            self.split.clear();
-        }
-        match self.next_part() {
-            Some(unit) => self.pending = Some(unit),
-            None => self.out.extend_from_slice(&rfq.raw),
-        }
     }
 
     /// The batch failed before the Sync that ended its streaming: as after

@@ -197,11 +197,28 @@ pub struct WriteState {
     /// `before_begin`): released as the transaction's lock is taken,
     /// or once the transaction ends if that failed.
     pub session_lock: bool,
+    /// A snapshot-isolation block began (see `before_begin`): its write
+    /// lock moves into the transaction before its first unit that takes a
+    /// snapshot.
+    pub pending_move: Option<LockMove>,
+    /// The last client unit on the primary left its transaction block
+    /// failed (ReadyForQuery 'E').
+    pub block_aborted: bool,
     /// Row-locality of prepared statements' text, with the catalog epoch
     /// it was judged at: a prepared statement runs again and again, and
     /// normalising its text for the group's cache each time cost more
     /// than the rest of the write path's checks together.
     pub row_local_memo: rustc_hash::FxHashMap<String, (u64, bool)>,
+}
+
+/// The write lock of a block begun with snapshot isolation, not yet moved
+/// into its transaction (see `Session::move_session_lock`).
+#[derive(Debug, Clone, Copy)]
+pub struct LockMove {
+    /// The session took the lock before the BEGIN (`before_begin`).
+    pub session_locked: bool,
+    /// The block was made READ ONLY since: it will not write.
+    pub read_only: bool,
 }
 
 /// Prepared statements' texts a session remembers the row-locality of.
@@ -1400,6 +1417,10 @@ impl Session {
         if !self.replicating() || self.write.tx.is_some() || unit.begin != Some(false) {
             return false;
         }
+        if let Some(snapshot) = unit.tx_isolation {
+            // `SET TRANSACTION ISOLATION LEVEL` after the BEGIN.
+            return snapshot;
+        }
         let by_default = self.tx_default(TxDefault::SnapshotIsolation);
         unit_sql(unit)
             .iter()
@@ -1450,16 +1471,54 @@ impl Session {
         true
     }
 
-    /// After a `BEGIN` of a REPEATABLE READ or SERIALIZABLE transaction that
-    /// may write (`begins_snapshot_writer`): take the write lock exclusively
-    /// as its first statement, from the session when `before_begin` took it
-    /// (see there).
-    pub(super) fn after_snapshot_begin(
-        &mut self,
-        buf: &mut BytesMut,
-        p: usize,
-        session_locked: bool,
-    ) {
+    /// Before unit `unit` of a block that began with snapshot isolation
+    /// (`begins_snapshot_writer`) goes to the primary `p`: the block's
+    /// write lock moves into the transaction before its first statement
+    /// that takes a snapshot (`after_snapshot_begin`). Statements that only
+    /// set the transaction (`SET TRANSACTION ISOLATION LEVEL …`, which
+    /// must come before any query) go first; one that makes the block READ
+    /// ONLY ends the need: the lock the session took is released instead.
+    pub(super) fn move_session_lock(&mut self, unit: &Unit, buf: &mut BytesMut, p: usize) {
+        let Some(pending) = self.write.pending_move.as_mut() else {
+            return;
+        };
+        if unit.only_tx_settings {
+            if let Some(read_only) = unit.tx_access {
+                pending.read_only = read_only;
+            }
+            return;
+        }
+        if unit_sql(unit).is_empty() {
+            // A Close, a Describe: no query.
+            return;
+        }
+        let LockMove {
+            session_locked,
+            read_only,
+        } = *pending;
+        // READ ONLY later in the unit: the transaction will not write.
+        let read_only = unit.tx_access.unwrap_or(read_only);
+        self.write.pending_move = None;
+        if self.write.block_aborted {
+            // Nothing runs in it: the lock goes once the block ends.
+            return;
+        }
+        if !read_only {
+            self.after_snapshot_begin(buf, p, session_locked);
+        } else if session_locked {
+            let unlock = replication::session_unlock_query(&self.group.name);
+            buf.extend_from_slice(&messages::query(&unlock));
+            self.write.own.push_back(Own::Unlock);
+            self.expect_own(p);
+            self.write.session_lock = false;
+        }
+    }
+
+    /// Takes the write lock exclusively as the first statement of a
+    /// REPEATABLE READ or SERIALIZABLE transaction that may write
+    /// (`begins_snapshot_writer`), from the session when `before_begin`
+    /// took it (see there).
+    fn after_snapshot_begin(&mut self, buf: &mut BytesMut, p: usize, session_locked: bool) {
         if session_locked {
             self.push_own(p, buf, OwnStatement::LockFromSession, &[], Own::Lock);
         } else {
@@ -1684,6 +1743,7 @@ impl Session {
         self.write.own.clear();
         self.write.last_own = None;
         self.write.session_lock = false;
+        self.write.pending_move = None;
         match self.write.tx.take() {
             Some(tx) => (tx.committing, tx.held_rfq.is_some()),
             None => (false, false),
@@ -1789,6 +1849,10 @@ impl Session {
     ) -> Result<Option<Frame>, End> {
         let status = f.body().first().copied().unwrap_or(b'I');
         let failed_unit = std::mem::take(&mut self.write.unit_failed);
+        self.write.block_aborted = status == b'E';
+        if status == b'I' {
+            self.write.pending_move = None;
+        }
         if status == b'I' && std::mem::take(&mut self.write.session_lock) {
             // The transaction failed before its lock query moved the lock.
             let unlock = replication::session_unlock_query(&self.group.name);
@@ -2051,7 +2115,7 @@ enum SyncOutcome {
 }
 
 /// Columns of a DataRow as text.
-fn data_row(body: &[u8]) -> Vec<Option<String>> {
+pub(super) fn data_row(body: &[u8]) -> Vec<Option<String>> {
     let mut r = Reader::new(body);
     let n = r.i16().unwrap_or(0).max(0) as usize;
     let mut out = Vec::with_capacity(n);
