@@ -608,6 +608,20 @@ async fn exported_snapshots_are_taken_on_the_copy_that_has_them() {
         assert_eq!(n, 1, "importer {k} sees the exported snapshot");
         importer.batch_execute("COMMIT").await.unwrap();
     }
+    // A block that may write runs on the primary, which has no such
+    // snapshot.
+    let writer = g.proxy.client("app").await;
+    writer.batch_execute("BEGIN").await.unwrap();
+    writer
+        .batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let e = writer
+        .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{id}'"))
+        .await
+        .expect_err("not on the primary");
+    assert_eq!(sqlstate(&e), "22023", "{e:?}");
+    writer.batch_execute("ROLLBACK").await.unwrap();
     exporter.batch_execute("COMMIT").await.unwrap();
     // pg_dump with parallel workers, through the proxy.
     let bin = reprise::replication::seed::bin_dir(None).expect("pg_dump");

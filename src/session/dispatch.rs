@@ -751,12 +751,15 @@ impl Session {
         }
     }
 
-    /// The node that exported the snapshot a unit beginning a block takes
-    /// (`SET TRANSACTION SNAPSHOT`), while that node is up: it alone has
-    /// that snapshot.
+    /// The node that exported the snapshot a unit beginning a READ ONLY
+    /// block takes (`SET TRANSACTION SNAPSHOT`), while that node is up: it
+    /// alone has that snapshot. (A block that may write runs on the
+    /// primary.)
     fn snapshot_node(&self, unit: &Unit) -> Option<usize> {
         let id = unit.imports_snapshot.as_deref()?;
-        unit.begin?;
+        if unit.begin != Some(true) {
+            return None;
+        }
         let node = self.group.snapshot_node(id)?;
         self.group.node(node).is_up().then_some(node)
     }
