@@ -185,6 +185,14 @@ impl Unit {
         unit
     }
 
+    /// What `f` finds in the last statement the unit's messages refer to
+    /// that it says something of: for a unit that only parses (a driver
+    /// prepares a statement before it runs it), what its Bind would say.
+    fn parsed<T>(&self, f: impl Fn(&Classification) -> Option<T>) -> Option<T> {
+        let defs = self.items.iter().filter_map(|i| i.stmt.as_ref());
+        defs.filter_map(|(d, _)| f(&d.class)).last()
+    }
+
     /// What binding statement `def` (the Bind's body: `bind`) makes of the
     /// unit.
     fn note_bind(&mut self, def: &StmtDef, bind: &[u8]) {
@@ -939,26 +947,24 @@ impl Session {
                 .in_scope(|| tracing::debug!(reason, "session pinned to the primary"));
             self.pinned = Some(reason);
         }
-        let mut target = match self.choose(&unit) {
+        let target = match self.target(&unit).await {
             Ok(i) => i,
             Err(e) => return self.fail_unit(&unit, e),
         };
-        if target == self.group.primary() && !self.pass.held {
-            // New work on the primary: wait while there is none (failover)
-            // or writes are held (switchover).
-            match self.enter_primary().await {
-                Ok(false) => {}
-                Ok(true) => {
-                    target = match self.choose(&unit) {
-                        Ok(i) => i,
-                        Err(e) => return self.fail_unit(&unit, e),
-                    }
-                }
-                Err(e) => return self.fail_unit(&unit, e),
-            }
-        }
         let retryable = unit.route == Route::Read && self.tx_node.is_none();
         self.send_unit(target, unit, retryable).await
+    }
+
+    /// The node for a unit (`choose`), once it may take the unit: new work
+    /// on the primary waits while there is none (failover) or writes are
+    /// held (switchover).
+    async fn target(&mut self, unit: &Unit) -> Result<usize, PgError> {
+        let target = self.choose(unit)?;
+        if target == self.group.primary() && !self.pass.held && self.enter_primary().await? {
+            // It may have changed meanwhile.
+            return self.choose(unit);
+        }
+        Ok(target)
     }
 
     /// Whether a unit is a lone BEGIN to answer at once and send with the
@@ -991,14 +997,10 @@ impl Session {
             return Ok(());
         };
         let settings: Vec<Unit> = units.collect();
-        // What `next` binds, or else what it parses (a driver prepares a
-        // statement before it runs it).
-        let parsed = |f: fn(&Classification) -> Option<bool>| {
-            let defs = next.items.iter().filter_map(|i| i.stmt.as_ref());
-            defs.filter_map(|(d, _)| f(&d.class)).last()
-        };
-        let next_access = next.tx_access.or_else(|| parsed(|c| c.tx_access));
-        let next_isolation = next.tx_isolation.or_else(|| parsed(|c| c.tx_isolation));
+        let next_access = next.tx_access.or_else(|| next.parsed(|c| c.tx_access));
+        let next_isolation = next
+            .tx_isolation
+            .or_else(|| next.parsed(|c| c.tx_isolation));
         let access = settings
             .iter()
             .filter_map(|u| u.tx_access)
@@ -1019,22 +1021,12 @@ impl Session {
             false => Route::Write,
         };
         begin.answered = true;
-        begin.imports_snapshot = next.imports_snapshot.clone().or_else(|| {
-            let defs = next.items.iter().filter_map(|i| i.stmt.as_ref());
-            defs.filter_map(|(d, _)| d.class.imports_snapshot.clone())
-                .last()
-        });
-        let mut target = match self.choose(&begin) {
+        begin.imports_snapshot =
+            (next.imports_snapshot.clone()).or_else(|| next.parsed(|c| c.imports_snapshot.clone()));
+        let target = match self.target(&begin).await {
             Ok(i) => i,
             Err(e) => return self.answer_unsent(&begin, e),
         };
-        if target == self.group.primary() && !self.pass.held {
-            match self.enter_primary().await {
-                Ok(false) => {}
-                Ok(true) => target = self.group.primary(),
-                Err(e) => return self.answer_unsent(&begin, e),
-            }
-        }
         self.send_unit(target, begin, false).await?;
         self.until_answered().await?;
         for mut unit in settings {
