@@ -424,6 +424,7 @@ async fn transaction_blocks_run_where_their_first_statements_say() {
     for sql in [
         "SET TRANSACTION READ WRITE",
         "SET LOCAL transaction_read_only = off",
+        "RESET transaction_read_only",
         "SELECT set_config('transaction_read_only', 'off', true)",
     ] {
         let c = g.proxy.client("app").await;

@@ -759,11 +759,13 @@ fn variable_set(
         VariableSetKind::VarSetValue | VariableSetKind::VarSetMulti
     );
     let access = match v.name.as_str() {
-        "TRANSACTION" => tx_read_only(&v.args),
-        "transaction_read_only" => v.args.first().map(is_on),
+        "TRANSACTION" if is_set => tx_read_only(&v.args),
+        "transaction_read_only" if is_set => v.args.first().map(is_on),
+        // To the default, which may be READ WRITE.
+        "transaction_read_only" => Some(false),
         _ => None,
     };
-    if is_set && access.is_some() {
+    if access.is_some() {
         out.tx_access = access;
     }
     let isolation = match v.name.as_str() {
@@ -1317,6 +1319,8 @@ mod tests {
         for sql in [
             "set transaction read write",
             "set transaction_read_only = off",
+            "reset transaction_read_only",
+            "set local transaction_read_only to default",
         ] {
             assert_eq!(c(sql).tx_access, Some(false), "{sql}");
         }
