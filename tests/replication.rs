@@ -426,6 +426,7 @@ async fn transaction_blocks_run_where_their_first_statements_say() {
         "SET LOCAL transaction_read_only = off",
         "RESET transaction_read_only",
         "SELECT set_config('transaction_read_only', 'off', true)",
+        "SELECT set_config('transaction_read_only', 'off', false)",
     ] {
         let c = g.proxy.client("app").await;
         c.batch_execute("BEGIN READ ONLY").await.unwrap();

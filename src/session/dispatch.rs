@@ -798,12 +798,14 @@ impl Session {
     /// subscriber READ WRITE: its writes would change that copy alone.
     fn read_write_on_subscriber(&self, unit: &Unit) -> Option<PgError> {
         let node = self.tx_node.filter(|&n| n != self.group.primary())?;
-        let local_read_write = || {
-            unit.local_settings
-                .iter()
-                .any(|s| crate::replication::mentions(s.as_bytes(), b"transaction_read_only"))
+        // (set_config calls of it, whose value is not judged: see
+        // `set_config_sql`.)
+        let set_config = || {
+            let call = b"set_config($r$transaction_read_only$r$";
+            (unit.local_settings.iter().chain(&unit.settings))
+                .any(|s| crate::replication::mentions(s.as_bytes(), call))
         };
-        if unit.tx_access != Some(false) && !local_read_write() {
+        if unit.tx_access != Some(false) && !set_config() {
             return None;
         }
         Some(
