@@ -408,6 +408,55 @@ async fn a_stopped_subscriber_is_marked_down_and_back_up() {
     );
 }
 
+/// A lone BEGIN is answered at once and sent with the statement after it
+/// (see the README's routing). Should it not run then (here: the primary
+/// is down and no failover comes), the client's block is lost as if its
+/// node had died: 08006 for the statement, 25P02 after it, until its
+/// ROLLBACK; then the session works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_whose_begin_cannot_run_is_lost_like_one_whose_node_died() {
+    let mut g = TestGroup::start(1, |c| {
+        c.health.interval_ms = 100;
+        c.health.timeout_ms = 300;
+        c.health.failures_before_down = 1;
+        c.health.failover_wait_ms = 300;
+    })
+    .await;
+    let c = g.proxy.client("app").await;
+    c.batch_execute("BEGIN").await.unwrap();
+    tokio::task::block_in_place(|| g.cluster.nodes[0].stop(reprise::local::StopMode::Fast))
+        .unwrap();
+    let proxy = &g.proxy;
+    wait_until(Duration::from_secs(10), || async {
+        node_state(&proxy.status().await, "n1") == "down"
+    })
+    .await
+    .expect("n1 marked down");
+    let e = c
+        .batch_execute("SELECT 1")
+        .await
+        .expect_err("the block's BEGIN could not run");
+    assert_eq!(sqlstate(&e), "08006", "{e:?}");
+    assert!(db_text(&e).contains("BEGIN could not run"), "{e:?}");
+    let e = c.batch_execute("SELECT 2").await.expect_err("block lost");
+    assert_eq!(sqlstate(&e), "25P02", "{e:?}");
+    tokio::task::block_in_place(|| g.cluster.nodes[0].start()).unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        node_state(&proxy.status().await, "n1") == "up"
+    })
+    .await
+    .expect("n1 up again");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n > 0);
+    c.batch_execute("COMMIT").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_metrics_and_admin_console() {
     let g = TestGroup::start(2, |_| {}).await;
