@@ -575,11 +575,13 @@ async fn exported_snapshots_are_taken_on_the_copy_that_has_them() {
         .batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await
         .unwrap();
-    let id: String = exporter
-        .query_one("SELECT pg_export_snapshot()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    // Pipelined after another statement, whose answer comes first.
+    let (before, exported) = tokio::join!(
+        exporter.query_one("SELECT 1", &[]),
+        exporter.query_one("SELECT pg_export_snapshot()", &[])
+    );
+    before.unwrap();
+    let id: String = exported.unwrap().get(0);
     let exported_on = port(&exporter).await;
     assert_ne!(exported_on, g.cluster.nodes[0].port().to_string());
     // Written after the export: not in the snapshot.

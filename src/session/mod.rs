@@ -1052,7 +1052,13 @@ impl Session {
     fn follow_rfq(&mut self, rfq: &Frame, i: usize) {
         let status = rfq.body().first().copied().unwrap_or(b'I');
         self.copy_in = false;
-        self.exporting = None;
+        if self.backends[i]
+            .as_ref()
+            .is_none_or(|c| c.tracker.is_idle())
+        {
+            // (Units pipelined before the exporting one answer first.)
+            self.exporting = None;
+        }
         if status == b'I' {
             self.exported.clear();
             if !self.write.declared_defaults.is_empty() {
