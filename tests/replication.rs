@@ -335,12 +335,6 @@ async fn transaction_blocks_run_where_their_first_statements_say() {
         .await
         .unwrap();
     wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
-    async fn port(c: &tokio_postgres::Client) -> String {
-        c.query_one("SELECT current_setting('port')", &[])
-            .await
-            .unwrap()
-            .get(0)
-    }
     // Made READ ONLY after the BEGIN: a subscriber. Simple and extended.
     for (begin, access) in [
         ("BEGIN", "SET TRANSACTION READ ONLY"),
@@ -356,12 +350,12 @@ async fn transaction_blocks_run_where_their_first_statements_say() {
         let c = g.proxy.client("app").await;
         c.batch_execute(begin).await.unwrap();
         c.execute(access, &[]).await.unwrap();
-        assert_ne!(port(&c).await, primary_port, "{begin}; {access}");
+        assert_ne!(served_port(&c).await, primary_port, "{begin}; {access}");
         c.batch_execute("COMMIT").await.unwrap();
         let c = g.proxy.client("app").await;
         c.batch_execute(begin).await.unwrap();
         c.batch_execute(access).await.unwrap();
-        assert_ne!(port(&c).await, primary_port, "{begin}; {access}");
+        assert_ne!(served_port(&c).await, primary_port, "{begin}; {access}");
         c.batch_execute("COMMIT").await.unwrap();
     }
     // READ ONLY by the session's default: a subscriber; a block that may
@@ -371,12 +365,16 @@ async fn transaction_blocks_run_where_their_first_statements_say() {
         .await
         .unwrap();
     c.batch_execute("BEGIN").await.unwrap();
-    assert_ne!(port(&c).await, primary_port, "read-only default");
+    assert_ne!(served_port(&c).await, primary_port, "read-only default");
     c.batch_execute("COMMIT; SET default_transaction_read_only = off")
         .await
         .unwrap();
     c.batch_execute("BEGIN").await.unwrap();
-    assert_eq!(port(&c).await, primary_port, "a block that may write");
+    assert_eq!(
+        served_port(&c).await,
+        primary_port,
+        "a block that may write"
+    );
     c.batch_execute("COMMIT").await.unwrap();
     // Pipelined without waiting, the answers are PostgreSQL's, in order;
     // an error in the block (here the first statement's) aborts it.
@@ -430,7 +428,7 @@ async fn transaction_blocks_run_where_their_first_statements_say() {
     ] {
         let c = g.proxy.client("app").await;
         c.batch_execute("BEGIN READ ONLY").await.unwrap();
-        assert_ne!(port(&c).await, primary_port, "{sql}");
+        assert_ne!(served_port(&c).await, primary_port, "{sql}");
         let e = c.batch_execute(sql).await.expect_err(sql);
         assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
         assert!(db_text(&e).contains("READ WRITE"), "{sql}: {e:?}");
@@ -563,12 +561,6 @@ async fn exported_snapshots_are_taken_on_the_copy_that_has_them() {
         .await
         .unwrap();
     wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
-    async fn port(c: &tokio_postgres::Client) -> String {
-        c.query_one("SELECT current_setting('port')", &[])
-            .await
-            .unwrap()
-            .get(0)
-    }
     let exporter = g.proxy.client("app").await;
     exporter.batch_execute("BEGIN").await.unwrap();
     exporter
@@ -582,7 +574,7 @@ async fn exported_snapshots_are_taken_on_the_copy_that_has_them() {
     );
     before.unwrap();
     let id: String = exported.unwrap().get(0);
-    let exported_on = port(&exporter).await;
+    let exported_on = served_port(&exporter).await;
     assert_ne!(exported_on, g.cluster.nodes[0].port().to_string());
     // Written after the export: not in the snapshot.
     setup
@@ -603,7 +595,7 @@ async fn exported_snapshots_are_taken_on_the_copy_that_has_them() {
             _ => importer.execute(&take, &[]).await.map(drop),
         }
         .unwrap_or_else(|e| panic!("importer {k}: {e:?}"));
-        assert_eq!(port(&importer).await, exported_on, "importer {k}");
+        assert_eq!(served_port(&importer).await, exported_on, "importer {k}");
         let n: i64 = importer
             .query_one("SELECT count(*) FROM snap_a", &[])
             .await
@@ -3123,12 +3115,11 @@ async fn cursors_that_read_are_not_logged_and_cursors_that_write_are() {
         let first = g.proxy.client("app").await;
         first.batch_execute("BEGIN READ ONLY").await.unwrap();
         first.batch_execute(sql).await.unwrap();
-        let port: String = first
-            .query_one("SELECT current_setting('port')", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(port, g.cluster.nodes[0].port().to_string(), "{sql}");
+        assert_eq!(
+            served_port(&first).await,
+            g.cluster.nodes[0].port().to_string(),
+            "{sql}"
+        );
         first.batch_execute("ROLLBACK").await.unwrap();
         let reader = g.proxy.client("app").await;
         reader.batch_execute("BEGIN READ ONLY").await.unwrap();
@@ -3476,6 +3467,14 @@ async fn ids_on(g: &TestGroup, i: usize, table: &str) -> Vec<i32> {
 }
 
 /// The command tags (and the ReadyForQuery status) among messages.
+/// The port of the node serving the client's session now.
+async fn served_port(c: &tokio_postgres::Client) -> String {
+    c.query_one("SELECT current_setting('port')", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn tags_in(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
     msgs.iter()
         .filter_map(|(t, body)| match t {

@@ -1053,11 +1053,7 @@ impl Session {
                 return Ok(());
             };
             tokio::select! {
-                r = fill_backend(&mut self.backends, Some(i)) => match r {
-                    Ok(true) => self.drain_backend(i).await?,
-                    Ok(false) => self.backend_lost(i, "the node closed the connection".into()),
-                    Err(e) => self.backend_lost(i, e.to_string()),
-                },
+                r = fill_backend(&mut self.backends, Some(i)) => self.backend_filled(i, r).await?,
                 _ = self.events.changed() => self.on_group_change(),
             }
         }

@@ -646,12 +646,7 @@ impl Session {
                     self.on_group_change();
                 }
                 r = fill_backend(&mut self.backends, polled), if polled.is_some() => {
-                    let i = polled.expect("guarded");
-                    match r {
-                        Ok(true) => self.drain_backend(i).await?,
-                        Ok(false) => self.backend_lost(i, "the node closed the connection".into()),
-                        Err(e) => self.backend_lost(i, e.to_string()),
-                    }
+                    self.backend_filled(polled.expect("guarded"), r).await?;
                 },
                 r = self.client.fill(), if reading_client => match r {
                     Ok(true) => {}
@@ -807,6 +802,21 @@ impl Session {
                 format!("invalid frontend message type {}", other),
             ))),
         }
+    }
+
+    /// What reading from backend `i` gave (`fill_backend`): relays what is
+    /// complete, or counts the backend lost.
+    async fn backend_filled(
+        &mut self,
+        i: usize,
+        r: Result<bool, FrameError>,
+    ) -> Result<(), End> {
+        match r {
+            Ok(true) => self.drain_backend(i).await?,
+            Ok(false) => self.backend_lost(i, "the node closed the connection".into()),
+            Err(e) => self.backend_lost(i, e.to_string()),
+        }
+        Ok(())
     }
 
     /// Relays everything complete from backend `i`.

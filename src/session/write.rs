@@ -1506,12 +1506,18 @@ impl Session {
         if !read_only {
             self.after_snapshot_begin(buf, p, session_locked);
         } else if session_locked {
-            let unlock = replication::session_unlock_query(&self.group.name);
-            buf.extend_from_slice(&messages::query(&unlock));
-            self.write.own.push_back(Own::Unlock);
-            self.expect_own(p);
+            self.push_session_unlock(buf, p);
             self.write.session_lock = false;
         }
+    }
+
+    /// Adds the release of the write lock the session took (`before_begin`)
+    /// to `buf`, for the primary `p`.
+    fn push_session_unlock(&mut self, buf: &mut BytesMut, p: usize) {
+        let unlock = replication::session_unlock_query(&self.group.name);
+        buf.extend_from_slice(&messages::query(&unlock));
+        self.write.own.push_back(Own::Unlock);
+        self.expect_own(p);
     }
 
     /// Takes the write lock exclusively as the first statement of a
@@ -1855,10 +1861,9 @@ impl Session {
         }
         if status == b'I' && std::mem::take(&mut self.write.session_lock) {
             // The transaction failed before its lock query moved the lock.
-            let unlock = replication::session_unlock_query(&self.group.name);
-            self.write.own.push_back(Own::Unlock);
-            self.expect_own(p);
-            self.send_raw(p, &messages::query(&unlock)).await?;
+            let mut buf = BytesMut::new();
+            self.push_session_unlock(&mut buf, p);
+            self.send_raw(p, &buf).await?;
         }
         if let Some(q) = self.write.nontx.take()
             && !failed_unit
