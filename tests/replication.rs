@@ -545,6 +545,168 @@ async fn transaction_blocks_run_where_their_first_statements_say() {
     assert_identical(&g).await;
 }
 
+/// A block's settings sent in one query string with its other statements
+/// act as in PostgreSQL: `BEGIN READ ONLY` or `SET TRANSACTION READ ONLY`
+/// right after the BEGIN makes the string's block a subscriber's; a `SET
+/// TRANSACTION ISOLATION LEVEL` right after the BEGIN (in its string or
+/// the next) runs before the block's first query, so it may change the
+/// level (no 25001) and a snapshot-isolation writer waits for the write
+/// lock before its snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_settings_sent_with_other_statements_act_as_in_postgresql() {
+    let g = TestGroup::start(3, |_| {}).await;
+    let primary_port = g.cluster.nodes[0].port().to_string();
+    let setup = g.proxy.client("app").await;
+    setup
+        .batch_execute("CREATE TABLE level_notes (v text)")
+        .await
+        .unwrap();
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
+    // The first row's values of what a string returned.
+    let first_row = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<String> {
+        msgs.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or_default().to_string())
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+    for sql in [
+        "BEGIN READ ONLY; SELECT current_setting('port'); COMMIT",
+        "START TRANSACTION READ ONLY; SELECT current_setting('port')",
+        "BEGIN; SET TRANSACTION READ ONLY; SELECT current_setting('port'); COMMIT",
+        "BEGIN; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT current_setting('port'); END",
+    ] {
+        let c = g.proxy.client("app").await;
+        let port = first_row(c.simple_query(sql).await.unwrap());
+        assert_ne!(port, [primary_port.as_str()], "{sql}");
+    }
+    let c = g.proxy.client("app").await;
+    let port = first_row(
+        c.simple_query("BEGIN; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SELECT current_setting('port'); COMMIT")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(port, [primary_port.as_str()], "a block that may write");
+    // Another level set before the first query, in the BEGIN's string or
+    // the next one, simple and extended BEGIN.
+    for (k, (begin, then)) in [
+        (
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "",
+        ),
+        ("BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", ""),
+        (
+            "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; ",
+        ),
+        ("BEGIN", "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; "),
+        (
+            "BEGIN",
+            "SET TRANSACTION READ WRITE; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; ",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for extended in [false, true] {
+            if extended && then.is_empty() {
+                continue;
+            }
+            let what = format!("{begin} | {then} (extended: {extended})");
+            let c = g.proxy.client("app").await;
+            let rest = format!(
+                "{then}INSERT INTO level_notes VALUES ('{k}{extended}'); \
+                 SELECT current_setting('transaction_isolation'), current_setting('port')"
+            );
+            let row = if then.is_empty() {
+                first_row(
+                    c.simple_query(&format!("{begin}; {rest}; COMMIT"))
+                        .await
+                        .unwrap_or_else(|e| panic!("{what}: {e:?}")),
+                )
+            } else {
+                match extended {
+                    false => c.batch_execute(begin).await.unwrap(),
+                    true => drop(c.execute(begin, &[]).await.unwrap()),
+                }
+                let row = first_row(
+                    c.simple_query(&rest)
+                        .await
+                        .unwrap_or_else(|e| panic!("{what}: {e:?}")),
+                );
+                c.batch_execute("COMMIT")
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                row
+            };
+            assert_eq!(row, ["serializable", primary_port.as_str()], "{what}");
+        }
+    }
+    // A serializable writer whose level is set in its BEGIN's string, or
+    // in the string after a lone BEGIN, waits for another's commit, sees
+    // it, and commits.
+    let other = g.proxy.client("app").await;
+    for (k, (first, second)) in [
+        (
+            "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; INSERT INTO level_notes SELECT 'saw ' || count(*) FROM level_notes",
+            None,
+        ),
+        (
+            "BEGIN",
+            Some("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; INSERT INTO level_notes SELECT 'then saw ' || count(*) FROM level_notes"),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        other
+            .batch_execute(&format!("BEGIN; INSERT INTO level_notes VALUES ('holder {k}')"))
+            .await
+            .unwrap();
+        let c = g.proxy.client("app").await;
+        let wait = async {
+            c.batch_execute(first).await?;
+            if let Some(second) = second {
+                c.batch_execute(second).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        let commit = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            other.batch_execute("COMMIT").await
+        };
+        let (waited, committed) = tokio::join!(wait, commit);
+        waited.unwrap_or_else(|e| panic!("{first}: {e:?}"));
+        committed.unwrap();
+        c.batch_execute("COMMIT")
+            .await
+            .unwrap_or_else(|e| panic!("{first}: the serializable writer commits: {e:?}"));
+    }
+    wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
+    for i in 0..3 {
+        let d = g.direct(i).await;
+        let saw: Vec<String> = d
+            .query(
+                "SELECT v FROM level_notes WHERE v LIKE '%saw%' ORDER BY v",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // 8 rows of the level loop, then holder 0 (seen: 9), then the first
+        // writer's and holder 1 (seen: 11).
+        assert_eq!(saw, ["saw 9", "then saw 11"], "node {i}");
+    }
+    assert_identical(&g).await;
+}
+
 /// A snapshot exported (`pg_export_snapshot()`) in a READ ONLY block on a
 /// subscriber exists on that copy alone: a block that takes it (`SET
 /// TRANSACTION SNAPSHOT`) right after its BEGIN runs there too, as

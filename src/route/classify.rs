@@ -303,14 +303,30 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
     let mut out = Classification::empty();
     let mut cacheable = true;
     out.statements = tree.stmts.len();
+    // Whether the statements so far end with a BEGIN and the settings of
+    // its block (`SET TRANSACTION …`): one that makes the block READ ONLY
+    // or READ WRITE says what the block is, as if the BEGIN had said it.
+    let mut opening_block = false;
     for raw in &tree.stmts {
         let Some(stmt) = raw.stmt.as_deref() else {
             out.read_only = false;
+            opening_block = false;
             continue;
         };
         let Some(node) = stmt.node.as_ref() else {
             out.read_only = false;
+            opening_block = false;
             continue;
+        };
+        opening_block = match node {
+            NodeEnum::TransactionStmt(t) => matches!(
+                TransactionStmtKind::try_from(t.kind),
+                Ok(TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart)
+            ),
+            NodeEnum::VariableSetStmt(v) => {
+                opening_block && TRANSACTION_SETTINGS.contains(&v.name.as_str())
+            }
+            _ => false,
         };
         let scan = Scan::of(stmt, catalog);
         // A session setting made with set_config calls of literals or Bind
@@ -362,7 +378,13 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             }
             NodeEnum::VariableSetStmt(v) => {
                 cacheable = false;
+                let access = out.tx_access.take();
                 variable_set(&mut out, v, || statement_text(sql, raw));
+                match out.tx_access {
+                    Some(read_only) if opening_block => out.begin = Some(read_only),
+                    Some(_) => {}
+                    None => out.tx_access = access,
+                }
             }
             NodeEnum::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
                 cacheable = false;
@@ -455,29 +477,40 @@ fn statement_text(sql: &str, raw: &protobuf::RawStmt) -> String {
 /// every statement that ends a transaction block (COMMIT, ROLLBACK, …)
 /// is a part of its own, and so is a BEGIN or START TRANSACTION that
 /// opens one (one that follows other statements of an implicit block
-/// stays with them, which it turns into its block). The other statements
-/// stay together, in order. Each part is the original text, its `;`
-/// included. `None` when the string does not parse or is one part.
+/// stays with them, which it turns into its block). The `SET TRANSACTION`
+/// statements right after an opening BEGIN stay in its part: they must
+/// run before the block's first query, and the write path may add one of
+/// its own before the part that follows. The other statements stay
+/// together, in order. Each part is the original text, its `;` included.
+/// `None` when the string does not parse or is one part.
 pub fn split_transaction_control(sql: &str) -> Option<Vec<String>> {
     let tree = parse(sql)?;
     // Where each part starts; a part runs to the start of the next.
     let mut starts: Vec<usize> = Vec::new();
     // Whether the last part may take more statements.
     let mut open = false;
+    // Whether the last part opens a block and holds nothing else but the
+    // block's settings.
+    let mut opening = false;
     for raw in &tree.stmts {
         let start = usize::try_from(raw.stmt_location).ok()?;
         // What the statement does to the block, as `classify` judges it.
         let mut c = Classification::empty();
-        if let Some(NodeEnum::TransactionStmt(t)) =
-            raw.stmt.as_deref().and_then(|s| s.node.as_ref())
-        {
+        let node = raw.stmt.as_deref().and_then(|s| s.node.as_ref());
+        if let Some(NodeEnum::TransactionStmt(t)) = node {
             transaction(&mut c, t);
+        }
+        let sets_block = matches!(node, Some(NodeEnum::VariableSetStmt(v))
+            if TRANSACTION_SETTINGS.contains(&v.name.as_str()));
+        if opening && sets_block {
+            continue;
         }
         let control = c.ends_tx || (c.begin.is_some() && !open);
         if control || !open {
             starts.push(if starts.is_empty() { 0 } else { start });
         }
         open = !control;
+        opening = control && c.begin.is_some();
     }
     if starts.len() < 2 {
         return None;
@@ -490,6 +523,27 @@ pub fn split_transaction_control(sql: &str) -> Option<Vec<String>> {
         out.push(sql.get(start..end)?.to_string());
     }
     Some(out)
+}
+
+/// Splits a query string that starts with `SET TRANSACTION …` statements
+/// (of modes: isolation level, READ ONLY / WRITE, DEFERRABLE) followed by
+/// others into those settings and the rest: right after a BEGIN, the
+/// write path may have to run a query of its own between them (the
+/// settings must come before the block's first query). `None` when the
+/// string does not start so, or holds nothing else.
+pub fn split_block_settings(sql: &str) -> Option<[String; 2]> {
+    let tree = parse(sql)?;
+    let settings = tree
+        .stmts
+        .iter()
+        .take_while(|raw| {
+            matches!(raw.stmt.as_deref().and_then(|s| s.node.as_ref()),
+                Some(NodeEnum::VariableSetStmt(v)) if v.name == "TRANSACTION")
+        })
+        .count();
+    let rest = tree.stmts.get(settings).filter(|_| settings > 0)?;
+    let at = usize::try_from(rest.stmt_location).ok()?;
+    Some([sql.get(..at)?.to_string(), sql.get(at..)?.to_string()])
 }
 
 /// Whether a statement's kind only reads, before looking inside it.
@@ -1103,6 +1157,41 @@ mod tests {
                 "ROLLBACK; ;"
             ]
         );
+        // The block's settings stay with its BEGIN.
+        assert_eq!(
+            split("BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; set local transaction_read_only = off; UPDATE t SET v = 1; SET TRANSACTION READ ONLY; COMMIT").unwrap(),
+            [
+                "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; set local transaction_read_only = off; ",
+                "UPDATE t SET v = 1; SET TRANSACTION READ ONLY; ",
+                "COMMIT"
+            ]
+        );
+        assert_eq!(
+            split("BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '00000003-1'; SELECT 1; COMMIT; SET TRANSACTION READ ONLY").unwrap(),
+            [
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '00000003-1'; ",
+                "SELECT 1; ",
+                "COMMIT; ",
+                "SET TRANSACTION READ ONLY"
+            ]
+        );
+        let settings = |sql: &str| split_block_settings(sql);
+        assert_eq!(
+            settings("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; set transaction read write;UPDATE t SET v = 1; COMMIT").unwrap(),
+            [
+                "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; set transaction read write;",
+                "UPDATE t SET v = 1; COMMIT"
+            ]
+        );
+        assert_eq!(
+            settings("SET TRANSACTION READ ONLY; SET TRANSACTION DEFERRABLE"),
+            None
+        );
+        assert_eq!(settings("SELECT 1; SET TRANSACTION READ ONLY"), None);
+        assert_eq!(
+            settings("SET LOCAL transaction_isolation = 'serializable'; SELECT 1"),
+            None
+        );
         // The parts together are the whole string.
         let sql = "BEGIN;UPDATE t SET s = 'é; COMMIT';COMMIT AND CHAIN;SELECT 1;END";
         let parts = split(sql).unwrap();
@@ -1307,6 +1396,27 @@ mod tests {
 
     #[test]
     fn transaction_read_only_settings() {
+        // Settings right after a BEGIN say what its block is.
+        for (sql, begin) in [
+            (
+                "begin; set transaction read only; select 1; commit",
+                Some(true),
+            ),
+            (
+                "start transaction isolation level serializable; set transaction isolation level repeatable read; set local transaction_read_only = on; select 1",
+                Some(true),
+            ),
+            ("begin read only; set transaction read write", Some(false)),
+            (
+                "begin read only; set transaction isolation level serializable",
+                Some(true),
+            ),
+            ("begin; select 1; set transaction read only", Some(false)),
+            ("set transaction read only; begin", Some(false)),
+            ("select 1; set transaction read only", None),
+        ] {
+            assert_eq!(c(sql).begin, begin, "{sql}");
+        }
         for sql in [
             "set transaction read only",
             "set transaction isolation level serializable, read only",

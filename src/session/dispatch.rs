@@ -12,7 +12,7 @@ use super::{End, MAX_BATCH_BYTES, Session, fill_backend, write};
 use crate::backend::{BackendConn, ConnectError, Expect};
 use crate::group::NodeState;
 use crate::replication::dollar_quoted;
-use crate::route::classify::{set_config_sql, split_transaction_control};
+use crate::route::classify::{set_config_sql, split_block_settings, split_transaction_control};
 use crate::route::{Classification, SettingArg, SqlPrepared};
 use crate::wire::Frame;
 use crate::wire::messages::{self, PgError};
@@ -103,8 +103,9 @@ pub struct Unit {
     /// against a fresh catalog before the unit runs.
     pub recheck: Vec<String>,
     /// The Query as the client sent it, when it writes and holds
-    /// transaction control among other statements: it may have to run as
-    /// separate queries (`Session::runs_split`).
+    /// transaction control among other statements, or holds `SET
+    /// TRANSACTION` among others: it may have to run as separate queries
+    /// (`Session::runs_split`, `dispatch`).
     pub whole: Option<Frame>,
     /// What it does to SQL-level prepared statements, in order (of its
     /// Query, or of the statements it binds).
@@ -318,7 +319,7 @@ fn split_batch(items: &[Item]) -> Option<Vec<Vec<Item>>> {
 /// reads (to the client or to a file on the primary, or calling volatile
 /// built-ins that change nothing).
 pub(super) fn may_write(c: &Classification) -> bool {
-    !c.read_only && (c.parse_error || c.statements > control_statements(c))
+    !c.read_only && (c.parse_error || c.statements > control_statements(c) + c.reads)
 }
 
 /// Statements of a classified string that are settings, transaction
@@ -359,9 +360,14 @@ impl Session {
             .unwrap_or("")
             .to_string();
         let class = self.group.classifier.classify(&sql);
-        let whole =
-            (may_write(&class) && class.statements > 1 && (class.ends_tx || class.begin.is_some()))
-                .then(|| f.clone());
+        let cursors = self.cursor_statements(&class);
+        let cursor_writes = cursors == Ok(true);
+        let writes = may_write(&class) || cursor_writes;
+        // Kept for a split (`runs_split`; leading `SET TRANSACTION`s, see
+        // `dispatch`).
+        let whole = (class.statements > 1
+            && ((writes && (class.ends_tx || class.begin.is_some())) || class.tx_modes > 0))
+            .then(|| f.clone());
         let mut unknown = false;
         let mut prepared = class.prepared.clone();
         let (f, refused) = match self.deterministic(&class, &sql, &mut unknown) {
@@ -392,10 +398,7 @@ impl Session {
         } else {
             Vec::new()
         };
-        let (cursor_writes, refused) = match self.cursor_statements(&class) {
-            Ok(w) => (w, refused),
-            Err(e) => (false, refused.or(Some(e))),
-        };
+        let refused = refused.or(cursors.err());
         let route = if class.pin_reason.is_some() || class.parse_error || cursor_writes {
             Route::Write
         } else if class.read_only || class.begin == Some(true) {
@@ -414,7 +417,7 @@ impl Session {
             syncs: 1,
             simple: true,
             avoid: None,
-            writes: may_write(&class) || cursor_writes,
+            writes,
             changes_data: changes_data(&class) || cursor_writes,
             begin: class.begin,
             tx_access: class.tx_access,
@@ -853,6 +856,25 @@ impl Session {
             messages::ready_for_query(b'T', &mut self.out);
             self.deferred.push(unit);
             return Ok(());
+        }
+        if unit.whole.is_some()
+            && (!self.deferred.is_empty() || self.tx_node.is_some())
+            && let Some(parts) = unit.whole.as_ref().and_then(|f| {
+                messages::Reader::new(f.body())
+                    .cstr()
+                    .and_then(split_block_settings)
+            })
+        {
+            // `SET TRANSACTION …; <more>` in a block (right after its
+            // BEGIN, where it may set the level): the settings first, on
+            // their own, then the rest, after what the write path may have
+            // to run before it (the write lock, or its move from the
+            // session, `move_session_lock`).
+            if self.busy_backend().is_some() {
+                self.pending = Some(unit);
+                return Ok(());
+            }
+            unit = self.split_into(parts.into_iter().map(Part::Query));
         }
         if !self.deferred.is_empty() {
             let deferred = std::mem::take(&mut self.deferred);

@@ -806,11 +806,7 @@ impl Session {
 
     /// What reading from backend `i` gave (`fill_backend`): relays what is
     /// complete, or counts the backend lost.
-    async fn backend_filled(
-        &mut self,
-        i: usize,
-        r: Result<bool, FrameError>,
-    ) -> Result<(), End> {
+    async fn backend_filled(&mut self, i: usize, r: Result<bool, FrameError>) -> Result<(), End> {
         match r {
             Ok(true) => self.drain_backend(i).await?,
             Ok(false) => self.backend_lost(i, "the node closed the connection".into()),
