@@ -529,13 +529,7 @@ async fn transaction_blocks_run_where_their_first_statements_say() {
     wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
     for i in 0..3 {
         let d = g.direct(i).await;
-        let rows: Vec<String> = d
-            .query("SELECT v FROM access_notes ORDER BY v", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let rows = strings(&d, "SELECT v FROM access_notes ORDER BY v").await;
         assert_eq!(
             rows,
             ["beside a reader", "holder", "made read write", "saw 3"],
@@ -690,16 +684,11 @@ async fn block_settings_sent_with_other_statements_act_as_in_postgresql() {
     wait_caught_up(&g, &[1, 2], Duration::from_secs(20)).await;
     for i in 0..3 {
         let d = g.direct(i).await;
-        let saw: Vec<String> = d
-            .query(
-                "SELECT v FROM level_notes WHERE v LIKE '%saw%' ORDER BY v",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let saw = strings(
+            &d,
+            "SELECT v FROM level_notes WHERE v LIKE '%saw%' ORDER BY v",
+        )
+        .await;
         // 8 rows of the level loop, then holder 0 (seen: 9), then the first
         // writer's and holder 1 (seen: 11).
         assert_eq!(saw, ["saw 9", "then saw 11"], "node {i}");
@@ -2739,16 +2728,11 @@ async fn commands_outside_transactions_get_their_own_entries() {
     assert_identical(&g).await;
     for i in 0..3 {
         let d = g.direct(i).await;
-        let idx: Vec<String> = d
-            .query(
-                "SELECT indexname FROM pg_indexes WHERE tablename = 'items' ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let idx = strings(
+            &d,
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'items' ORDER BY 1",
+        )
+        .await;
         assert_eq!(idx, vec!["items_id_name", "items_pkey"], "n{}", i + 1);
     }
     // A procedure that commits inside cannot run in the transaction an

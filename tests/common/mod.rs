@@ -390,6 +390,16 @@ pub enum LogCheck {
     Head,
 }
 
+/// The first column of what a query returns, as text.
+pub async fn strings(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    c.query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Waits until every node has applied the head, then checks that every
 /// user table and sequence (and the whole log) is identical on every copy.
 pub async fn assert_identical(g: &TestGroup) {
