@@ -579,6 +579,18 @@ async fn block_settings_sent_with_other_statements_act_as_in_postgresql() {
         let port = first_row(c.simple_query(sql).await.unwrap());
         assert_ne!(port, [primary_port.as_str()], "{sql}");
     }
+    // A READ ONLY block whose first string pins the session: the primary.
+    let c = g.proxy.client("app").await;
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    c.batch_execute(
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
+         DECLARE held CURSOR WITH HOLD FOR SELECT current_setting('port')",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    let port = first_row(c.simple_query("FETCH held").await.unwrap());
+    assert_eq!(port, [primary_port.as_str()], "a READ ONLY block that pins");
     let c = g.proxy.client("app").await;
     let port = first_row(
         c.simple_query("BEGIN; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SELECT current_setting('port'); COMMIT")

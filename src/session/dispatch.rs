@@ -874,7 +874,13 @@ impl Session {
                 self.pending = Some(unit);
                 return Ok(());
             }
+            let pin = unit.pin;
             unit = self.split_into(parts.into_iter().map(Part::Query));
+            if !self.deferred.is_empty() {
+                // The deferred BEGIN goes where the whole string can run:
+                // the primary, should the rest pin the session.
+                unit.pin = unit.pin.or(pin);
+            }
         }
         if !self.deferred.is_empty() {
             let deferred = std::mem::take(&mut self.deferred);
