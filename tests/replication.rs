@@ -653,6 +653,32 @@ async fn block_settings_sent_with_other_statements_act_as_in_postgresql() {
             assert_eq!(row, ["serializable", primary_port.as_str()], "{what}");
         }
     }
+    // The same in one pipelined batch (as psycopg's pipeline mode sends
+    // it): the settings go with the BEGIN, before the write lock.
+    let mut raw = Raw::connect(&g.proxy).await;
+    let mut out = Vec::new();
+    for sql in [
+        "BEGIN",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "INSERT INTO level_notes VALUES ('batch')",
+        "SELECT current_setting('transaction_isolation')",
+        "COMMIT",
+    ] {
+        statement(&mut out, sql);
+    }
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(error_in(&got), None, "{got:?}");
+    assert_eq!(
+        tags_in(&got),
+        ["BEGIN", "SET", "INSERT 0 1", "SELECT 1", "COMMIT", "ZI"]
+    );
+    assert!(
+        got.iter()
+            .any(|(t, body)| *t == b'D' && body.ends_with(b"serializable")),
+        "{got:?}"
+    );
     // A serializable writer whose level is set in its BEGIN's string, or
     // in the string after a lone BEGIN, waits for another's commit, sees
     // it, and commits.
@@ -701,9 +727,9 @@ async fn block_settings_sent_with_other_statements_act_as_in_postgresql() {
             "SELECT v FROM level_notes WHERE v LIKE '%saw%' ORDER BY v",
         )
         .await;
-        // 8 rows of the level loop, then holder 0 (seen: 9), then the first
-        // writer's and holder 1 (seen: 11).
-        assert_eq!(saw, ["saw 9", "then saw 11"], "node {i}");
+        // 8 rows of the level loop and the batch's, then holder 0 (seen:
+        // 10), then the first writer's and holder 1 (seen: 12).
+        assert_eq!(saw, ["saw 10", "then saw 12"], "node {i}");
     }
     assert_identical(&g).await;
 }

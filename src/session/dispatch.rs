@@ -251,9 +251,11 @@ impl Unit {
 /// (see `split_transaction_control`): a statement that ends a transaction
 /// block, and a BEGIN that opens a part, go in a part of their own (their
 /// Parse right before, Bind, Describe and Execute); the messages between
-/// such statements stay together. Every part but the last gets a Sync of
-/// its own, so a part is answered before the next is sent. `None` when
-/// there is one part.
+/// such statements stay together, but for the `SET TRANSACTION`
+/// statements right after an opening BEGIN, which stay in its part (they
+/// must run before the block's first query). Every part but the last gets
+/// a Sync of its own, so a part is answered before the next is sent.
+/// `None` when there is one part.
 fn split_batch(items: &[Item]) -> Option<Vec<Vec<Item>>> {
     let class = |it: &Item| match (&it.stmt, it.frame.tag) {
         (Some((d, _)), b'B') => Some(d.class.clone()),
@@ -262,9 +264,31 @@ fn split_batch(items: &[Item]) -> Option<Vec<Vec<Item>>> {
     let mut parts: Vec<Vec<Item>> = vec![Vec::new()];
     // The last part is a control statement's, until its Execute.
     let mut control = false;
+    // The part before the last opens a block and holds nothing else but
+    // the block's settings.
+    let mut opening = false;
     for item in items {
+        let c = class(item);
+        if let Some(c) = &c
+            && opening
+            && c.statements == 1
+            && c.tx_modes == 1
+            && parts.len() > 1
+        {
+            // Back into the BEGIN's part, with its Parse (and what else
+            // came since), until its Execute.
+            let since = parts.pop().expect("checked");
+            let part = parts.last_mut().expect("checked");
+            part.extend(since);
+            part.push(item.clone());
+            control = true;
+            continue;
+        }
+        if c.is_some() {
+            opening = false;
+        }
         let last = parts.last_mut().expect("never empty");
-        if let Some(c) = class(item)
+        if let Some(c) = c
             && (c.ends_tx || c.begin.is_some())
         {
             let defines_it = last.last().is_some_and(|p| {
@@ -282,6 +306,7 @@ fn split_batch(items: &[Item]) -> Option<Vec<Vec<Item>>> {
                     parts.push(Vec::new());
                 }
                 control = true;
+                opening = !c.ends_tx;
             }
             let part = parts.last_mut().expect("never empty");
             part.extend(parse);
@@ -1841,6 +1866,35 @@ mod tests {
         assert!(!units[2].writes && units[2].ends_tx);
         assert_eq!(units[3].route, Route::Read);
         assert!(units.iter().all(|u| u.syncs == 1));
+        // The block's settings stay with its BEGIN.
+        let items = batch(&[
+            "P:BEGIN",
+            "B",
+            "E",
+            "P:SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "B",
+            "D",
+            "E",
+            "P:SET TRANSACTION READ WRITE",
+            "B",
+            "E",
+            "P:UPDATE t SET v = 1",
+            "B",
+            "E",
+            "P:SET TRANSACTION READ ONLY",
+            "B",
+            "E",
+            "P:COMMIT",
+            "B",
+            "E",
+            "S",
+        ]);
+        let parts = split_batch(&items).unwrap();
+        assert_eq!(tags(&parts), ["PBEPBDEPBES", "PBEPBES", "PBES"]);
+        let units: Vec<Unit> = parts.into_iter().map(Unit::of_items).collect();
+        assert!(!units[0].writes && units[0].begin == Some(false));
+        assert_eq!(units[0].tx_isolation, Some(true));
+        assert!(units[1].writes && units[2].ends_tx);
         // A BEGIN after a write joins it (it makes the implicit block its
         // transaction), as in a query string.
         let items = batch(&[
