@@ -679,6 +679,26 @@ async fn block_settings_sent_with_other_statements_act_as_in_postgresql() {
             .any(|(t, body)| *t == b'D' && body.ends_with(b"serializable")),
         "{got:?}"
     );
+    // A whole READ ONLY block in one batch: a subscriber. (A new session:
+    // this one's write may not have reached them yet.)
+    let mut raw = Raw::connect(&g.proxy).await;
+    let mut out = Vec::new();
+    for sql in [
+        "BEGIN READ ONLY",
+        "SELECT current_setting('port')",
+        "COMMIT",
+    ] {
+        statement(&mut out, sql);
+    }
+    Raw::msg(&mut out, b'S', b"");
+    raw.send(&out).await;
+    let got = raw.until(b'Z').await;
+    assert_eq!(tags_in(&got), ["BEGIN", "SELECT 1", "COMMIT", "ZI"]);
+    let port = got.iter().find(|(t, _)| *t == b'D').expect("a row");
+    assert!(
+        !port.1.ends_with(primary_port.as_bytes()),
+        "a READ ONLY batch ran on the primary: {got:?}"
+    );
     // A serializable writer whose level is set in its BEGIN's string, or
     // in the string after a lone BEGIN, waits for another's commit, sees
     // it, and commits.

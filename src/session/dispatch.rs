@@ -203,7 +203,11 @@ impl Unit {
         }
         let read =
             c.pin_reason.is_none() && !c.parse_error && (c.read_only || c.begin == Some(true));
-        if !read {
+        // The end of a READ ONLY block the batch began goes where the block
+        // does.
+        let ends_read_only_block =
+            c.ends_tx && c.statements == 1 && self.begin == Some(true) && c.pin_reason.is_none();
+        if !read && !ends_read_only_block {
             self.route = Route::Write;
         } else if self.route == Route::Any {
             self.route = Route::Read;
