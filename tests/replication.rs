@@ -215,12 +215,7 @@ async fn snapshot_isolation_writers_take_the_lock_before_their_snapshot() {
     ] {
         // The BEGIN and a failing query in one pipelined batch: the block
         // has failed before the lock query that follows the batch runs.
-        let mut out = Vec::new();
-        statement(&mut out, begin);
-        statement(&mut out, "SELECT 1/0");
-        Raw::msg(&mut out, b'S', b"");
-        raw.send(&out).await;
-        let got = raw.until(b'Z').await;
+        let got = raw.batch(&[begin, "SELECT 1/0"]).await;
         assert_eq!(error_in(&got).as_deref(), Some("22012"), "{got:?}");
         // The other session writes while this one is in its failed block
         // and after it ended.
@@ -656,19 +651,15 @@ async fn block_settings_sent_with_other_statements_act_as_in_postgresql() {
     // The same in one pipelined batch (as psycopg's pipeline mode sends
     // it): the settings go with the BEGIN, before the write lock.
     let mut raw = Raw::connect(&g.proxy).await;
-    let mut out = Vec::new();
-    for sql in [
-        "BEGIN",
-        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-        "INSERT INTO level_notes VALUES ('batch')",
-        "SELECT current_setting('transaction_isolation')",
-        "COMMIT",
-    ] {
-        statement(&mut out, sql);
-    }
-    Raw::msg(&mut out, b'S', b"");
-    raw.send(&out).await;
-    let got = raw.until(b'Z').await;
+    let got = raw
+        .batch(&[
+            "BEGIN",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "INSERT INTO level_notes VALUES ('batch')",
+            "SELECT current_setting('transaction_isolation')",
+            "COMMIT",
+        ])
+        .await;
     assert_eq!(error_in(&got), None, "{got:?}");
     assert_eq!(
         tags_in(&got),
@@ -682,17 +673,13 @@ async fn block_settings_sent_with_other_statements_act_as_in_postgresql() {
     // A whole READ ONLY block in one batch: a subscriber. (A new session:
     // this one's write may not have reached them yet.)
     let mut raw = Raw::connect(&g.proxy).await;
-    let mut out = Vec::new();
-    for sql in [
-        "BEGIN READ ONLY",
-        "SELECT current_setting('port')",
-        "COMMIT",
-    ] {
-        statement(&mut out, sql);
-    }
-    Raw::msg(&mut out, b'S', b"");
-    raw.send(&out).await;
-    let got = raw.until(b'Z').await;
+    let got = raw
+        .batch(&[
+            "BEGIN READ ONLY",
+            "SELECT current_setting('port')",
+            "COMMIT",
+        ])
+        .await;
     assert_eq!(tags_in(&got), ["BEGIN", "SELECT 1", "COMMIT", "ZI"]);
     let port = got.iter().find(|(t, _)| *t == b'D').expect("a row");
     assert!(
@@ -2953,6 +2940,18 @@ impl Raw {
         Self::msg(out, b'E', b"\0\0\0\0\0");
     }
 
+    /// Each statement as Parse, Bind, Execute, then one Sync: the answers
+    /// up to the ReadyForQuery.
+    async fn batch(&mut self, sqls: &[&str]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        for sql in sqls {
+            statement(&mut out, sql);
+        }
+        Self::msg(&mut out, b'S', b"");
+        self.send(&out).await;
+        self.until(b'Z').await
+    }
+
     async fn send(&mut self, out: &[u8]) {
         use tokio::io::AsyncWriteExt;
         self.s.write_all(out).await.unwrap();
@@ -3878,15 +3877,12 @@ async fn a_batch_streamed_to_the_primary_is_checked_and_logged() {
     raw.send(&out).await;
     raw.until(b'C').await;
     raw.until(b'C').await;
-    let mut out = Vec::new();
-    statement(
-        &mut out,
-        "INSERT INTO pipe SELECT 9, random()::text FROM (VALUES (1)) v",
-    );
-    statement(&mut out, "COMMIT");
-    Raw::msg(&mut out, b'S', b"");
-    raw.send(&out).await;
-    let got = raw.until(b'Z').await;
+    let got = raw
+        .batch(&[
+            "INSERT INTO pipe SELECT 9, random()::text FROM (VALUES (1)) v",
+            "COMMIT",
+        ])
+        .await;
     assert_eq!(error_in(&got).as_deref(), Some("0A000"), "{got:?}");
     let mut out = Vec::new();
     Raw::msg(&mut out, b'Q', b"ROLLBACK\0");
