@@ -323,10 +323,7 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
                 TransactionStmtKind::try_from(t.kind),
                 Ok(TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart)
             ),
-            NodeEnum::VariableSetStmt(v) => {
-                opening_block && TRANSACTION_SETTINGS.contains(&v.name.as_str())
-            }
-            _ => false,
+            _ => opening_block && sets_block(Some(node)),
         };
         let scan = Scan::of(stmt, catalog);
         // A session setting made with set_config calls of literals or Bind
@@ -500,9 +497,7 @@ pub fn split_transaction_control(sql: &str) -> Option<Vec<String>> {
         if let Some(NodeEnum::TransactionStmt(t)) = node {
             transaction(&mut c, t);
         }
-        let sets_block = matches!(node, Some(NodeEnum::VariableSetStmt(v))
-            if TRANSACTION_SETTINGS.contains(&v.name.as_str()));
-        if opening && sets_block {
+        if opening && sets_block(node) {
             continue;
         }
         let control = c.ends_tx || (c.begin.is_some() && !open);
@@ -523,6 +518,15 @@ pub fn split_transaction_control(sql: &str) -> Option<Vec<String>> {
         out.push(sql.get(start..end)?.to_string());
     }
     Some(out)
+}
+
+/// Whether a statement sets the transaction under way (`SET TRANSACTION
+/// …`, `SET [LOCAL] transaction_isolation | transaction_read_only |
+/// transaction_deferrable = …`): right after a BEGIN, part of its block's
+/// opening.
+fn sets_block(node: Option<&NodeEnum>) -> bool {
+    matches!(node, Some(NodeEnum::VariableSetStmt(v))
+        if TRANSACTION_SETTINGS.contains(&v.name.as_str()))
 }
 
 /// Splits a query string that starts with `SET TRANSACTION …` statements

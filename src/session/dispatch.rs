@@ -275,8 +275,7 @@ fn split_batch(items: &[Item]) -> Option<Vec<Vec<Item>>> {
         let c = class(item);
         if let Some(c) = &c
             && opening
-            && c.statements == 1
-            && c.tx_modes == 1
+            && lone_tx_modes(c)
             && parts.len() > 1
         {
             // Back into the BEGIN's part, with its Parse (and what else
@@ -360,6 +359,12 @@ fn control_statements(c: &Classification) -> usize {
         + c.prepared.iter().filter(|p| p.is_definition()).count()
         + c.copy_to_server
         + c.primary_reads
+}
+
+/// Whether a classified string is one `SET TRANSACTION` of modes
+/// (isolation level, READ ONLY / WRITE, DEFERRABLE).
+fn lone_tx_modes(c: &Classification) -> bool {
+    c.statements == 1 && c.tx_modes == 1 && !c.parse_error
 }
 
 /// Whether every statement of a classified string sets the transaction
@@ -453,7 +458,7 @@ impl Session {
             tx_isolation: class.tx_isolation,
             only_tx_settings: only_tx_settings(&class),
             lone_begin: class.statements == 1 && class.begin.is_some() && !class.parse_error,
-            lone_tx_modes: class.statements == 1 && class.tx_modes == 1 && !class.parse_error,
+            lone_tx_modes: lone_tx_modes(&class),
             answered: false,
             exports_snapshot: class.exports_snapshot,
             imports_snapshot: class.imports_snapshot.clone(),
