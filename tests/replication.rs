@@ -2205,12 +2205,28 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
     )
     .await
     .unwrap();
+    // Fewer values than columns: `at`, after the last value, is given its
+    // captured default (a VALUES row, or a query in a fixed order).
+    c.batch_execute(
+        "INSERT INTO d VALUES (DEFAULT, 32);
+         INSERT INTO d SELECT gen_random_uuid(), g FROM generate_series(35, 36) g;",
+    )
+    .await
+    .unwrap();
+    let insert_d_short = c
+        .prepare("INSERT INTO d VALUES ($1::text::uuid)")
+        .await
+        .unwrap();
+    for id in [2, 3] {
+        let id = format!("00000000-0000-0000-0000-00000000000{id}");
+        c.execute(&insert_d_short, &[&id]).await.unwrap();
+    }
     for sql in [
         "INSERT INTO d (v) SELECT v FROM d",
         // Two statements capturing beside each other.
         "WITH x AS (INSERT INTO d (v) VALUES (24) RETURNING id) INSERT INTO d (v) VALUES (25)",
-        // `at` comes after the last value.
-        "INSERT INTO d VALUES (DEFAULT, 32)",
+        // A query whose rows come in storage order.
+        "INSERT INTO d SELECT gen_random_uuid(), v FROM d",
         "MERGE INTO d USING (VALUES (33)) s (v) ON d.v = s.v \
          WHEN NOT MATCHED THEN INSERT (v) VALUES (s.v)",
         "INSERT INTO d VALUES ('00000000-0000-0000-0000-000000000001', 34, now()) \
@@ -2250,7 +2266,7 @@ async fn volatile_values_in_inserts_are_captured_and_replayed() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(distinct, 20);
+    assert_eq!(distinct, 25);
     let row = c
         .query_one(
             "SELECT count(*), count(DISTINCT u), count(DISTINCT x), count(DISTINCT at) FROM r",

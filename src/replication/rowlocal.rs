@@ -292,9 +292,13 @@ pub(crate) struct Run<'a> {
 /// An `INSERT … VALUES` (or `DEFAULT VALUES`) that leaves columns with
 /// volatile defaults to those defaults, rewritten to give them the default
 /// expression wrapped in `reprise.captured` (row capture: the primary's
-/// values are replayed). Ok(None) when nothing needs it; Err(reason) when
-/// such a write cannot be rewritten (no column list, INSERT … SELECT,
-/// COPY): it is refused as before. Sets `unknown` as
+/// values are replayed). Without a column list, the values are the
+/// table's first columns: a VALUES row is given the columns up to the last
+/// volatile-default one, a query the captured defaults when they are the
+/// columns right after its own. Ok(None) when nothing needs it; Err(reason)
+/// when such a write cannot be rewritten (a query in no fixed order, a
+/// query followed by a column it cannot give its default, `*`, COPY): it
+/// is refused as before. Sets `unknown` as
 /// [`volatile_default_use`] does.
 pub fn capture_volatile_defaults(
     sql: &str,
@@ -393,27 +397,90 @@ pub fn capture_volatile_defaults(
             let rows = select["SelectStmt"]["values_lists"]
                 .as_array()
                 .filter(|r| !r.is_empty());
-            if let (Some(_), true) = (rows, cols.is_empty()) {
-                // Values in the table's column order: each DEFAULT item is
-                // captured where it stands; a column after the last value
-                // cannot be given one here.
-                for given in Given::of(run.kind, ins).into_iter().flatten() {
-                    for (column, expr) in &info.volatile_defaults {
-                        let at = given.index_of(info, column).ok_or_else(|| reason.clone())?;
-                        for row in &given.rows {
-                            if let Some(d) = row.get(at).and_then(|i| i["node"].get("SetToDefault"))
-                            {
-                                edits.push(default_edit(d, expr)?);
-                            }
+            let sel = &select["SelectStmt"];
+            let query =
+                rows.is_none() && !sel.is_null() && (fixed_order(sel) || total_order(sel, catalog));
+            if cols.is_empty() {
+                // Values in the table's column order. Each volatile-default
+                // column by its index among them.
+                let places: Vec<(usize, &str)> = info
+                    .volatile_defaults
+                    .iter()
+                    .map(|(c, e)| {
+                        let (_, place) = info.default_positions.iter().find(|(n, _)| n == c)?;
+                        Some((place.checked_sub(1)?, e.as_str()))
+                    })
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| reason.clone())?;
+                let last = places.iter().map(|(at, _)| *at).max().unwrap_or(0);
+                // What a row of `width` values gets after its last: each
+                // column up to the last volatile-default one, its default
+                // captured or (`fill`) left to the default.
+                let rest = |width: usize, fill: Option<&str>| -> Option<String> {
+                    let items = (width..=last)
+                        .map(|at| match places.iter().find(|(p, _)| *p == at) {
+                            Some((_, e)) => Some(captured(e)),
+                            None => fill.map(str::to_string),
+                        })
+                        .collect::<Option<Vec<_>>>()?;
+                    Some(format!(", {}", items.join(", ")))
+                };
+                let Some(rows) = rows else {
+                    // A query: its target list is given the captured
+                    // defaults after its own columns, when they follow them
+                    // (a column between would need its own default).
+                    let width = sel["target_list"].as_array().map_or(0, Vec::len);
+                    let given =
+                        Given::of(run.kind, ins).and_then(|g| g.first().and_then(|g| g.width));
+                    if !query || given != Some(width) || width > last {
+                        return Err(reason);
+                    }
+                    let first = sel["target_list"][width - 1]["node"]["ResTarget"]["location"]
+                        .as_i64()
+                        .and_then(token_at)
+                        .ok_or_else(|| reason.clone())?;
+                    let end = target_list_end(&tokens, first).ok_or_else(|| reason.clone())?;
+                    edits.push(Edit::insert(
+                        end,
+                        rest(width, None).ok_or_else(|| reason.clone())?,
+                    ));
+                    break 'edits;
+                };
+                // VALUES rows: each DEFAULT item is captured where it stands;
+                // a row that ends before a volatile-default column is given
+                // the columns up to it (DEFAULT for the others, as if left out).
+                let from = rel["location"].as_i64().unwrap_or(0) as usize;
+                let mut i = tokens
+                    .iter()
+                    .position(|t| t.start as usize >= from && t.token == Token::Values as i32)
+                    .ok_or_else(|| reason.clone())?
+                    + 1;
+                for row in rows {
+                    if !is(i, Token::Ascii40) {
+                        return Err(reason);
+                    }
+                    let close = matching_paren(&tokens, i).ok_or_else(|| reason.clone())?;
+                    let items = row["node"]["List"]["items"]
+                        .as_array()
+                        .map_or(&[][..], Vec::as_slice);
+                    for (at, expr) in &places {
+                        if let Some(d) = items.get(*at).and_then(|i| i["node"].get("SetToDefault"))
+                        {
+                            edits.push(default_edit(d, expr)?);
                         }
+                    }
+                    if items.len() <= last {
+                        let text = rest(items.len(), Some("DEFAULT")).expect("filled");
+                        edits.push(Edit::insert(tokens[close].start as usize, text));
+                    }
+                    i = close + 1;
+                    if is(i, Token::Ascii44) {
+                        i += 1;
                     }
                 }
                 break 'edits;
             }
-            let sel = &select["SelectStmt"];
-            let query =
-                rows.is_none() && !sel.is_null() && (fixed_order(sel) || total_order(sel, catalog));
-            if cols.is_empty() || !(rows.is_some() || query) {
+            if !(rows.is_some() || query) {
                 return Err(reason);
             }
             // Columns left out of the list, and DEFAULT items of listed ones.
@@ -1951,7 +2018,37 @@ mod tests {
             )
         );
         assert_eq!(rewrite("INSERT INTO u VALUES ($1, 1, $2)"), Ok(None));
-        assert!(rewrite("INSERT INTO u VALUES (DEFAULT, 1)").is_err());
+        // A row that ends before a volatile-default column is given the
+        // columns up to it; a query, when they follow its own.
+        for (sql, expected) in [
+            (
+                "INSERT INTO u VALUES (DEFAULT, 1), ($1, 2) ON CONFLICT DO NOTHING",
+                "INSERT INTO u VALUES (reprise.captured((gen_random_uuid())), 1, \
+                 reprise.captured((clock_timestamp()))), ($1, 2, \
+                 reprise.captured((clock_timestamp()))) ON CONFLICT DO NOTHING",
+            ),
+            (
+                "insert into public.u as x overriding user value values ($1)",
+                "insert into public.u as x overriding user value values ($1, DEFAULT, \
+                 reprise.captured((clock_timestamp())))",
+            ),
+            (
+                "INSERT INTO u SELECT $1, g FROM generate_series(1, 3) g RETURNING *",
+                "INSERT INTO u SELECT $1, g, reprise.captured((clock_timestamp())) \
+                 FROM generate_series(1, 3) g RETURNING *",
+            ),
+        ] {
+            assert_eq!(rewrite(sql).unwrap().as_deref(), Some(expected), "{sql}");
+        }
+        for sql in [
+            // A column between, whose default is not known here.
+            "INSERT INTO u SELECT $1",
+            // Rows in storage order; a width that cannot be told.
+            "INSERT INTO u SELECT id, v FROM u",
+            "INSERT INTO u SELECT * FROM generate_series(1, 3) g",
+        ] {
+            assert!(rewrite(sql).is_err(), "{sql}");
+        }
         // A view that does not show a column of the table under it.
         let cv = RelCatalog::from_full_rows([(
             "public".to_string(),
