@@ -1416,8 +1416,12 @@ pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool)
                     false => format!("\"{c}\" (default {e})"),
                 })
                 .collect();
+            let what = match run.kind {
+                "CopyStmt" => "COPY",
+                _ => "write",
+            };
             return Some(format!(
-                "this write leaves {} of {name} to defaults each copy would compute differently",
+                "this {what} leaves {} of {name} to defaults each copy would compute differently",
                 list.join(", ")
             ));
         }
@@ -1961,7 +1965,7 @@ mod tests {
         // Rows in storage order, or no column list.
         assert!(rewrite("INSERT INTO u (v) SELECT v FROM u").is_err());
         assert!(rewrite("INSERT INTO u SELECT g FROM generate_series(1, 3) g").is_err());
-        assert!(rewrite("COPY u (v) FROM STDIN").is_err());
+        assert!(rewrite("COPY u (v) FROM STDIN").is_err_and(|e| e.starts_with("this COPY")));
         // INSERTs run by other statements.
         assert_eq!(
             rewrite("WITH w AS (INSERT INTO u DEFAULT VALUES RETURNING id) SELECT * FROM w")

@@ -552,10 +552,15 @@ fn multi_row_capture() -> PgError {
 }
 
 fn default_refusal(reason: String) -> PgError {
-    PgError::error("0A000", reason).with_hint(
+    let hint = if reason.starts_with("this COPY") {
+        "give the column its values in the COPY data (name it in COPY's column list), load the \
+         rows with INSERT … VALUES naming the other columns (its default's value is then \
+         captured), or make its default deterministic"
+    } else {
         "name the column in the INSERT's column list (its default's value is then captured), \
-         give it a value, or make its default deterministic",
-    )
+         give it a value, or make its default deterministic"
+    };
+    PgError::error("0A000", reason).with_hint(hint)
 }
 
 /// Statements that are per-node maintenance: never logged.
