@@ -62,23 +62,24 @@ $fn$;
 -- clock_timestamp(), a volatile column default…), which the proxy wraps
 -- in this call. On the primary it returns the value and records it in the
 -- transaction; the append logs the record with the entry. On replay (the
--- applier sets reprise.replay_values) it returns the recorded value in
--- the same order instead of the one computed here.
+-- applier sets reprise.replay_values and reprise.replay_pos) it returns the
+-- recorded value in the same order instead of the one computed here.
+--
+-- The record is kept in settings local to the transaction (rolled back
+-- with a savepoint), in chunks of 100 values: each call reads and writes
+-- one chunk, so a statement capturing n values takes time in proportion
+-- to n (one growing list would be read and written whole by every call).
 CREATE OR REPLACE FUNCTION reprise.captured(p anyelement)
 RETURNS anyelement LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
-    v_replay text := current_setting('reprise.replay_values', true);
-    v_values jsonb;
     v_pos integer;
-    v_list jsonb;
+    v_count integer;
+    v_chunk text;
 BEGIN
-    IF coalesce(v_replay, '') <> '' THEN
-        v_values := v_replay::jsonb;
-        IF jsonb_typeof(v_values) = 'object' THEN
-            v_values := coalesce(v_values -> 'values', '[]');
-        END IF;
-        v_pos := coalesce(nullif(current_setting('reprise.replay_pos', true), ''), '0')::integer;
-        IF v_pos >= jsonb_array_length(v_values) THEN
+    IF coalesce(current_setting('reprise.replay_pos', true), '') <> '' THEN
+        v_count := reprise.replay_split();
+        v_pos := current_setting('reprise.replay_pos')::integer;
+        IF v_pos >= v_count THEN
             -- Values taken in a part the primary rolled back to a
             -- savepoint were not recorded; the replay rolls that part
             -- back too, and with it this mark (see replay_check).
@@ -87,46 +88,95 @@ BEGIN
             RETURN p;
         END IF;
         PERFORM set_config('reprise.replay_pos', (v_pos + 1)::text, true);
-        RETURN reprise.from_exact_text(v_values ->> v_pos, p);
+        RETURN reprise.from_exact_text(
+            current_setting('reprise.replay_' || (v_pos / 100))::jsonb ->> (v_pos % 100), p);
     END IF;
-    v_list := coalesce(nullif(current_setting('reprise.captured', true), ''), '[]')::jsonb;
-    PERFORM set_config('reprise.captured',
-        (v_list || jsonb_build_array(reprise.exact_text(p)))::text, true);
+    v_count := coalesce(nullif(current_setting('reprise.captured_n', true), ''), '0')::integer;
+    v_chunk := CASE WHEN v_count % 100 = 0 THEN ''
+                    ELSE current_setting('reprise.captured_' || (v_count / 100)) || ',' END;
+    PERFORM set_config('reprise.captured_' || (v_count / 100),
+        v_chunk || to_jsonb(reprise.exact_text(p))::text, true);
+    PERFORM set_config('reprise.captured_n', (v_count + 1)::text, true);
     RETURN p;
+END
+$fn$;
+
+-- Which of 256 settings keeps the values captured by row for a key.
+CREATE OR REPLACE FUNCTION reprise.key_bucket(p_key text)
+RETURNS integer LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT pg_catalog.hashtext(p_key) & 255
+$fn$;
+
+-- On replay, the first call splits the entry's record (one setting) into
+-- the chunks and buckets the calls read: the ordered values in chunks of
+-- 100 (reprise.replay_<k>), those captured by row in 256 buckets by key
+-- (reprise.replay_k<b>). Returns how many ordered values were recorded.
+CREATE OR REPLACE FUNCTION reprise.replay_split()
+RETURNS integer LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_done text := current_setting('reprise.replay_count', true);
+    v_all jsonb;
+    v_keyed jsonb;
+    r record;
+BEGIN
+    IF coalesce(v_done, '') <> '' THEN
+        RETURN v_done::integer;
+    END IF;
+    v_all := current_setting('reprise.replay_values')::jsonb;
+    IF jsonb_typeof(v_all) = 'object' THEN
+        v_keyed := v_all -> 'keyed';
+        v_all := coalesce(v_all -> 'values', '[]');
+    END IF;
+    FOR r IN SELECT (e.o - 1) / 100 AS k, jsonb_agg(e.v ORDER BY e.o) AS chunk
+             FROM jsonb_array_elements(v_all) WITH ORDINALITY AS e(v, o) GROUP BY 1 LOOP
+        PERFORM set_config('reprise.replay_' || r.k, r.chunk::text, true);
+    END LOOP;
+    FOR r IN SELECT reprise.key_bucket(e.key) AS b, jsonb_object_agg(e.key, e.value) AS m
+             FROM jsonb_each(coalesce(v_keyed, '{}')) AS e GROUP BY 1 LOOP
+        PERFORM set_config('reprise.replay_k' || r.b, r.m::text, true);
+    END LOOP;
+    PERFORM set_config('reprise.replay_count', jsonb_array_length(v_all)::text, true);
+    RETURN jsonb_array_length(v_all);
 END
 $fn$;
 
 -- Row capture in an UPDATE of several rows: the value is recorded under
 -- its row's key (p_key: table and key columns), so replay finds it
 -- whatever order that copy visits the rows in. The n-th value computed
--- for a key is the n-th returned for it.
+-- for a key is the n-th returned for it. Kept in 256 settings by key, for
+-- the reason given at reprise.captured.
 CREATE OR REPLACE FUNCTION reprise.captured_keyed(p anyelement, p_key text)
 RETURNS anyelement LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
-    v_replay text := current_setting('reprise.replay_values', true);
+    v_bucket integer := reprise.key_bucket(p_key);
     v_seen jsonb;
     v_n integer;
     v_value jsonb;
     v_map jsonb;
 BEGIN
-    IF coalesce(v_replay, '') <> '' THEN
-        v_seen := coalesce(nullif(current_setting('reprise.replay_seen', true), ''), '{}')::jsonb;
+    IF coalesce(current_setting('reprise.replay_pos', true), '') <> '' THEN
+        PERFORM reprise.replay_split();
+        v_seen := coalesce(nullif(current_setting('reprise.replay_seen' || v_bucket, true), ''),
+                           '{}')::jsonb;
         v_n := coalesce((v_seen ->> p_key)::integer, 0);
-        v_value := v_replay::jsonb -> 'keyed' -> p_key -> v_n;
+        v_value := coalesce(nullif(current_setting('reprise.replay_k' || v_bucket, true), ''),
+                            '{}')::jsonb -> p_key -> v_n;
         IF v_value IS NULL THEN
             -- As in reprise.captured: a part rolled back to a savepoint.
             PERFORM set_config('reprise.replay_unrecorded',
                 format('the entry recorded no captured value %s for row %s', v_n + 1, p_key), true);
             RETURN p;
         END IF;
-        PERFORM set_config('reprise.replay_seen',
+        PERFORM set_config('reprise.replay_seen' || v_bucket,
             jsonb_set(v_seen, ARRAY[p_key], to_jsonb(v_n + 1))::text, true);
         RETURN reprise.from_exact_text(v_value #>> '{}', p);
     END IF;
-    v_map := coalesce(nullif(current_setting('reprise.captured_keyed', true), ''), '{}')::jsonb;
+    v_map := coalesce(nullif(current_setting('reprise.captured_k' || v_bucket, true), ''),
+                      '{}')::jsonb;
     v_map := jsonb_set(v_map, ARRAY[p_key],
         coalesce(v_map -> p_key, '[]') || jsonb_build_array(reprise.exact_text(p)));
-    PERFORM set_config('reprise.captured_keyed', v_map::text, true);
+    PERFORM set_config('reprise.captured_k' || v_bucket, v_map::text, true);
+    PERFORM set_config('reprise.captured_keyed', 'yes', true);
     RETURN p;
 END
 $fn$;
@@ -149,14 +199,24 @@ $fn$;
 -- values (a JSON array), or {"values": […], "keyed": {key: […]}} when
 -- some were captured by row.
 CREATE OR REPLACE FUNCTION reprise.captures()
-RETURNS text LANGUAGE sql STABLE AS $fn$
-    SELECT CASE
-        WHEN coalesce(current_setting('reprise.captured_keyed', true), '') <> '' THEN
-            jsonb_build_object(
-                'values', coalesce(nullif(current_setting('reprise.captured', true), ''), '[]')::jsonb,
-                'keyed', current_setting('reprise.captured_keyed', true)::jsonb)::text
-        ELSE nullif(current_setting('reprise.captured', true), '')
-    END
+RETURNS text LANGUAGE plpgsql STABLE AS $fn$
+DECLARE
+    v_count integer := coalesce(nullif(current_setting('reprise.captured_n', true), ''), '0')::integer;
+    v_values jsonb := '[]';
+BEGIN
+    IF v_count > 0 THEN
+        SELECT ('[' || string_agg(current_setting('reprise.captured_' || k), ',' ORDER BY k) || ']')::jsonb
+          INTO v_values FROM generate_series(0, (v_count - 1) / 100) AS k;
+    END IF;
+    IF coalesce(current_setting('reprise.captured_keyed', true), '') <> '' THEN
+        RETURN jsonb_build_object('values', v_values, 'keyed',
+            (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}')
+             FROM generate_series(0, 255) AS b,
+                  jsonb_each(coalesce(nullif(current_setting('reprise.captured_k' || b, true), ''),
+                                      '{}')::jsonb) AS e))::text;
+    END IF;
+    RETURN CASE WHEN v_count > 0 THEN v_values::text END;
+END
 $fn$;
 
 -- The role this connection logged in as, which the statistics system
