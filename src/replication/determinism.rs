@@ -382,13 +382,13 @@ fn analyze(sql: &str) -> WriteAnalysis {
     if sql.contains('\0') {
         return WriteAnalysis::default();
     }
-    let tree = match pg_query::parse(sql, 0) {
-        Ok(parsed) => parsed.protobuf,
+    let tree = match crate::route::parsed::parse(sql) {
+        Ok(parsed) => parsed,
         // Valid SQL nested deeper than prost's decode limit: no tree to walk.
-        Err(pg_query::Error::Decode(_)) => return crude_analysis(sql),
+        Err(crate::route::parsed::ParseError::TooDeep) => return crude_analysis(sql),
         Err(_) => return WriteAnalysis::default(),
     };
-    let Ok(json) = serde_json::to_value(&tree) else {
+    let Some(json) = tree.json() else {
         return crude_analysis(sql);
     };
     let tokens = scan(sql).unwrap_or_default();
@@ -471,7 +471,7 @@ pub(crate) fn scan(sql: &str) -> Option<Vec<ScanToken>> {
 }
 
 pub(crate) fn parses(sql: &str) -> bool {
-    panic::catch_unwind(AssertUnwindSafe(|| pg_query::parse(sql, 0).is_ok())).unwrap_or(false)
+    crate::route::parsed::tree(sql).is_some()
 }
 
 /// A replacement of `sql[start..end]`.

@@ -41,11 +41,10 @@ pub fn routine_bodies(sql: &str) -> Vec<RoutineBody> {
     {
         return Vec::new();
     }
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
+    let Some(parsed) = crate::route::parsed::tree(sql) else {
         return Vec::new();
     };
-    let Ok(tree) = serde_json::to_value(&parsed.protobuf) else {
+    let Some(tree) = parsed.json() else {
         return Vec::new();
     };
     let mut bodies = Vec::new();
@@ -263,11 +262,8 @@ fn collect(v: &Value, body: &mut RoutineBody) {
 /// anything computed.
 fn constant_string(expr: &str) -> Option<String> {
     let sql = format!("SELECT {expr}");
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(&sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
-        return None;
-    };
-    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
+    let parsed = crate::route::parsed::tree(&sql)?;
+    let tree = parsed.json()?;
     let [stmt] = tree["stmts"].as_array()?.as_slice() else {
         return None;
     };

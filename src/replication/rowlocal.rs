@@ -310,14 +310,16 @@ pub fn capture_volatile_defaults(
     let Some(reason) = volatile_default_use(sql, catalog, unknown) else {
         return Ok(None);
     };
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
+    let Some(parsed) = crate::route::parsed::tree(sql) else {
         return Err(reason);
     };
-    let tree = serde_json::to_value(&parsed.protobuf).map_err(|_| reason.clone())?;
+    let tree = parsed.json().ok_or_else(|| reason.clone())?;
     let tokens = scan(sql).ok_or_else(|| reason.clone())?;
     let is = |i: usize, t: Token| tokens.get(i).is_some_and(|k| k.token == t as i32);
-    let token_at = |loc: i64| tokens.iter().position(|t| t.start as i64 == loc);
+    let token_at = |loc: i64| {
+        let loc = i32::try_from(loc).ok()?;
+        tokens.binary_search_by_key(&loc, |t| t.start).ok()
+    };
     let quote = super::quoted_ident;
     let captured = |e: &str| captured_call(&format!("({e})"));
     let mut edits: Vec<Edit> = Vec::new();
@@ -370,10 +372,7 @@ pub fn capture_volatile_defaults(
                 // DEFAULT VALUES, after the table's name: name every
                 // volatile-default column.
                 let start = rel["location"].as_i64().unwrap_or(0) as usize;
-                let first = tokens
-                    .iter()
-                    .position(|t| t.start as usize >= start)
-                    .ok_or_else(|| reason.clone())?;
+                let first = tokens.partition_point(|t| (t.start as usize) < start);
                 let at = (first..tokens.len().saturating_sub(1))
                     .find(|&i| is(i, Token::Default) && is(i + 1, Token::Values))
                     .ok_or_else(|| reason.clone())?;
@@ -450,9 +449,8 @@ pub fn capture_volatile_defaults(
                 // a row that ends before a volatile-default column is given
                 // the columns up to it (DEFAULT for the others, as if left out).
                 let from = rel["location"].as_i64().unwrap_or(0) as usize;
-                let mut i = tokens
-                    .iter()
-                    .position(|t| t.start as usize >= from && t.token == Token::Values as i32)
+                let mut i = (tokens.partition_point(|t| (t.start as usize) < from)..tokens.len())
+                    .find(|&i| is(i, Token::Values))
                     .ok_or_else(|| reason.clone())?
                     + 1;
                 for row in rows {
@@ -591,11 +589,10 @@ pub fn capture_volatile_defaults(
 /// The tables (unqualified names) that the INSERT, UPDATE and COPY FROM
 /// statements of `sql` write, in WITH queries and PREPAREs too.
 pub fn written_tables(sql: &str) -> Vec<String> {
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
+    let Some(parsed) = crate::route::parsed::tree(sql) else {
         return Vec::new();
     };
-    let Ok(tree) = serde_json::to_value(&parsed.protobuf) else {
+    let Some(tree) = parsed.json() else {
         return Vec::new();
     };
     let stmts = tree["stmts"].as_array().cloned().unwrap_or_default();
@@ -677,19 +674,16 @@ pub fn storage_order_dependence(
     {
         return None;
     }
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
-        return None;
-    };
-    parsed.protobuf.stmts.iter().find_map(|raw| {
-        let tree = serde_json::to_value(raw.stmt.as_ref()?).ok()?;
-        let modifies = super::determinism::has_data_modification(&tree);
+    let parsed = crate::route::parsed::tree(sql)?;
+    parsed.json()?["stmts"].as_array()?.iter().find_map(|raw| {
+        let tree = raw.get("stmt")?;
+        let modifies = super::determinism::has_data_modification(tree);
         let scope = Scope {
             catalog,
             declared,
             modifies,
         };
-        order_dependence(&tree, &scope)
+        order_dependence(tree, &scope)
     })
 }
 
@@ -878,11 +872,8 @@ fn numbered(kind: &str, node: &Value, scope: &Scope) -> Option<OrderDependence> 
 /// numbering triggers. Run once per row of a loop, such a statement
 /// numbers the loop's rows in the order the loop visits them.
 pub fn numbers_rows(sql: &str, catalog: &RelCatalog) -> Option<(String, String)> {
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
-        return None;
-    };
-    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
+    let parsed = crate::route::parsed::tree(sql)?;
+    let tree = parsed.json()?;
     tree["stmts"].as_array()?.iter().find_map(|stmt| {
         let (kind, node) = stmt["stmt"]["node"].as_object()?.iter().next()?;
         let (info, _) = table(node, catalog)?;
@@ -1207,11 +1198,8 @@ pub fn expand_update_defaults(sql: &str, catalog: &RelCatalog) -> Option<String>
     if !super::mentions(sql.as_bytes(), b"default") {
         return None;
     }
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
-        return None;
-    };
-    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
+    let parsed = crate::route::parsed::tree(sql)?;
+    let tree = parsed.json()?;
     let tokens = scan(sql)?;
     let mut edits = Vec::new();
     let stmts = tree["stmts"].as_array()?;
@@ -1376,11 +1364,8 @@ impl<'a> Given<'a> {
 /// copies compute differently (None: it names every such column). Sets
 /// `unknown` when it writes to a table the catalog does not know.
 pub fn volatile_default_use(sql: &str, catalog: &RelCatalog, unknown: &mut bool) -> Option<String> {
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
-        return None;
-    };
-    let tree = serde_json::to_value(&parsed.protobuf).ok()?;
+    let parsed = crate::route::parsed::tree(sql)?;
+    let tree = parsed.json()?;
     let stmts = tree["stmts"].as_array()?;
     for run in stmts
         .iter()
@@ -1457,8 +1442,7 @@ const PURE_FUNCTIONS: &[&str] = &[
 
 /// Whether `sql` is one row-local write statement.
 pub fn is_row_local(sql: &str, catalog: &RelCatalog) -> bool {
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
+    let Some(parsed) = crate::route::parsed::tree(sql) else {
         return false;
     };
     // Savepoint statements change no data: they go with a row-local write
@@ -1468,17 +1452,18 @@ pub fn is_row_local(sql: &str, catalog: &RelCatalog) -> bool {
         matches!(node, pg_query::NodeEnum::TransactionStmt(t)
             if matches!(K::try_from(t.kind), Ok(K::TransStmtSavepoint | K::TransStmtRelease | K::TransStmtRollbackTo)))
     };
-    let stmts = &parsed.protobuf.stmts;
+    let stmts = &parsed.stmts;
     let mut writes = stmts
         .iter()
         .map(|raw| raw.stmt.as_ref().and_then(|s| s.node.as_ref()))
-        .filter(|n| !n.is_some_and(savepoint));
-    let node = match (writes.next(), writes.next()) {
+        .enumerate()
+        .filter(|(_, n)| !n.is_some_and(savepoint));
+    let at = match (writes.next(), writes.next()) {
         (None, _) => return !stmts.is_empty(),
-        (Some(Some(node)), None) => node,
+        (Some((at, Some(_))), None) => at,
         _ => return false,
     };
-    let Ok(v) = serde_json::to_value(node) else {
+    let Some(v) = parsed.json().map(|j| &j["stmts"][at]["stmt"]["node"]) else {
         return false;
     };
     if let Some(ins) = v.get("InsertStmt") {
@@ -1503,10 +1488,7 @@ pub fn is_row_local(sql: &str, catalog: &RelCatalog) -> bool {
 pub fn key_captures(sql: &str, catalog: &RelCatalog) -> Option<String> {
     use super::determinism::{Edit, apply_edits, matching_paren, parses, scan};
     use pg_query::protobuf::Token;
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
-        return None;
-    };
+    let parsed = crate::route::parsed::tree(sql)?;
     let tokens = scan(sql)?;
     let is = |i: usize, t: Token| tokens.get(i).is_some_and(|k| k.token == t as i32);
     let text = |i: usize| {
@@ -1516,7 +1498,7 @@ pub fn key_captures(sql: &str, catalog: &RelCatalog) -> Option<String> {
             .unwrap_or("")
     };
     let mut edits = Vec::new();
-    for raw in &parsed.protobuf.stmts {
+    for (at, raw) in parsed.stmts.iter().enumerate() {
         let start = raw.stmt_location.max(0) as usize;
         let end = match raw.stmt_len {
             n if n > 0 => start + n as usize,
@@ -1536,7 +1518,7 @@ pub fn key_captures(sql: &str, catalog: &RelCatalog) -> Option<String> {
         if calls.is_empty() {
             continue;
         }
-        let v = serde_json::to_value(raw.stmt.as_ref()?).ok()?;
+        let v = parsed.json()?["stmts"][at].get("stmt")?;
         let Some(upd) = v["node"].get("UpdateStmt") else {
             continue; // INSERT … VALUES: ordered capture
         };

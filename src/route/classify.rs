@@ -16,7 +16,6 @@
 //! pinned (see [`Classification::pin_reason`]).
 
 use std::collections::HashMap;
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use pg_query::NodeEnum;
@@ -307,7 +306,7 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
     // its block (`SET TRANSACTION …`): one that makes the block READ ONLY
     // or READ WRITE says what the block is, as if the BEGIN had said it.
     let mut opening_block = false;
-    for raw in &tree.stmts {
+    for (at, raw) in tree.stmts.iter().enumerate() {
         let Some(stmt) = raw.stmt.as_deref() else {
             out.read_only = false;
             opening_block = false;
@@ -325,7 +324,7 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
             ),
             _ => opening_block && sets_block(Some(node)),
         };
-        let scan = Scan::of(stmt, catalog);
+        let scan = Scan::of(tree.json().map(|j| &j["stmts"][at]["stmt"]), catalog);
         // A session setting made with set_config calls of literals or Bind
         // parameters is replayed like SET: no need to keep the session on
         // the primary for it.
@@ -428,28 +427,10 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
     (out, cacheable)
 }
 
-/// Parse with pg_query; `None` when the text does not parse (or holds a NUL
-/// byte, which pg_query cannot take). pg_query's Rust wrapper indexes into
-/// the tree while summarizing it; a panic there is treated as "did not
-/// parse" rather than taking the session down.
-fn parse(sql: &str) -> Option<protobuf::ParseResult> {
-    if sql.contains('\0') {
-        return None;
-    }
-    let result = panic::catch_unwind(AssertUnwindSafe(|| pg_query::parse(sql, 0))).ok()?;
-    match result {
-        Ok(parsed) => Some(parsed.protobuf),
-        // Valid SQL whose tree is deeper than prost's decode limit of 100
-        // messages (e.g. ~50 chained `||`): still "unsure", so the primary.
-        Err(pg_query::Error::Decode(e)) => {
-            tracing::debug!(error = %e, "statement too deeply nested to classify");
-            None
-        }
-        Err(e) => {
-            tracing::trace!(error = %e, "statement did not parse");
-            None
-        }
-    }
+/// The tree of `sql`; `None` when it does not parse (valid SQL nested too
+/// deeply to walk included: "unsure", so the primary).
+fn parse(sql: &str) -> Option<std::rc::Rc<super::parsed::Parsed>> {
+    super::parsed::tree(sql)
 }
 
 /// The source text of one statement: `stmt_len` 0 means "to the end".
@@ -881,15 +862,16 @@ struct Scan {
 }
 
 impl Scan {
-    /// Walk every node of `stmt`. pg_query's own `nodes()` visits only the
+    /// Walk every node of `stmt` (its JSON form, None when it has none).
+    /// pg_query's own `nodes()` visits only the
     /// node types it needs for table lists (not LIMIT, VALUES, function
     /// arguments…), so the tree is walked through its serde form instead:
     /// complete by construction, whatever node types hold the call.
-    fn of(stmt: &protobuf::Node, catalog: &FunctionCatalog) -> Scan {
+    fn of(stmt: Option<&Value>, catalog: &FunctionCatalog) -> Scan {
         let mut scan = Scan::default();
-        match serde_json::to_value(stmt) {
-            Ok(tree) => scan.walk(&tree, catalog),
-            Err(_) => scan.unsafe_call = true,
+        match stmt {
+            Some(tree) => scan.walk(tree, catalog),
+            None => scan.unsafe_call = true,
         }
         scan
     }

@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod classify;
 pub mod normalize;
+pub mod parsed;
 pub mod policy;
 
 pub use catalog::FunctionCatalog;

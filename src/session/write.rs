@@ -609,19 +609,18 @@ pub fn not_in_transaction(sql: &str) -> Option<&'static str> {
 /// temporary tables it creates or drops.
 pub fn temp_only(sql: &str, temps: &mut HashSet<String>) -> bool {
     // The wrapper can panic on odd trees: treat that as "not temporary".
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
+    let Some(parsed) = crate::route::parsed::tree(sql) else {
         return false;
     };
-    let mut all = !parsed.protobuf.stmts.is_empty();
-    for raw in &parsed.protobuf.stmts {
-        let Some(node) = raw.stmt.as_ref() else {
+    let Some(stmts) = parsed.json().and_then(|j| j["stmts"].as_array()) else {
+        return false;
+    };
+    let mut all = !stmts.is_empty();
+    for raw in stmts {
+        let Some(v) = raw.get("stmt") else {
             return false;
         };
-        let Ok(v) = serde_json::to_value(node) else {
-            return false;
-        };
-        let v = v.get("node").unwrap_or(&v);
+        let v = v.get("node").unwrap_or(v);
         let relation_is_temp = |rel: &serde_json::Value, temps: &HashSet<String>| {
             rel["schemaname"].as_str() == Some("pg_temp")
                 || rel["relpersistence"].as_str() == Some("t")
@@ -690,16 +689,13 @@ pub fn temp_reference(sql: &str, temps: &HashSet<String>) -> Option<String> {
     if temps.is_empty() && !replication::mentions(sql.as_bytes(), b"pg_temp") {
         return None;
     }
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
-        return None;
-    };
-    let v = serde_json::to_value(&parsed.protobuf).ok()?;
+    let parsed = crate::route::parsed::tree(sql)?;
+    let v = parsed.json()?;
     // Names a WITH clause defines are not tables; a temporary table the
     // text itself makes is made again where it is replayed.
     let mut ctes = HashSet::new();
     let mut made = HashSet::new();
-    walk_json(&v, &mut |node| {
+    walk_json(v, &mut |node| {
         if let Some(name) = node
             .get("CommonTableExpr")
             .and_then(|c| c["ctename"].as_str())
@@ -714,7 +710,7 @@ pub fn temp_reference(sql: &str, temps: &HashSet<String>) -> Option<String> {
         }
     });
     let mut found = None;
-    walk_json(&v, &mut |node| {
+    walk_json(v, &mut |node| {
         let Some(rel) = node.get("RangeVar") else {
             return;
         };
@@ -752,16 +748,15 @@ fn walk_json(
 
 /// Whether every `INSERT … SELECT` in `sql` orders its rows.
 pub fn insert_selects_ordered(sql: &str) -> bool {
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql, 0));
-    let Ok(Ok(parsed)) = parsed else {
+    let Some(parsed) = crate::route::parsed::tree(sql) else {
         return false;
     };
-    parsed.protobuf.stmts.iter().all(|raw| {
-        let Some(node) = raw.stmt.as_ref() else {
+    let Some(stmts) = parsed.json().and_then(|j| j["stmts"].as_array()) else {
+        return false;
+    };
+    stmts.iter().all(|raw| {
+        let Some(v) = raw.get("stmt") else {
             return true;
-        };
-        let Ok(v) = serde_json::to_value(node) else {
-            return false;
         };
         match v["node"].get("InsertStmt") {
             Some(ins) => {
