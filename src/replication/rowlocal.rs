@@ -305,7 +305,7 @@ pub fn capture_volatile_defaults(
     catalog: &RelCatalog,
     unknown: &mut bool,
 ) -> Result<Option<String>, String> {
-    use super::determinism::{Edit, apply_edits, captured_call, matching_paren, parses, scan};
+    use super::determinism::{Edit, apply_edits, captured_call, parses, scan};
     use pg_query::protobuf::Token;
     let Some(reason) = volatile_default_use(sql, catalog, unknown) else {
         return Ok(None);
@@ -449,18 +449,10 @@ pub fn capture_volatile_defaults(
                 // a row that ends before a volatile-default column is given
                 // the columns up to it (DEFAULT for the others, as if left out).
                 let from = rel["location"].as_i64().unwrap_or(0) as usize;
-                let mut i = (tokens.partition_point(|t| (t.start as usize) < from)..tokens.len())
-                    .find(|&i| is(i, Token::Values))
-                    .ok_or_else(|| reason.clone())?
-                    + 1;
-                for row in rows {
-                    if !is(i, Token::Ascii40) {
-                        return Err(reason);
-                    }
-                    let close = matching_paren(&tokens, i).ok_or_else(|| reason.clone())?;
-                    let items = row["node"]["List"]["items"]
-                        .as_array()
-                        .map_or(&[][..], Vec::as_slice);
+                let from = tokens.partition_point(|t| (t.start as usize) < from);
+                for (close, items) in
+                    values_rows(&tokens, from, rows).ok_or_else(|| reason.clone())?
+                {
                     for (at, expr) in &places {
                         if let Some(d) = items.get(*at).and_then(|i| i["node"].get("SetToDefault"))
                         {
@@ -470,10 +462,6 @@ pub fn capture_volatile_defaults(
                     if items.len() <= last {
                         let text = rest(items.len(), Some("DEFAULT")).expect("filled");
                         edits.push(Edit::insert(tokens[close].start as usize, text));
-                    }
-                    i = close + 1;
-                    if is(i, Token::Ascii44) {
-                        i += 1;
                     }
                 }
                 break 'edits;
@@ -522,20 +510,9 @@ pub fn capture_volatile_defaults(
                 edits.push(Edit::insert(end, format!(", {}", exprs.join(", "))));
                 break 'edits;
             };
-            // Each VALUES row, by its parentheses.
-            let mut i = (close_cols..tokens.len())
-                .find(|&i| is(i, Token::Values))
-                .ok_or_else(|| reason.clone())?
-                + 1;
-            for row in rows {
-                if !is(i, Token::Ascii40) {
-                    return Err(reason);
-                }
-                let close = matching_paren(&tokens, i).ok_or_else(|| reason.clone())?;
-                let items = row["node"]["List"]["items"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
+            for (close, items) in
+                values_rows(&tokens, close_cols, rows).ok_or_else(|| reason.clone())?
+            {
                 for (k, item) in items.iter().enumerate() {
                     let Some(d) = item["node"].get("SetToDefault") else {
                         continue;
@@ -551,10 +528,6 @@ pub fn capture_volatile_defaults(
                     let exprs: Vec<String> = missing.iter().map(|(_, e)| captured(e)).collect();
                     let at = tokens[close].start as usize;
                     edits.push(Edit::insert(at, format!(", {}", exprs.join(", "))));
-                }
-                i = close + 1;
-                if is(i, Token::Ascii44) {
-                    i += 1;
                 }
             }
         }
@@ -584,6 +557,34 @@ pub fn capture_volatile_defaults(
         Some(text) if text != sql && parses(&text) => Ok(Some(text)),
         _ => Err(reason),
     }
+}
+
+/// The rows of an INSERT's VALUES list, found in the text from the first
+/// VALUES token at or after token `from`: the token index of each row's
+/// closing parenthesis, and the row's items. None when the text does not
+/// match the tree.
+fn values_rows<'v>(
+    tokens: &[pg_query::protobuf::ScanToken],
+    from: usize,
+    rows: &'v [Value],
+) -> Option<Vec<(usize, &'v [Value])>> {
+    use pg_query::protobuf::Token;
+    let is = |i: usize, t: Token| tokens.get(i).is_some_and(|k| k.token == t as i32);
+    let mut i = (from..tokens.len()).find(|&i| is(i, Token::Values))? + 1;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        if !is(i, Token::Ascii40) {
+            return None;
+        }
+        let close = super::determinism::matching_paren(tokens, i)?;
+        let items = row["node"]["List"]["items"].as_array();
+        out.push((close, items.map_or(&[][..], Vec::as_slice)));
+        i = close + 1;
+        if is(i, Token::Ascii44) {
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 /// The tables (unqualified names) that the INSERT, UPDATE and COPY FROM
