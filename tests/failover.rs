@@ -512,6 +512,36 @@ async fn a_paused_primary_is_replaced_and_rejoins_without_taking_writes() {
     .await;
 }
 
+/// Right after a switchover, a table made with a volatile default and
+/// written at once has the default's values captured as anywhere else:
+/// the table catalog the write waits for is loaded from the new primary,
+/// not from the old one, which may not have applied the CREATE TABLE yet
+/// (its values were then computed on each copy and differed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_right_after_a_switchover_capture_volatile_defaults() {
+    bounded(TEST_LIMIT, async move {
+        let g = TestGroup::start(3, |_| {}).await;
+        let c = g.proxy.client("app").await;
+        for (round, target) in ["n2", "n3", "n1", "n2"].iter().enumerate() {
+            admin(&g.proxy, &format!("SWITCHOVER app TO {target}"))
+                .await
+                .unwrap_or_else(|e| panic!("SWITCHOVER app TO {target}: {e}"));
+            for sql in [
+                format!("CREATE TABLE fresh_{round} (id int PRIMARY KEY, u uuid DEFAULT gen_random_uuid())"),
+                format!("INSERT INTO fresh_{round} (id) SELECT g FROM generate_series(1, 100) g"),
+                format!("INSERT INTO fresh_{round} (id) VALUES (101)"),
+            ] {
+                c.batch_execute(&sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {}", db_text(&e)));
+            }
+        }
+        wait_caught_up(&g, &[0, 1, 2], Duration::from_secs(30)).await;
+        assert_identical(&g).await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_under_load_loses_nothing() {
     bounded(TEST_LIMIT, async move {

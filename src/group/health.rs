@@ -174,7 +174,12 @@ pub async fn monitor(
             _ = tick.tick() => spawn_probe(&mut probes, Duration::ZERO),
             _ = group.rel_wanted.notified(), if index == group.primary() => {
                 // A session writes to a table the catalog does not know.
-                if node.is_reachable() {
+                if index != group.primary() {
+                    // Switched over since this wait began: this node may not
+                    // have applied the change the session asks about yet.
+                    // The new primary's monitor takes the request.
+                    group.rel_wanted.notify_one();
+                } else if node.is_reachable() {
                     group.take_rel_catalog_request();
                     load_rel_catalog(&group, &conn, &node).await;
                     rel_loaded_at = tokio::time::Instant::now();
