@@ -379,9 +379,6 @@ fn might_matter(sql: &str) -> bool {
 }
 
 fn analyze(sql: &str) -> WriteAnalysis {
-    if sql.contains('\0') {
-        return WriteAnalysis::default();
-    }
     let tree = match crate::route::parsed::parse(sql) {
         Ok(parsed) => parsed,
         // Valid SQL nested deeper than prost's decode limit: no tree to walk.

@@ -45,6 +45,14 @@ pub struct TableInfo {
 }
 
 impl TableInfo {
+    /// The index among the table's columns of a column with a default,
+    /// where the catalog gave its place (an INSERT without a column list
+    /// gives its values in that order).
+    pub fn index_of(&self, column: &str) -> Option<usize> {
+        let (_, place) = self.default_positions.iter().find(|(c, _)| c == column)?;
+        place.checked_sub(1)
+    }
+
     /// A column an INSERT cannot name: one of the table under a view that
     /// the view does not show (its place is 0).
     pub fn hidden(&self, column: &str) -> bool {
@@ -399,16 +407,19 @@ pub fn capture_volatile_defaults(
             let sel = &select["SelectStmt"];
             let query =
                 rows.is_none() && !sel.is_null() && (fixed_order(sel) || total_order(sel, catalog));
+            // Where the query's target list ends in the text.
+            let targets_end = || {
+                let last = sel["target_list"].as_array()?.last()?;
+                let first = token_at(last["node"]["ResTarget"]["location"].as_i64()?)?;
+                target_list_end(&tokens, first)
+            };
             if cols.is_empty() {
                 // Values in the table's column order. Each volatile-default
                 // column by its index among them.
                 let places: Vec<(usize, &str)> = info
                     .volatile_defaults
                     .iter()
-                    .map(|(c, e)| {
-                        let (_, place) = info.default_positions.iter().find(|(n, _)| n == c)?;
-                        Some((place.checked_sub(1)?, e.as_str()))
-                    })
+                    .map(|(c, e)| Some((info.index_of(c)?, e.as_str())))
                     .collect::<Option<_>>()
                     .ok_or_else(|| reason.clone())?;
                 let last = places.iter().map(|(at, _)| *at).max().unwrap_or(0);
@@ -428,17 +439,11 @@ pub fn capture_volatile_defaults(
                     // A query: its target list is given the captured
                     // defaults after its own columns, when they follow them
                     // (a column between would need its own default).
-                    let width = sel["target_list"].as_array().map_or(0, Vec::len);
-                    let given =
-                        Given::of(run.kind, ins).and_then(|g| g.first().and_then(|g| g.width));
-                    if !query || given != Some(width) || width > last {
+                    let width = Given::of(run.kind, ins).and_then(|g| g.first()?.width);
+                    let Some(width) = width.filter(|w| query && *w <= last) else {
                         return Err(reason);
-                    }
-                    let first = sel["target_list"][width - 1]["node"]["ResTarget"]["location"]
-                        .as_i64()
-                        .and_then(token_at)
-                        .ok_or_else(|| reason.clone())?;
-                    let end = target_list_end(&tokens, first).ok_or_else(|| reason.clone())?;
+                    };
+                    let end = targets_end().ok_or_else(|| reason.clone())?;
                     edits.push(Edit::insert(
                         end,
                         rest(width, None).ok_or_else(|| reason.clone())?,
@@ -499,13 +504,7 @@ pub fn capture_volatile_defaults(
                 // (the copies replay the captured values in that order):
                 // the defaults' expressions after its target list, which
                 // PostgreSQL evaluates after any sort (they are volatile).
-                let last = sel["target_list"]
-                    .as_array()
-                    .and_then(|t| t.last())
-                    .and_then(|t| t["node"]["ResTarget"]["location"].as_i64())
-                    .and_then(token_at)
-                    .ok_or_else(|| reason.clone())?;
-                let end = target_list_end(&tokens, last).ok_or_else(|| reason.clone())?;
+                let end = targets_end().ok_or_else(|| reason.clone())?;
                 let exprs: Vec<String> = missing.iter().map(|(_, e)| captured(e)).collect();
                 edits.push(Edit::insert(end, format!(", {}", exprs.join(", "))));
                 break 'edits;
@@ -1337,8 +1336,7 @@ impl<'a> Given<'a> {
     /// VALUES row. None when it leaves the column out.
     fn index_of(&self, info: &TableInfo, column: &str) -> Option<usize> {
         if self.cols.is_empty() {
-            let (_, place) = info.default_positions.iter().find(|(c, _)| c == column)?;
-            let at = place.checked_sub(1)?;
+            let at = info.index_of(column)?;
             (at < self.width?).then_some(at)
         } else {
             self.cols.iter().position(|c| c == column)

@@ -296,7 +296,9 @@ pub fn classify(sql: &str, catalog: &FunctionCatalog) -> Classification {
 /// [`cache_key`] (it may not when it depends on literal values or keeps
 /// source text: SET and friends).
 fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
-    let Some(tree) = parse(sql) else {
+    // No tree (valid SQL nested too deeply to walk included): "unsure",
+    // so the primary.
+    let Some(tree) = super::parsed::tree(sql) else {
         return (Classification::parse_error(), true);
     };
     let mut out = Classification::empty();
@@ -427,12 +429,6 @@ fn analyze(sql: &str, catalog: &FunctionCatalog) -> (Classification, bool) {
     (out, cacheable)
 }
 
-/// The tree of `sql`; `None` when it does not parse (valid SQL nested too
-/// deeply to walk included: "unsure", so the primary).
-fn parse(sql: &str) -> Option<std::rc::Rc<super::parsed::Parsed>> {
-    super::parsed::tree(sql)
-}
-
 /// The source text of one statement: `stmt_len` 0 means "to the end".
 fn statement_text(sql: &str, raw: &protobuf::RawStmt) -> String {
     let start = usize::try_from(raw.stmt_location).unwrap_or(0);
@@ -462,7 +458,7 @@ fn statement_text(sql: &str, raw: &protobuf::RawStmt) -> String {
 /// together, in order. Each part is the original text, its `;` included.
 /// `None` when the string does not parse or is one part.
 pub fn split_transaction_control(sql: &str) -> Option<Vec<String>> {
-    let tree = parse(sql)?;
+    let tree = super::parsed::tree(sql)?;
     // Where each part starts; a part runs to the start of the next.
     let mut starts: Vec<usize> = Vec::new();
     // Whether the last part may take more statements.
@@ -517,7 +513,7 @@ fn sets_block(node: Option<&NodeEnum>) -> bool {
 /// settings must come before the block's first query). `None` when the
 /// string does not start so, or holds nothing else.
 pub fn split_block_settings(sql: &str) -> Option<[String; 2]> {
-    let tree = parse(sql)?;
+    let tree = super::parsed::tree(sql)?;
     let settings = tree
         .stmts
         .iter()
